@@ -1,0 +1,3 @@
+from ddpm_cars.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Noise schedules: the betas and every quantity derived from them.
+
+Everything is computed once in float64 (Principle 5) and stored as float32
+tensors; :meth:`NoiseSchedule.gather` picks per-timestep coefficients for a
+batch. Timesteps are 0-indexed: ``t = 0`` is the paper's ``t = 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddpm_cars.config import DiffusionConfig
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Linearly spaced betas (Ho et al. 2020, Sec. 4), float64 ``[T]``."""
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}")
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The fixed forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
+        b = betas.to(torch.float64)
+        alphas = 1.0 - b
+        ab = torch.cumprod(alphas, dim=0)  # alphabar_t = prod_{s<=t} alpha_s
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        # Eq. 7, Ho et al. 2020: posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I)
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)
+        # beta_tilde_1 = 0; log-variance uses beta_tilde_2 there (as in improved-diffusion)
+        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        coefs = dict(
+            betas=b,
+            alphas=alphas,
+            alphas_cumprod=ab,
+            alphas_cumprod_prev=ab_prev,
+            sqrt_alphas_cumprod=ab.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - ab).sqrt(),
+            sqrt_recip_alphas=alphas.rsqrt(),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_log_var,
+            posterior_mean_coef1=b * ab_prev.sqrt() / (1.0 - ab),
+            posterior_mean_coef2=(1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab),
+        )
+        return cls(**{k: v.to(torch.float32) for k, v in coefs.items()})
+
+    @classmethod
+    def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+        return cls.from_betas(linear_betas(timesteps, beta_start, beta_end))
+
+    @property
+    def timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def gather(self, coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``coef[t]`` shaped ``[B, 1, 1, ...]`` to broadcast against ``like`` ``[B, ...]``."""
+        out = coef.to(like.device)[t.to(like.device)].to(like.dtype)
+        return out.view(-1, *([1] * (like.ndim - 1)))
+
+
+def build_schedule(config: DiffusionConfig) -> NoiseSchedule:
+    return NoiseSchedule.linear(config.timesteps, config.beta_start, config.beta_end)

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from ddpm_cars.config import DEMO, PRESETS, SEED, DataConfig, ModelConfig, RunConfig, TrainConfig, preset
+
+
+def test_seed_preset_is_the_original_recipe():
+    assert SEED.model.channels == (64, 128, 256, 512, 1024) and SEED.model.time_emb_dim == 32
+    assert (SEED.diffusion.timesteps, SEED.diffusion.beta_start, SEED.diffusion.beta_end) == (1000, 1e-4, 0.02)
+    assert SEED.diffusion.loss == "l1"
+    assert (SEED.train.lr, SEED.train.batch_size, SEED.train.sample_every_epochs) == (1e-3, 128, 5)
+    assert SEED.data.image_size == 64 and SEED.data.flip
+
+
+def test_json_round_trip(tmp_path):
+    for config in PRESETS.values():
+        config.save(tmp_path / "c.json")
+        assert RunConfig.load(tmp_path / "c.json") == config
+    assert json.loads((tmp_path / "c.json").read_text())["model"]["channels"] == list(DEMO.model.channels)
+
+
+def test_replace_overrides_one_field():
+    changed = SEED.replace(train={"lr": 2e-4})
+    assert changed.train.lr == 2e-4 and changed.train.batch_size == 128 and SEED.train.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: TrainConfig(batch_size=0), "train.batch_size"),
+        (lambda: TrainConfig(lr=-1.0), "train.lr"),
+        (lambda: DataConfig(image_size=8), "data.image_size"),
+        (lambda: DataConfig(split="val"), "data.split"),
+        (lambda: ModelConfig(channels=(64,)), "model.channels"),
+        (lambda: RunConfig(data=DataConfig(image_size=40)), "divisible by 16"),
+        (lambda: preset("huge"), "available: seed, demo"),
+        (lambda: RunConfig.from_dict({"trian": {}}), "unknown config sections"),
+        (lambda: RunConfig.from_dict({"train": {"learning_rate": 1}}), "unknown train options"),
+    ],
+)
+def test_bad_values_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unreadable_config_file(tmp_path):
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read config"):
+        RunConfig.load(tmp_path / "c.json")

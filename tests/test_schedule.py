@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+
+from ddpm_cars.config import DiffusionConfig
+from ddpm_cars.diffusion import q_sample
+from ddpm_cars.schedule import NoiseSchedule, build_schedule, linear_betas
+
+
+def test_linear_betas_endpoints_and_spacing():
+    betas = linear_betas(1000)
+    assert betas.dtype == torch.float64
+    assert betas[0].item() == pytest.approx(1e-4)
+    assert betas[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(betas.diff(), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+
+
+def test_values_at_known_t():
+    s = NoiseSchedule.linear(1000)
+    beta_2 = 1e-4 + (0.02 - 1e-4) / 999
+    assert s.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4, rel=1e-7)
+    assert s.alphas_cumprod[1].item() == pytest.approx((1 - 1e-4) * (1 - beta_2), rel=1e-7)
+    # alphabar_T = prod(1 - beta) ~ exp(-sum beta) ~ 4e-5: x_T is essentially pure noise
+    expected = math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(1000))
+    assert s.alphas_cumprod[-1].item() == pytest.approx(expected, rel=1e-5)
+    assert s.alphas_cumprod_prev[0].item() == 1.0
+    assert s.posterior_variance[0].item() == 0.0  # beta_tilde_1 = 0
+
+
+def test_closed_form_matches_applying_the_one_step_kernel_t_times():
+    s = NoiseSchedule.linear(100)
+    betas = linear_betas(100)
+    mean_coef, var = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for t in range(100):  # x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps, composed
+        mean_coef = mean_coef * (1 - betas[t]).sqrt()
+        var = (1 - betas[t]) * var + betas[t]
+        assert s.sqrt_alphas_cumprod[t].item() == pytest.approx(mean_coef.item(), rel=1e-6)
+        assert s.sqrt_one_minus_alphas_cumprod[t].item() == pytest.approx(var.sqrt().item(), rel=1e-6)
+
+
+def test_closed_form_matches_iterated_kernel_in_distribution():
+    s = NoiseSchedule.linear(200)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000,), 0.7)
+    x = x0.clone()
+    for t in range(150):
+        x = (1 - s.betas[t]).sqrt() * x + s.betas[t].sqrt() * torch.randn(x.shape, generator=g)
+    closed = q_sample(s, x0, torch.full((20000,), 149), torch.randn(x.shape, generator=g))
+    assert x.mean().item() == pytest.approx(closed.mean().item(), abs=0.03)
+    assert x.std().item() == pytest.approx(closed.std().item(), rel=0.03)
+
+
+def test_posterior_matches_bayes_rule():
+    """q(x_{t-1} | x_t, x_0) from prior N(sqrt(ab_{t-1}) x0, 1 - ab_{t-1}) times likelihood."""
+    s = NoiseSchedule.linear(1000)
+    betas = linear_betas(1000)
+    ab = torch.cumprod(1 - betas, 0)
+    for t in [1, 10, 500, 999]:
+        prior_var, lik_var, alpha = 1 - ab[t - 1], betas[t], 1 - betas[t]
+        post_var = 1 / (1 / prior_var + alpha / lik_var)
+        coef_x0 = post_var * ab[t - 1].sqrt() / prior_var
+        coef_xt = post_var * alpha.sqrt() / lik_var
+        assert s.posterior_variance[t].item() == pytest.approx(post_var.item(), rel=1e-5)
+        assert s.posterior_mean_coef1[t].item() == pytest.approx(coef_x0.item(), rel=1e-5)
+        assert s.posterior_mean_coef2[t].item() == pytest.approx(coef_xt.item(), rel=1e-5)
+
+
+def test_everything_stored_as_float32():
+    s = NoiseSchedule.linear(10)
+    for name, value in vars(s).items():
+        assert value.dtype == torch.float32, name
+        assert value.shape == (10,), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_q_sample_follows_input_dtype(dtype):
+    s = NoiseSchedule.linear(50)
+    x0 = torch.rand(3, 3, 4, 4, dtype=dtype)
+    out = q_sample(s, x0, torch.tensor([0, 10, 49]), torch.randn_like(x0))
+    assert out.dtype == dtype and out.shape == x0.shape
+
+
+def test_gather_broadcasts_per_batch_element():
+    s = NoiseSchedule.linear(10)
+    like = torch.zeros(3, 2, 5, 5)
+    got = s.gather(s.betas, torch.tensor([0, 4, 9]), like)
+    assert got.shape == (3, 1, 1, 1)
+    assert torch.equal(got.flatten(), s.betas[[0, 4, 9]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_q_sample_follows_input_device():
+    s = NoiseSchedule.linear(50)
+    x0 = torch.rand(2, 3, 4, 4, device="cuda")
+    assert q_sample(s, x0, torch.tensor([1, 2]), torch.randn_like(x0)).device == x0.device
+
+
+@pytest.mark.parametrize("kwargs", [dict(timesteps=0), dict(beta_start=0.0), dict(beta_start=0.1, beta_end=0.01)])
+def test_bad_schedules_raise(kwargs):
+    with pytest.raises(ValueError):
+        build_schedule(DiffusionConfig(**kwargs))
