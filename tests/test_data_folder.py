@@ -1,0 +1,237 @@
+"""Loading arbitrary image folders: discovery, labels, colour modes, bad files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_cars.data.dataset import DataError
+from ddpm_cars.data.folder import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeWarning,
+    find_images,
+    load_image,
+    load_image_folder,
+)
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+SIZE = 8
+
+
+def save(path: Path, color=RED, size=(20, 12), mode="RGB", **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **kwargs)
+    return path
+
+
+def save_array(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def bands(width: int, height: int, colors_and_widths) -> np.ndarray:
+    """An RGB image made of vertical colour bands, left to right."""
+    columns = [np.tile(np.array(c, np.uint8), (height, w, 1)) for c, w in colors_and_widths]
+    array = np.concatenate(columns, axis=1)
+    assert array.shape == (height, width, 3)
+    return array
+
+
+def pixel(image: torch.Tensor, y: int, x: int) -> tuple[int, ...]:
+    return tuple(image[:, y, x].tolist())
+
+
+def close(actual, expected, tol=40) -> bool:
+    return all(abs(a - e) <= tol for a, e in zip(actual, expected))
+
+
+# --- discovery -------------------------------------------------------------
+
+
+def test_find_images_recursive_sorted_case_insensitive_and_hidden_skipped(tmp_path):
+    wanted = [
+        save(tmp_path / "a.JPG"),
+        save(tmp_path / "b.png"),
+        save(tmp_path / "sub" / "deeper" / "c.Jpeg", format="JPEG"),
+        save(tmp_path / "sub" / "d.TIFF", format="TIFF"),
+    ]
+    save(tmp_path / ".hidden.png")
+    save(tmp_path / ".cache" / "e.png")
+    save(tmp_path / "sub" / "._mac.jpg", format="JPEG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert find_images(tmp_path) == sorted(wanted)
+
+
+def test_root_inside_hidden_folder_is_fine(tmp_path):
+    root = tmp_path / ".cache" / "kagglehub" / "cars"
+    image = save(root / "x.png")
+    assert find_images(root) == [image]
+
+
+# --- labels --------------------------------------------------------------
+
+
+def test_flat_folder_is_one_class_named_after_folder_in_sorted_order(tmp_path):
+    root = tmp_path / "my_cars"
+    colors = [RED, GREEN, BLUE]
+    for name, color in zip(["c.png", "a.png", "b.png"], colors):
+        save(root / name, color)
+    data = load_image_folder(root, SIZE, progress=False)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (3, 3, SIZE, SIZE)
+    assert data.class_names == ["my_cars"]
+    assert data.labels.tolist() == [0, 0, 0]
+    assert [pixel(img, 0, 0) for img in data.images] == [GREEN, BLUE, RED]  # a, b, c
+
+
+def test_subfolders_are_classes_and_nested_images_belong_to_first_level(tmp_path):
+    save(tmp_path / "zebra" / "1.png", BLUE)
+    save(tmp_path / "apple" / "1.png", RED)
+    save(tmp_path / "apple" / "deep" / "er" / "2.png", RED)
+    data = load_image_folder(tmp_path, SIZE, progress=False)
+    assert data.class_names == ["apple", "zebra"]
+    assert data.labels.tolist() == [0, 0, 1]
+    assert pixel(data.images[2], 0, 0) == BLUE
+
+
+def test_loose_images_beside_subfolders_get_a_class_named_after_root(tmp_path):
+    root = tmp_path / "cars"
+    save(root / "loose.png", GREEN)
+    save(root / "audi" / "1.png", RED)
+    data = load_image_folder(root, SIZE, progress=False)
+    assert data.class_names == ["audi", "cars"]
+    assert data.labels.tolist() == [0, 1]
+
+
+def test_loose_class_name_does_not_collide_with_a_subfolder(tmp_path):
+    root = tmp_path / "cars"
+    save(root / "loose.png", GREEN)
+    save(root / "cars" / "1.png", RED)
+    data = load_image_folder(root, SIZE, progress=False)
+    assert data.class_names == ["cars", "cars_root"]
+    assert sorted(data.labels.tolist()) == [0, 1]
+
+
+# --- colour modes ----------------------------------------------------------
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
+    image = load_image(save(tmp_path / "g.jpg", 100, mode="L"), SIZE, False)
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    assert close(pixel(image, 3, 3), (100, 100, 100), tol=3)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    path = save_array(tmp_path / "g16.png", np.full((12, 20), 40000, np.uint16))
+    assert Image.open(path).mode.startswith("I")
+    assert close(pixel(load_image(path, SIZE, False), 0, 0), (156, 156, 156), tol=1)
+
+
+def test_transparent_rgba_pixels_become_white_and_opaque_red_stays_red(tmp_path):
+    array = np.zeros((12, 20, 4), np.uint8)
+    array[:, :10] = (255, 0, 0, 0)  # transparent (red underneath must not show)
+    array[:, 10:] = (255, 0, 0, 255)  # opaque red
+    image = load_image(save_array(tmp_path / "t.png", array), SIZE, False)
+    assert pixel(image, 0, 0) == (255, 255, 255)
+    assert close(pixel(image, 0, SIZE - 1), RED, tol=2)
+
+
+def test_palette_png_with_transparency(tmp_path):
+    img = Image.new("P", (20, 12), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 0 black, index 1 red
+    img.paste(1, (10, 0, 20, 12))
+    path = tmp_path / "p.png"
+    img.save(path, transparency=0)
+    image = load_image(path, SIZE, False)
+    assert pixel(image, 0, 0) == (255, 255, 255)
+    assert close(pixel(image, 0, SIZE - 1), RED, tol=2)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = save(tmp_path / "c.jpg", (0, 255, 255, 0), mode="CMYK")
+    assert Image.open(path).mode == "CMYK"
+    image = load_image(path, SIZE, False)
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
+    assert close(pixel(image, 4, 4), RED, tol=50)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180 degrees
+    path = save_array(tmp_path / "o.png", bands(20, 12, [(RED, 10), (BLUE, 10)]), exif=exif)
+    image = load_image(path, SIZE, False)
+    assert pixel(image, 0, 0) == BLUE and pixel(image, 0, SIZE - 1) == RED
+
+
+# --- resizing ------------------------------------------------------------
+
+
+def test_plain_resize_keeps_edges_and_center_crop_drops_them(tmp_path):
+    path = save_array(tmp_path / "wide.png", bands(40, 10, [(RED, 12), (GREEN, 16), (BLUE, 12)]))
+    squashed = load_image(path, SIZE, center_crop=False)
+    assert pixel(squashed, 4, 0) == RED and pixel(squashed, 4, SIZE - 1) == BLUE
+    cropped = load_image(path, SIZE, center_crop=True)
+    assert cropped.shape == (3, SIZE, SIZE)
+    assert all(close(pixel(cropped, 4, x), GREEN, tol=10) for x in range(SIZE))
+
+
+# --- bad files and errors ----------------------------------------------------
+
+
+def write_bad_files(root: Path) -> list[Path]:
+    junk = root / "junk.jpg"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    noise = np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    whole = save_array(root / "whole.png", noise).read_bytes()
+    truncated = root / "truncated.png"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    (root / "whole.png").unlink()
+    return [junk, truncated]
+
+
+def test_undecodable_files_are_skipped_with_a_warning_naming_them(tmp_path):
+    bad = write_bad_files(tmp_path)
+    save(tmp_path / "good.png", GREEN)
+    with pytest.warns(ImageDecodeWarning) as record:
+        data = load_image_folder(tmp_path, SIZE, progress=False)
+    messages = [str(w.message) for w in record]
+    for path in bad:
+        assert any(re.search(re.escape(str(path)), m) for m in messages), (path, messages)
+    assert len(data) == 1 and pixel(data.images[0], 0, 0) == GREEN
+
+
+def test_only_bad_files_is_an_error(tmp_path):
+    write_bad_files(tmp_path)
+    with pytest.warns(ImageDecodeWarning), pytest.raises(DataError, match="could be decoded"):
+        load_image_folder(tmp_path, SIZE, progress=False)
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "nope", SIZE)
+
+
+def test_file_instead_of_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        load_image_folder(save(tmp_path / "x.png"), SIZE)
+
+
+@pytest.mark.parametrize("contents", [[], ["readme.txt", ".hidden.png"]])
+def test_folder_without_images_is_an_error_listing_extensions(tmp_path, contents):
+    for name in contents:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(DataError, match="No image files") as excinfo:
+        load_image_folder(tmp_path, SIZE)
+    assert all(ext in str(excinfo.value) for ext in IMAGE_EXTENSIONS)
+
+
+def test_progress_bar_is_labelled(tmp_path, capsys):
+    save(tmp_path / "a.png")
+    load_image_folder(tmp_path, SIZE, progress=True)
+    assert "Loading images" in capsys.readouterr().err
