@@ -102,7 +102,7 @@ class TrainConfig:
     sample_every_epochs: int = 5
     checkpoint_every_steps: int = 500  # also written at the end of every epoch
     seed: int = 0
-    num_workers: int = 0
+    ema_decay: float | None = None  # keep an EMA of the weights and sample from it
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -113,7 +113,8 @@ class TrainConfig:
             _check_positive("train.max_steps", self.max_steps)
         _check_positive("train.sample_every_epochs", self.sample_every_epochs)
         _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
-        _check_positive("train.num_workers", self.num_workers, 0)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or None; got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

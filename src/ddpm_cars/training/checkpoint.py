@@ -1,0 +1,151 @@
+"""Run directories and crash-safe checkpoints.
+
+A run directory holds::
+
+    config.json                       the RunConfig, written when the run starts
+    checkpoints/step_00001200/        one directory per checkpoint, the newest two kept
+        model.safetensors             weights and BatchNorm buffers
+        ema.safetensors               the moving average of the weights, when kept
+        train_state.pt                optimizer, step, epoch, RNG state (weights_only-safe)
+    loss.csv, loss.png, samples/      logs and pictures
+
+A checkpoint is written into a temporary directory which is then renamed into
+place, so a reader only ever sees complete checkpoints, even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.json"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps taken
+    epoch: int  # epoch in progress
+    batch_in_epoch: int  # batches of that epoch already consumed
+    optimizer: dict[str, Any]
+    rng: torch.Tensor  # state of the generator drawing t, noise and flips
+    ema_updates: int = 0
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+
+
+def save_checkpoint(
+    run_dir: Path, model: nn.Module, state: TrainState, ema: nn.Module | None = None, keep: int = 2
+) -> Path:
+    """Write ``checkpoints/step_N`` atomically and prune all but the newest ``keep``."""
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        _save_weights(model, tmp / MODEL_FILE)
+        if ema is not None:
+            _save_weights(ema, tmp / EMA_FILE)
+        torch.save(
+            {
+                "step": state.step,
+                "epoch": state.epoch,
+                "batch_in_epoch": state.batch_in_epoch,
+                "optimizer": state.optimizer,
+                "rng": state.rng.cpu(),
+                "ema_updates": state.ema_updates,
+            },
+            tmp / STATE_FILE,
+        )
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a rerun of the same step replaces the old copy
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint_dir)`` from a run directory or one of its checkpoint directories."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no run directory or checkpoint at {path}")
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_*/)")
+    return path, checkpoint
+
+
+def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str = "cpu", ema: bool = False) -> nn.Module:
+    """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones)."""
+    path = checkpoint / EMA_FILE
+    if not (ema and path.is_file()):
+        path = checkpoint / MODEL_FILE
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model
+
+
+def load_train_state(checkpoint: Path) -> TrainState:
+    raw = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    return TrainState(**raw)

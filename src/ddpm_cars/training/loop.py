@@ -1,0 +1,191 @@
+"""The training loop (Algorithm 1, Ho et al. 2020), readable top to bottom.
+
+batch -> flip -> t -> noise -> loss -> backward -> step -> log -> sample -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_cars.config import RunConfig
+from ddpm_cars.data import build_dataset
+from ddpm_cars.data.dataset import ImageSet, to_model_range
+from ddpm_cars.diffusion import training_loss
+from ddpm_cars.models import build_model
+from ddpm_cars.samplers import generate
+from ddpm_cars.schedule import build_schedule
+from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training.ema import EMA
+from ddpm_cars.viz import save_grid, save_loss_curve
+
+LOSS_CSV = "loss.csv"
+SAMPLE_SEED = 0  # the training-time grids all start from the same noise
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_loss: float
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled item order of one epoch, a pure function of (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2 (the seed's RandomHorizontalFlip)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+
+
+def read_loss_log(path: Path, up_to_step: int) -> list[tuple[int, float]]:
+    """Rows of ``loss.csv`` up to ``up_to_step``; anything later or malformed is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for row in csv.reader(path.read_text().splitlines()[1:]):
+        try:
+            step, loss = int(row[0]), float(row[1])
+        except (ValueError, IndexError):
+            continue
+        if step <= up_to_step:
+            rows.append((step, loss))
+    return rows
+
+
+def write_loss_log(run_dir: Path, rows: list[tuple[int, float]], loss_name: str) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["step", "loss"])
+    writer.writerows((s, f"{v:.6f}") for s, v in rows)
+    ckpt.atomic_write_text(run_dir / LOSS_CSV, buf.getvalue())
+    if rows:
+        save_loss_curve([s for s, _ in rows], [v for _, v in rows], run_dir / "loss.png", loss_name)
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    dataset: ImageSet | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or with ``resume`` continue) the run in ``run_dir``; returns where it stopped."""
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
+    if resume and latest is None:
+        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / ckpt.CONFIG_FILE)
+    tcfg = config.train
+
+    data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
+    if len(data) < tcfg.batch_size:
+        raise ValueError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
+    if data.image_size != config.data.image_size:
+        raise ValueError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
+    images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
+    batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
+    total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
+
+    schedule = build_schedule(config.diffusion)
+    model = build_model(config.model).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
+    rng = torch.Generator(dev).manual_seed(tcfg.seed)
+    step, epoch, consumed = 0, 0, 0  # consumed: batches of `epoch` already trained on
+    if resume:
+        ckpt.load_weights(model, latest, dev)
+        state = ckpt.load_train_state(latest)
+        optimizer.load_state_dict(state.optimizer)
+        rng.set_state(state.rng)
+        step, epoch, consumed = state.step, state.epoch, state.batch_in_epoch
+        if ema is not None:
+            ckpt.load_weights(ema.model, latest, dev, ema=True)
+            ema.updates = state.ema_updates
+    log = read_loss_log(run_dir / LOSS_CSV, step)
+
+    def save() -> None:
+        ema_updates = ema.updates if ema is not None else 0
+        state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates)
+        ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
+        write_loss_log(run_dir, log, config.diffusion.loss)
+
+    last_grid_step = -1
+
+    def sample_grid(name: str) -> None:
+        nonlocal last_grid_step
+        last_grid_step = step
+        samples = generate(
+            ema.model if ema is not None else model, schedule, config.sample.num_images, config.data.image_size, SAMPLE_SEED, config.sample,
+            batch_size=min(config.sample.num_images, 256), device=dev, progress=False,
+        )
+        save_grid(samples, run_dir / "samples" / f"{name}.png")
+
+    bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
+    model.train()
+    try:
+        while step < total_steps:
+            order = epoch_order(len(data), tcfg.seed, epoch)
+            while consumed < batches_per_epoch and step < total_steps:
+                tic = time.perf_counter()
+                idx = order[consumed * tcfg.batch_size : (consumed + 1) * tcfg.batch_size].to(dev)
+                x0 = to_model_range(images[idx])
+                if config.data.flip:
+                    x0 = random_hflip(x0, rng)
+                t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=rng, device=dev)
+                noise = torch.randn(x0.shape, generator=rng, device=dev)
+                loss = training_loss(model, schedule, x0, t, noise, config.diffusion.loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+
+                step, consumed = step + 1, consumed + 1
+                log.append((step, loss.item()))
+                rate = x0.shape[0] / (time.perf_counter() - tic)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}")
+                bar.update(1)
+                if step % tcfg.checkpoint_every_steps == 0:
+                    save()
+            if consumed == batches_per_epoch:
+                epoch, consumed = epoch + 1, 0
+                if epoch % tcfg.sample_every_epochs == 0:
+                    sample_grid(f"epoch_{epoch:04d}")
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        print(f"\nInterrupted: checkpoint saved at step {step}; continue with --resume")
+        raise
+    bar.close()
+    save()
+    if last_grid_step != step:  # unless the last epoch's grid shows exactly this model
+        sample_grid("final")
+    return TrainResult(run_dir, step, log[-1][1] if log else float("nan"))

@@ -1,0 +1,90 @@
+"""Pictures: sample grids, the forward-process and denoising strips, the loss curve."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ddpm_cars.data.dataset import to_uint8
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Images in [-1, 1] ``[N, 3, H, W]`` as one PNG grid, ``nrow`` per row (default: square)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(to_uint8(images.detach().cpu()), nrow=nrow, padding=2, pad_value=255)
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(path)
+    return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """One image in [-1, 1] ``[3, H, W]`` as a PNG."""
+    Image.fromarray(_hwc(image)).save(path)
+    return Path(path)
+
+
+def save_strip(frames: Sequence[tuple[str, torch.Tensor]], path: str | Path, title: str) -> Path:
+    """A row of labelled images in [-1, 1] (each ``[3, H, W]``), e.g. one image across t."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, len(frames), figsize=(1.5 * len(frames), 2.0), squeeze=False)
+    for ax, (label, image) in zip(axes[0], frames):
+        ax.imshow(_hwc(image), interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, loss_name: str) -> Path:
+    """Per-step training loss with an exponential moving average over it."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.6, alpha=0.35, label="per step")
+    if len(losses) > 1:
+        smooth, avg = [], losses[0]
+        decay = min(0.98, 1 - 1 / max(len(losses) / 20, 1))
+        for value in losses:
+            avg = decay * avg + (1 - decay) * value
+            smooth.append(avg)
+        ax.plot(steps, smooth, lw=1.5, label="moving average")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{loss_name} loss on the noise")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def evenly_spaced_steps(timesteps: int, count: int = 10) -> list[int]:
+    """``count`` 0-indexed timesteps from 0 to T-1, evenly spaced."""
+    count = max(2, min(count, timesteps))
+    return sorted({round(i * (timesteps - 1) / (count - 1)) for i in range(count)})
