@@ -67,11 +67,11 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.6, alpha=0.35, label="per step")
     if len(losses) > 1:
-        smooth, avg = [], losses[0]
-        decay = min(0.98, 1 - 1 / max(len(losses) / 20, 1))
-        for value in losses:
+        decay = 1.0 - 1.0 / max(len(losses) / 50, 1.0)  # a window of about 2% of the run
+        smooth, avg = [], 0.0
+        for n, value in enumerate(losses, start=1):
             avg = decay * avg + (1 - decay) * value
-            smooth.append(avg)
+            smooth.append(avg / (1 - decay**n))  # bias-corrected, so the start does not lag
         ax.plot(steps, smooth, lw=1.5, label="moving average")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"{loss_name} loss on the noise")

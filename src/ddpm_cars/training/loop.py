@@ -91,8 +91,13 @@ def train(
     device: str = "auto",
     dataset: ImageSet | None = None,
     progress: bool = True,
+    final_grid: bool = True,
 ) -> TrainResult:
-    """Train (or with ``resume`` continue) the run in ``run_dir``; returns where it stopped."""
+    """Train (or with ``resume`` continue) the run in ``run_dir``; returns where it stopped.
+
+    Unless ``final_grid`` is off, ``samples/final.png`` shows the final model (when the
+    last epoch's grid does not already).
+    """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     latest = ckpt.latest_checkpoint(run_dir)
@@ -100,15 +105,14 @@ def train(
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
     if resume and latest is None:
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / ckpt.CONFIG_FILE)
     tcfg = config.train
-
     data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
     if len(data) < tcfg.batch_size:
         raise ValueError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
     if data.image_size != config.data.image_size:
         raise ValueError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / ckpt.CONFIG_FILE)
     images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
     batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
     total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
@@ -141,9 +145,10 @@ def train(
     def sample_grid(name: str) -> None:
         nonlocal last_grid_step
         last_grid_step = step
+        sampled = ema.model if ema is not None else model
+        num, size = config.sample.num_images, config.data.image_size
         samples = generate(
-            ema.model if ema is not None else model, schedule, config.sample.num_images, config.data.image_size, SAMPLE_SEED, config.sample,
-            batch_size=min(config.sample.num_images, 256), device=dev, progress=False,
+            sampled, schedule, num, size, SAMPLE_SEED, config.sample, batch_size=min(num, 256), device=dev, progress=False
         )
         save_grid(samples, run_dir / "samples" / f"{name}.png")
 
@@ -186,6 +191,6 @@ def train(
         raise
     bar.close()
     save()
-    if last_grid_step != step:  # unless the last epoch's grid shows exactly this model
+    if final_grid and last_grid_step != step:
         sample_grid("final")
     return TrainResult(run_dir, step, log[-1][1] if log else float("nan"))

@@ -1,0 +1,145 @@
+"""The command line: ``ddpm-cars train | sample | forward | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ddpm_cars.config import PRESETS, SEED, RunConfig, preset
+
+PROG = "ddpm-cars"
+
+
+def _default(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,128,256; got {text!r}") from None
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"need at least two positive widths; got {text!r}")
+    return widths
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}; got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0; got {text!r}")
+        return value
+
+    return parse
+
+
+# (flag, section, field, argparse keywords, help). Defaults shown are the seed preset's;
+# an option not given keeps the preset's (or, with --resume, the run's) value.
+RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+    ("--data", "data", "source", {"metavar": "SOURCE"}, "toy-cars, stanford-cars (Kaggle download), or an image folder"),
+    ("--split", "data", "split", {"choices": ["train", "test", "all"]}, "Stanford Cars split"),
+    ("--image-size", "data", "image_size", {"type": _positive(int)}, "training resolution in pixels"),
+    ("--center-crop", "data", "center_crop", {"action": argparse.BooleanOptionalAction}, "resize the short side and crop the centre square instead of squashing"),
+    ("--flip", "data", "flip", {"action": argparse.BooleanOptionalAction}, "random horizontal flips"),
+    ("--toy-count", "data", "toy_count", {"type": _positive(int)}, "number of images generated for --data toy-cars"),
+    ("--channels", "model", "channels", {"type": _channels, "metavar": "W1,W2,..."}, "U-Net widths, top to bottom"),
+    ("--time-emb-dim", "model", "time_emb_dim", {"type": _positive(int)}, "sinusoidal time embedding size"),
+    ("--timesteps", "diffusion", "timesteps", {"type": _positive(int)}, "diffusion steps T"),
+    ("--loss", "diffusion", "loss", {"choices": ["l1", "l2"]}, "loss on the predicted noise (l2 is L_simple)"),
+    ("--epochs", "train", "epochs", {"type": _positive(int)}, "passes over the data"),
+    ("--steps", "train", "max_steps", {"type": _positive(int)}, "stop after this many optimizer steps (overrides --epochs)"),
+    ("--batch-size", "train", "batch_size", {"type": _positive(int)}, "images per optimizer step"),
+    ("--lr", "train", "lr", {"type": _positive(float)}, "Adam learning rate"),
+    ("--seed", "train", "seed", {"type": int}, "seed for data order, timesteps and noise"),
+    ("--ema-decay", "train", "ema_decay", {"type": float, "metavar": "DECAY"}, "keep a moving average of the weights (e.g. 0.999) and sample from it; None: off"),
+    ("--sample-every", "train", "sample_every_epochs", {"type": _positive(int), "metavar": "EPOCHS"}, "draw a sample grid every this many epochs"),
+    ("--checkpoint-every", "train", "checkpoint_every_steps", {"type": _positive(int), "metavar": "STEPS"}, "checkpoint every this many steps (and at every epoch end)"),
+    ("--num-sample-images", "sample", "num_images", {"type": _positive(int)}, "images in each training-time sample grid"),
+]
+
+SAMPLER_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+    ("--variance", "sample", "variance", {"choices": ["beta", "beta_tilde"]}, "fixed reverse variance sigma_t^2"),
+    ("--clip", "sample", "clip_x0", {"action": argparse.BooleanOptionalAction}, "clip the predicted x_0 to [-1, 1] at every step"),
+    ("--batchnorm", "sample", "batchnorm", {"choices": ["eval", "batch"]}, "BatchNorm statistics when sampling: running (eval) or per batch"),
+]
+
+
+def _add_options(parser: argparse.ArgumentParser, options: list, shown: RunConfig, note: str = "") -> None:
+    for flag, section, name, kwargs, text in options:
+        default = _default(getattr(getattr(shown, section), name))
+        if "choices" not in kwargs and "action" not in kwargs:
+            kwargs = {"metavar": flag.lstrip("-").replace("-", "_").upper(), **kwargs}
+        parser.add_argument(flag, dest=f"{section}.{name}", default=None, help=f"{text} (default: {default}{note})", **kwargs)
+
+
+def _overrides(args: argparse.Namespace, options: list) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    for _, section, name, _, _ in options:
+        value = getattr(args, f"{section}.{name}")
+        if value is not None:
+            sections.setdefault(section, {})[name] = value
+    return sections
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Train DDPMs on cars (or any images) and generate new ones.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model", description="Train a DDPM; checkpoints, samples and loss go to --out.")
+    train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
+    train.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="recipe the options below modify (default: seed)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _device_option(train)
+    _add_options(train, RUN_OPTIONS + SAMPLER_OPTIONS, SEED, " in the seed preset")
+
+    sample = sub.add_parser("sample", help="generate images from a trained run", description="Generate images from pure noise.")
+    sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
+    sample.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for grid.png, images/ and denoising.png (required)")
+    sample.add_argument("--num", type=_positive(int), default=64, help="number of images (default: 64)")
+    sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default: 0)")
+    sample.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
+    sample.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    _device_option(sample)
+    _add_options(sample, SAMPLER_OPTIONS, SEED, " unless the run says otherwise")
+
+    forward = sub.add_parser("forward", help="picture the forward (noising) process", description="One image at about ten evenly spaced t.")
+    forward.add_argument("--data", default="toy-cars", metavar="SOURCE", help="toy-cars, stanford-cars or an image folder (default: toy-cars)")
+    forward.add_argument("--split", default="train", choices=["train", "test", "all"], help="Stanford Cars split (default: train)")
+    forward.add_argument("--out", type=Path, default=Path("forward_process.png"), help="PNG to write (default: forward_process.png)")
+    forward.add_argument("--index", type=int, default=0, help="which image of the dataset (default: 0)")
+    forward.add_argument("--image-size", type=_positive(int), default=SEED.data.image_size, help=f"pixels (default: {SEED.data.image_size})")
+    forward.add_argument("--center-crop", action="store_true", help="crop the centre square instead of squashing (default: off)")
+    forward.add_argument("--timesteps", type=_positive(int), default=SEED.diffusion.timesteps, help=f"diffusion steps T (default: {SEED.diffusion.timesteps})")
+    forward.add_argument("--frames", type=_positive(int), default=10, help="pictures in the strip (default: 10)")
+    forward.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+
+    demo = sub.add_parser("demo", help="train a small model on toy cars and draw every figure", description="Train, sample and draw all figures into --out, in minutes on a CPU.")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    demo.add_argument("--steps", type=_positive(int), default=None, help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)")
+    _device_option(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ddpm_cars import commands  # torch is imported only once the arguments are good
+
+    try:
+        return getattr(commands, args.command)(args, parser)
+    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

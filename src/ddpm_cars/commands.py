@@ -1,0 +1,141 @@
+"""What each ``ddpm-cars`` subcommand does once its arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, _overrides
+from ddpm_cars.config import DEMO, DataConfig, RunConfig, preset
+from ddpm_cars.data import build_dataset
+from ddpm_cars.diffusion import q_sample
+from ddpm_cars.models import build_model
+from ddpm_cars.samplers import StepCallback, generate
+from ddpm_cars.schedule import NoiseSchedule, build_schedule
+from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import resolve_device
+from ddpm_cars.training import train as train_run
+from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_strip
+
+# What may change when a run is resumed: how long it goes on and how it reports.
+RESUMABLE = {"train": {"epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps"}, "sample": None}
+
+
+def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
+    """The run's saved config; options that change what is trained must match it."""
+    config_file = run_dir / ckpt.CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"nothing to resume: {config_file} does not exist")
+    saved = RunConfig.load(config_file)
+    for section, values in overrides.items():
+        allowed = RESUMABLE.get(section, set())
+        for name, value in values.items():
+            if allowed is not None and name not in allowed and getattr(getattr(saved, section), name) != value:
+                raise ValueError(
+                    f"cannot change {section}.{name} when resuming (the run has "
+                    f"{getattr(getattr(saved, section), name)!r}); start a new run with another --out"
+                )
+    return saved.replace(**overrides)
+
+
+def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    overrides = _overrides(args, RUN_OPTIONS + SAMPLER_OPTIONS)
+    config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
+    tic = time.perf_counter()
+    result = train_run(config, args.out, resume=args.resume, device=args.device)
+    print(f"Trained to step {result.step} (last loss {result.last_loss:.4f}) in {time.perf_counter() - tic:.0f} s")
+    print(f"Run directory: {result.run_dir}  (sample with: ddpm-cars sample --checkpoint {result.run_dir} --out DIR)")
+    return 0
+
+
+def denoising_frames(schedule: NoiseSchedule, count: int = 10) -> tuple[list[tuple[str, torch.Tensor]], StepCallback]:
+    """A list the returned callback fills with image 0 at ``count`` evenly spaced steps."""
+    keep = set(evenly_spaced_steps(schedule.timesteps, count))
+    frames: list[tuple[str, torch.Tensor]] = []
+
+    def callback(step: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if step in keep:
+            frames.append((f"t={step}", x_t[0].clamp(-1, 1).cpu()))
+
+    return frames, callback
+
+
+def sample_run(
+    run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True
+) -> torch.Tensor:
+    """Generate from a run's checkpoint; write grid.png, images/NNNN.png and denoising.png."""
+    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
+    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
+    dev = resolve_device(device)
+    model = ckpt.load_weights(build_model(config.model), checkpoint, ema=ema).to(dev)
+    schedule = build_schedule(config.diffusion)
+    frames, callback = denoising_frames(schedule)
+    images = generate(
+        model, schedule, num, config.data.image_size, seed, config.sample,
+        batch_size=batch_size, device=dev, callback=callback,
+    )
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    save_grid(images, out / "grid.png")
+    for i, image in enumerate(images):
+        save_image(image, out / "images" / f"{i:04d}.png")
+    save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
+    print(f"Wrote {num} images from {checkpoint} to {out}/ (grid.png, images/, denoising.png)")
+    return images
+
+
+def sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    overrides = _overrides(args, SAMPLER_OPTIONS).get("sample", {})
+    sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
+    return 0
+
+
+def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, seed: int, out: Path) -> Path:
+    """The forward process on one dataset image at ``frames`` evenly spaced t."""
+    if index < 0:
+        raise ValueError(f"--index must be >= 0; got {index}")
+    if data.source == "toy-cars":
+        data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1)
+    dataset = build_dataset(data)
+    if index >= len(dataset):
+        raise ValueError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
+    x0 = dataset[index][0][None]  # [1, 3, S, S]
+    schedule = NoiseSchedule.linear(timesteps)
+    generator = torch.Generator().manual_seed(seed)
+    strip = []
+    for step in evenly_spaced_steps(timesteps, frames):
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = q_sample(schedule, x0, torch.tensor([step]), noise)
+        strip.append((f"t={step}", x_t[0].clamp(-1, 1)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_strip(strip, out, "Forward process q(x_t | x_0)")
+    print(f"Wrote {out}")
+    return out
+
+
+def forward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, center_crop=args.center_crop)
+    forward_picture(data, args.index, args.timesteps, args.frames, args.seed, args.out)
+    return 0
+
+
+DEMO_SAMPLES = 36  # the demo's final grid, 6 x 6
+
+
+def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = DEMO if args.steps is None else DEMO.replace(train={"max_steps": args.steps})
+    out = args.out
+    tic = time.perf_counter()
+    resume = ckpt.latest_checkpoint(out) is not None
+    if resume:
+        print(f"Continuing the demo run in {out}")
+        config = _resume_config(out, {"train": {"max_steps": config.train.max_steps}})
+    result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
+    print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
+    sample_run(out, out, DEMO_SAMPLES, 0, DEMO_SAMPLES, args.device, {})
+    forward_picture(config.data, 0, config.diffusion.timesteps, 10, 0, out / "forward_process.png")
+    print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: "
+          "grid.png, denoising.png, forward_process.png, loss.png, samples/")
+    return 0

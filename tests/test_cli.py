@@ -1,0 +1,152 @@
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_cars import cli, commands
+from ddpm_cars.cli import build_parser, main
+from ddpm_cars.training import checkpoint as ckpt
+
+TINY = ["--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
+        "--batch-size", "8", "--num-sample-images", "4", "--sample-every", "1"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_every_option_has_help_and_a_shown_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            assert "default" in action.help or "required" in action.help or action.const is True, (name, action.dest)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--out", "x", "--batch-size", "0"], "must be > 0"),
+        (["train", "--out", "x", "--lr", "fast"], "expected a float"),
+        (["train", "--out", "x", "--channels", "8"], "at least two positive widths"),
+        (["train", "--out", "x", "--split", "val"], "invalid choice"),
+        (["train", "--out", "x", "--preset", "huge"], "invalid choice"),
+        (["sample", "--out", "x"], "--checkpoint"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--out", "{tmp}/r", "--image-size", "40"], "divisible by 16"),
+        (["train", "--out", "{tmp}/r", "--data", "{tmp}/nowhere"], "does not exist"),
+        (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+        (["sample", "--checkpoint", "{tmp}/none", "--out", "{tmp}/s"], "no run directory"),
+        (["forward", "--index", "-1", "--out", "{tmp}/f.png"], "--index"),
+        (["train", "--out", "{tmp}/r", "--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["train", "--out", "{tmp}/r", "--device", "tpu"], "device"),
+    ],
+)
+def test_bad_values_give_one_clear_line(tmp_path, argv, message, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpm-cars: error:") and message in err[0]
+
+
+def test_stanford_cars_without_network_is_one_actionable_message(tmp_path, monkeypatch, capsys):
+    fake = types.ModuleType("kagglehub")
+
+    def offline(handle):
+        raise ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    fake.dataset_download = offline
+    monkeypatch.setitem(sys.modules, "kagglehub", fake)
+    assert main(["train", "--data", "stanford-cars", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "jutrera/stanford-car-dataset-by-classes-folder" in err[0] and "--data /path/to/car_data" in err[0]
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "samples"
+    trained = _run("train", "--out", str(run), "--toy-count", "32", "--epochs", "2", *TINY)
+    assert trained.returncode == 0, trained.stderr
+    assert "Trained to step 8" in trained.stdout
+    sampled = _run("sample", "--checkpoint", str(run), "--out", str(out), "--num", "5", "--batch-size", "2", "--seed", "1")
+    assert sampled.returncode == 0, sampled.stderr
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:04d}.png" for i in range(5)]
+    assert Image.open(out / "images" / "0000.png").size == (16, 16)
+    for name in ["grid.png", "denoising.png"]:
+        assert Image.open(out / name).size[0] > 16
+    again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")
+    assert again.returncode == 0
+    a, b = (np.asarray(Image.open(d / "images" / "0004.png")) for d in (out, tmp_path / "again"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same seed, other batch size: same image
+
+
+def test_resume_may_extend_but_not_change_the_model(tmp_path):
+    run = str(tmp_path / "run")
+    assert _run("train", "--out", run, "--toy-count", "32", "--steps", "2", *TINY).returncode == 0
+    changed = _run("train", "--out", run, "--resume", "--channels", "8,32")
+    assert changed.returncode == 2 and "cannot change model.channels" in changed.stderr
+    same = _run("train", "--out", run, "--resume", "--toy-count", "32", "--steps", "4", *TINY)
+    assert same.returncode == 0, same.stderr
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "run")).step == 4
+
+
+def _folder_with_trouble(root: Path) -> Path:
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / f"car{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8), mode="L").save(root / "grey.jpg")
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[5:15, 5:15] = (200, 0, 0, 255)
+    Image.fromarray(rgba, mode="RGBA").save(root / "alpha.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
+
+
+def test_training_on_a_messy_folder_warns_about_the_bad_file(tmp_path):
+    data = _folder_with_trouble(tmp_path / "photos")
+    done = _run("train", "--out", str(tmp_path / "run"), "--data", str(data), "--epochs", "1", *TINY)
+    assert done.returncode == 0, done.stderr
+    assert "broken.jpg" in done.stderr
+    assert "Trained to step 1" in done.stdout  # 8 decodable images, batch 8
+
+
+def test_forward_picture(tmp_path):
+    out = tmp_path / "f.png"
+    done = _run("forward", "--out", str(out), "--image-size", "32", "--frames", "5", "--timesteps", "100")
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size[0] > 5 * 32
+
+
+def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1}))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png"]:
+        assert (out / name).is_file(), name
+    assert len(list((out / "images").iterdir())) == commands.DEMO_SAMPLES
+    assert main(["demo", "--out", str(out)]) == 0  # a second run continues the finished one
+
+
+def test_cli_module_does_not_import_torch_for_help():
+    done = subprocess.run([sys.executable, "-c", "import sys, ddpm_cars.cli; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(Path(cli.__file__).parents[1])})
+    assert done.stdout.strip() == "False"

@@ -1,0 +1,114 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import train
+from ddpm_cars.training.loop import epoch_order, random_hflip, read_loss_log
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run_dir) / ckpt.MODEL_FILE))
+
+
+def test_a_short_run_writes_everything(tmp_path, tiny_config):
+    result = train(tiny_config, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert result.step == 8  # 2 epochs x (64 // 16) batches
+    assert (run / "config.json").is_file() and (run / "loss.png").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]  # no duplicate final grid
+    rows = list(csv.reader((run / "loss.csv").read_text().splitlines()))
+    assert rows[0] == ["step", "loss"] and [int(r[0]) for r in rows[1:]] == list(range(1, 9))
+    assert ckpt.latest_checkpoint(run).name == "step_00000008"
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).epoch == 2
+
+
+def test_loss_goes_down(tmp_path, tiny_config):
+    config = tiny_config.replace(
+        model={"channels": (16, 32), "time_emb_dim": 16},
+        train={"max_steps": 150, "epochs": 100, "sample_every_epochs": 100, "checkpoint_every_steps": 100},
+    )
+    train(config, tmp_path, progress=False, final_grid=False)
+    losses = [loss for _, loss in read_loss_log(tmp_path / "loss.csv", 10**9)]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config):
+    """Stop mid-epoch at step 6, resume to 10: same weights and losses as running 10 straight."""
+    config = tiny_config.replace(train={"max_steps": 10, "epochs": 100, "checkpoint_every_steps": 100, "sample_every_epochs": 100})
+    train(config, tmp_path / "straight", progress=False)
+    train(config.replace(train={"max_steps": 6}), tmp_path / "split", progress=False)
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "split")).batch_in_epoch == 2
+    train(config, tmp_path / "split", resume=True, progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert read_loss_log(tmp_path / "straight" / "loss.csv", 99) == pytest.approx(read_loss_log(tmp_path / "split" / "loss.csv", 99))
+
+
+def test_refuses_to_overwrite_or_resume_nothing(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(tiny_config, tmp_path, resume=True, progress=False)
+    train(tiny_config.replace(train={"max_steps": 3}), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config, tmp_path, progress=False)
+
+
+def test_dataset_smaller_than_a_batch_is_an_error(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(tiny_config.replace(data={"toy_count": 8}), tmp_path, progress=False)
+
+
+def test_loss_log_drops_rows_past_the_checkpoint_and_garbage(tmp_path):
+    (tmp_path / "loss.csv").write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,0.")
+    assert read_loss_log(tmp_path / "loss.csv", 2) == [(1, 0.5), (2, 0.4)]
+    (tmp_path / "loss.csv").write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,")
+    assert read_loss_log(tmp_path / "loss.csv", 10) == [(1, 0.5), (2, 0.4), (3, 0.3)]
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    a = epoch_order(50, seed=1, epoch=3)
+    assert sorted(a.tolist()) == list(range(50))
+    assert torch.equal(a, epoch_order(50, 1, 3)) and not torch.equal(a, epoch_order(50, 1, 4))
+
+
+def test_random_hflip_flips_about_half():
+    x = torch.arange(4.0).view(1, 1, 1, 4).repeat(1000, 1, 1, 1)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = (out[:, 0, 0, 0] == 3).float().mean().item()
+    assert 0.4 < flipped < 0.6
+    assert all(torch.equal(o, x[0]) or torch.equal(o, x[0].flip(-1)) for o in out[:20])
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """Kill -9 a training process mid-run; --resume finishes it from the last checkpoint."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), "--data", "toy-cars", "--toy-count", "64",
+            "--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
+            "--batch-size", "16", "--checkpoint-every", "2", "--sample-every", "1000", "--num-sample-images", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(ckpt.list_checkpoints(run)) < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    killed_at = ckpt.latest_checkpoint(run)
+    assert killed_at is not None
+    step = ckpt.load_train_state(killed_at).step
+    target = step + 4
+    done = subprocess.run(args + ["--steps", str(target), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == target
+    steps = [s for s, _ in read_loss_log(run / "loss.csv", 10**9)]
+    assert steps == list(range(1, target + 1))  # no step lost or logged twice
