@@ -118,7 +118,9 @@ def train(
     total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
 
     schedule = build_schedule(config.diffusion)
-    model = build_model(config.model).to(dev)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
+        torch.manual_seed(tcfg.seed)
+        model = build_model(config.model).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
     rng = torch.Generator(dev).manual_seed(tcfg.seed)
