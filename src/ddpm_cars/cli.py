@@ -78,7 +78,7 @@ def _add_options(parser: argparse.ArgumentParser, options: list, shown: RunConfi
         parser.add_argument(flag, dest=f"{section}.{name}", default=None, help=f"{text} (default: {default}{note})", **kwargs)
 
 
-def _overrides(args: argparse.Namespace, options: list) -> dict[str, dict[str, Any]]:
+def config_overrides(args: argparse.Namespace, options: list) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {}
     for _, section, name, _, _ in options:
         value = getattr(args, f"{section}.{name}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, _overrides
+from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, config_overrides
 from ddpm_cars.config import DEMO, DataConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.diffusion import q_sample
@@ -33,16 +33,17 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
     for section, values in overrides.items():
         allowed = RESUMABLE.get(section, set())
         for name, value in values.items():
-            if allowed is not None and name not in allowed and getattr(getattr(saved, section), name) != value:
+            current = getattr(getattr(saved, section), name)
+            if allowed is not None and name not in allowed and current != value:
                 raise ValueError(
-                    f"cannot change {section}.{name} when resuming (the run has "
-                    f"{getattr(getattr(saved, section), name)!r}); start a new run with another --out"
+                    f"cannot change {section}.{name} when resuming (the run has {current!r}); "
+                    "start a new run with another --out"
                 )
     return saved.replace(**overrides)
 
 
 def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    overrides = _overrides(args, RUN_OPTIONS + SAMPLER_OPTIONS)
+    overrides = config_overrides(args, RUN_OPTIONS + SAMPLER_OPTIONS)
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device)
@@ -87,7 +88,7 @@ def sample_run(
 
 
 def sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    overrides = _overrides(args, SAMPLER_OPTIONS).get("sample", {})
+    overrides = config_overrides(args, SAMPLER_OPTIONS).get("sample", {})
     sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
     return 0
 
