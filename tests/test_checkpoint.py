@@ -51,6 +51,8 @@ def test_leftover_temporary_directory_is_ignored(tmp_path):
     half.mkdir()
     (half / ckpt.MODEL_FILE).write_bytes(b"partial")
     assert ckpt.latest_checkpoint(tmp_path) == good
+    newer = ckpt.save_checkpoint(tmp_path, torch.nn.Linear(2, 2), _state(6))  # and the next save clears it
+    assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir()) == [good.name, newer.name]
 
 
 def test_atomic_write_text_replaces_whole_file(tmp_path):

@@ -107,6 +107,8 @@ def save_checkpoint(
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
