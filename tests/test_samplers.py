@@ -68,6 +68,19 @@ def test_clipping_x0_bounds_the_prediction():
     assert len(seen) == 10 and max(seen) <= 1.0
 
 
+def test_clipped_x0_is_what_the_mean_is_built_from():
+    """With T = 1 the only step returns the posterior mean at t = 1, which is x0 itself."""
+    schedule = NoiseSchedule.linear(1)
+    x_T = torch.randn(2, 3, 4, 4)
+    wild = lambda x, t: -50 * torch.ones_like(x)  # noqa: E731
+    expected = (x_T + 50 * schedule.betas[0].sqrt()) / (1 - schedule.betas[0]).sqrt()  # Eq. 4 inverted
+    assert (expected.abs() > 1).any() and (expected.abs() < 1).any()
+    raw = ancestral_sample(wild, schedule, x_T, image_generators(0, range(2)), clip_x0=False)
+    assert torch.allclose(raw, expected, atol=1e-4)
+    clipped = ancestral_sample(wild, schedule, x_T, image_generators(0, range(2)), clip_x0=True)
+    assert torch.allclose(clipped, expected.clamp(-1, 1), atol=1e-4)
+
+
 def test_callback_sees_every_step_in_order():
     steps = []
     ancestral_sample(Shrink(), NoiseSchedule.linear(6), torch.randn(1, 3, 4, 4), image_generators(0, [0]),

@@ -87,8 +87,37 @@ def test_random_hflip_flips_about_half():
     assert all(torch.equal(o, x[0]) or torch.equal(o, x[0].flip(-1)) for o in out[:20])
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
-    """Kill -9 a training process mid-run; --resume finishes it from the last checkpoint."""
+def test_killed_right_after_a_checkpoint_loses_no_logged_step(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config.replace(train={"max_steps": 8, "epochs": 100, "checkpoint_every_steps": 3, "sample_every_epochs": 100})
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(run_dir, model, state, *args, **kwargs):
+        path = real_save(run_dir, model, state, *args, **kwargs)
+        if state.step == 6:
+            raise SystemExit("killed")
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit):
+        train(config, tmp_path, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    train(config, tmp_path, resume=True, progress=False)
+    assert [s for s, _ in read_loss_log(tmp_path / "loss.csv", 99)] == list(range(1, 9))
+
+
+def test_resuming_with_an_unusable_rng_state_is_a_clear_error(tmp_path, tiny_config):
+    train(tiny_config.replace(train={"max_steps": 2}), tmp_path, progress=False)
+    state_file = ckpt.latest_checkpoint(tmp_path) / ckpt.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state["rng"] = torch.zeros(3, dtype=torch.uint8)  # what a generator of another device cannot take
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="--device"):
+        train(tiny_config, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
+    """Kill -9 (or Ctrl-C) a training process mid-run; --resume finishes it from the last checkpoint."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), "--data", "toy-cars", "--toy-count", "64",
             "--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
@@ -99,10 +128,11 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and len(ckpt.list_checkpoints(run)) < 2:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        proc.send_signal(sig)
+        returncode = proc.wait(60)
     finally:
         proc.kill()
+    assert returncode == (-9 if sig == signal.SIGKILL else 130)
     killed_at = ckpt.latest_checkpoint(run)
     assert killed_at is not None
     step = ckpt.load_train_state(killed_at).step

@@ -109,7 +109,7 @@ def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, s
     for step in evenly_spaced_steps(timesteps, frames):
         noise = torch.randn(x0.shape, generator=generator)
         x_t = q_sample(schedule, x0, torch.tensor([step]), noise)
-        strip.append((f"t={step}", x_t[0].clamp(-1, 1)))
+        strip.append((f"t={step + 1}", x_t[0].clamp(-1, 1)))  # x_t in the paper's 1-indexed t
     out.parent.mkdir(parents=True, exist_ok=True)
     save_strip(strip, out, "Forward process q(x_t | x_0)")
     print(f"Wrote {out}")

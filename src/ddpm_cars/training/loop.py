@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,29 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the step in progress, so the checkpoint it
+    then saves is consistent; a second Ctrl-C stops at once (the last checkpoint stands)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nStopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
@@ -129,7 +154,10 @@ def train(
         ckpt.load_weights(model, latest, dev)
         state = ckpt.load_train_state(latest)
         optimizer.load_state_dict(state.optimizer)
-        rng.set_state(state.rng)
+        try:
+            rng.set_state(state.rng)
+        except RuntimeError:
+            raise ValueError(f"{latest} was trained on another kind of device than {dev}; resume with that --device") from None
         step, epoch, consumed = state.step, state.epoch, state.batch_in_epoch
         if ema is not None:
             ckpt.load_weights(ema.model, latest, dev, ema=True)
@@ -139,8 +167,9 @@ def train(
     def save() -> None:
         ema_updates = ema.updates if ema is not None else 0
         state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates)
-        ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
+        # the log first: rows past the checkpoint a resume starts from are dropped on reading
         write_loss_log(run_dir, log, config.diffusion.loss)
+        ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
 
     last_grid_step = -1
 
@@ -156,10 +185,10 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
     model.train()
-    try:
-        while step < total_steps:
+    with StopRequest() as stop:
+        while step < total_steps and not stop.requested:
             order = epoch_order(len(data), tcfg.seed, epoch)
-            while consumed < batches_per_epoch and step < total_steps:
+            while consumed < batches_per_epoch and step < total_steps and not stop.requested:
                 tic = time.perf_counter()
                 idx = order[consumed * tcfg.batch_size : (consumed + 1) * tcfg.batch_size].to(dev)
                 x0 = to_model_range(images[idx])
@@ -186,13 +215,11 @@ def train(
                 if epoch % tcfg.sample_every_epochs == 0:
                     sample_grid(f"epoch_{epoch:04d}")
                 save()
-    except KeyboardInterrupt:
-        bar.close()
-        save()
-        print(f"\nInterrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
     bar.close()
     save()
+    if stop.requested:
+        print(f"Interrupted: checkpoint saved at step {step}; continue with --resume")
+        raise KeyboardInterrupt
     if final_grid and last_grid_step != step:
         sample_grid("final")
     return TrainResult(run_dir, step, log[-1][1] if log else float("nan"))
