@@ -105,7 +105,7 @@ def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, s
     x0 = dataset[index][0][None]  # [1, 3, S, S]
     schedule = NoiseSchedule.linear(timesteps)
     generator = torch.Generator().manual_seed(seed)
-    strip = []
+    strip = [("x_0 (data)", x0[0])]
     for step in evenly_spaced_steps(timesteps, frames):
         noise = torch.randn(x0.shape, generator=generator)
         x_t = q_sample(schedule, x0, torch.tensor([step]), noise)
