@@ -129,11 +129,12 @@ def test_training_on_a_messy_folder_warns_about_the_bad_file(tmp_path):
     assert "Trained to step 1" in done.stdout  # 8 decodable images, batch 8
 
 
-def test_forward_picture(tmp_path):
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_forward_picture(tmp_path, schedule):
     out = tmp_path / "f.png"
-    done = _run("forward", "--out", str(out), "--image-size", "32", "--frames", "5", "--timesteps", "100")
+    done = _run("forward", "--out", str(out), "--image-size", "32", "--frames", "5", "--timesteps", "100", "--schedule", schedule)
     assert done.returncode == 0, done.stderr
-    assert Image.open(out).size[0] > 5 * 32
+    assert Image.open(out).size[0] > 6 * 32  # the data image and five noised ones
 
 
 def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config):

@@ -5,7 +5,7 @@ import torch
 
 from ddpm_cars.config import DiffusionConfig
 from ddpm_cars.diffusion import q_sample
-from ddpm_cars.schedule import NoiseSchedule, build_schedule, linear_betas
+from ddpm_cars.schedule import NoiseSchedule, build_schedule, cosine_betas, linear_betas
 
 
 def test_linear_betas_endpoints_and_spacing():
@@ -100,3 +100,36 @@ def test_q_sample_follows_input_device():
 def test_bad_schedules_raise(kwargs):
     with pytest.raises(ValueError):
         build_schedule(DiffusionConfig(**kwargs))
+
+
+def _cosine_alphabar(t: float, T: int, s: float = 0.008) -> float:
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(t) / f(0)
+
+
+def test_cosine_alphabar_follows_eq_17_of_nichol_and_dhariwal():
+    T = 1000
+    s = build_schedule(DiffusionConfig(timesteps=T, schedule="cosine"))
+    for t in [1, 2, 10, 250, 500, 900, 990]:  # paper's 1-indexed t is index t - 1 here
+        assert s.alphas_cumprod[t - 1].item() == pytest.approx(_cosine_alphabar(t, T), rel=1e-5)
+
+
+def test_cosine_betas_are_clipped_and_increasing():
+    betas = cosine_betas(1000)
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    assert betas.max().item() == pytest.approx(0.999)  # clipped at the very end
+    assert (betas > 0).all() and (betas.diff() >= 0).all()
+    assert betas[0].item() == pytest.approx(1 - _cosine_alphabar(1, 1000), rel=1e-6)
+
+
+def test_cosine_keeps_more_signal_than_linear_midway():
+    """The point of the cosine schedule: information is destroyed more slowly (Fig. 5 of the paper)."""
+    linear = build_schedule(DiffusionConfig(timesteps=1000))
+    cosine = build_schedule(DiffusionConfig(timesteps=1000, schedule="cosine"))
+    assert cosine.alphas_cumprod[499] > 2 * linear.alphas_cumprod[499]
+    assert cosine.alphas_cumprod[-1] < 1e-4  # and still ends in noise
+
+
+def test_unknown_schedule_is_rejected():
+    with pytest.raises(ValueError, match="diffusion.schedule"):
+        DiffusionConfig(schedule="quadratic")

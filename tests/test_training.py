@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ddpm_cars.config import RunConfig
 from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.training import train
 from ddpm_cars.training.loop import epoch_order, random_hflip, read_loss_log
@@ -142,3 +143,10 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
     assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == target
     steps = [s for s, _ in read_loss_log(run / "loss.csv", 10**9)]
     assert steps == list(range(1, target + 1))  # no step lost or logged twice
+
+
+def test_cosine_schedule_trains_and_is_saved(tmp_path, tiny_config):
+    config = tiny_config.replace(diffusion={"schedule": "cosine"}, train={"max_steps": 2})
+    train(config, tmp_path, progress=False)
+    assert RunConfig.load(tmp_path / "config.json").diffusion.schedule == "cosine"
+    assert (tmp_path / "samples" / "final.png").is_file()

@@ -51,6 +51,7 @@ RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--channels", "model", "channels", {"type": _channels, "metavar": "W1,W2,..."}, "U-Net widths, top to bottom"),
     ("--time-emb-dim", "model", "time_emb_dim", {"type": _positive(int)}, "sinusoidal time embedding size"),
     ("--timesteps", "diffusion", "timesteps", {"type": _positive(int)}, "diffusion steps T"),
+    ("--schedule", "diffusion", "schedule", {"choices": ["linear", "cosine"]}, "noise schedule: linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)"),
     ("--loss", "diffusion", "loss", {"choices": ["l1", "l2"]}, "loss on the predicted noise (l2 is L_simple)"),
     ("--epochs", "train", "epochs", {"type": _positive(int)}, "passes over the data"),
     ("--steps", "train", "max_steps", {"type": _positive(int)}, "stop after this many optimizer steps (overrides --epochs)"),
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--image-size", type=_positive(int), default=SEED.data.image_size, help=f"pixels (default: {SEED.data.image_size})")
     forward.add_argument("--center-crop", action="store_true", help="crop the centre square instead of squashing (default: off)")
     forward.add_argument("--timesteps", type=_positive(int), default=SEED.diffusion.timesteps, help=f"diffusion steps T (default: {SEED.diffusion.timesteps})")
+    forward.add_argument("--schedule", default=SEED.diffusion.schedule, choices=["linear", "cosine"], help=f"noise schedule (default: {SEED.diffusion.schedule})")
     forward.add_argument("--frames", type=_positive(int), default=10, help="pictures in the strip (default: 10)")
     forward.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, config_overrides
-from ddpm_cars.config import DEMO, DataConfig, RunConfig, preset
+from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.models import build_model
@@ -93,7 +93,7 @@ def sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, seed: int, out: Path) -> Path:
+def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, frames: int, seed: int, out: Path) -> Path:
     """The forward process on one dataset image at ``frames`` evenly spaced t."""
     if index < 0:
         raise ValueError(f"--index must be >= 0; got {index}")
@@ -103,10 +103,10 @@ def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, s
     if index >= len(dataset):
         raise ValueError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
     x0 = dataset[index][0][None]  # [1, 3, S, S]
-    schedule = NoiseSchedule.linear(timesteps)
+    schedule = build_schedule(diffusion)
     generator = torch.Generator().manual_seed(seed)
     strip = [("x_0 (data)", x0[0])]
-    for step in evenly_spaced_steps(timesteps, frames):
+    for step in evenly_spaced_steps(schedule.timesteps, frames):
         noise = torch.randn(x0.shape, generator=generator)
         x_t = q_sample(schedule, x0, torch.tensor([step]), noise)
         strip.append((f"t={step + 1}", x_t[0].clamp(-1, 1)))  # x_t in the paper's 1-indexed t
@@ -118,7 +118,8 @@ def forward_picture(data: DataConfig, index: int, timesteps: int, frames: int, s
 
 def forward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, center_crop=args.center_crop)
-    forward_picture(data, args.index, args.timesteps, args.frames, args.seed, args.out)
+    diffusion = DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule)
+    forward_picture(data, args.index, diffusion, args.frames, args.seed, args.out)
     return 0
 
 
@@ -136,7 +137,7 @@ def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
     sample_run(out, out, DEMO_SAMPLES, 0, DEMO_SAMPLES, args.device, {})
-    forward_picture(config.data, 0, config.diffusion.timesteps, 10, 0, out / "forward_process.png")
+    forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
     print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: "
           "grid.png, denoising.png, forward_process.png, loss.png, samples/")
     return 0

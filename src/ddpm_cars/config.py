@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Loss = Literal["l1", "l2"]
+Schedule = Literal["linear", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Split = Literal["train", "test", "all"]
@@ -52,12 +53,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    schedule: Schedule = "linear"
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
     loss: Loss = "l1"
 
     def __post_init__(self) -> None:
         _check_positive("diffusion.timesteps", self.timesteps)
+        _check_choice("diffusion.schedule", self.schedule, Schedule)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
         _check_choice("diffusion.loss", self.loss, Loss)

@@ -1,4 +1,4 @@
-"""Noise schedules: the betas and every quantity derived from them.
+"""Noise schedules (linear, cosine): the betas and every quantity derived from them.
 
 Everything is computed once in float64 (Principle 5) and stored as float32
 tensors; :meth:`NoiseSchedule.gather` picks per-timestep coefficients for a
@@ -7,6 +7,7 @@ batch. Timesteps are 0-indexed: ``t = 0`` is the paper's ``t = 1``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,19 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}")
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule (Eq. 17, Nichol & Dhariwal 2021), float64 ``[T]``.
+
+    alphabar(t) = f(t) / f(0) with f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), and
+    beta_t = 1 - alphabar(t) / alphabar(t - 1), clipped at ``max_beta`` near t = T.
+    """
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
 @dataclass(frozen=True)
@@ -79,4 +93,6 @@ class NoiseSchedule:
 
 
 def build_schedule(config: DiffusionConfig) -> NoiseSchedule:
+    if config.schedule == "cosine":
+        return NoiseSchedule.from_betas(cosine_betas(config.timesteps))
     return NoiseSchedule.linear(config.timesteps, config.beta_start, config.beta_end)
