@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 Loss = Literal["l1", "l2"]
 Schedule = Literal["linear", "cosine"]
+Optimizer = Literal["adam", "adamw"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Split = Literal["train", "test", "all"]
@@ -106,6 +107,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # also written at the end of every epoch
     seed: int = 0
     ema_decay: float | None = None  # keep an EMA of the weights and sample from it
+    optimizer: Optimizer = "adam"
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (Adam) weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
+    grad_clip: float | None = None  # clip the global gradient norm to this
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -118,6 +124,12 @@ class TrainConfig:
         _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or None; got {self.ema_decay}")
+        _check_choice("train.optimizer", self.optimizer, Optimizer)
+        _check_positive("train.weight_decay", self.weight_decay, 0)
+        _check_positive("train.warmup_steps", self.warmup_steps, 0)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip must be > 0 or None; got {self.grad_clip}")
+        _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class TrainState:
     optimizer: dict[str, Any]
     rng: torch.Tensor  # state of the generator drawing t, noise and flips
     ema_updates: int = 0
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -92,6 +93,7 @@ def save_checkpoint(
                 "optimizer": state.optimizer,
                 "rng": state.rng.cpu(),
                 "ema_updates": state.ema_updates,
+                "skipped_steps": state.skipped_steps,
             },
             tmp / STATE_FILE,
         )

@@ -25,6 +25,7 @@ from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
 from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.training.ema import EMA
+from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, warmup_factor
 from ddpm_cars.viz import save_grid, save_loss_curve
 
 LOSS_CSV = "loss.csv"
@@ -146,10 +147,11 @@ def train(
     with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
         torch.manual_seed(tcfg.seed)
         model = build_model(config.model).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    optimizer = build_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
     rng = torch.Generator(dev).manual_seed(tcfg.seed)
     step, epoch, consumed = 0, 0, 0  # consumed: batches of `epoch` already trained on
+    skipped, bad_streak = 0, 0  # steps skipped for a non-finite loss: in all, in a row
     if resume:
         ckpt.load_weights(model, latest, dev)
         state = ckpt.load_train_state(latest)
@@ -158,7 +160,7 @@ def train(
             rng.set_state(state.rng)
         except RuntimeError:
             raise ValueError(f"{latest} was trained on another kind of device than {dev}; resume with that --device") from None
-        step, epoch, consumed = state.step, state.epoch, state.batch_in_epoch
+        step, epoch, consumed, skipped = state.step, state.epoch, state.batch_in_epoch, state.skipped_steps
         if ema is not None:
             ckpt.load_weights(ema.model, latest, dev, ema=True)
             ema.updates = state.ema_updates
@@ -166,7 +168,7 @@ def train(
 
     def save() -> None:
         ema_updates = ema.updates if ema is not None else 0
-        state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates)
+        state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates, skipped)
         # the log first: rows past the checkpoint a resume starts from are dropped on reading
         write_loss_log(run_dir, log, config.diffusion.loss)
         ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
@@ -199,14 +201,25 @@ def train(
                 loss = training_loss(model, schedule, x0, t, noise, config.diffusion.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
+                if gradients_usable(model, loss, tcfg.grad_clip):
+                    set_lr(optimizer, tcfg.lr * warmup_factor(step - skipped, tcfg.warmup_steps))
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
+                    bad_streak = 0
+                else:  # skip the update; the weights stay as they were
+                    skipped, bad_streak = skipped + 1, bad_streak + 1
 
                 step, consumed = step + 1, consumed + 1
                 log.append((step, loss.item()))
+                if bad_streak >= tcfg.max_nonfinite_steps:
+                    save()
+                    raise NonFiniteLossError(
+                        f"the loss was not finite for {bad_streak} steps in a row (up to step {step}); the weights "
+                        f"of the last good step are saved in {run_dir}. Try a lower --lr or --grad-clip 1.0"
+                    )
                 rate = x0.shape[0] / (time.perf_counter() - tic)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}", skipped=skipped)
                 bar.update(1)
                 if step % tcfg.checkpoint_every_steps == 0:
                     save()

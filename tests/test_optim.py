@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from ddpm_cars.config import TrainConfig
+from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import loop, train
+from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, warmup_factor
+
+
+def test_optimizer_choice():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(build_optimizer(params, TrainConfig())) is torch.optim.Adam
+    adamw = build_optimizer(params, TrainConfig(optimizer="adamw", weight_decay=0.01, lr=3e-4))
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.param_groups[0]["weight_decay"] == 0.01 and adamw.param_groups[0]["lr"] == 3e-4
+
+
+def test_warmup_is_a_linear_ramp():
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_gradient_clipping_and_finiteness():
+    model = torch.nn.Linear(3, 1)
+    loss = (model(torch.full((1, 3), 100.0)) ** 2).sum()
+    loss.backward()
+    assert gradients_usable(model, loss, max_norm=1.0)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    assert norm.item() == pytest.approx(1.0, rel=1e-4)
+    assert not gradients_usable(model, torch.tensor(float("nan")), max_norm=None)
+    model.weight.grad.fill_(float("inf"))
+    assert not gradients_usable(model, torch.tensor(1.0), max_norm=1.0)
+
+
+def test_warmup_sets_the_learning_rate_per_step(tmp_path, tiny_config):
+    config = tiny_config.replace(train={"max_steps": 3, "warmup_steps": 10, "lr": 1e-3, "optimizer": "adamw"})
+    train(config, tmp_path, progress=False)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
+    assert state.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 10)
+
+
+def _nan_on(steps: set[int], monkeypatch):
+    real = loop.training_loss
+    calls = {"n": 0}
+
+    def maybe_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in steps else loss
+
+    monkeypatch.setattr(loop, "training_loss", maybe_nan)
+
+
+def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config.replace(train={"max_steps": 4, "epochs": 100, "sample_every_epochs": 100})
+    _nan_on({2, 3}, monkeypatch)
+    train(config, tmp_path, progress=False, final_grid=False)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
+    assert state.step == 4 and state.skipped_steps == 2
+    assert int(state.optimizer["state"][0]["step"]) == 2  # only two updates were applied
+    weights = ckpt.load_weights(loop.build_model(config.model), ckpt.latest_checkpoint(tmp_path)).state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config.replace(train={"max_steps": 50, "epochs": 100, "max_nonfinite_steps": 3})
+    _nan_on(set(range(2, 100)), monkeypatch)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train(config, tmp_path, progress=False)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
+    assert state.step == 4 and state.skipped_steps == 3  # saved, with the weights of step 1
