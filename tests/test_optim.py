@@ -69,3 +69,13 @@ def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_
         train(config, tmp_path, progress=False)
     state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
     assert state.step == 4 and state.skipped_steps == 3  # saved, with the weights of step 1
+
+
+def test_loss_curve_ignores_skipped_steps(tmp_path):
+    from ddpm_cars.viz import moving_average, save_loss_curve
+
+    assert moving_average([0.3] * 500) == pytest.approx([0.3] * 500)  # bias-corrected: no lag at the start
+    smooth = moving_average([1.0] * 100 + [0.0] * 100)
+    assert smooth[99] == pytest.approx(1.0) and 0 < smooth[120] < 1 and smooth[-1] < 0.01
+    path = save_loss_curve([1, 2, 3, 4], [0.5, float("nan"), 0.4, 0.3], tmp_path / "loss.png", "l1")
+    assert path.stat().st_size > 1000

@@ -61,18 +61,27 @@ def save_strip(frames: Sequence[tuple[str, torch.Tensor]], path: str | Path, tit
     return Path(path)
 
 
+def moving_average(values: Sequence[float]) -> list[float]:
+    """Bias-corrected exponential moving average over a window of about 2% of the values,
+    so the start does not lag (a constant sequence is returned unchanged)."""
+    decay = 1.0 - 1.0 / max(len(values) / 50, 1.0)
+    out, avg = [], 0.0
+    for n, value in enumerate(values, start=1):
+        avg = decay * avg + (1 - decay) * value
+        out.append(avg / (1 - decay**n))
+    return out
+
+
 def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, loss_name: str) -> Path:
-    """Per-step training loss with an exponential moving average over it."""
+    """Per-step training loss with an exponential moving average over it (skipped,
+    non-finite steps are left out)."""
+    finite = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+    steps, losses = [s for s, _ in finite], [v for _, v in finite]
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.6, alpha=0.35, label="per step")
     if len(losses) > 1:
-        decay = 1.0 - 1.0 / max(len(losses) / 50, 1.0)  # a window of about 2% of the run
-        smooth, avg = [], 0.0
-        for n, value in enumerate(losses, start=1):
-            avg = decay * avg + (1 - decay) * value
-            smooth.append(avg / (1 - decay**n))  # bias-corrected, so the start does not lag
-        ax.plot(steps, smooth, lw=1.5, label="moving average")
+        ax.plot(steps, moving_average(losses), lw=1.5, label="moving average")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"{loss_name} loss on the noise")
     ax.set_yscale("log")
