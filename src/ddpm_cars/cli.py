@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddpm_cars.config import PRESETS, SEED, RunConfig, preset
+from ddpm_cars.config import PRESETS, SEED, RunConfig
 
 PROG = "ddpm-cars"
 
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddpm_cars import commands  # torch is imported only once the arguments are good
 
     try:
-        return getattr(commands, args.command)(args, parser)
+        return getattr(commands, args.command)(args)
     except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
     return saved.replace(**overrides)
 
 
-def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, RUN_OPTIONS + SAMPLER_OPTIONS)
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
@@ -87,7 +87,7 @@ def sample_run(
     return images
 
 
-def sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def sample(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, SAMPLER_OPTIONS).get("sample", {})
     sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
     return 0
@@ -116,7 +116,7 @@ def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, fr
     return out
 
 
-def forward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def forward(args: argparse.Namespace) -> int:
     data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, center_crop=args.center_crop)
     diffusion = DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule)
     forward_picture(data, args.index, diffusion, args.frames, args.seed, args.out)
@@ -126,7 +126,7 @@ def forward(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 DEMO_SAMPLES = 36  # the demo's final grid, 6 x 6
 
 
-def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def demo(args: argparse.Namespace) -> int:
     config = DEMO if args.steps is None else DEMO.replace(train={"max_steps": args.steps})
     out = args.out
     tic = time.perf_counter()
