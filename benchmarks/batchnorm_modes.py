@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir, checkpoint = ckpt.resolve_checkpoint(args.run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
-    model = ckpt.load_weights(build_model(config.model), checkpoint)
+    model = ckpt.load_weights(build_model(config), checkpoint)
     schedule = build_schedule(config.diffusion)
     data = build_dataset(config.data, progress=False)
     real = to_model_range(data.images[: args.num])

@@ -34,7 +34,7 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
 
 def train_step_rate(config: RunConfig, batch_size: int, device: torch.device, repeats: int) -> tuple[float, int]:
     """Images per second through one Adam step of the config's model and loss."""
-    model = build_model(config.model).to(device).train()
+    model = build_model(config).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     schedule = build_schedule(config.diffusion)
     size = config.data.image_size
@@ -55,7 +55,7 @@ def train_step_rate(config: RunConfig, batch_size: int, device: torch.device, re
 
 def sampling_step_seconds(config: RunConfig, batch_size: int, device: torch.device, repeats: int) -> float:
     """Seconds for one reverse step (one network evaluation) on a batch."""
-    model = build_model(config.model).to(device).eval()
+    model = build_model(config).to(device).eval()
     size = config.data.image_size
     x = torch.randn(batch_size, 3, size, size, device=device)
     t = torch.full((batch_size,), 500, device=device)

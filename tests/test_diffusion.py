@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddpm_cars import diffusion
-from ddpm_cars.schedule import NoiseSchedule
+from ddpm_cars.config import DiffusionConfig
+from ddpm_cars.schedule import NoiseSchedule, cosine_betas
 
 
 @pytest.fixture
@@ -26,26 +29,23 @@ def test_predict_x0_inverts_q_sample(schedule):
     assert torch.allclose(diffusion.predict_x0_from_eps(schedule, x_t, t, noise), x0, atol=1e-4)
 
 
-def test_eq_11_mean_equals_posterior_mean_of_predicted_x0(schedule):
+def test_posterior_mean_of_predicted_x0_is_eq_11(schedule):
     x_t, eps = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
     t = torch.tensor([1, 2, 50, 600, 999])
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    beta, ab = betas[t].view(-1, 1, 1, 1), torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    eq_11 = (x_t.double() - beta / (1 - ab).sqrt() * eps.double()) / (1 - beta).sqrt()
     via_x0 = diffusion.posterior_mean(schedule, diffusion.predict_x0_from_eps(schedule, x_t, t, eps), x_t, t)
-    assert torch.allclose(diffusion.eps_mean(schedule, x_t, t, eps), via_x0, atol=1e-4)
+    assert torch.allclose(via_x0.double(), eq_11, atol=1e-4)
 
 
-def test_eps_mean_formula(schedule):
-    x_t, eps, t = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.tensor([400])
-    beta = 1e-4 + 400 * (0.02 - 1e-4) / 999
-    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[400].item()
-    expected = (x_t - beta / (1 - ab) ** 0.5 * eps) / (1 - beta) ** 0.5
-    assert torch.allclose(diffusion.eps_mean(schedule, x_t, t, eps), expected, atol=1e-5)
-
-
-def test_reverse_std_choices(schedule):
+def test_fixed_log_variance_choices(schedule):
     like, t = torch.zeros(2, 1), torch.tensor([0, 999])
-    assert torch.allclose(diffusion.reverse_std(schedule, t, like, "beta").flatten(), schedule.betas[t].sqrt())
-    tilde = diffusion.reverse_std(schedule, t, like, "beta_tilde").flatten()
-    assert tilde[0] == 0 and torch.allclose(tilde[1], schedule.posterior_variance[999].sqrt())
+    beta = diffusion.fixed_log_variance(schedule, t, like, "beta").flatten()
+    assert torch.allclose(beta, schedule.betas[t].log())
+    tilde = diffusion.fixed_log_variance(schedule, t, like, "beta_tilde").flatten()
+    # beta_tilde_1 = 0, so t = 0 borrows beta_tilde_2; elsewhere it is beta_tilde_t
+    assert torch.allclose(tilde, schedule.posterior_variance[[1, 999]].log())
 
 
 class Recorder(torch.nn.Module):
@@ -60,12 +60,135 @@ class Recorder(torch.nn.Module):
 def test_training_loss_compares_predicted_and_true_noise(schedule, loss_type, fn):
     model = Recorder()
     x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([5, 50, 500])
-    loss = diffusion.training_loss(model, schedule, x0, t, noise, loss_type)
+    loss = diffusion.training_loss(model, schedule, x0, t, noise, DiffusionConfig(loss=loss_type))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     assert torch.equal(model.seen[1], t) and torch.allclose(model.seen[0], x_t)
     assert loss.item() == pytest.approx(fn(0.5 * x_t, noise).item(), rel=1e-6)
 
 
-def test_unknown_loss_raises(schedule):
-    with pytest.raises(ValueError, match="l1"):
-        diffusion.training_loss(Recorder(), schedule, torch.zeros(1, 3, 4, 4), torch.tensor([1]), torch.zeros(1, 3, 4, 4), "huber")
+def _v_by_hand(x0, noise, t, betas):
+    ab = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_each_target_converts_back_to_x0(prediction):
+    schedule = NoiseSchedule.from_betas(cosine_betas(1000))
+    x0, noise, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 400, 900])
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
+    assert torch.allclose(diffusion.predict_x0(schedule, x_t, t, target, prediction), x0, atol=2e-3)
+    x0_hat = diffusion.predict_x0(schedule, x_t, t, target, prediction)
+    assert torch.allclose(diffusion.predict_eps(schedule, x_t, t[:, None, None, None].flatten(), x0_hat)[:3], noise[:3], atol=2e-2)
+
+
+def test_v_target_matches_definition(schedule):
+    x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0, 300, 999])
+    expected = _v_by_hand(x0, noise, t, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert torch.allclose(diffusion.v_target(schedule, x0, t, noise).double(), expected, atol=1e-6)
+
+
+def test_normal_kl_against_torch_distributions():
+    m1, m2 = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    lv1, lv2 = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    p = torch.distributions.Normal(m1, (0.5 * lv1).exp())
+    q = torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    assert torch.allclose(diffusion.normal_kl(m1, lv1, m2, lv2), torch.distributions.kl_divergence(p, q))
+    assert torch.allclose(diffusion.normal_kl(m1, lv1, m1, lv1), torch.zeros(50, dtype=torch.float64))
+
+
+def _bin_probability(x: float, mean: float, std: float) -> float:
+    """P(level x) under N(mean, std^2) by the error function, written out independently."""
+    cdf = lambda v: 0.5 * (1 + math.erf((v - mean) / (std * math.sqrt(2))))  # noqa: E731
+    lo = -math.inf if x <= -1 + 1e-6 else x - 1 / 255
+    hi = math.inf if x >= 1 - 1e-6 else x + 1 / 255
+    return (1.0 if hi == math.inf else cdf(hi)) - (0.0 if lo == -math.inf else cdf(lo))
+
+
+def test_discretized_log_likelihood_against_independent_erf():
+    levels = torch.tensor([0, 1, 64, 127, 128, 200, 254, 255], dtype=torch.float64)
+    x = levels / 127.5 - 1
+    mean = torch.tensor([-0.95, -1.0, -0.5, 0.0, 0.1, 0.5, 0.9, 0.7], dtype=torch.float64)
+    std = torch.tensor([0.02, 0.1, 0.05, 0.2, 0.04, 0.3, 0.02, 0.1], dtype=torch.float64)
+    got = diffusion.discretized_gaussian_log_likelihood(x, mean, (std**2).log())
+    expected = [math.log(_bin_probability(*map(float, v))) for v in zip(x, mean, std)]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_discretized_likelihood_sums_to_one_over_the_256_levels():
+    x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    for mean, std in [(0.0, 0.01), (0.3, 0.2), (-0.99, 0.05), (2.0, 1.0)]:
+        log_p = diffusion.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, 2 * math.log(std)))
+        assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_term_is_zero_when_p_equals_the_true_posterior(schedule):
+    x0, noise, t = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4), torch.tensor([1, 100, 999])
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    mean = diffusion.posterior_mean(schedule, x0, x_t, t)
+    log_var = schedule.gather(schedule.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+    assert torch.allclose(diffusion.vlb_term(schedule, x0, x_t, t, mean, log_var), torch.zeros(3), atol=1e-5)
+
+
+def test_vlb_term_at_t0_is_the_decoder_nll_in_bits(schedule):
+    x0 = (torch.randint(0, 256, (2, 3, 4, 4)).double() / 127.5 - 1).float()
+    mean, log_var = x0 + 0.003, torch.full_like(x0, math.log(1e-4))
+    got = diffusion.vlb_term(schedule, x0, x0, torch.tensor([0, 0]), mean, log_var)
+    expected = [
+        -sum(math.log(_bin_probability(float(v), float(v) + 0.003, 0.01)) for v in img.flatten()) / (48 * math.log(2))
+        for img in x0
+    ]
+    assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4)
+
+
+def test_prior_term_against_closed_form(schedule):
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[-1]
+    q = torch.distributions.Normal(ab.sqrt() * x0.double(), (1 - ab).sqrt())
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).mean(1) / math.log(2)
+    assert torch.allclose(diffusion.prior_bpd(schedule, x0).double(), kl, rtol=1e-4, atol=1e-7)
+
+
+def test_learned_variance_interpolates_between_beta_and_beta_tilde(schedule):
+    t = torch.tensor([5, 5, 5, 700])
+    v = torch.tensor([1.0, -1.0, 0.0, 0.5]).view(-1, 1, 1, 1)
+    got = diffusion.learned_log_variance(schedule, t, v).flatten()
+    log_beta, log_tilde = schedule.betas[t].log(), schedule.posterior_variance[t].log()
+    expected = torch.stack([log_beta[0], log_tilde[1], (log_beta[2] + log_tilde[2]) / 2, 0.75 * log_beta[3] + 0.25 * log_tilde[3]])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+class TwoHeads(torch.nn.Module):
+    """Mean channels from one parameter, variance channels from another."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean_scale = torch.nn.Parameter(torch.tensor(0.3))
+        self.var_value = torch.nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x, t):
+        return torch.cat([self.mean_scale * x, self.var_value.expand_as(x)], dim=1)
+
+
+def test_hybrid_loss_is_simple_plus_weighted_vlb_with_stop_gradient(schedule):
+    config = DiffusionConfig(loss="l2", learn_variance=True)
+    x0, noise, t = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4), torch.tensor([0, 3, 200, 999])
+    model = TwoHeads()
+    loss = diffusion.training_loss(model, schedule, x0, t, noise, config)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    simple = F.mse_loss(0.3 * x_t, noise)
+    mean, log_var, _ = diffusion.p_mean_variance(schedule, model(x_t, t).detach(), x_t, t, config, clip_x0=False)
+    vlb = 1000 * diffusion.vlb_term(schedule, x0, x_t, t, mean, log_var).mean()
+    assert loss.item() == pytest.approx(simple.item() + 0.001 * vlb.item(), rel=1e-5)
+    loss.backward()
+    # the mean parameter sees L_simple only; the variance parameter sees the bound only
+    scale = torch.tensor(0.3, requires_grad=True)
+    F.mse_loss(scale * x_t, noise).backward()
+    assert model.mean_scale.grad.item() == pytest.approx(scale.grad.item(), rel=1e-5)
+    assert model.var_value.grad.abs().item() > 0
+
+
+def test_without_learned_variance_the_loss_has_no_bound_term(schedule):
+    x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([3, 30])
+    loss = diffusion.training_loss(Recorder(), schedule, x0, t, noise, DiffusionConfig(loss="l2", prediction="x0"))
+    assert loss.item() == pytest.approx(F.mse_loss(0.5 * diffusion.q_sample(schedule, x0, t, noise), x0).item(), rel=1e-6)

@@ -58,7 +58,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config
     state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
     assert state.step == 4 and state.skipped_steps == 2
     assert int(state.optimizer["state"][0]["step"]) == 2  # only two updates were applied
-    weights = ckpt.load_weights(loop.build_model(config.model), ckpt.latest_checkpoint(tmp_path)).state_dict()
+    weights = ckpt.load_weights(loop.build_model(config), ckpt.latest_checkpoint(tmp_path)).state_dict()
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 

@@ -71,12 +71,12 @@ def sample_run(
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
     dev = resolve_device(device)
-    model = ckpt.load_weights(build_model(config.model), checkpoint, ema=ema).to(dev)
+    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
     schedule = build_schedule(config.diffusion)
     frames, callback = denoising_frames(schedule)
     images = generate(
-        model, schedule, num, config.data.image_size, seed, config.sample,
-        batch_size=batch_size, device=dev, callback=callback,
+        model, schedule, num, config.data.image_size, seed, config.sample, diffusion_config=config.diffusion,
+        batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
     )
     (out / "images").mkdir(parents=True, exist_ok=True)
     save_grid(images, out / "grid.png")

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Loss = Literal["l1", "l2"]
+Prediction = Literal["eps", "x0", "v"]
+Precision = Literal["fp32", "bf16"]
 Schedule = Literal["linear", "cosine"]
 Optimizer = Literal["adam", "adamw"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Split = Literal["train", "test", "all"]
-ModelName = Literal["simple_unet"]
+ModelName = Literal["simple_unet", "res_attn_unet"]
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:
@@ -34,17 +36,35 @@ def _check_positive(name: str, value: Any, minimum: int | float = 1) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network. ``channels`` are the widths of the U-Net levels, top to bottom (for
+    ``res_attn_unet``: base width times the channel multipliers, e.g. 128,256,384,512)."""
+
     name: ModelName = "simple_unet"
     channels: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    time_emb_dim: int = 32
+    time_emb_dim: int = 32  # simple_unet only; res_attn_unet embeds t in channels[0] dims
+    num_res_blocks: int = 2  # res_attn_unet: residual blocks per level
+    attention_resolutions: tuple[int, ...] = (16, 8)  # res_attn_unet: feature-map sizes with attention
+    head_channels: int = 64  # res_attn_unet: channels per attention head
+    dropout: float = 0.0  # res_attn_unet
+    resblock_updown: bool = False  # res_attn_unet: BigGAN-style resampling inside residual blocks
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, ModelName)
         object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"model.channels needs >= 2 positive widths; got {self.channels}")
         if self.time_emb_dim < 4 or self.time_emb_dim % 2:
             raise ValueError(f"model.time_emb_dim must be even and >= 4; got {self.time_emb_dim}")
+        _check_positive("model.num_res_blocks", self.num_res_blocks)
+        _check_positive("model.head_channels", self.head_channels)
+        if any(r < 1 for r in self.attention_resolutions):
+            raise ValueError(f"model.attention_resolutions must be positive sizes; got {self.attention_resolutions}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
+        if self.name == "res_attn_unet":
+            if self.channels[0] % 2:
+                raise ValueError(f"model.channels[0] must be even for res_attn_unet; got {self.channels[0]}")
 
     @property
     def downsample_factor(self) -> int:
@@ -57,7 +77,10 @@ class DiffusionConfig:
     schedule: Schedule = "linear"
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    loss: Loss = "l1"
+    loss: Loss = "l1"  # on the prediction target
+    prediction: Prediction = "eps"  # what the network predicts: the noise, x_0, or v
+    learn_variance: bool = False  # 6 output channels and the hybrid loss (Nichol & Dhariwal 2021)
+    vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb
 
     def __post_init__(self) -> None:
         _check_positive("diffusion.timesteps", self.timesteps)
@@ -65,6 +88,14 @@ class DiffusionConfig:
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
         _check_choice("diffusion.loss", self.loss, Loss)
+        _check_choice("diffusion.prediction", self.prediction, Prediction)
+        _check_positive("diffusion.vlb_weight", self.vlb_weight, 0)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the network must output for RGB images: the mean target, plus the
+        variance interpolation when the variance is learned."""
+        return 6 if self.learn_variance else 3
 
 
 @dataclass(frozen=True)
@@ -112,6 +143,10 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
     grad_clip: float | None = None  # clip the global gradient norm to this
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split among them)
+    precision: Precision = "fp32"  # bf16: autocast matmuls and convolutions to bfloat16
+    channels_last: bool = False  # NHWC memory layout for the network and its inputs
+    compile: bool = False  # torch.compile the network
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -130,6 +165,12 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"train.grad_clip must be > 0 or None; got {self.grad_clip}")
         _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"
+            )
+        _check_choice("train.precision", self.precision, Precision)
 
 
 @dataclass(frozen=True)

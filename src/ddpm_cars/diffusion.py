@@ -1,18 +1,23 @@
-"""The diffusion math of Ho et al. (2020): forward noising, reverse means, losses.
+"""The diffusion math: forward noising, prediction targets, reverse means and variances,
+the variational bound and the training losses (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Nothing here knows about networks beyond calling ``model(x_t, t)`` once.
+Nothing here knows about networks beyond calling ``model(x_t, t)`` once. Timesteps are
+0-indexed: ``t = 0`` is the paper's ``t = 1``, whose reverse step is the decoder.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ddpm_cars.config import DiffusionConfig
 from ddpm_cars.schedule import NoiseSchedule
 
 LossType = Literal["l1", "l2"]
+PredictionType = Literal["eps", "x0", "v"]
 VarianceType = Literal["beta", "beta_tilde"]
 
 
@@ -31,6 +36,50 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     )
 
 
+def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0  (Salimans & Ho 2022, Sec. 4)."""
+    return (
+        schedule.gather(schedule.sqrt_alphas_cumprod, t, x0) * noise
+        - schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    )
+
+
+def prediction_target(
+    schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: PredictionType
+) -> torch.Tensor:
+    """What the network is trained to output for (x_0, eps) at step t."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_target(schedule, x0, t, noise)
+    raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+
+
+def predict_x0(
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: PredictionType
+) -> torch.Tensor:
+    """The x_0 implied by a network output of the given prediction type."""
+    if prediction == "eps":
+        return predict_x0_from_eps(schedule, x_t, t, output)
+    if prediction == "x0":
+        return output
+    if prediction == "v":  # x_0 = sqrt(alphabar) x_t - sqrt(1 - alphabar) v
+        return (
+            schedule.gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+            - schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * output
+        )
+    raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+
+
+def predict_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The noise implied by x_t and x_0: eps = (x_t - sqrt(alphabar_t) x_0) / sqrt(1 - alphabar_t)."""
+    return (x_t - schedule.gather(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / schedule.gather(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x_t
+    )
+
+
 def posterior_mean(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mu_tilde(x_t, x_0) of q(x_{t-1} | x_t, x_0)  (Eq. 7, Ho et al. 2020)."""
     return schedule.gather(schedule.posterior_mean_coef1, t, x_t) * x0 + schedule.gather(
@@ -38,16 +87,113 @@ def posterior_mean(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor,
     ) * x_t
 
 
-def eps_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """mu_theta = (x_t - beta_t / sqrt(1 - alphabar_t) eps) / sqrt(alpha_t)  (Eq. 11, Ho et al. 2020)."""
-    coef = schedule.gather(schedule.betas, t, x_t) / schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
-    return schedule.gather(schedule.sqrt_recip_alphas, t, x_t) * (x_t - coef * eps)
+def fixed_log_variance(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: VarianceType) -> torch.Tensor:
+    """log sigma_t^2 of a fixed-variance reverse step: log beta_t or log beta_tilde_t
+    (Sec. 3.2, Ho et al. 2020); beta_tilde at t = 0, which is 0, is replaced by its t = 1 value."""
+    log_var = schedule.betas.log() if variance == "beta" else schedule.posterior_log_variance_clipped
+    return schedule.gather(log_var, t, like)
 
 
-def reverse_std(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: VarianceType) -> torch.Tensor:
-    """sigma_t of p(x_{t-1} | x_t): sqrt(beta_t) or sqrt(beta_tilde_t) (Sec. 3.2, Ho et al. 2020)."""
-    var = schedule.betas if variance == "beta" else schedule.posterior_variance
-    return schedule.gather(var, t, like).sqrt()
+def learned_log_variance(schedule: NoiseSchedule, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """log sigma^2 = f log beta_t + (1 - f) log beta_tilde_t with f = (v + 1) / 2
+    (Eq. 15, Nichol & Dhariwal 2021); the network outputs v, nominally in [-1, 1]."""
+    frac = (v + 1) / 2
+    log_beta = schedule.gather(schedule.betas.log(), t, v)
+    log_tilde = schedule.gather(schedule.posterior_log_variance_clipped, t, v)
+    return frac * log_beta + (1 - frac) * log_tilde
+
+
+def split_output(output: torch.Tensor, config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean part, variance part or None) of a network output."""
+    if config.learn_variance:
+        mean_out, var_out = output.chunk(2, dim=1)
+        return mean_out, var_out
+    return output, None
+
+
+def p_mean_variance(
+    schedule: NoiseSchedule,
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    config: DiffusionConfig,
+    *,
+    variance: VarianceType = "beta",
+    clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, log variance, predicted x_0) of p(x_{t-1} | x_t) from a network output.
+
+    The mean is the posterior mean (Eq. 7) around the predicted x_0, clipped to [-1, 1]
+    with ``clip_x0``; the variance is learned when the model has it, else ``variance``.
+    """
+    mean_out, var_out = split_output(output.float(), config)
+    x0_pred = predict_x0(schedule, x_t, t, mean_out, config.prediction)
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1.0, 1.0)
+    mean = posterior_mean(schedule, x0_pred, x_t, t)
+    if var_out is not None:
+        log_var = learned_log_variance(schedule, t, var_out)
+    else:
+        log_var = fixed_log_variance(schedule, t, x_t, variance).expand_as(x_t)
+    return mean, log_var, x0_pred
+
+
+# -- the variational bound ----------------------------------------------------------------
+
+
+def normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) elementwise, in nats."""
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
+
+
+def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log P(x) elementwise for images ``x`` in [-1, 1] on 256 levels under N(mean, exp(log_var))
+    integrated over each level's bin of width 2/255 (Eq. 13, Ho et al. 2020); the edge bins
+    extend to -inf and +inf. In nats."""
+    inv_std = torch.exp(-0.5 * log_var)
+    upper = _std_normal_cdf(inv_std * (x - mean + 1.0 / 255))
+    lower = _std_normal_cdf(inv_std * (x - mean - 1.0 / 255))
+    prob = torch.where(x > 0.999, 1.0 - lower, torch.where(x < -0.999, upper, upper - lower))
+    # far in the tails the CDF difference underflows: use the density times the bin width there
+    log_density = -0.5 * ((x - mean) * inv_std) ** 2 - 0.5 * log_var - 0.5 * math.log(2 * math.pi)
+    fallback = log_density + math.log(2.0 / 255)
+    return torch.where(prob > 1e-12, prob.clamp(min=1e-12).log(), fallback)
+
+
+def _mean_over_pixels(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def vlb_term(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    mean: torch.Tensor,
+    log_var: torch.Tensor,
+) -> torch.Tensor:
+    """L_t per image, in bits per dimension: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for
+    t > 0 and the decoder's -log p(x_0 | x_1) at t = 0 (Eq. 5, Ho et al. 2020)."""
+    true_mean = posterior_mean(schedule, x0, x_t, t)
+    true_log_var = schedule.gather(schedule.posterior_log_variance_clipped, t, x_t)
+    kl = _mean_over_pixels(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+    nll = -_mean_over_pixels(discretized_gaussian_log_likelihood(x0, mean, log_var)) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T per image in bits per dimension: KL(q(x_T | x_0) || N(0, I))."""
+    t = torch.full((x0.shape[0],), schedule.timesteps - 1, dtype=torch.long, device=x0.device)
+    mean = schedule.gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
+    log_var = schedule.gather((1.0 - schedule.alphas_cumprod).log(), t, x0)
+    return _mean_over_pixels(normal_kl(mean, log_var.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2.0)
+
+
+# -- training ----------------------------------------------------------------------------
 
 
 def training_loss(
@@ -56,15 +202,28 @@ def training_loss(
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
-    loss_type: LossType = "l1",
+    config: DiffusionConfig,
 ) -> torch.Tensor:
-    """One term of Algorithm 1: noise x0 to x_t, predict the noise, compare.
+    """One term of Algorithm 1: noise x_0 to x_t, predict the target, compare.
 
-    ``l2`` is L_simple (Eq. 14); ``l1`` is the seed's choice.
+    ``l2`` on eps is L_simple (Eq. 14); ``l1`` is the seed's choice. With a learned
+    variance the loss is L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021,
+    Sec. 3.1), where L_vlb is estimated from this step's t as T * L_t and sees the mean
+    through a stop-gradient, so it trains the variance alone.
     """
-    eps_pred = model(q_sample(schedule, x0, t, noise), t)
-    if loss_type == "l1":
-        return F.l1_loss(eps_pred, noise)
-    if loss_type == "l2":
-        return F.mse_loss(eps_pred, noise)
-    raise ValueError(f"loss must be 'l1' or 'l2', got {loss_type!r}")
+    x_t = q_sample(schedule, x0, t, noise)
+    output = model(x_t, t).float()
+    mean_out, var_out = split_output(output, config)
+    target = prediction_target(schedule, x0, t, noise, config.prediction)
+    if config.loss == "l1":
+        loss = F.l1_loss(mean_out, target)
+    elif config.loss == "l2":
+        loss = F.mse_loss(mean_out, target)
+    else:
+        raise ValueError(f"loss must be 'l1' or 'l2', got {config.loss!r}")
+    if var_out is None:
+        return loss
+    frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+    mean, log_var, _ = p_mean_variance(schedule, frozen, x_t, t, config, clip_x0=False)
+    l_vlb = schedule.timesteps * vlb_term(schedule, x0, x_t, t, mean, log_var).mean()
+    return loss + config.vlb_weight * l_vlb

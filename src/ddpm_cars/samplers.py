@@ -13,9 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_cars import diffusion
-from ddpm_cars.config import SampleConfig
+from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.diffusion import VarianceType
 from ddpm_cars.models import batchnorm_uses_batch_stats
+from ddpm_cars.runtime import autocast
 from ddpm_cars.schedule import NoiseSchedule
 
 # callback(t, x_t, x0_pred): called after each reverse step with the new state x_{t}.
@@ -39,31 +40,33 @@ def ancestral_sample(
     x_T: torch.Tensor,
     generators: Sequence[torch.Generator],
     *,
+    diffusion_config: DiffusionConfig = DiffusionConfig(),
     variance: VarianceType = "beta",
     clip_x0: bool = True,
+    precision: str = "fp32",
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Algorithm 2 of Ho et al. (2020) with fixed variance, from x_T ``[B, C, H, W]``.
+    """Algorithm 2 of Ho et al. (2020), from x_T ``[B, C, H, W]``.
 
-    With ``clip_x0`` the mean is the posterior mean (Eq. 7) around the predicted x_0
-    clipped to [-1, 1]; without it, it is Eq. 11 (the two agree when nothing is clipped).
+    Each step draws x_{t-1} ~ N(mu, sigma^2 I) with mu the posterior mean (Eq. 7) around
+    the predicted x_0 (clipped to [-1, 1] with ``clip_x0``) and sigma^2 the model's learned
+    variance when it has one, else the fixed ``variance``. The network runs under
+    ``precision`` autocast; the update itself is float32.
     """
     if len(generators) != x_T.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for a batch of {x_T.shape[0]}")
     x = x_T
     for step in tqdm(range(schedule.timesteps - 1, -1, -1), desc="Sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        eps = model(x, t)
-        x0_pred = diffusion.predict_x0_from_eps(schedule, x, t, eps)
-        if clip_x0:
-            x0_pred = x0_pred.clamp(-1.0, 1.0)
-            mean = diffusion.posterior_mean(schedule, x0_pred, x, t)
-        else:
-            mean = diffusion.eps_mean(schedule, x, t, eps)
+        with autocast(x.device, precision):
+            output = model(x, t)
+        mean, log_var, x0_pred = diffusion.p_mean_variance(
+            schedule, output, x, t, diffusion_config, variance=variance, clip_x0=clip_x0
+        )
         z = randn(x.shape[1:], generators, x.device)
         nonzero = (t > 0).to(x.dtype).view(-1, 1, 1, 1)  # no noise on the last step, per element
-        x = mean + nonzero * diffusion.reverse_std(schedule, t, x, variance) * z
+        x = mean + nonzero * torch.exp(0.5 * log_var) * z
         if callback is not None:
             callback(step, x, x0_pred)
     return x
@@ -77,8 +80,10 @@ def generate(
     seed: int,
     config: SampleConfig,
     *,
+    diffusion_config: DiffusionConfig = DiffusionConfig(),
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -106,7 +111,7 @@ def generate(
             with ctx:
                 x = ancestral_sample(
                     model, schedule, x_T, gens,
-                    variance=config.variance, clip_x0=config.clip_x0,
+                    diffusion_config=diffusion_config, variance=config.variance, clip_x0=config.clip_x0, precision=precision,
                     callback=callback if start == 0 else None, progress=progress,
                 )
             out.append(x.clamp(-1, 1).cpu())

@@ -7,16 +7,31 @@ from typing import Iterator
 
 from torch import nn
 
-from ddpm_cars.config import ModelConfig
+from ddpm_cars.config import RunConfig
+from ddpm_cars.models.res_attn_unet import ResAttnUnet
 from ddpm_cars.models.simple_unet import SimpleUnet
 
-__all__ = ["SimpleUnet", "build_model", "count_parameters", "batchnorm_uses_batch_stats"]
+__all__ = ["ResAttnUnet", "SimpleUnet", "build_model", "count_parameters", "batchnorm_uses_batch_stats"]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    if config.name == "simple_unet":
-        return SimpleUnet(channels=config.channels, time_emb_dim=config.time_emb_dim)
-    raise ValueError(f"unknown model {config.name!r}; available: 'simple_unet'")
+def build_model(config: RunConfig) -> nn.Module:
+    """The network of a run: its model section, sized for its images and its diffusion's
+    output (3 channels, or 6 when the variance is learned)."""
+    m, out_channels = config.model, config.diffusion.out_channels
+    if m.name == "simple_unet":
+        return SimpleUnet(channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels)
+    if m.name == "res_attn_unet":
+        return ResAttnUnet(
+            image_size=config.data.image_size,
+            channels=m.channels,
+            num_res_blocks=m.num_res_blocks,
+            attention_resolutions=m.attention_resolutions,
+            head_channels=m.head_channels,
+            dropout=m.dropout,
+            resblock_updown=m.resblock_updown,
+            out_channels=out_channels,
+        )
+    raise ValueError(f"unknown model {m.name!r}; available: 'simple_unet', 'res_attn_unet'")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -36,13 +36,14 @@ class Block(nn.Module):
 
 
 class SimpleUnet(nn.Module):
-    """``model(x_t [B, 3, H, W], t [B]) -> eps_pred [B, 3, H, W]``; H and W divisible by 16."""
+    """``model(x_t [B, 3, H, W], t [B]) -> [B, out_channels, H, W]``; H, W divisible by 2^(levels-1)."""
 
     def __init__(
         self,
         channels: tuple[int, ...] = (64, 128, 256, 512, 1024),
         time_emb_dim: int = 32,
         image_channels: int = 3,
+        out_channels: int | None = None,
     ):
         super().__init__()
         if len(channels) < 2:
@@ -57,7 +58,7 @@ class SimpleUnet(nn.Module):
         self.conv0 = nn.Conv2d(image_channels, down[0], 3, padding=1)
         self.downs = nn.ModuleList(Block(down[i], down[i + 1], time_emb_dim) for i in range(len(down) - 1))
         self.ups = nn.ModuleList(Block(up[i], up[i + 1], time_emb_dim, up=True) for i in range(len(up) - 1))
-        self.output = nn.Conv2d(up[-1], image_channels, 1)
+        self.output = nn.Conv2d(up[-1], out_channels or image_channels, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:

@@ -21,6 +21,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet, to_model_range
 from ddpm_cars.diffusion import training_loss
 from ddpm_cars.models import build_model
+from ddpm_cars.runtime import autocast, prepare_model, to_layout
 from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
 from ddpm_cars.training import checkpoint as ckpt
@@ -142,11 +143,16 @@ def train(
     images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
     batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
     total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
+    micro_size = tcfg.batch_size // tcfg.grad_accum_steps
+
+    def layout(x: torch.Tensor) -> torch.Tensor:
+        return to_layout(x, tcfg.channels_last)
 
     schedule = build_schedule(config.diffusion)
     with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
         torch.manual_seed(tcfg.seed)
-        model = build_model(config.model).to(dev)
+        model = build_model(config).to(dev)
+    net = prepare_model(model, channels_last=tcfg.channels_last, compile=tcfg.compile)  # what is called
     optimizer = build_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
     rng = torch.Generator(dev).manual_seed(tcfg.seed)
@@ -181,7 +187,8 @@ def train(
         sampled = ema.model if ema is not None else model
         num, size = config.sample.num_images, config.data.image_size
         samples = generate(
-            sampled, schedule, num, size, SAMPLE_SEED, config.sample, batch_size=min(num, 256), device=dev, progress=False
+            sampled, schedule, num, size, SAMPLE_SEED, config.sample, diffusion_config=config.diffusion,
+            batch_size=min(num, 256), device=dev, precision=tcfg.precision, progress=False,
         )
         save_grid(samples, run_dir / "samples" / f"{name}.png")
 
@@ -198,9 +205,16 @@ def train(
                     x0 = random_hflip(x0, rng)
                 t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=rng, device=dev)
                 noise = torch.randn(x0.shape, generator=rng, device=dev)
-                loss = training_loss(model, schedule, x0, t, noise, config.diffusion.loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros((), device=dev)
+                for part in range(tcfg.grad_accum_steps):  # micro-batches: same gradient, less memory
+                    micro = slice(part * micro_size, (part + 1) * micro_size)
+                    with autocast(dev, tcfg.precision):
+                        micro_loss = training_loss(
+                            net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion
+                        ) / tcfg.grad_accum_steps
+                    micro_loss.backward()
+                    loss += micro_loss.detach()
                 if gradients_usable(model, loss, tcfg.grad_clip):
                     set_lr(optimizer, tcfg.lr * warmup_factor(step - skipped, tcfg.warmup_steps))
                     optimizer.step()
