@@ -11,7 +11,8 @@ from ddpm_cars import cli, commands
 from ddpm_cars.cli import build_parser, main
 from ddpm_cars.training import checkpoint as ckpt
 
-TINY = ["--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
+# the default (improved) recipe, shrunk
+TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20",
         "--batch-size", "8", "--num-sample-images", "4", "--sample-every", "1"]
 
 
@@ -40,6 +41,10 @@ def test_every_option_has_help_and_a_shown_default():
         (["train", "--out", "x", "--split", "val"], "invalid choice"),
         (["train", "--out", "x", "--preset", "huge"], "invalid choice"),
         (["sample", "--out", "x"], "--checkpoint"),
+        (["train", "--out", "x", "--dropout", "1.5"], "must be in [0, 1)"),
+        (["train", "--out", "x", "--attention-resolutions", "16,x"], "comma-separated sizes"),
+        (["train", "--out", "x", "--precision", "fp16"], "invalid choice"),
+        (["eval", "--nll"], "--checkpoint"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -53,7 +58,11 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--out", "{tmp}/r", "--image-size", "40"], "divisible by 16"),
+        (["train", "--out", "{tmp}/r", "--image-size", "36"], "divisible by 8"),
+        (["train", "--out", "{tmp}/r", "--preset", "seed", "--image-size", "40"], "divisible by 16"),
+        (["train", "--out", "{tmp}/r", "--batch-size", "10", "--grad-accum", "3"], "divisible by train.grad_accum_steps"),
+        (["eval", "--checkpoint", "{tmp}/none"], "--nll"),
+        (["eval", "--checkpoint", "{tmp}/none", "--nll"], "no run directory"),
         (["train", "--out", "{tmp}/r", "--data", "{tmp}/nowhere"], "does not exist"),
         (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["sample", "--checkpoint", "{tmp}/none", "--out", "{tmp}/s"], "no run directory"),
@@ -96,6 +105,20 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert again.returncode == 0
     a, b = (np.asarray(Image.open(d / "images" / "0004.png")) for d in (out, tmp_path / "again"))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same seed, other batch size: same image
+
+
+def test_eval_reports_bits_per_dim_on_held_out_images(tmp_path):
+    run = tmp_path / "run"
+    assert _run("train", "--out", str(run), "--toy-count", "16", "--steps", "2", *TINY).returncode == 0
+    report = tmp_path / "nll.json"
+    done = _run("eval", "--checkpoint", str(run), "--nll", "--num-images", "6", "--batch-size", "4",
+                "--timesteps", "3", "--json", str(report))
+    assert done.returncode == 0, done.stderr
+    assert "bits/dim on 6 test images (3 random t per image)" in done.stdout
+    numbers = __import__("json").loads(report.read_text())
+    assert numbers["images"] == 6 and numbers["split"] == "test" and numbers["kl_timesteps"] == 3
+    parts = numbers["prior"] + numbers["kl_terms"] + numbers["decoder"]
+    assert 0 < numbers["bits_per_dim"] == pytest.approx(parts, rel=1e-5)
 
 
 def test_resume_may_extend_but_not_change_the_model(tmp_path):

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from ddpm_cars.config import DEMO, PRESETS, SEED, DataConfig, ModelConfig, RunConfig, TrainConfig, preset
+from ddpm_cars.config import (
+    DEFAULT_PRESET, DEMO, IMPROVED, PRESETS, SEED, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset,
+)
 
 
 def test_seed_preset_is_the_original_recipe():
@@ -13,10 +15,21 @@ def test_seed_preset_is_the_original_recipe():
     assert SEED.data.image_size == 64 and SEED.data.flip
 
 
+def test_improved_preset_is_the_default_and_the_published_recipe():
+    assert DEFAULT_PRESET == "improved" and PRESETS["improved"] is IMPROVED
+    m, d, t = IMPROVED.model, IMPROVED.diffusion, IMPROVED.train
+    assert m.name == "res_attn_unet" and m.attention_resolutions == (16, 8) and m.head_channels == 64
+    assert m.resblock_updown and m.dropout > 0
+    assert (d.schedule, d.loss, d.prediction, d.learn_variance, d.vlb_weight) == ("cosine", "l2", "eps", True, 0.001)
+    assert (t.optimizer, t.grad_clip, t.ema_decay, t.precision) == ("adamw", 1.0, 0.9999, "bf16")
+    assert d.out_channels == 6 and SEED.diffusion.out_channels == 3
+
+
 def test_json_round_trip(tmp_path):
     for config in PRESETS.values():
         config.save(tmp_path / "c.json")
         assert RunConfig.load(tmp_path / "c.json") == config
+    DEMO.save(tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text())["model"]["channels"] == list(DEMO.model.channels)
 
 
@@ -34,7 +47,13 @@ def test_replace_overrides_one_field():
         (lambda: DataConfig(split="val"), "data.split"),
         (lambda: ModelConfig(channels=(64,)), "model.channels"),
         (lambda: RunConfig(data=DataConfig(image_size=40)), "divisible by 16"),
-        (lambda: preset("huge"), "available: seed, demo"),
+        (lambda: preset("huge"), "available: improved, seed, demo, tiny"),
+        (lambda: ModelConfig(dropout=1.0), "model.dropout"),
+        (lambda: ModelConfig(num_res_blocks=0), "model.num_res_blocks"),
+        (lambda: ModelConfig(attention_resolutions=(16, 0)), "model.attention_resolutions"),
+        (lambda: DiffusionConfig(prediction="score"), "diffusion.prediction"),
+        (lambda: TrainConfig(precision="fp16"), "train.precision"),
+        (lambda: TrainConfig(batch_size=12, grad_accum_steps=5), "divisible by train.grad_accum_steps"),
         (lambda: RunConfig.from_dict({"trian": {}}), "unknown config sections"),
         (lambda: RunConfig.from_dict({"train": {"learning_rate": 1}}), "unknown train options"),
     ],

@@ -1,4 +1,4 @@
-"""The command line: ``ddpm-cars train | sample | forward | demo``."""
+"""The command line: ``ddpm-cars train | sample | eval | forward | demo``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddpm_cars.config import PRESETS, SEED, RunConfig
+from ddpm_cars.config import DEFAULT_PRESET, PRESETS, SEED, RunConfig
 
 PROG = "ddpm-cars"
 
@@ -26,6 +26,28 @@ def _channels(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 16,8 (or none); got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive; got {text!r}")
+    return sizes
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text!r}")
+    return value
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         try:
@@ -39,29 +61,42 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-# (flag, section, field, argparse keywords, help). Defaults shown are the seed preset's;
+# (flag, section, field, argparse keywords, help). Defaults shown are the default preset's;
 # an option not given keeps the preset's (or, with --resume, the run's) value.
 RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--data", "data", "source", {"metavar": "SOURCE"}, "toy-cars, stanford-cars (Kaggle download), or an image folder"),
-    ("--split", "data", "split", {"choices": ["train", "test", "all"]}, "Stanford Cars split"),
+    ("--split", "data", "split", {"choices": ["train", "test", "all"]}, "Stanford Cars split (for toy-cars, test draws other images)"),
     ("--image-size", "data", "image_size", {"type": _positive(int)}, "training resolution in pixels"),
     ("--center-crop", "data", "center_crop", {"action": argparse.BooleanOptionalAction}, "resize the short side and crop the centre square instead of squashing"),
     ("--flip", "data", "flip", {"action": argparse.BooleanOptionalAction}, "random horizontal flips"),
     ("--toy-count", "data", "toy_count", {"type": _positive(int)}, "number of images generated for --data toy-cars"),
-    ("--channels", "model", "channels", {"type": _channels, "metavar": "W1,W2,..."}, "U-Net widths, top to bottom"),
-    ("--time-emb-dim", "model", "time_emb_dim", {"type": _positive(int)}, "sinusoidal time embedding size"),
+    ("--model", "model", "name", {"choices": ["res_attn_unet", "simple_unet"]}, "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet"),
+    ("--channels", "model", "channels", {"type": _channels, "metavar": "W1,W2,..."}, "U-Net widths, top to bottom (base width times the channel multipliers)"),
+    ("--num-res-blocks", "model", "num_res_blocks", {"type": _positive(int)}, "residual blocks per level (res_attn_unet)"),
+    ("--attention-resolutions", "model", "attention_resolutions", {"type": _sizes, "metavar": "S1,S2,..."}, "feature-map sizes that get self-attention, or none (res_attn_unet)"),
+    ("--head-channels", "model", "head_channels", {"type": _positive(int)}, "channels per attention head (res_attn_unet)"),
+    ("--dropout", "model", "dropout", {"type": _probability}, "dropout in the residual blocks (res_attn_unet)"),
+    ("--resblock-updown", "model", "resblock_updown", {"action": argparse.BooleanOptionalAction}, "BigGAN-style resampling inside residual blocks (res_attn_unet)"),
+    ("--time-emb-dim", "model", "time_emb_dim", {"type": _positive(int)}, "sinusoidal time embedding size (simple_unet)"),
     ("--timesteps", "diffusion", "timesteps", {"type": _positive(int)}, "diffusion steps T"),
     ("--schedule", "diffusion", "schedule", {"choices": ["linear", "cosine"]}, "noise schedule: linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)"),
-    ("--loss", "diffusion", "loss", {"choices": ["l1", "l2"]}, "loss on the predicted noise (l2 is L_simple)"),
+    ("--loss", "diffusion", "loss", {"choices": ["l1", "l2"]}, "loss on the prediction target (l2 on eps is L_simple)"),
+    ("--prediction", "diffusion", "prediction", {"choices": ["eps", "x0", "v"]}, "what the network predicts: the noise, the clean image, or v"),
+    ("--learn-variance", "diffusion", "learn_variance", {"action": argparse.BooleanOptionalAction}, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)"),
+    ("--vlb-weight", "diffusion", "vlb_weight", {"type": float, "metavar": "LAMBDA"}, "weight of L_vlb in the hybrid loss"),
     ("--epochs", "train", "epochs", {"type": _positive(int)}, "passes over the data"),
     ("--steps", "train", "max_steps", {"type": _positive(int)}, "stop after this many optimizer steps (overrides --epochs)"),
     ("--batch-size", "train", "batch_size", {"type": _positive(int)}, "images per optimizer step"),
-    ("--lr", "train", "lr", {"type": _positive(float)}, "Adam learning rate"),
+    ("--lr", "train", "lr", {"type": _positive(float)}, "learning rate"),
     ("--seed", "train", "seed", {"type": int}, "seed for data order, timesteps and noise"),
     ("--optimizer", "train", "optimizer", {"choices": ["adam", "adamw"]}, "optimizer"),
     ("--weight-decay", "train", "weight_decay", {"type": float}, "weight decay (decoupled with adamw)"),
     ("--warmup-steps", "train", "warmup_steps", {"type": int, "metavar": "STEPS"}, "linear learning-rate warm-up"),
     ("--grad-clip", "train", "grad_clip", {"type": _positive(float), "metavar": "NORM"}, "clip the gradient norm to this; None: off"),
+    ("--grad-accum", "train", "grad_accum_steps", {"type": _positive(int), "metavar": "N"}, "split each batch into N micro-batches (same gradient, less memory)"),
+    ("--precision", "train", "precision", {"choices": ["fp32", "bf16"]}, "bf16: autocast convolutions and matmuls to bfloat16 (CUDA and CPU)"),
+    ("--channels-last", "train", "channels_last", {"action": argparse.BooleanOptionalAction}, "NHWC memory layout"),
+    ("--compile", "train", "compile", {"action": argparse.BooleanOptionalAction}, "torch.compile the network"),
     ("--ema-decay", "train", "ema_decay", {"type": float, "metavar": "DECAY"}, "keep a moving average of the weights (e.g. 0.999) and sample from it; None: off"),
     ("--sample-every", "train", "sample_every_epochs", {"type": _positive(int), "metavar": "EPOCHS"}, "draw a sample grid every this many epochs"),
     ("--checkpoint-every", "train", "checkpoint_every_steps", {"type": _positive(int), "metavar": "STEPS"}, "checkpoint every this many steps (and at every epoch end)"),
@@ -102,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model", description="Train a DDPM; checkpoints, samples and loss go to --out.")
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
-    train.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="recipe the options below modify (default: seed)")
+    train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe the options below modify (default: {DEFAULT_PRESET})")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     _device_option(train)
-    _add_options(train, RUN_OPTIONS + SAMPLER_OPTIONS, SEED, " in the seed preset")
+    _add_options(train, RUN_OPTIONS + SAMPLER_OPTIONS, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
 
     sample = sub.add_parser("sample", help="generate images from a trained run", description="Generate images from pure noise.")
     sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
@@ -129,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--frames", type=_positive(int), default=10, help="pictures in the strip (default: 10)")
     forward.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
 
+    evaluate = sub.add_parser("eval", help="evaluate a trained run on held-out images", description="Evaluate a run: --nll gives the variational bound in bits per dimension on held-out images.")
+    evaluate.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
+    evaluate.add_argument("--nll", action="store_true", help="report the negative log-likelihood bound in bits/dim (default: off; name at least one metric)")
+    evaluate.add_argument("--data", default=None, metavar="SOURCE", help="images to evaluate on (default: the run's data source)")
+    evaluate.add_argument("--split", default="test", choices=["train", "test", "all"], help="split of --data; test is held out (default: test)")
+    evaluate.add_argument("--num-images", type=_positive(int), default=256, help="evaluate on the first N images of the split (default: 256)")
+    evaluate.add_argument("--timesteps", type=_positive(int), default=None, metavar="K", help="estimate the KL sum from K random t per image instead of all T terms (default: all, exact)")
+    evaluate.add_argument("--batch-size", type=_positive(int), default=64, help="images per network call (default: 64)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the noise (and of t with --timesteps) (default: 0)")
+    evaluate.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    evaluate.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers to this JSON file (default: none)")
+    _device_option(evaluate)
+
     demo = sub.add_parser("demo", help="train a small model on toy cars and draw every figure", description="Train, sample and draw all figures into --out, in minutes on a CPU.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     demo.add_argument("--steps", type=_positive(int), default=None, help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)")
@@ -142,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddpm_cars import commands  # torch is imported only once the arguments are good
 
     try:
-        return getattr(commands, args.command)(args)
+        return getattr(commands, args.command.replace("eval", "evaluate"))(args)
     except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -11,7 +13,10 @@ import torch
 from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, config_overrides
 from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
+from ddpm_cars.data.dataset import to_model_range
+from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.diffusion import q_sample
+from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.models import build_model
 from ddpm_cars.samplers import StepCallback, generate
 from ddpm_cars.schedule import NoiseSchedule, build_schedule
@@ -90,6 +95,50 @@ def sample_run(
 def sample(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, SAMPLER_OPTIONS).get("sample", {})
     sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
+    return 0
+
+
+def evaluate_run(
+    run: Path, data_source: str | None, split: str, num_images: int, timesteps: int | None,
+    batch_size: int, seed: int, device: str, ema: bool = True,
+) -> dict:
+    """Bits/dim of a run's checkpoint on (by default held-out) images of its data source."""
+    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
+    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
+    data_cfg = dataclasses.replace(config.data, source=data_source or config.data.source, split=split)
+    if data_cfg.source == "toy-cars":
+        data_cfg = dataclasses.replace(data_cfg, toy_count=num_images)
+    dataset = build_dataset(data_cfg)
+    if dataset.image_size != config.data.image_size:
+        raise ValueError(f"the images are {dataset.image_size}px, the model was trained at {config.data.image_size}px")
+    held_out = data_cfg.source in ("toy-cars", "stanford-cars") or find_split_dirs(Path(data_cfg.source)) is not None
+    if split != "test" or not held_out:
+        print(f"Note: evaluating on {data_cfg.source} ({split}), which may overlap the training images")
+    dev = resolve_device(device)
+    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
+    images = to_model_range(dataset.images[:num_images]).to(dev)
+    result = bits_per_dim(
+        model, build_schedule(config.diffusion), images, config.diffusion, config.sample,
+        timesteps=timesteps, batch_size=batch_size, seed=seed, precision=config.train.precision,
+    )
+    summary = {"checkpoint": str(checkpoint), "data": data_cfg.source, "split": split, **result.summary()}
+    how = "all T terms" if timesteps is None else f"{timesteps} random t per image"
+    print(f"{checkpoint}: {summary['bits_per_dim']:.4f} +- {summary['stderr']:.4f} bits/dim on "
+          f"{summary['images']} {split} images ({how})")
+    print(f"  prior L_T {summary['prior']:.4f} | KL terms {summary['kl_terms']:.4f} | decoder L_0 {summary['decoder']:.4f}")
+    return summary
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    if not args.nll:
+        raise ValueError("name a metric to compute: --nll")
+    summary = evaluate_run(
+        args.checkpoint, args.data, args.split, args.num_images, args.timesteps, args.batch_size, args.seed, args.device, args.ema
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"Wrote {args.json}")
     return 0
 
 

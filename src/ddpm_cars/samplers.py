@@ -40,7 +40,7 @@ def ancestral_sample(
     x_T: torch.Tensor,
     generators: Sequence[torch.Generator],
     *,
-    diffusion_config: DiffusionConfig = DiffusionConfig(),
+    diffusion_config: DiffusionConfig | None = None,
     variance: VarianceType = "beta",
     clip_x0: bool = True,
     precision: str = "fp32",
@@ -56,6 +56,7 @@ def ancestral_sample(
     """
     if len(generators) != x_T.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for a batch of {x_T.shape[0]}")
+    diffusion_config = diffusion_config or DiffusionConfig()
     x = x_T
     for step in tqdm(range(schedule.timesteps - 1, -1, -1), desc="Sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
@@ -80,7 +81,7 @@ def generate(
     seed: int,
     config: SampleConfig,
     *,
-    diffusion_config: DiffusionConfig = DiffusionConfig(),
+    diffusion_config: DiffusionConfig | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     precision: str = "fp32",

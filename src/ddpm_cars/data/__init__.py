@@ -18,6 +18,7 @@ from ddpm_cars.data.toy_cars import BODY_TYPES, generate_toy_cars
 __all__ = ["DataError", "ImageSet", "build_dataset", "toy_cars_dataset"]
 
 TOY_CARS_SEED = 0
+TOY_CARS_TEST_SEED = 1  # the held-out toy cars: same generator, other images
 
 
 def toy_cars_dataset(count: int, image_size: int, seed: int = TOY_CARS_SEED) -> ImageSet:
@@ -29,7 +30,7 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
     """The dataset named by ``config.source``: ``toy-cars``, ``stanford-cars`` or a folder path."""
     size, crop = config.image_size, config.center_crop
     if config.source == "toy-cars":
-        return toy_cars_dataset(config.toy_count, size)
+        return toy_cars_dataset(config.toy_count, size, TOY_CARS_TEST_SEED if config.split == "test" else TOY_CARS_SEED)
     if config.source == "stanford-cars":
         return load_stanford_cars(download_stanford_cars(), config.split, size, crop, progress=progress)
     root = Path(config.source).expanduser()
