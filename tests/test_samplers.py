@@ -122,3 +122,29 @@ def test_batch_statistics_mode_depends_on_the_batch(small_unet):
     b = generate(small_unet, schedule, 4, 16, seed=0, config=cfg, batch_size=2, progress=False)
     assert not torch.allclose(a, b)
     assert all(torch.equal(state[k], v) for k, v in small_unet.state_dict().items())
+
+
+def test_sampling_uses_the_learned_variance():
+    """A 6-channel model: the second half sets sigma^2 to beta (v = 1) or beta_tilde (v = -1),
+    which must sample exactly as the 3-channel model with that fixed variance."""
+    from ddpm_cars.config import DiffusionConfig
+
+    schedule = NoiseSchedule.linear(5, 1e-3, 0.2)
+
+    class Learned(torch.nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v = v
+
+        def forward(self, x, t):
+            return torch.cat([0.3 * x, torch.full_like(x, self.v)], dim=1)
+
+    x_T = torch.randn(2, 3, 4, 4)
+    learned = DiffusionConfig(timesteps=5, learn_variance=True)
+    for v, variance in [(1.0, "beta"), (-1.0, "beta_tilde")]:
+        got = ancestral_sample(Learned(v), schedule, x_T, image_generators(0, range(2)), diffusion_config=learned, clip_x0=False)
+        fixed = ancestral_sample(lambda x, t: 0.3 * x, schedule, x_T, image_generators(0, range(2)),
+                                 diffusion_config=DiffusionConfig(timesteps=5), variance=variance, clip_x0=False)
+        assert got.shape == (2, 3, 4, 4) and torch.allclose(got, fixed, atol=1e-5)
+    other = ancestral_sample(Learned(0.0), schedule, x_T, image_generators(0, range(2)), diffusion_config=learned, clip_x0=False)
+    assert not torch.allclose(other, got, atol=1e-3)

@@ -150,3 +150,58 @@ def test_cosine_schedule_trains_and_is_saved(tmp_path, tiny_config):
     train(config, tmp_path, progress=False)
     assert RunConfig.load(tmp_path / "config.json").diffusion.schedule == "cosine"
     assert (tmp_path / "samples" / "final.png").is_file()
+
+
+def _improved_tiny(tiny_config: RunConfig, **train_fields) -> RunConfig:
+    """The improved recipe (GroupNorm, so per-image) shrunk to a few seconds."""
+    return tiny_config.replace(
+        model={"name": "res_attn_unet", "channels": (16, 32), "num_res_blocks": 1, "attention_resolutions": (8,), "head_channels": 16},
+        diffusion={"schedule": "cosine", "loss": "l2", "learn_variance": True},
+        train={"max_steps": 3, "epochs": 100, "sample_every_epochs": 100, "checkpoint_every_steps": 100,
+               "optimizer": "adamw", "lr": 1e-3, **train_fields},
+    )
+
+
+def _first_gradients(monkeypatch, config: RunConfig, run_dir: Path) -> torch.Tensor:
+    """The gradient of the first optimizer step of a run, before clipping, as one vector."""
+    from ddpm_cars.training import loop
+
+    seen = []
+    original = loop.gradients_usable
+
+    def record(model, loss, max_norm):
+        if not seen:
+            seen.append(torch.cat([p.grad.flatten().clone() for p in model.parameters()]))
+        return original(model, loss, max_norm)
+
+    monkeypatch.setattr(loop, "gradients_usable", record)
+    train(config.replace(train={"max_steps": 1}), run_dir, progress=False, final_grid=False)
+    return seen[0]
+
+
+def test_gradient_accumulation_gives_the_same_gradient_and_loss(tmp_path, tiny_config, monkeypatch):
+    """Two micro-batches of 8 give the gradient and logged loss of one batch of 16 (no BatchNorm here)."""
+    config = _improved_tiny(tiny_config)
+    whole = _first_gradients(monkeypatch, config, tmp_path / "whole")
+    split = _first_gradients(monkeypatch, config.replace(train={"grad_accum_steps": 4}), tmp_path / "split")
+    assert torch.allclose(whole, split, rtol=1e-4, atol=1e-6)
+    (_, a), (_, b) = (read_loss_log(tmp_path / d / "loss.csv", 99)[0] for d in ("whole", "split"))
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_bf16_and_channels_last_train_close_to_fp32(tmp_path, tiny_config):
+    config = _improved_tiny(tiny_config)
+    train(config, tmp_path / "fp32", progress=False, final_grid=False)
+    train(config.replace(train={"precision": "bf16", "channels_last": True}), tmp_path / "bf16", progress=False)
+    (_, l32), (_, l16) = (read_loss_log(tmp_path / d / "loss.csv", 99)[0] for d in ("fp32", "bf16"))
+    assert l16 == pytest.approx(l32, rel=0.05)  # the same first batch, at bfloat16 precision
+    weights = _weights(tmp_path / "bf16")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # master weights stay fp32
+    assert (tmp_path / "bf16" / "samples" / "final.png").is_file()
+
+
+def test_channels_last_gives_the_same_gradient(tmp_path, tiny_config, monkeypatch):
+    config = _improved_tiny(tiny_config)
+    nchw = _first_gradients(monkeypatch, config, tmp_path / "nchw")
+    nhwc = _first_gradients(monkeypatch, config.replace(train={"channels_last": True}), tmp_path / "nhwc")
+    assert torch.allclose(nchw, nhwc, rtol=1e-4, atol=1e-6)
