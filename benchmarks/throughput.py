@@ -43,7 +43,7 @@ def train_step_rate(config: RunConfig, batch_size: int, device: torch.device, re
 
     def step() -> None:
         t = torch.randint(0, schedule.timesteps, (batch_size,), generator=g, device=device)
-        loss = training_loss(model, schedule, x0, t, torch.randn(x0.shape, generator=g, device=device), config.diffusion.loss)
+        loss = training_loss(model, schedule, x0, t, torch.randn(x0.shape, generator=g, device=device), config.diffusion)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,4 +1,4 @@
-"""The command line: ``ddpm-cars train | sample | eval | forward | demo``."""
+"""The command line: ``ddpm-cars train | sample | eval | forward | demo | bench``."""
 
 from __future__ import annotations
 
@@ -181,12 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     demo.add_argument("--steps", type=_positive(int), default=None, help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)")
     _device_option(demo)
+
+    bench = sub.add_parser(
+        "bench", help="measure parameters, FLOPs, training and sampling speed and memory of the presets",
+        description="Benchmark each preset's network at each precision on this device and print a Markdown table.",
+    )
+    bench.add_argument("--presets", default="seed,improved", metavar="P1,P2,...", help=f"comma-separated presets, of {', '.join(PRESETS)} (default: seed,improved)")
+    bench.add_argument("--precisions", default="fp32,bf16", metavar="P1,P2,...", help="comma-separated precisions, of fp32 and bf16 (default: fp32,bf16)")
+    bench.add_argument("--image-size", type=_positive(int), default=64, help="pixels; every preset is measured at this size (default: 64)")
+    bench.add_argument("--batch-size", type=_positive(int), default=None, help="images per training step and per sampling batch (default: 128 on CUDA, 8 on CPU)")
+    bench.add_argument("--repeats", type=_positive(int), default=5, help="timed training steps; the median step time is reported (default: 5)")
+    bench.add_argument("--warmup", type=int, default=2, metavar="STEPS", help="untimed steps before the timed ones (default: 2)")
+    bench.add_argument("--sample-steps", type=_positive(int), default=5, help="timed reverse steps of ancestral sampling; the median step time is reported (default: 5)")
+    bench.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the networks; compilation falls in the warm-up (default: off)")
+    _device_option(bench)
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows and metadata to this JSON file (default: none)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
     from ddpm_cars import commands  # torch is imported only once the arguments are good
 
     try:

@@ -190,3 +190,18 @@ def demo(args: argparse.Namespace) -> int:
     print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: "
           "grid.png, denoising.png, forward_process.png, loss.png, samples/")
     return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from ddpm_cars.benchmark import format_table, report, run_benchmark
+
+    rows = run_benchmark(
+        args.presets, args.precisions, image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,
+        warmup=args.warmup, sample_steps=args.sample_steps, device=args.device, compile=args.compile,
+    )
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report(rows, ["ddpm-cars", *args.argv]), indent=2) + "\n")
+        print(f"Wrote {args.json}")
+    return 0
