@@ -25,8 +25,15 @@ from ddpm_cars.training import resolve_device
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_strip
 
-# What may change when a run is resumed: how long it goes on and how it reports.
-RESUMABLE = {"train": {"epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps"}, "sample": None}
+# What may change when a run is resumed: how long it goes on, how it reports, and how the
+# same computation is carried out (precision, memory layout, compilation, micro-batches).
+RESUMABLE = {
+    "train": {
+        "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps",
+        "grad_accum_steps", "precision", "channels_last", "compile",
+    },
+    "sample": None,
+}
 
 
 def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:

@@ -83,7 +83,7 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
     if len(losses) > 1:
         ax.plot(steps, moving_average(losses), lw=1.5, label="moving average")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"{loss_name} loss on the noise")
+    ax.set_ylabel(loss_name)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_cars.config import RunConfig
+from ddpm_cars.config import DiffusionConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet, to_model_range
 from ddpm_cars.diffusion import training_loss
@@ -100,6 +100,13 @@ def read_loss_log(path: Path, up_to_step: int) -> list[tuple[int, float]]:
     return rows
 
 
+def loss_label(config: DiffusionConfig) -> str:
+    """What the logged loss is, for the loss curve's axis."""
+    target = {"eps": "the noise", "x0": "x_0", "v": "v"}[config.prediction]
+    label = f"{config.loss.upper()} loss on {target}"
+    return f"{label} + {config.vlb_weight:g} L_vlb" if config.learn_variance else label
+
+
 def write_loss_log(run_dir: Path, rows: list[tuple[int, float]], loss_name: str) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -176,7 +183,7 @@ def train(
         ema_updates = ema.updates if ema is not None else 0
         state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates, skipped)
         # the log first: rows past the checkpoint a resume starts from are dropped on reading
-        write_loss_log(run_dir, log, config.diffusion.loss)
+        write_loss_log(run_dir, log, loss_label(config.diffusion))
         ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
 
     last_grid_step = -1
