@@ -194,8 +194,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
     sample_run(out, out, DEMO_SAMPLES, 0, DEMO_SAMPLES, args.device, {})
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
-    print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: "
-          "grid.png, denoising.png, forward_process.png, loss.png, samples/")
+    pictures = "grid.png, denoising.png, forward_process.png, loss.png" + (", samples/" if (out / "samples").is_dir() else "")
+    print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: {pictures}")
     return 0
 
 
