@@ -101,6 +101,12 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert Image.open(out / "images" / "0000.png").size == (16, 16)
     for name in ["grid.png", "denoising.png"]:
         assert Image.open(out / name).size[0] > 16
+    for sampler in ["ddim", "dpm++"]:
+        fast = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / sampler), "--num", "3",
+                    "--sampler", sampler, "--steps", "4")
+        assert fast.returncode == 0 and f"({sampler}, 4 steps)" in fast.stdout, fast.stderr
+    too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
+    assert too_many.returncode == 2 and "cannot exceed the 20 diffusion timesteps" in too_many.stderr
     again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")
     assert again.returncode == 0
     a, b = (np.asarray(Image.open(d / "images" / "0004.png")) for d in (out, tmp_path / "again"))

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from ddpm_cars.config import SampleConfig
+from ddpm_cars import diffusion
+from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.models import SimpleUnet
-from ddpm_cars.samplers import ancestral_sample, generate, image_generators, randn
-from ddpm_cars.schedule import NoiseSchedule
+from ddpm_cars.samplers import ancestral_sample, ddim_sample, dpm_solver_sample, generate, image_generators, randn
+from ddpm_cars.schedule import NoiseSchedule, cosine_betas, sampling_timesteps
 
 
 class Shrink(torch.nn.Module):
@@ -148,3 +149,124 @@ def test_sampling_uses_the_learned_variance():
         assert got.shape == (2, 3, 4, 4) and torch.allclose(got, fixed, atol=1e-5)
     other = ancestral_sample(Learned(0.0), schedule, x_T, image_generators(0, range(2)), diffusion_config=learned, clip_x0=False)
     assert not torch.allclose(other, got, atol=1e-3)
+
+
+# -- fast samplers ------------------------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """Knows the one clean image x0 and answers with the exact target of any x_t."""
+
+    def __init__(self, x0, schedule, prediction):
+        super().__init__()
+        self.x0, self.schedule, self.prediction = x0, schedule, prediction
+
+    def forward(self, x_t, t, y=None):
+        ab = self.schedule.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        x0 = self.x0.double().expand_as(x_t)
+        eps = (x_t.double() - ab.sqrt() * x0) / (1 - ab).sqrt()
+        target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction]
+        return target.float()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("start", [1, 37, 500, 999])
+def test_deterministic_ddim_with_an_oracle_recovers_x0_from_any_t(prediction, start):
+    full = NoiseSchedule.from_betas(cosine_betas(1000))
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    x_start = diffusion.q_sample(full, x0, torch.full((2,), start), torch.randn(2, 3, 4, 4))
+    ts = sampling_timesteps(start + 1, min(start + 1, 6))  # a few steps from `start` down to 0
+    got = ddim_sample(Oracle(x0, full, prediction), full.respace(ts), x_start, image_generators(0, range(2)),
+                      timesteps=ts, diffusion_config=DiffusionConfig(prediction=prediction), eta=0.0, clip_x0=False)
+    assert torch.allclose(got, x0, atol=2e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("timesteps, steps, spacing", [
+    (1000, 7, "uniform"), (1000, 50, "quadratic"), (10, 3, "uniform"), (10, 10, "uniform"), (12, 5, "quadratic"), (20, 1, "uniform"),
+])
+def test_every_sampler_starts_at_t_max_and_ends_at_0(sampler, timesteps, steps, spacing):
+    seen = []
+    config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=0.5)
+    generate(Shrink(), NoiseSchedule.linear(timesteps), 2, 4, 0, config, batch_size=2, progress=False,
+             callback=lambda t, x, x0: seen.append(t))
+    assert len(seen) == steps and seen[0] == timesteps - 1 and (steps == 1 or seen[-1] == 0)
+    assert seen == sorted(seen, reverse=True) and len(set(seen)) == steps
+
+
+def test_ddim_with_eta_1_on_all_steps_is_ancestral_sampling_with_beta_tilde():
+    schedule = NoiseSchedule.linear(30, 1e-3, 0.2)
+    x_T = randn((3, 4, 4), image_generators(1, range(2)), "cpu")
+    ddim = ddim_sample(Shrink(), schedule, x_T, image_generators(5, range(2)), eta=1.0, clip_x0=False)
+    ddpm = ancestral_sample(Shrink(), schedule, x_T, image_generators(5, range(2)), variance="beta_tilde", clip_x0=False)
+    assert torch.allclose(ddim, ddpm, atol=1e-4)
+
+
+def test_dpm_solver_converges_on_a_gaussian_whose_answer_is_known():
+    """Data N(mu, s^2) per pixel: the exact denoiser is linear and the probability-flow ODE
+    maps x_T to x_t = a_t mu + sqrt(a_t^2 s^2 + sigma_t^2) z exactly."""
+    mu, s2 = 0.3, 0.25
+    full = NoiseSchedule.from_betas(cosine_betas(1000))
+    ab = full.alphas_cumprod.double()
+
+    class ExactDenoiser(torch.nn.Module):
+        def forward(self, x_t, t, y=None):
+            a, var = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).view(-1, 1, 1, 1)
+            x0 = mu + a * s2 * (x_t.double() - a * mu) / (a**2 * s2 + var)
+            return x0.float()
+
+    x_T = randn((1, 8, 8), image_generators(3, range(2)), "cpu").double()
+    a_T, a_0 = ab[-1].sqrt(), ab[0].sqrt()
+    z = (x_T - a_T * mu) / (a_T**2 * s2 + 1 - ab[-1]).sqrt()
+    x_at_0 = a_0 * mu + (a_0**2 * s2 + 1 - ab[0]).sqrt() * z  # the exact ODE solution at t = 0
+    exact = mu + a_0 * s2 * (x_at_0 - a_0 * mu) / (a_0**2 * s2 + 1 - ab[0])  # ... and its denoised x_0
+    config = DiffusionConfig(prediction="x0")
+    errors = {}
+    for sampler in (dpm_solver_sample, ddim_sample):
+        for steps in (20, 50, 200, 1000):
+            ts = sampling_timesteps(1000, steps)
+            got = sampler(ExactDenoiser(), full.respace(ts), x_T.float(), image_generators(0, range(2)), timesteps=ts,
+                          diffusion_config=config, clip_x0=False)
+            errors[sampler.__name__, steps] = (got.double() - exact).abs().max().item()
+    dpm = [errors["dpm_solver_sample", n] for n in (20, 50, 200, 1000)]
+    assert dpm == sorted(dpm, reverse=True) and dpm[-1] < 2e-4
+    # second order: from 50 to 200 steps the error falls by far more than the 4x of first order
+    assert dpm[1] / dpm[2] > 8 and errors["dpm_solver_sample", 200] < errors["ddim_sample", 200] / 4
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.7), ("dpm++", 0.0), ("ddpm", 0.0)])
+def test_fast_samplers_give_each_image_its_own_seed(small_unet, sampler, eta):
+    """Image i depends on (seed, i) alone: not on the batch size, nor on how many are asked for."""
+    schedule = NoiseSchedule.linear(40)
+    cfg = SampleConfig(sampler=sampler, steps=8, eta=eta)
+    a = generate(small_unet, schedule, 7, 16, seed=2, config=cfg, batch_size=7, progress=False)
+    b = generate(small_unet, schedule, 7, 16, seed=2, config=cfg, batch_size=1, progress=False)
+    c = generate(small_unet, schedule, 3, 16, seed=2, config=cfg, batch_size=3, progress=False)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[:3], c, atol=1e-5)
+
+
+def test_respaced_ancestral_sampling_uses_the_recomputed_betas():
+    """Ancestral sampling on 3 of 10 steps is Algorithm 2 on the respaced betas, with the
+    network told the original timesteps."""
+    full = NoiseSchedule.linear(10, 1e-3, 0.2)
+    ts = torch.tensor([0, 4, 9])
+    seen = []
+
+    class Record(Shrink):
+        def forward(self, x, t, y=None):
+            seen.append(int(t[0]))
+            return 0.3 * x
+
+    x_T = randn((3, 4, 4), image_generators(1, range(2)), "cpu")
+    got = ancestral_sample(Record(), full.respace(ts), x_T, image_generators(4, range(2)), timesteps=ts, clip_x0=False)
+    assert seen == [9, 4, 0]
+    ab = torch.cumprod(1 - torch.linspace(1e-3, 0.2, 10, dtype=torch.float64), 0)[ts]
+    betas = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    alphas, abar = 1 - betas, torch.cumprod(1 - betas, 0)
+    x = x_T.double()
+    gens = image_generators(4, range(2))
+    for i in (2, 1, 0):
+        eps = 0.3 * x
+        mean = (x - betas[i] / (1 - abar[i]).sqrt() * eps) / alphas[i].sqrt()
+        x = mean + (betas[i].sqrt() * randn((3, 4, 4), gens, "cpu").double() if i > 0 else 0)
+    assert torch.allclose(got.double(), x, atol=1e-4)

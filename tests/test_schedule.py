@@ -5,7 +5,7 @@ import torch
 
 from ddpm_cars.config import DiffusionConfig
 from ddpm_cars.diffusion import q_sample
-from ddpm_cars.schedule import NoiseSchedule, build_schedule, cosine_betas, linear_betas
+from ddpm_cars.schedule import NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps
 
 
 def test_linear_betas_endpoints_and_spacing():
@@ -66,10 +66,10 @@ def test_posterior_matches_bayes_rule():
         assert s.posterior_mean_coef2[t].item() == pytest.approx(coef_xt.item(), rel=1e-5)
 
 
-def test_everything_stored_as_float32():
+def test_everything_stored_as_float32_but_the_defining_betas():
     s = NoiseSchedule.linear(10)
     for name, value in vars(s).items():
-        assert value.dtype == torch.float32, name
+        assert value.dtype == (torch.float64 if name == "betas_float64" else torch.float32), name
         assert value.shape == (10,), name
 
 
@@ -133,3 +133,48 @@ def test_cosine_keeps_more_signal_than_linear_midway():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="diffusion.schedule"):
         DiffusionConfig(schedule="quadratic")
+
+
+@pytest.mark.parametrize("timesteps", [10, 37, 1000])
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_sampling_timesteps_run_from_the_last_step_to_zero(timesteps, spacing):
+    for steps in [2, 3, 7, 9, timesteps // 3, timesteps // 2 - 1, timesteps]:
+        ts = sampling_timesteps(timesteps, steps, spacing).tolist()
+        assert len(ts) == steps and ts[0] == 0 and ts[-1] == timesteps - 1, (steps, ts)
+        assert all(b > a for a, b in zip(ts, ts[1:])), (steps, ts)
+    assert sampling_timesteps(timesteps, 1).tolist() == [timesteps - 1]
+    assert sampling_timesteps(timesteps, None).tolist() == list(range(timesteps))
+
+
+def test_quadratic_spacing_is_denser_near_zero_and_errors_are_clear():
+    ts = sampling_timesteps(1000, 10, "quadratic").tolist()
+    assert ts == [round((i / 9) ** 2 * 999) for i in range(10)]
+    with pytest.raises(ValueError, match="between 1 and the 10"):
+        sampling_timesteps(10, 11)
+    with pytest.raises(ValueError, match="spacing"):
+        sampling_timesteps(10, 3, "cubic")
+
+
+def test_respacing_keeps_alphabar_at_the_kept_steps():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    ts = torch.tensor([0, 3, 250, 999])
+    respaced = NoiseSchedule.from_betas(betas).respace(ts)
+    assert respaced.timesteps == 4
+    assert torch.allclose(respaced.alphas_cumprod.double(), ab[ts], rtol=1e-6)
+    expected_betas = 1 - ab[ts] / torch.cat([torch.ones(1, dtype=torch.float64), ab[ts][:-1]])
+    assert torch.allclose(respaced.betas_float64, expected_betas, rtol=1e-12)
+
+
+def test_respacing_onto_every_step_changes_nothing():
+    full = NoiseSchedule.from_betas(cosine_betas(200))
+    same = full.respace(torch.arange(200))
+    assert torch.allclose(same.betas_float64, full.betas_float64, rtol=1e-9, atol=1e-15)
+    assert torch.allclose(same.posterior_mean_coef1, full.posterior_mean_coef1, rtol=1e-6)
+
+
+def test_respacing_rejects_a_bad_subsequence():
+    full = NoiseSchedule.linear(10)
+    for bad in ([3, 3, 9], [5, 2], [0, 10], []):
+        with pytest.raises(ValueError, match="increasing subsequence"):
+            full.respace(torch.tensor(bad, dtype=torch.long))

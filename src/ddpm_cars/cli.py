@@ -106,8 +106,19 @@ RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
 SAMPLER_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--variance", "sample", "variance", {"choices": ["beta", "beta_tilde"]}, "fixed reverse variance sigma_t^2"),
     ("--clip", "sample", "clip_x0", {"action": argparse.BooleanOptionalAction}, "clip the predicted x_0 to [-1, 1] at every step"),
+    ("--sampler", "sample", "sampler", {"choices": ["ddpm", "ddim", "dpm++"]}, "ancestral DDPM, DDIM or DPM-Solver++(2M)"),
+    ("--eta", "sample", "eta", {"type": float, "metavar": "ETA"}, "DDIM noise: 0 deterministic, 1 like DDPM"),
+    ("--spacing", "sample", "spacing", {"choices": ["uniform", "quadratic"]}, "where fewer steps go among the T: evenly, or denser near t = 0"),
     ("--batchnorm", "sample", "batchnorm", {"choices": ["eval", "batch"]}, "BatchNorm statistics when sampling: running (eval) or per batch"),
 ]
+
+
+def _steps_option(flag: str) -> tuple[str, str, str, dict[str, Any], str]:
+    return (flag, "sample", "steps", {"type": _positive(int), "metavar": "N"}, "network evaluations per image when sampling; None: all T")
+
+
+TRAIN_OPTIONS = RUN_OPTIONS + SAMPLER_OPTIONS + [_steps_option("--sample-steps")]  # train has --steps already
+SAMPLE_OPTIONS = SAMPLER_OPTIONS + [_steps_option("--steps")]
 
 
 def _add_options(parser: argparse.ArgumentParser, options: list, shown: RunConfig, note: str = "") -> None:
@@ -140,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe the options below modify (default: {DEFAULT_PRESET})")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     _device_option(train)
-    _add_options(train, RUN_OPTIONS + SAMPLER_OPTIONS, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
+    _add_options(train, TRAIN_OPTIONS, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
 
     sample = sub.add_parser("sample", help="generate images from a trained run", description="Generate images from pure noise.")
     sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
@@ -150,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
     sample.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
     _device_option(sample)
-    _add_options(sample, SAMPLER_OPTIONS, SEED, " unless the run says otherwise")
+    _add_options(sample, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")
 
     forward = sub.add_parser("forward", help="picture the forward (noising) process", description="One image at about ten evenly spaced t.")
     forward.add_argument("--data", default="toy-cars", metavar="SOURCE", help="toy-cars, stanford-cars or an image folder (default: toy-cars)")

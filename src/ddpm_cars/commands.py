@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.cli import RUN_OPTIONS, SAMPLER_OPTIONS, config_overrides
+from ddpm_cars.cli import SAMPLE_OPTIONS, TRAIN_OPTIONS, config_overrides
 from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
@@ -19,7 +19,7 @@ from ddpm_cars.diffusion import q_sample
 from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.models import build_model
 from ddpm_cars.samplers import StepCallback, generate
-from ddpm_cars.schedule import NoiseSchedule, build_schedule
+from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.training import resolve_device
 from ddpm_cars.training import train as train_run
@@ -55,7 +55,7 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
 
 
 def train(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args, RUN_OPTIONS + SAMPLER_OPTIONS)
+    overrides = config_overrides(args, TRAIN_OPTIONS)
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device)
@@ -64,9 +64,10 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def denoising_frames(schedule: NoiseSchedule, count: int = 10) -> tuple[list[tuple[str, torch.Tensor]], StepCallback]:
-    """A list the returned callback fills with image 0 at ``count`` evenly spaced steps."""
-    keep = set(evenly_spaced_steps(schedule.timesteps, count))
+def denoising_frames(visited: list[int], count: int = 10) -> tuple[list[tuple[str, torch.Tensor]], StepCallback]:
+    """A list the returned callback fills with image 0 at ``count`` evenly spaced steps of
+    the ``visited`` timesteps."""
+    keep = {visited[i] for i in evenly_spaced_steps(len(visited), count)} if len(visited) > 1 else set(visited)
     frames: list[tuple[str, torch.Tensor]] = []
 
     def callback(step: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
@@ -85,7 +86,9 @@ def sample_run(
     dev = resolve_device(device)
     model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
     schedule = build_schedule(config.diffusion)
-    frames, callback = denoising_frames(schedule)
+    frames, callback = denoising_frames(
+        sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing).tolist()
+    )
     images = generate(
         model, schedule, num, config.data.image_size, seed, config.sample, diffusion_config=config.diffusion,
         batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
@@ -95,12 +98,13 @@ def sample_run(
     for i, image in enumerate(images):
         save_image(image, out / "images" / f"{i:04d}.png")
     save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
-    print(f"Wrote {num} images from {checkpoint} to {out}/ (grid.png, images/, denoising.png)")
+    how = config.sample.sampler + (f", {config.sample.steps} steps" if config.sample.steps else ", all steps")
+    print(f"Wrote {num} images ({how}) from {checkpoint} to {out}/ (grid.png, images/, denoising.png)")
     return images
 
 
 def sample(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args, SAMPLER_OPTIONS).get("sample", {})
+    overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
     sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
     return 0
 

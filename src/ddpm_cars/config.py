@@ -19,6 +19,8 @@ Schedule = Literal["linear", "cosine"]
 Optimizer = Literal["adam", "adamw"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+Spacing = Literal["uniform", "quadratic"]
 Split = Literal["train", "test", "all"]
 ModelName = Literal["simple_unet", "res_attn_unet"]
 
@@ -121,9 +123,19 @@ class SampleConfig:
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] at every step
     batchnorm: BatchNormMode = "eval"  # BatchNorm statistics at sampling time
     num_images: int = 64  # size of the grids drawn during training
+    sampler: Sampler = "ddpm"  # ancestral (Ho et al.), DDIM (Song et al.) or DPM-Solver++(2M) (Lu et al.)
+    steps: int | None = None  # network evaluations per image; None: all T training steps
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 the DDPM posterior variance
+    spacing: Spacing = "uniform"  # how fewer steps are placed among the T
 
     def __post_init__(self) -> None:
         _check_choice("sample.variance", self.variance, Variance)
+        _check_choice("sample.sampler", self.sampler, Sampler)
+        _check_choice("sample.spacing", self.spacing, Spacing)
+        if self.steps is not None:
+            _check_positive("sample.steps", self.steps)
+        if not self.eta >= 0:
+            raise ValueError(f"sample.eta must be >= 0; got {self.eta}")
         _check_choice("sample.batchnorm", self.batchnorm, BatchNormMode)
         _check_positive("sample.num_images", self.num_images)
 
@@ -182,6 +194,10 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        if self.sample.steps is not None and self.sample.steps > self.diffusion.timesteps:
+            raise ValueError(
+                f"sample.steps ({self.sample.steps}) cannot exceed the {self.diffusion.timesteps} diffusion timesteps"
+            )
         factor = self.model.downsample_factor
         if self.data.image_size % factor:
             raise ValueError(

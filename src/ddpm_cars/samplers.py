@@ -17,9 +17,10 @@ from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.diffusion import VarianceType
 from ddpm_cars.models import batchnorm_uses_batch_stats
 from ddpm_cars.runtime import autocast
-from ddpm_cars.schedule import NoiseSchedule
+from ddpm_cars.schedule import NoiseSchedule, sampling_timesteps
 
-# callback(t, x_t, x0_pred): called after each reverse step with the new state x_{t}.
+# callback(t, x, x0_pred): called after each reverse step with the training timestep t the
+# network was just called at, the new state and the predicted x_0.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -33,6 +34,26 @@ def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device: t
     return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in generators])
 
 
+def _network_steps(schedule: NoiseSchedule, timesteps: torch.Tensor | None) -> list[int]:
+    """The training timestep the network is told at each step of ``schedule``."""
+    if timesteps is None:
+        return list(range(schedule.timesteps))
+    if len(timesteps) != schedule.timesteps:
+        raise ValueError(f"{len(timesteps)} network timesteps for a schedule of {schedule.timesteps} steps")
+    return [int(t) for t in timesteps]
+
+
+def _steps(schedule: NoiseSchedule, timesteps: torch.Tensor | None, desc: str, progress: bool):
+    """(i, network t) from the noisiest step down to step 0, with a progress bar."""
+    network = _network_steps(schedule, timesteps)
+    return tqdm([(i, network[i]) for i in reversed(range(schedule.timesteps))], desc=desc, disable=not progress, leave=False)
+
+
+def _call(model: nn.Module, x: torch.Tensor, t: int, precision: str) -> torch.Tensor:
+    with autocast(x.device, precision):
+        return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+
+
 @torch.no_grad()
 def ancestral_sample(
     model: nn.Module,
@@ -40,6 +61,7 @@ def ancestral_sample(
     x_T: torch.Tensor,
     generators: Sequence[torch.Generator],
     *,
+    timesteps: torch.Tensor | None = None,
     diffusion_config: DiffusionConfig | None = None,
     variance: VarianceType = "beta",
     clip_x0: bool = True,
@@ -51,25 +73,130 @@ def ancestral_sample(
 
     Each step draws x_{t-1} ~ N(mu, sigma^2 I) with mu the posterior mean (Eq. 7) around
     the predicted x_0 (clipped to [-1, 1] with ``clip_x0``) and sigma^2 the model's learned
-    variance when it has one, else the fixed ``variance``. The network runs under
-    ``precision`` autocast; the update itself is float32.
+    variance when it has one, else the fixed ``variance``. ``schedule`` may be respaced
+    (:meth:`NoiseSchedule.respace`); ``timesteps`` then says which training step each of
+    its steps is. The network runs under ``precision`` autocast; the update is float32.
     """
     if len(generators) != x_T.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for a batch of {x_T.shape[0]}")
-    diffusion_config = diffusion_config or DiffusionConfig()
+    config = diffusion_config or DiffusionConfig()
     x = x_T
-    for step in tqdm(range(schedule.timesteps - 1, -1, -1), desc="Sampling", disable=not progress, leave=False):
-        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        with autocast(x.device, precision):
-            output = model(x, t)
-        mean, log_var, x0_pred = diffusion.p_mean_variance(
-            schedule, output, x, t, diffusion_config, variance=variance, clip_x0=clip_x0
-        )
-        z = randn(x.shape[1:], generators, x.device)
-        nonzero = (t > 0).to(x.dtype).view(-1, 1, 1, 1)  # no noise on the last step, per element
-        x = mean + nonzero * torch.exp(0.5 * log_var) * z
+    for i, t in _steps(schedule, timesteps, "Sampling (DDPM)", progress):
+        idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        output = _call(model, x, t, precision)
+        mean, log_var, x0_pred = diffusion.p_mean_variance(schedule, output, x, idx, config, variance=variance, clip_x0=clip_x0)
+        if i > 0:  # no noise on the last step
+            x = mean + torch.exp(0.5 * log_var) * randn(x.shape[1:], generators, x.device)
+        else:
+            x = mean
         if callback is not None:
-            callback(step, x, x0_pred)
+            callback(t, x, x0_pred)
+    return x
+
+
+def _predict(schedule, output, x, idx, config, clip_x0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) predicted from a network output; eps is recomputed from the clipped x_0."""
+    mean_out, _ = diffusion.split_output(output, config)
+    x0 = diffusion.predict_x0(schedule, x, idx, mean_out, config.prediction)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    return x0, diffusion.predict_eps(schedule, x, idx, x0)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    timesteps: torch.Tensor | None = None,
+    diffusion_config: DiffusionConfig | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = True,
+    precision: str = "fp32",
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) from x_T, on ``schedule`` (usually respaced):
+
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+        sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
+
+    ``eta = 0`` is deterministic; ``eta = 1`` on all T steps is ancestral sampling with
+    sigma^2 = beta-tilde. A learned variance is not used. ``generators`` are only drawn
+    from when ``eta > 0``.
+    """
+    if len(generators) != x_T.shape[0]:
+        raise ValueError(f"need one generator per image: {len(generators)} for a batch of {x_T.shape[0]}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    config = diffusion_config or DiffusionConfig()
+    x = x_T
+    for i, t in _steps(schedule, timesteps, "Sampling (DDIM)", progress):
+        idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x0, eps = _predict(schedule, _call(model, x, t, precision), x, idx, config, clip_x0)
+        ab = schedule.gather(schedule.alphas_cumprod, idx, x)
+        ab_prev = schedule.gather(schedule.alphas_cumprod_prev, idx, x)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i > 0:
+            x = x + sigma * randn(x.shape[1:], generators, x.device)
+        if callback is not None:
+            callback(t, x, x0)
+    return x
+
+
+# With few steps, the last step into t = 0 is much longer in lambda than the one before,
+# and the second-order extrapolation overshoots: DPM-Solver++ takes it at first order.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    generators: Sequence[torch.Generator] | None = None,
+    *,
+    timesteps: torch.Tensor | None = None,
+    diffusion_config: DiffusionConfig | None = None,
+    clip_x0: bool = True,
+    precision: str = "fp32",
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of
+    the diffusion ODE in data-prediction form, deterministic.
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
+    h_i = lambda_{i-1} - lambda_i, each step is
+    x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (exp(-h_i) - 1) D_i, with D_i the
+    predicted x_0 on the first step and (1 + 1/(2r)) x0_i - 1/(2r) x0_{i+1}, r = h_{i+1} / h_i,
+    after it; with fewer than 15 steps the step into t = 0 is first order again (Lu et al.'s
+    "lower order final"). The last network call, at step 0, returns its predicted x_0.
+    """
+    config = diffusion_config or DiffusionConfig()
+    ab = torch.cumprod(1.0 - schedule.betas_float64, dim=0)
+    alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+    lam = alpha.log() - sigma.log()
+    x, prev_x0, prev_h = x_T, None, None
+    for i, t in _steps(schedule, timesteps, "Sampling (DPM-Solver++)", progress):
+        idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x0, _ = _predict(schedule, _call(model, x, t, precision), x, idx, config, clip_x0)
+        if i == 0:
+            x = x0
+        else:
+            h = (lam[i - 1] - lam[i]).item()
+            if prev_x0 is None or (i == 1 and schedule.timesteps < LOWER_ORDER_FINAL_BELOW):
+                d = x0
+            else:
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            x = (sigma[i - 1] / sigma[i]).item() * x - (alpha[i - 1] * torch.expm1(torch.tensor(-h, dtype=torch.float64))).item() * d
+            prev_x0, prev_h = x0, h
+        if callback is not None:
+            callback(t, x, x0)
     return x
 
 
@@ -88,7 +215,8 @@ def generate(
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """``num_images`` samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches.
+    """``num_images`` samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with
+``config.sampler`` on ``config.steps`` of the schedule's steps (all by default).
 
     The model is put in eval mode; with ``config.batchnorm == "batch"`` BatchNorm layers
     normalise with each sampling batch's statistics instead (running stats untouched).
@@ -96,6 +224,13 @@ def generate(
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1; got {num_images}, {batch_size}")
+    timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing)
+    steps_schedule = schedule if len(timesteps) == schedule.timesteps else schedule.respace(timesteps)
+    sample_fn, extra = {
+        "ddpm": (ancestral_sample, {"variance": config.variance}),
+        "ddim": (ddim_sample, {"eta": config.eta}),
+        "dpm++": (dpm_solver_sample, {}),
+    }[config.sampler]
     was_training = model.training
     out = []
     starts = range(0, num_images, batch_size)
@@ -110,10 +245,10 @@ def generate(
                 model.eval()
                 ctx = torch.no_grad()
             with ctx:
-                x = ancestral_sample(
-                    model, schedule, x_T, gens,
-                    diffusion_config=diffusion_config, variance=config.variance, clip_x0=config.clip_x0, precision=precision,
-                    callback=callback if start == 0 else None, progress=progress,
+                x = sample_fn(
+                    model, steps_schedule, x_T, gens, timesteps=timesteps, diffusion_config=diffusion_config,
+                    clip_x0=config.clip_x0, precision=precision, callback=callback if start == 0 else None,
+                    progress=progress, **extra,
                 )
             out.append(x.clamp(-1, 1).cpu())
     finally:

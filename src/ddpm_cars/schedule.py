@@ -52,6 +52,7 @@ class NoiseSchedule:
     posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    betas_float64: torch.Tensor  # the defining betas, kept exact for respacing
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
@@ -62,7 +63,8 @@ class NoiseSchedule:
         # Eq. 7, Ho et al. 2020: posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I)
         post_var = b * (1.0 - ab_prev) / (1.0 - ab)
         # beta_tilde_1 = 0; log-variance uses beta_tilde_2 there (as in improved-diffusion)
-        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        # (a one-step schedule has no beta_tilde_2: it uses beta_1)
+        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]) if len(b) > 1 else b)
         coefs = dict(
             betas=b,
             alphas=alphas,
@@ -76,7 +78,7 @@ class NoiseSchedule:
             posterior_mean_coef1=b * ab_prev.sqrt() / (1.0 - ab),
             posterior_mean_coef2=(1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab),
         )
-        return cls(**{k: v.to(torch.float32) for k, v in coefs.items()})
+        return cls(**{k: v.to(torch.float32) for k, v in coefs.items()}, betas_float64=b)
 
     @classmethod
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
@@ -86,13 +88,58 @@ class NoiseSchedule:
     def timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def respace(self, timesteps: torch.Tensor) -> NoiseSchedule:
+        """This schedule on an increasing subsequence of its steps (Nichol & Dhariwal 2021,
+        Sec. 4): the same alphabar at the kept steps, betas recomputed as
+        beta_i = 1 - alphabar_{t_i} / alphabar_{t_{i-1}}. Step i of the result is step
+        ``timesteps[i]`` of this one (what the network must be told)."""
+        ts = torch.as_tensor(timesteps, dtype=torch.long)
+        if ts.ndim != 1 or len(ts) == 0 or ts[0] < 0 or ts[-1] >= self.timesteps or (ts.diff() <= 0).any():
+            raise ValueError(f"timesteps must be an increasing subsequence of 0..{self.timesteps - 1}")
+        kept = torch.cumprod(1.0 - self.betas_float64, dim=0)[ts]
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+        return NoiseSchedule.from_betas(1.0 - kept / previous)
+
     def gather(self, coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``coef[t]`` shaped ``[B, 1, 1, ...]`` to broadcast against ``like`` ``[B, ...]``."""
         out = coef.to(like.device)[t.to(like.device)].to(like.dtype)
         return out.view(-1, *([1] * (like.ndim - 1)))
 
 
-def build_schedule(config: DiffusionConfig) -> NoiseSchedule:
+def training_betas(config: DiffusionConfig) -> torch.Tensor:
+    """The float64 betas of the T training steps."""
     if config.schedule == "cosine":
-        return NoiseSchedule.from_betas(cosine_betas(config.timesteps))
-    return NoiseSchedule.linear(config.timesteps, config.beta_start, config.beta_end)
+        return cosine_betas(config.timesteps)
+    return linear_betas(config.timesteps, config.beta_start, config.beta_end)
+
+
+def sampling_timesteps(timesteps: int, steps: int | None = None, spacing: str = "uniform") -> torch.Tensor:
+    """The increasing subsequence of ``0..timesteps-1`` a sampler visits, always from
+    ``timesteps - 1`` down to 0, so no step count or spacing skips the start or the end.
+
+    ``uniform`` spaces them evenly (rounded); ``quadratic`` packs them towards t = 0,
+    t_i = round((i / (steps - 1))^2 (T - 1)), pushed up where rounding repeats a value.
+    ``steps=None`` means all of them.
+    """
+    if steps is None or steps == timesteps:
+        return torch.arange(timesteps)
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be between 1 and the {timesteps} training steps; got {steps}")
+    if steps == 1:
+        return torch.tensor([timesteps - 1])
+    frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "uniform":
+        return (frac * (timesteps - 1)).round().long()
+    if spacing != "quadratic":
+        raise ValueError(f"spacing must be 'uniform' or 'quadratic'; got {spacing!r}")
+    ts = (frac**2 * (timesteps - 1)).round().long()
+    for i in range(1, steps):  # strictly increasing: rounding repeats small values; ts[i] <= max(raw, i)
+        ts[i] = max(ts[i], ts[i - 1] + 1)  # so the last stays T - 1
+    return ts
+
+
+def build_schedule(config: DiffusionConfig, timesteps: torch.Tensor | None = None) -> NoiseSchedule:
+    """The schedule of the T training steps, or respaced onto ``timesteps`` (see
+    :meth:`NoiseSchedule.respace`)."""
+    schedule = NoiseSchedule.from_betas(training_betas(config))
+    return schedule if timesteps is None else schedule.respace(timesteps)
