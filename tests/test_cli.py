@@ -103,8 +103,9 @@ def test_train_then_sample_end_to_end(tmp_path):
         assert Image.open(out / name).size[0] > 16
     for sampler in ["ddim", "dpm++"]:
         fast = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / sampler), "--num", "3",
-                    "--sampler", sampler, "--steps", "4")
+                    "--sampler", sampler, "--steps", "4", "--trajectory")
         assert fast.returncode == 0 and f"({sampler}, 4 steps)" in fast.stdout, fast.stderr
+        assert Image.open(tmp_path / sampler / "trajectory.png").size[1] > Image.open(tmp_path / sampler / "denoising.png").size[1]
     too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
     assert too_many.returncode == 2 and "cannot exceed the 20 diffusion timesteps" in too_many.stderr
     again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=_positive(int), default=64, help="number of images (default: 64)")
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default: 0)")
     sample.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
+    sample.add_argument("--trajectory", action="store_true", help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)")
     sample.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
     _device_option(sample)
     _add_options(sample, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")

@@ -23,7 +23,7 @@ from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.training import resolve_device
 from ddpm_cars.training import train as train_run
-from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_strip
+from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
 
 # What may change when a run is resumed: how long it goes on, how it reports, and how the
 # same computation is carried out (precision, memory layout, compilation, micro-batches).
@@ -64,21 +64,26 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def denoising_frames(visited: list[int], count: int = 10) -> tuple[list[tuple[str, torch.Tensor]], StepCallback]:
-    """A list the returned callback fills with image 0 at ``count`` evenly spaced steps of
-    the ``visited`` timesteps."""
+def denoising_frames(
+    visited: list[int], count: int = 10
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]], StepCallback]:
+    """Lists of image 0's state x_t and predicted x_0 at ``count`` evenly spaced steps of
+    the ``visited`` timesteps, and the sampler callback that fills them."""
     keep = {visited[i] for i in evenly_spaced_steps(len(visited), count)} if len(visited) > 1 else set(visited)
-    frames: list[tuple[str, torch.Tensor]] = []
+    states: list[tuple[str, torch.Tensor]] = []
+    predictions: list[tuple[str, torch.Tensor]] = []
 
     def callback(step: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
         if step in keep:
-            frames.append((f"t={step}", x_t[0].clamp(-1, 1).cpu()))
+            states.append((f"t={step}", x_t[0].clamp(-1, 1).cpu()))
+            predictions.append((f"t={step}", x0_pred[0].clamp(-1, 1).cpu()))
 
-    return frames, callback
+    return states, predictions, callback
 
 
 def sample_run(
-    run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True
+    run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True,
+    trajectory: bool = False,
 ) -> torch.Tensor:
     """Generate from a run's checkpoint; write grid.png, images/NNNN.png and denoising.png."""
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
@@ -86,9 +91,8 @@ def sample_run(
     dev = resolve_device(device)
     model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
     schedule = build_schedule(config.diffusion)
-    frames, callback = denoising_frames(
-        sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing).tolist()
-    )
+    visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing).tolist()
+    frames, predictions, callback = denoising_frames(visited)
     images = generate(
         model, schedule, num, config.data.image_size, seed, config.sample, diffusion_config=config.diffusion,
         batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
@@ -98,14 +102,18 @@ def sample_run(
     for i, image in enumerate(images):
         save_image(image, out / "images" / f"{i:04d}.png")
     save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
+    if trajectory:
+        save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
+                  f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({checkpoint.name})")
     how = config.sample.sampler + (f", {config.sample.steps} steps" if config.sample.steps else ", all steps")
-    print(f"Wrote {num} images ({how}) from {checkpoint} to {out}/ (grid.png, images/, denoising.png)")
+    files = "grid.png, images/, denoising.png" + (", trajectory.png" if trajectory else "")
+    print(f"Wrote {num} images ({how}) from {checkpoint} to {out}/ ({files})")
     return images
 
 
 def sample(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
-    sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema)
+    sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema, args.trajectory)
     return 0
 
 

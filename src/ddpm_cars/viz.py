@@ -48,12 +48,26 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
 
 def save_strip(frames: Sequence[tuple[str, torch.Tensor]], path: str | Path, title: str) -> Path:
     """A row of labelled images in [-1, 1] (each ``[3, H, W]``), e.g. one image across t."""
+    return save_rows([("", frames)], path, title)
+
+
+def save_rows(rows: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], path: str | Path, title: str) -> Path:
+    """Rows of labelled images in [-1, 1]: ``[(row name, [(label, [3, H, W]), ...]), ...]``;
+    the labels of the first row title the columns."""
     plt = _figure()
-    fig, axes = plt.subplots(1, len(frames), figsize=(1.5 * len(frames), 2.0), squeeze=False)
-    for ax, (label, image) in zip(axes[0], frames):
-        ax.imshow(_hwc(image), interpolation="nearest")
-        ax.set_title(label, fontsize=9)
-        ax.axis("off")
+    cols = max(len(frames) for _, frames in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.5 * cols, 0.4 + 1.6 * len(rows)), squeeze=False)
+    for r, (name, frames) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(frames):
+                continue
+            label, image = frames[c]
+            ax.imshow(_hwc(image), interpolation="nearest")
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+        if name:
+            axes[r][0].text(-0.08, 0.5, name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
