@@ -62,7 +62,12 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=36, help="samples per setting (default: 36)")
     parser.add_argument("--reference", type=int, default=256, help="held-out images (default: 256)")
     parser.add_argument("--out", type=Path, default=None, help="PNG with the first 6 samples of each setting")
+    parser.add_argument("--settings", default=None, metavar="S:N,...",
+                        help="sampler:steps pairs to run, e.g. ddim:50,dpm++:20 (default: the full list)")
     args = parser.parse_args()
+    settings = SETTINGS if args.settings is None else [
+        (name, int(steps)) for name, steps in (item.split(":") for item in args.settings.split(","))
+    ]
 
     run_dir, checkpoint = ckpt.resolve_checkpoint(args.run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
@@ -75,7 +80,7 @@ def main() -> None:
     print("| sampler | steps | img/s | HF ratio | pixel FD |")
     print("| --- | ---: | ---: | ---: | ---: |")
     rows = []
-    for sampler, steps in SETTINGS:
+    for sampler, steps in settings:
         if steps > schedule.timesteps:
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps)
