@@ -6,6 +6,8 @@ request with seed ``s`` is the same whatever batch it is drawn in.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -177,9 +179,9 @@ def dpm_solver_sample(
     "lower order final"). The last network call, at step 0, returns its predicted x_0.
     """
     config = diffusion_config or DiffusionConfig()
-    ab = torch.cumprod(1.0 - schedule.betas_float64, dim=0)
-    alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
-    lam = alpha.log() - sigma.log()
+    ab = torch.cumprod(1.0 - schedule.betas_float64, dim=0)  # float64 scalars per step
+    alpha, sigma = ab.sqrt().tolist(), (1.0 - ab).sqrt().tolist()
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
     x, prev_x0, prev_h = x_T, None, None
     for i, t in _steps(schedule, timesteps, "Sampling (DPM-Solver++)", progress):
         idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -187,13 +189,13 @@ def dpm_solver_sample(
         if i == 0:
             x = x0
         else:
-            h = (lam[i - 1] - lam[i]).item()
+            h = lam[i - 1] - lam[i]
             if prev_x0 is None or (i == 1 and schedule.timesteps < LOWER_ORDER_FINAL_BELOW):
                 d = x0
             else:
                 r = prev_h / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-            x = (sigma[i - 1] / sigma[i]).item() * x - (alpha[i - 1] * torch.expm1(torch.tensor(-h, dtype=torch.float64))).item() * d
+            x = (sigma[i - 1] / sigma[i]) * x - alpha[i - 1] * math.expm1(-h) * d
             prev_x0, prev_h = x0, h
         if callback is not None:
             callback(t, x, x0)
