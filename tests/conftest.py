@@ -19,3 +19,23 @@ def tiny_config() -> RunConfig:
         train=TrainConfig(batch_size=16, epochs=2, sample_every_epochs=1, checkpoint_every_steps=3),
         sample=SampleConfig(num_images=4),
     )
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A state dict of torch-fidelity's Inception-v3, randomly initialised, in a .pth file."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None  # keep the random init
+    real_download = fe.load_state_dict_from_url
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+        fe.load_state_dict_from_url = real_download
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    return path

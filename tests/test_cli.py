@@ -61,8 +61,12 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
         (["train", "--out", "{tmp}/r", "--image-size", "36"], "divisible by 8"),
         (["train", "--out", "{tmp}/r", "--preset", "seed", "--image-size", "40"], "divisible by 16"),
         (["train", "--out", "{tmp}/r", "--batch-size", "10", "--grad-accum", "3"], "divisible by train.grad_accum_steps"),
-        (["eval", "--checkpoint", "{tmp}/none"], "--nll"),
+        (["eval", "--checkpoint", "{tmp}/none", "--no-sample-metrics"], "nothing to compute"),
         (["eval", "--checkpoint", "{tmp}/none", "--nll"], "no run directory"),
+        (["eval", "--checkpoint", "{tmp}/none"], "no run directory"),
+        (["eval", "--images", "{tmp}", "--nll"], "--nll needs --checkpoint"),
+        (["eval", "--images", "{tmp}/none"], "is not a folder"),
+        (["eval", "--images", "{tmp}"], "holds no images"),
         (["train", "--out", "{tmp}/r", "--data", "{tmp}/nowhere"], "does not exist"),
         (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["sample", "--checkpoint", "{tmp}/none", "--out", "{tmp}/s"], "no run directory"),
@@ -118,7 +122,7 @@ def test_eval_reports_bits_per_dim_on_held_out_images(tmp_path):
     run = tmp_path / "run"
     assert _run("train", "--out", str(run), "--toy-count", "16", "--steps", "2", *TINY).returncode == 0
     report = tmp_path / "nll.json"
-    done = _run("eval", "--checkpoint", str(run), "--nll", "--num-images", "6", "--batch-size", "4",
+    done = _run("eval", "--checkpoint", str(run), "--nll", "--no-sample-metrics", "--num-images", "6", "--batch-size", "4",
                 "--timesteps", "3", "--json", str(report))
     assert done.returncode == 0, done.stderr
     assert "bits/dim on 6 test images (3 random t per image)" in done.stdout
@@ -170,12 +174,15 @@ def test_forward_picture(tmp_path, schedule):
 
 
 def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config):
-    monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1}))
+    monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8}))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
-    for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png"]:
+    for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png", "metrics.csv",
+                 "metrics.png", "eval/metrics.json", "eval/nearest.png", "eval/nearest_distances.png", "report.html"]:
         assert (out / name).is_file(), name
-    assert len(list((out / "images").iterdir())) == commands.DEMO_SAMPLES
+    assert len(list((out / "images").iterdir())) == commands.DEMO_EVAL_SAMPLES
+    assert Image.open(out / "grid.png").size == (6 * 18 + 2, 6 * 18 + 2)  # the first 36 images: 6 x 6 of 16 px, padding 2
     assert main(["demo", "--out", str(out)]) == 0  # a second run continues the finished one
 
 

@@ -1,4 +1,4 @@
-"""The command line: ``ddpm-cars train | sample | eval | forward | demo | bench``."""
+"""The command line: ``ddpm-cars train | sample | eval | report | forward | demo | bench``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--sample-every", "train", "sample_every_epochs", {"type": _positive(int), "metavar": "EPOCHS"}, "draw a sample grid every this many epochs"),
     ("--checkpoint-every", "train", "checkpoint_every_steps", {"type": _positive(int), "metavar": "STEPS"}, "checkpoint every this many steps (and at every epoch end)"),
     ("--num-sample-images", "sample", "num_images", {"type": _positive(int)}, "images in each training-time sample grid"),
+    ("--eval-every", "train", "eval_every_steps", {"type": int, "metavar": "STEPS"}, "score samples every this many steps into metrics.csv and metrics.png (SWD; FID when the Inception weights are on disk); 0: never"),
+    ("--eval-samples", "train", "eval_samples", {"type": _positive(int), "metavar": "N"}, "samples scored at each --eval-every"),
 ]
 
 SAMPLER_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe the options below modify (default: {DEFAULT_PRESET})")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="Inception weights for FID during training (default: torch's hub cache, when the file is there)")
     _device_option(train)
     _add_options(train, TRAIN_OPTIONS, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
 
@@ -176,18 +179,39 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--frames", type=_positive(int), default=10, help="pictures in the strip (default: 10)")
     forward.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
 
-    evaluate = sub.add_parser("eval", help="evaluate a trained run on held-out images", description="Evaluate a run: --nll gives the variational bound in bits per dimension on held-out images.")
-    evaluate.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
-    evaluate.add_argument("--nll", action="store_true", help="report the negative log-likelihood bound in bits/dim (default: off; name at least one metric)")
-    evaluate.add_argument("--data", default=None, metavar="SOURCE", help="images to evaluate on (default: the run's data source)")
-    evaluate.add_argument("--split", default="test", choices=["train", "test", "all"], help="split of --data; test is held out (default: test)")
-    evaluate.add_argument("--num-images", type=_positive(int), default=256, help="evaluate on the first N images of the split (default: 256)")
-    evaluate.add_argument("--timesteps", type=_positive(int), default=None, metavar="K", help="estimate the KL sum from K random t per image instead of all T terms (default: all, exact)")
+    evaluate = sub.add_parser(
+        "eval", help="score a run's samples (SWD, precision/recall, FID, KID, memorisation) or a folder of images",
+        description="Score generated images against a dataset: the sliced Wasserstein distance on Laplacian-pyramid "
+        "patches and precision/recall on pixels (always), FID, KID and Inception precision/recall (when the Inception "
+        "weights are available), and the nearest training image of each sample. Results go to RUN/eval/ and the "
+        "run's report.html. --nll adds the likelihood bound on held-out images.",
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory: samples are generated from it (required, or --images)")
+    source.add_argument("--images", type=Path, metavar="DIR", help="a folder of generated images to score instead (required, or --checkpoint; the reference is --data, default toy-cars)")
+    evaluate.add_argument("--num-samples", type=_positive(int), default=1000, help="samples generated and scored (default: 1000)")
+    evaluate.add_argument("--sample-metrics", default=True, action=argparse.BooleanOptionalAction, help="compute the sample metrics (default: on; --no-sample-metrics with --nll gives the likelihood alone)")
+    evaluate.add_argument("--fid", default=True, action=argparse.BooleanOptionalAction, help="FID and KID when the Inception weights are available or downloadable (default: on)")
+    evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="the Inception weights file (default: torch's hub cache, downloaded there when online)")
+    evaluate.add_argument("--memorization", default=True, action=argparse.BooleanOptionalAction, help="nearest training image of each sample, against held-out real images (default: on)")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="where reference features are cached (default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)")
+    evaluate.add_argument("--nll", action="store_true", help="also the negative log-likelihood bound in bits/dim on held-out images (default: off)")
+    evaluate.add_argument("--data", default=None, metavar="SOURCE", help="reference images: toy-cars, stanford-cars or a folder (default: the run's data source)")
+    evaluate.add_argument("--split", default=None, choices=["train", "test", "all"], help="split of --data (default: train for the sample metrics, as FID is reported; test for --nll)")
+    evaluate.add_argument("--image-size", type=_positive(int), default=None, help="resolution with --images (default: the run's, or the images' own)")
+    evaluate.add_argument("--num-images", type=_positive(int), default=256, help="held-out images for --nll (default: 256)")
+    evaluate.add_argument("--timesteps", type=_positive(int), default=None, metavar="K", help="--nll: estimate the KL sum from K random t per image instead of all T terms (default: all, exact)")
     evaluate.add_argument("--batch-size", type=_positive(int), default=64, help="images per network call (default: 64)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the noise (and of t with --timesteps) (default: 0)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the samples, subsets and projections (default: 0)")
     evaluate.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    evaluate.add_argument("--out", type=Path, default=None, metavar="DIR", help="where metrics.json and the pictures go (default: RUN/eval with --checkpoint, none with --images)")
     evaluate.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers to this JSON file (default: none)")
     _device_option(evaluate)
+    _add_options(evaluate, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")
+
+    report = sub.add_parser("report", help="write a run's report.html", description="Write RUN/report.html: one self-contained page with the config, samples, denoising strip, curves, metrics and memorisation check.")
+    report.add_argument("run", type=Path, metavar="RUN", help="run directory (required)")
+    report.add_argument("--out", type=Path, default=None, metavar="FILE", help="HTML file to write (default: RUN/report.html)")
 
     demo = sub.add_parser("demo", help="train a small model on toy cars and draw every figure", description="Train, sample and draw all figures into --out, in minutes on a CPU.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")

@@ -18,6 +18,7 @@ from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.models import build_model
+from ddpm_cars.report import write_report
 from ddpm_cars.samplers import StepCallback, generate
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import checkpoint as ckpt
@@ -30,7 +31,7 @@ from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows,
 RESUMABLE = {
     "train": {
         "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps",
-        "grad_accum_steps", "precision", "channels_last", "compile",
+        "grad_accum_steps", "precision", "channels_last", "compile", "eval_every_steps", "eval_samples",
     },
     "sample": None,
 }
@@ -58,7 +59,7 @@ def train(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, TRAIN_OPTIONS)
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
-    result = train_run(config, args.out, resume=args.resume, device=args.device)
+    result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
     print(f"Trained to step {result.step} (last loss {result.last_loss:.4f}) in {time.perf_counter() - tic:.0f} s")
     print(f"Run directory: {result.run_dir}  (sample with: ddpm-cars sample --checkpoint {result.run_dir} --out DIR)")
     return 0
@@ -83,9 +84,10 @@ def denoising_frames(
 
 def sample_run(
     run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True,
-    trajectory: bool = False,
+    trajectory: bool = False, grid_count: int | None = None,
 ) -> torch.Tensor:
-    """Generate from a run's checkpoint; write grid.png, images/NNNN.png and denoising.png."""
+    """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
+    all by default), images/NNNN.png and denoising.png."""
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
     dev = resolve_device(device)
@@ -98,7 +100,7 @@ def sample_run(
         batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
     )
     (out / "images").mkdir(parents=True, exist_ok=True)
-    save_grid(images, out / "grid.png")
+    save_grid(images[:grid_count], out / "grid.png")
     for i, image in enumerate(images):
         save_image(image, out / "images" / f"{i:04d}.png")
     save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
@@ -148,16 +150,74 @@ def evaluate_run(
     return summary
 
 
+def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
+    """The sample metrics of ``--checkpoint`` or ``--images``; the summary and where it went."""
+    from PIL import Image
+
+    from ddpm_cars.data.folder import find_images, load_image_folder
+    from ddpm_cars.evaluation import runs
+
+    dev = resolve_device(args.device)
+    if args.checkpoint is not None:
+        run_dir, _ = ckpt.resolve_checkpoint(args.checkpoint)
+        data = RunConfig.load(run_dir / ckpt.CONFIG_FILE).data
+    else:
+        run_dir, data = None, DataConfig()
+    size = args.image_size or data.image_size
+    if args.images is not None and args.image_size is None:  # the folder's own size
+        if not args.images.is_dir():
+            raise FileNotFoundError(f"--images {args.images} is not a folder")
+        paths = find_images(args.images)
+        if not paths:
+            raise ValueError(f"--images {args.images} holds no images")
+        with Image.open(paths[0]) as first:
+            size = first.size[0]
+    data = dataclasses.replace(data, source=args.data or data.source, split=args.split or "train", image_size=size)
+    reference = runs.load_reference(data, args.num_samples if args.memorization else 0)
+    inception, fid_skipped = (None, "--no-fid") if not args.fid else runs.load_inception(args.inception_weights, dev)
+    if args.checkpoint is not None:
+        overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
+        samples, config, checkpoint = runs.checkpoint_samples(
+            args.checkpoint, args.num_samples, args.seed, overrides, args.batch_size, dev, args.ema
+        )
+        what = f"{args.num_samples} samples ({runs.sampling_description(config.sample)}) of {checkpoint}"
+        summary: dict = {"checkpoint": str(checkpoint), "sampler": config.sample.sampler, "steps": config.sample.steps,
+                         "seed": args.seed}
+    else:
+        samples = load_image_folder(args.images, size, False).images
+        what = f"{samples.shape[0]} images of {args.images}"
+        summary = {"images": str(args.images)}
+    out = args.out or (run_dir / runs.EVAL_DIR if run_dir is not None else None)
+    summary = runs.score_samples(samples, reference, inception, fid_skipped, what, summary, out, args.seed, args.memorization, args.cache_dir)
+    return summary, run_dir
+
+
 def evaluate(args: argparse.Namespace) -> int:
-    if not args.nll:
-        raise ValueError("name a metric to compute: --nll")
-    summary = evaluate_run(
-        args.checkpoint, args.data, args.split, args.num_images, args.timesteps, args.batch_size, args.seed, args.device, args.ema
-    )
+    if not args.sample_metrics and not args.nll:
+        raise ValueError("nothing to compute: --no-sample-metrics without --nll")
+    if args.images is not None and args.nll:
+        raise ValueError("--nll needs --checkpoint: a folder of images has no likelihood")
+    summary: dict = {}
+    run_dir = None
+    if args.sample_metrics:
+        summary, run_dir = sample_evaluation(args)
+    if args.nll:
+        nll = evaluate_run(
+            args.checkpoint, args.data, args.split or "test", args.num_images, args.timesteps, args.batch_size,
+            args.seed, args.device, args.ema,
+        )
+        summary = {**nll, **summary, "nll": nll} if summary else nll
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"Wrote {args.json}")
+    if run_dir is not None and args.out is None:
+        print(f"Report: {write_report(run_dir)}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    print(f"Wrote {write_report(args.run, args.out)}")
     return 0
 
 
@@ -192,9 +252,13 @@ def forward(args: argparse.Namespace) -> int:
 
 
 DEMO_SAMPLES = 36  # the demo's final grid, 6 x 6
+DEMO_EVAL_SAMPLES = 144  # scored by the offline metric and the memorisation check
 
 
 def demo(args: argparse.Namespace) -> int:
+    from ddpm_cars.data.dataset import to_uint8
+    from ddpm_cars.evaluation import runs
+
     config = DEMO if args.steps is None else DEMO.replace(train={"max_steps": args.steps})
     out = args.out
     tic = time.perf_counter()
@@ -204,10 +268,17 @@ def demo(args: argparse.Namespace) -> int:
         config = _resume_config(out, {"train": {"max_steps": config.train.max_steps}})
     result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
-    sample_run(out, out, DEMO_SAMPLES, 0, DEMO_SAMPLES, args.device, {})
+    images = sample_run(out, out, DEMO_EVAL_SAMPLES, 0, DEMO_EVAL_SAMPLES, args.device, {}, grid_count=DEMO_SAMPLES)
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
-    pictures = "grid.png, denoising.png, forward_process.png, loss.png" + (", samples/" if (out / "samples").is_dir() else "")
-    print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: {pictures}")
+    reference = runs.load_reference(config.data, DEMO_EVAL_SAMPLES, progress=False)
+    inception, fid_skipped = runs.load_inception(None, resolve_device(args.device), download=False)
+    what = f"{DEMO_EVAL_SAMPLES} samples ({runs.sampling_description(config.sample)})"
+    summary = {"checkpoint": str(ckpt.latest_checkpoint(out)), "sampler": config.sample.sampler,
+               "steps": config.sample.steps, "seed": 0}
+    runs.score_samples(to_uint8(images), reference, inception, fid_skipped, what, summary, out / runs.EVAL_DIR)
+    report = write_report(out)
+    pictures = "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/" + (", samples/" if (out / "samples").is_dir() else "")
+    print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: {pictures}; open {report}")
     return 0
 
 

@@ -159,6 +159,8 @@ class TrainConfig:
     precision: Precision = "fp32"  # bf16: autocast matmuls and convolutions to bfloat16
     channels_last: bool = False  # NHWC memory layout for the network and its inputs
     compile: bool = False  # torch.compile the network
+    eval_every_steps: int = 0  # score samples (SWD; FID when weights are present) every N steps; 0: never
+    eval_samples: int = 256  # samples scored each time
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -178,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"train.grad_clip must be > 0 or None; got {self.grad_clip}")
         _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        _check_positive("train.eval_every_steps", self.eval_every_steps, 0)
+        _check_positive("train.eval_samples", self.eval_samples, 4)
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"

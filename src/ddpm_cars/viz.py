@@ -111,3 +111,49 @@ def evenly_spaced_steps(timesteps: int, count: int = 10) -> list[int]:
     """``count`` 0-indexed timesteps from 0 to T-1, evenly spaced."""
     count = max(2, min(count, timesteps))
     return sorted({round(i * (timesteps - 1) / (count - 1)) for i in range(count)})
+
+
+def save_distance_histogram(samples: torch.Tensor, heldout: torch.Tensor | None, path: str | Path) -> Path:
+    """Histograms of nearest-training-image distances: samples against held-out real images."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [samples] + ([heldout] if heldout is not None else [])
+    bins = np.linspace(0.0, max(v.max().item() for v in values) * 1.05, 40)
+    ax.hist(samples.numpy(), bins=bins, alpha=0.6, density=True, label=f"samples ({samples.numel()})")
+    if heldout is not None:
+        ax.hist(heldout.numpy(), bins=bins, alpha=0.6, density=True, label=f"held-out real images ({heldout.numel()})")
+    ax.set_xlabel("RMS pixel distance to the nearest training image")
+    ax.set_ylabel("density")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_metric_curves(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """One panel per metric family (SWD and its levels, precision/recall, FID, KID) against
+    the optimizer step; ``rows`` are dicts with a ``step`` key, missing values skipped."""
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step"
+             and any(r.get(k) is not None and math.isfinite(r[k]) for r in rows)]  # columns with a value
+    families: dict[str, list[str]] = {}
+    for name in names:
+        family = "swd" if name.startswith("swd") else "precision / recall" if name.split("_")[0] in ("precision", "recall") else name
+        if name != "kid_std":
+            families.setdefault(family, []).append(name)
+    plt = _figure()
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(4 * max(len(families), 1), 3.2), squeeze=False)
+    for ax, (family, members) in zip(axes[0], families.items()):
+        for name in members:
+            points = [(r["step"], r[name]) for r in rows if r.get(name) is not None and math.isfinite(r[name])]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=name)
+        ax.set_title(family + (" (x1e3, lower is better)" if family == "swd" else ""), fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

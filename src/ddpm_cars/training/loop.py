@@ -26,6 +26,7 @@ from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
 from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.training.ema import EMA
+from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, warmup_factor
 from ddpm_cars.viz import save_grid, save_loss_curve
 
@@ -126,6 +127,7 @@ def train(
     dataset: ImageSet | None = None,
     progress: bool = True,
     final_grid: bool = True,
+    inception_weights: str | Path | None = None,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns where it stopped.
 
@@ -178,6 +180,9 @@ def train(
             ckpt.load_weights(ema.model, latest, dev, ema=True)
             ema.updates = state.ema_updates
     log = read_loss_log(run_dir / LOSS_CSV, step)
+    evaluate = None
+    if tcfg.eval_every_steps:
+        evaluate = PeriodicEval(config, run_dir, data.images, schedule, dev, step, inception_weights)
 
     def save() -> None:
         ema_updates = ema.updates if ema is not None else 0
@@ -242,6 +247,9 @@ def train(
                 rate = x0.shape[0] / (time.perf_counter() - tic)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}", skipped=skipped)
                 bar.update(1)
+                if evaluate is not None and step % tcfg.eval_every_steps == 0:
+                    row = evaluate(ema.model if ema is not None else model, step)
+                    bar.write(f"step {step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
                 if step % tcfg.checkpoint_every_steps == 0:
                     save()
             if consumed == batches_per_epoch:

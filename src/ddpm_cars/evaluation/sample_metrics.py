@@ -1,0 +1,62 @@
+"""The sample-quality metrics of generated images against reference images, in one call.
+
+Always: the sliced Wasserstein distance on Laplacian-pyramid patches (no downloaded
+weights needed) and precision/recall on 16x16 pixels. With an Inception network: FID, KID
+and precision/recall on its features, the reference features read from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_cars.evaluation.feature_distances import (
+    FeatureStatistics, frechet_distance, kernel_inception_distance, precision_recall,
+)
+from ddpm_cars.evaluation.inception import InceptionFeatures
+from ddpm_cars.evaluation.reference import cached_features
+from ddpm_cars.evaluation.swd import sliced_wasserstein_distance
+
+PIXEL_FEATURE_SIZE = 16  # precision/recall without a feature network: 16 x 16 x 3 pixels
+
+
+def pixel_features(images: torch.Tensor, size: int = PIXEL_FEATURE_SIZE) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> ``[N, 3 * size * size]`` area-averaged pixels in [0, 1]."""
+    small = F.adaptive_avg_pool2d(images.float() / 255, size) if images.shape[-1] != size else images.float() / 255
+    return small.flatten(1)
+
+
+def matched_subset(reference: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` reference images drawn without replacement (all of them when fewer)."""
+    if reference.shape[0] <= count:
+        return reference
+    return reference[torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(seed))[:count]]
+
+
+def sample_metrics(
+    samples: torch.Tensor, reference: torch.Tensor, *, description: str, inception: InceptionFeatures | None = None,
+    cache_dir=None, seed: int = 0, progress: bool = False,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics of ``samples`` against ``reference`` (uint8 images of one size), and the
+    Inception features computed on the way (``{"samples": ..., "reference": ...}``, empty
+    without a network) for reuse. Lower SWD/FID/KID is better, higher precision/recall.
+
+    SWD and precision/recall compare equal counts: a random subset of the reference the
+    size of the sample set. FID and KID use every reference image (the standard)."""
+    if samples.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"samples are {tuple(samples.shape[1:])}, reference images {tuple(reference.shape[1:])}")
+    matched = matched_subset(reference, samples.shape[0], seed)
+    metrics = sliced_wasserstein_distance(matched, samples, seed=seed).summary()
+    metrics["precision_pixels"], metrics["recall_pixels"] = precision_recall(pixel_features(samples), pixel_features(matched))
+    features: dict[str, torch.Tensor] = {}
+    if inception is not None:
+        ref_features, _ = cached_features(
+            reference, description, inception.name, lambda x: inception(x, progress=progress), cache_dir
+        )
+        fake_features = inception(samples, progress=progress)
+        features = {"samples": fake_features, "reference": ref_features}
+        metrics["fid"] = frechet_distance(FeatureStatistics.of(fake_features), FeatureStatistics.of(ref_features))
+        metrics["kid"], metrics["kid_std"] = kernel_inception_distance(fake_features, ref_features, seed=seed)
+        matched_features = matched_subset(ref_features, samples.shape[0], seed)
+        metrics["precision"], metrics["recall"] = precision_recall(fake_features, matched_features)
+    return metrics, features

@@ -1,0 +1,96 @@
+"""``ddpm-cars eval`` and ``--eval-every`` end to end on a tiny run: the offline metric
+always, FID/KID with (random stand-in) Inception weights, a clear reason when they are
+skipped, the reference cache, the memorisation check, metrics.csv and the report."""
+
+import json
+import urllib.error
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_cars.cli import main
+from ddpm_cars.data import toy_cars_dataset
+from ddpm_cars.training import train
+from ddpm_cars.training.periodic_eval import METRICS_CSV, read_metrics_log
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path, monkeypatch):
+    """No weights in torch's hub cache, downloads fail, caches under tmp_path."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DDPM_CARS_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, dst, progress=True):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+@pytest.fixture
+def run(tmp_path, tiny_config):
+    config = tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48})
+    train(config, tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+EVAL = ["--num-samples", "12", "--steps", "4", "--batch-size", "12"]
+
+
+def test_eval_offline_reports_the_offline_metric_and_says_why_fid_was_skipped(run, capsys):
+    assert main(["eval", "--checkpoint", str(run), *EVAL]) == 0
+    out = capsys.readouterr().out
+    assert "SWD x1e3" in out and "precision / recall on 16x16 pixels" in out and "memorisation" in out
+    assert "FID and KID skipped: FID and KID need the Inception weights weights-inception-2015-12-05" in out
+    assert "download failed" in out and "--inception-weights" in out
+    summary = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics = summary["metrics"]
+    assert set(metrics) == {"swd", "swd_16", "precision_pixels", "recall_pixels"} and metrics["swd"] > 0
+    assert summary["num_samples"] == 12 and summary["sampler"] == "ddpm" and summary["steps"] == 4
+    assert "weights-inception" in summary["fid_skipped"]
+    assert summary["memorization"]["heldout_to_train_median"] > 0
+    for picture in ["nearest.png", "nearest_distances.png"]:
+        assert Image.open(run / "eval" / picture).size[0] > 100
+    report = (run / "report.html").read_text()
+    assert "weights-inception-2015-12-05" in report and "metrics.swd" in report
+
+
+def test_eval_with_inception_weights_gives_fid_and_kid_and_caches_the_reference(run, tmp_path, random_inception_weights, capsys):
+    args = ["eval", "--checkpoint", str(run), *EVAL, "--inception-weights", str(random_inception_weights), "--json", str(tmp_path / "a.json")]
+    assert main(args) == 0
+    assert "FID " in capsys.readouterr().out
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert {"fid", "kid", "kid_std", "precision", "recall"} <= set(first["metrics"]) and "fid_skipped" not in first
+    assert first["metrics"]["fid"] > 0 and "feature_sample_to_train_median" in first["memorization"]
+    entries = list((tmp_path / "cache" / "reference").iterdir())
+    assert len(entries) == 1 and "toy-cars-48-train-16px_n48" in entries[0].name
+    stamp = entries[0].stat().st_mtime_ns
+    assert main(args[:-1] + [str(tmp_path / "b.json")]) == 0  # the same request again
+    assert entries[0].stat().st_mtime_ns == stamp and len(list(entries[0].parent.iterdir())) == 1
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"] == first["metrics"]
+
+
+def test_eval_scores_a_folder_of_images_against_another(tmp_path, capsys):
+    fakes, reals = tmp_path / "fakes", tmp_path / "reals"
+    for folder, seed in ((fakes, 1), (reals, 0)):
+        folder.mkdir()
+        for i, image in enumerate(toy_cars_dataset(10, 16, seed).images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    assert main(["eval", "--images", str(fakes), "--data", str(reals), "--no-fid", "--no-memorization",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "10 images of" in out and "FID and KID skipped: --no-fid" in out
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["swd_16"] > 0
+
+
+def test_eval_every_logs_metrics_and_resume_keeps_the_log_consistent(tmp_path, tiny_config):
+    config = tiny_config.replace(train={"max_steps": 4, "eval_every_steps": 2, "eval_samples": 6, "checkpoint_every_steps": 2},
+                                 sample={"steps": 3})
+    train(config, tmp_path / "run", progress=False)
+    rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)
+    assert [r["step"] for r in rows] == [2, 4] and all(r["swd"] > 0 and 0 <= r["recall_pixels"] <= 1 for r in rows)
+    assert (tmp_path / "run" / "metrics.png").is_file()
+    train(config.replace(train={"max_steps": 6}), tmp_path / "run", resume=True, progress=False)
+    rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert read_metrics_log(tmp_path / "run" / METRICS_CSV, 5) == rows[:2]  # a resume from step 5 drops step 6
