@@ -62,6 +62,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
         (["train", "--out", "{tmp}/r", "--preset", "seed", "--image-size", "40"], "divisible by 16"),
         (["train", "--out", "{tmp}/r", "--batch-size", "10", "--grad-accum", "3"], "divisible by train.grad_accum_steps"),
         (["eval", "--checkpoint", "{tmp}/none", "--no-sample-metrics"], "nothing to compute"),
+        (["train", "--out", "{tmp}/r", "--image-size", "48", "--eval-every", "100"], "16 * 2**k"),
         (["eval", "--checkpoint", "{tmp}/none", "--nll"], "no run directory"),
         (["eval", "--checkpoint", "{tmp}/none"], "no run directory"),
         (["eval", "--images", "{tmp}", "--nll"], "--nll needs --checkpoint"),

@@ -169,6 +169,7 @@ def test_evaluation_flattened_and_formatted(full_run: Path) -> None:
     assert row["metrics.fid"] == "--"
     assert row["num_samples"] == "1000"
     assert row["memorization.sample_to_train_median"] == "0.1235"
+    assert page.cells.count("memorization.sample_to_train_median") == 1  # in its own section only
     assert "fid_skipped" not in row  # shown in the note box instead
 
 

@@ -156,6 +156,7 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
 
     from ddpm_cars.data.folder import find_images, load_image_folder
     from ddpm_cars.evaluation import runs
+    from ddpm_cars.evaluation.swd import pyramid_resolutions
 
     dev = resolve_device(args.device)
     if args.checkpoint is not None:
@@ -172,6 +173,7 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
             raise ValueError(f"--images {args.images} holds no images")
         with Image.open(paths[0]) as first:
             size = first.size[0]
+    pyramid_resolutions(size)  # SWD's image sizes: say so before minutes of sampling
     data = dataclasses.replace(data, source=args.data or data.source, split=args.split or "train", image_size=size)
     reference = runs.load_reference(data, args.num_samples if args.memorization else 0)
     inception, fid_skipped = (None, "--no-fid") if not args.fid else runs.load_inception(args.inception_weights, dev)

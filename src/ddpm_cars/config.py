@@ -189,6 +189,11 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, Precision)
 
 
+def _swd_size(size: int) -> bool:
+    """Whether the Laplacian pyramid of SWD halves ``size`` exactly down to 16."""
+    return size >= 16 and size % 16 == 0 and ((size // 16) & (size // 16 - 1)) == 0
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +206,11 @@ class RunConfig:
         if self.sample.steps is not None and self.sample.steps > self.diffusion.timesteps:
             raise ValueError(
                 f"sample.steps ({self.sample.steps}) cannot exceed the {self.diffusion.timesteps} diffusion timesteps"
+            )
+        if self.train.eval_every_steps and not _swd_size(self.data.image_size):
+            raise ValueError(
+                f"--eval-every scores samples with SWD, which needs an image size of 16 * 2**k (16, 32, 64, 128, ...); "
+                f"got {self.data.image_size}"
             )
         factor = self.model.downsample_factor
         if self.data.image_size % factor:

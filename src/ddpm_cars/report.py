@@ -201,13 +201,17 @@ def _is_note(key: str, value: Any) -> bool:
     return isinstance(value, str) and (key.rsplit(".", 1)[-1] == "note" or key.endswith("_skipped"))
 
 
+_MEMORISATION = ("memoriz", "memoris")
+
+
 def _evaluation(flat: dict[str, Any] | str | None, run: str) -> str:
     if flat is None:
         return _missing("The final evaluation (eval/metrics.json)", f"ddpm-cars eval --checkpoint {run}")
     if isinstance(flat, str):
         return f'<div class="note">{escape(flat)}</div>'
     notes = "".join(f'<div class="note"><strong>{escape(k)}</strong>: {escape(v)}</div>' for k, v in flat.items() if _is_note(k, v))
-    return notes + _table([(k, v) for k, v in flat.items() if not _is_note(k, v)], ("metric", "value"))
+    rows = [(k, v) for k, v in flat.items() if not _is_note(k, v) and not k.startswith(_MEMORISATION)]
+    return notes + _table(rows, ("metric", "value"))  # the memorisation numbers have their own section
 
 
 def _memorisation(run_dir: Path, flat: dict[str, Any] | str | None, run: str) -> str:
@@ -215,7 +219,7 @@ def _memorisation(run_dir: Path, flat: dict[str, Any] | str | None, run: str) ->
     if not nearest.is_file() and not hist.is_file():
         return _missing("The memorisation check (eval/nearest.png)", f"ddpm-cars eval --checkpoint {run}")
     parts = []
-    if isinstance(flat, dict) and (rows := [(k, v) for k, v in flat.items() if k.startswith(("memoriz", "memoris"))]):
+    if isinstance(flat, dict) and (rows := [(k, v) for k, v in flat.items() if k.startswith(_MEMORISATION)]):
         parts.append(_table(rows, ("distance", "value")))
     if nearest.is_file():
         caption = "eval/nearest.png: each sample beside its nearest training image"
