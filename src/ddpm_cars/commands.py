@@ -19,9 +19,10 @@ from ddpm_cars.diffusion import q_sample
 from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.models import build_model
 from ddpm_cars.report import write_report
-from ddpm_cars.samplers import StepCallback, generate
+from ddpm_cars.samplers import StepCallback
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import distributed
 from ddpm_cars.training import resolve_device
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
@@ -60,6 +61,8 @@ def train(args: argparse.Namespace) -> int:
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
+    if not distributed.current_world().is_main:
+        return 0
     print(f"Trained to step {result.step} (last loss {result.last_loss:.4f}) in {time.perf_counter() - tic:.0f} s")
     print(f"Run directory: {result.run_dir}  (sample with: ddpm-cars sample --checkpoint {result.run_dir} --out DIR)")
     return 0
@@ -85,20 +88,23 @@ def denoising_frames(
 def sample_run(
     run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True,
     trajectory: bool = False, grid_count: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
-    all by default), images/NNNN.png and denoising.png."""
+    all by default), images/NNNN.png and denoising.png. Under torchrun the images are
+    shared out over the processes and rank 0 writes them (the others return None)."""
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
-    dev = resolve_device(device)
+    world, dev = distributed.init_from_env(resolve_device(device))
     model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
     schedule = build_schedule(config.diffusion)
     visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing).tolist()
     frames, predictions, callback = denoising_frames(visited)
-    images = generate(
-        model, schedule, num, config.data.image_size, seed, config.sample, diffusion_config=config.diffusion,
+    images = distributed.generate_across_ranks(
+        model, schedule, num, config.data.image_size, seed, config.sample, world, diffusion_config=config.diffusion,
         batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
     )
+    if images is None:  # not rank 0
+        return None
     (out / "images").mkdir(parents=True, exist_ok=True)
     save_grid(images[:grid_count], out / "grid.png")
     for i, image in enumerate(images):
@@ -158,7 +164,7 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
     from ddpm_cars.evaluation import runs
     from ddpm_cars.evaluation.swd import pyramid_resolutions
 
-    dev = resolve_device(args.device)
+    world, dev = distributed.init_from_env(resolve_device(args.device))
     if args.checkpoint is not None:
         run_dir, _ = ckpt.resolve_checkpoint(args.checkpoint)
         data = RunConfig.load(run_dir / ckpt.CONFIG_FILE).data
@@ -175,13 +181,16 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
             size = first.size[0]
     pyramid_resolutions(size)  # SWD's image sizes: say so before minutes of sampling
     data = dataclasses.replace(data, source=args.data or data.source, split=args.split or "train", image_size=size)
-    reference = runs.load_reference(data, args.num_samples if args.memorization else 0)
-    inception, fid_skipped = (None, "--no-fid") if not args.fid else runs.load_inception(args.inception_weights, dev)
-    if args.checkpoint is not None:
+    if world.is_main:  # the reference and the Inception weights first: their errors come before minutes of sampling
+        reference = runs.load_reference(data, args.num_samples if args.memorization else 0)
+        inception, fid_skipped = (None, "--no-fid") if not args.fid else runs.load_inception(args.inception_weights, dev)
+    if args.checkpoint is not None:  # under torchrun every process samples its share; rank 0 scores
         overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
         samples, config, checkpoint = runs.checkpoint_samples(
-            args.checkpoint, args.num_samples, args.seed, overrides, args.batch_size, dev, args.ema
+            args.checkpoint, args.num_samples, args.seed, overrides, args.batch_size, dev, args.ema, world
         )
+        if samples is None:
+            return {}, None
         what = f"{args.num_samples} samples ({runs.sampling_description(config.sample)}) of {checkpoint}"
         summary: dict = {"checkpoint": str(checkpoint), "sampler": config.sample.sampler, "steps": config.sample.steps,
                          "seed": args.seed}
@@ -203,6 +212,8 @@ def evaluate(args: argparse.Namespace) -> int:
     run_dir = None
     if args.sample_metrics:
         summary, run_dir = sample_evaluation(args)
+    if not distributed.current_world().is_main:  # under torchrun, rank 0 reports
+        return 0
     if args.nll:
         nll = evaluate_run(
             args.checkpoint, args.data, args.split or "test", args.num_images, args.timesteps, args.batch_size,

@@ -216,9 +216,12 @@ def generate(
     precision: str = "fp32",
     callback: StepCallback | None = None,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with
 ``config.sampler`` on ``config.steps`` of the schedule's steps (all by default).
+    ``indices`` picks which images of the request to draw instead of ``0..num_images-1``
+    (a share of a request spread over processes): image ``i`` is the same either way.
 
     The model is put in eval mode; with ``config.batchnorm == "batch"`` BatchNorm layers
     normalise with each sampling batch's statistics instead (running stats untouched).
@@ -226,6 +229,7 @@ def generate(
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1; got {num_images}, {batch_size}")
+    wanted = list(range(num_images)) if indices is None else list(indices)
     timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing)
     steps_schedule = schedule if len(timesteps) == schedule.timesteps else schedule.respace(timesteps)
     sample_fn, extra = {
@@ -235,11 +239,10 @@ def generate(
     }[config.sampler]
     was_training = model.training
     out = []
-    starts = range(0, num_images, batch_size)
+    starts = range(0, len(wanted), batch_size)
     try:
         for start in tqdm(starts, desc="Sampling batches", disable=not progress or len(starts) == 1):
-            indices = range(start, min(start + batch_size, num_images))
-            gens = image_generators(seed, indices, device)
+            gens = image_generators(seed, wanted[start:start + batch_size], device)
             x_T = randn((3, image_size, image_size), gens, device)
             if config.batchnorm == "batch":
                 ctx = batchnorm_uses_batch_stats(model)
@@ -255,4 +258,4 @@ def generate(
             out.append(x.clamp(-1, 1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, 3, image_size, image_size)

@@ -18,9 +18,9 @@ from ddpm_cars.evaluation.inception import InceptionFeatures, InceptionUnavailab
 from ddpm_cars.evaluation.memorization import MemorizationCheck, memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.models import build_model
-from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
 from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training.distributed import World, generate_across_ranks
 from ddpm_cars.viz import save_distance_histogram, save_rows
 
 EVAL_DIR = "eval"
@@ -70,16 +70,18 @@ def load_inception(weights: str | Path | None, device: torch.device, download: b
 
 def checkpoint_samples(
     run: Path, num: int, seed: int, sample_overrides: dict, batch_size: int, device: torch.device, ema: bool = True,
-) -> tuple[torch.Tensor, RunConfig, Path]:
-    """``num`` uint8 samples from a run's checkpoint, with its sample settings overridden."""
+    world: World = World(),
+) -> tuple[torch.Tensor | None, RunConfig, Path]:
+    """``num`` uint8 samples from a run's checkpoint, with its sample settings overridden;
+    shared out over the processes of ``world`` and gathered on rank 0 (None elsewhere)."""
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
     model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(device)
-    images = generate(
-        model, build_schedule(config.diffusion), num, config.data.image_size, seed, config.sample,
+    images = generate_across_ranks(
+        model, build_schedule(config.diffusion), num, config.data.image_size, seed, config.sample, world,
         diffusion_config=config.diffusion, batch_size=batch_size, device=device, precision=config.train.precision,
     )
-    return to_uint8(images), config, checkpoint
+    return (to_uint8(images) if images is not None else None), config, checkpoint
 
 
 def sampling_description(sample: SampleConfig) -> str:

@@ -25,6 +25,7 @@ from ddpm_cars.runtime import autocast, prepare_model, to_layout
 from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
 from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import distributed
 from ddpm_cars.training.ema import EMA
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, warmup_factor
@@ -80,9 +81,11 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2 (the seed's RandomHorizontalFlip)."""
-    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
+def random_hflip(x: torch.Tensor, generator: torch.Generator, part: slice = slice(None), count: int | None = None) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2 (the seed's RandomHorizontalFlip).
+    ``x`` may be the ``part`` of a batch of ``count`` images (the coins of the whole batch
+    are drawn, so every process of a distributed run draws the same)."""
+    flip = torch.rand(count or x.shape[0], generator=generator, device=generator.device)[part] < 0.5
     return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
@@ -135,7 +138,8 @@ def train(
     last epoch's grid does not already).
     """
     run_dir = Path(run_dir)
-    dev = resolve_device(device)
+    world, dev = distributed.init_from_env(resolve_device(device))
+    main_rank = world.is_main  # writes checkpoints, logs, pictures; shows the progress bar
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
@@ -147,12 +151,19 @@ def train(
         raise ValueError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
     if data.image_size != config.data.image_size:
         raise ValueError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / ckpt.CONFIG_FILE)
+    if tcfg.batch_size % (world.size * tcfg.grad_accum_steps):
+        raise ValueError(
+            f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
+            f"{tcfg.grad_accum_steps} micro-batches"
+        )
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / ckpt.CONFIG_FILE)
     images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
     batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
     total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
-    micro_size = tcfg.batch_size // tcfg.grad_accum_steps
+    mine = world.share(tcfg.batch_size)  # this process's part of every batch
+    micro_size = tcfg.batch_size // world.size // tcfg.grad_accum_steps
 
     def layout(x: torch.Tensor) -> torch.Tensor:
         return to_layout(x, tcfg.channels_last)
@@ -161,7 +172,10 @@ def train(
     with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
         torch.manual_seed(tcfg.seed)
         model = build_model(config).to(dev)
-    net = prepare_model(model, channels_last=tcfg.channels_last, compile=tcfg.compile)  # what is called
+    if tcfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # what is called: DDP around the model when distributed, compiled when asked
+    net = prepare_model(distributed.wrap(model, world, dev), compile=tcfg.compile)
     optimizer = build_optimizer(model.parameters(), tcfg)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
     rng = torch.Generator(dev).manual_seed(tcfg.seed)
@@ -181,10 +195,12 @@ def train(
             ema.updates = state.ema_updates
     log = read_loss_log(run_dir / LOSS_CSV, step)
     evaluate = None
-    if tcfg.eval_every_steps:
+    if tcfg.eval_every_steps and main_rank:
         evaluate = PeriodicEval(config, run_dir, data.images, schedule, dev, step, inception_weights)
 
     def save() -> None:
+        if not main_rank:
+            return
         ema_updates = ema.updates if ema is not None else 0
         state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates, skipped)
         # the log first: rows past the checkpoint a resume starts from are dropped on reading
@@ -196,6 +212,8 @@ def train(
     def sample_grid(name: str) -> None:
         nonlocal last_grid_step
         last_grid_step = step
+        if not main_rank:
+            return
         sampled = ema.model if ema is not None else model
         num, size = config.sample.num_images, config.data.image_size
         samples = generate(
@@ -204,29 +222,41 @@ def train(
         )
         save_grid(samples, run_dir / "samples" / f"{name}.png")
 
-    bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not (progress and main_rank), dynamic_ncols=True)
     model.train()
+    stopped = False
+
+    def stop_now() -> bool:
+        """A Ctrl-C (or SIGTERM from torchrun) seen by any process stops them all at one step."""
+        nonlocal stopped
+        stopped = stopped or distributed.any_rank(stop.requested, world, dev)
+        return stopped
+
     with StopRequest() as stop:
-        while step < total_steps and not stop.requested:
+        while step < total_steps and not stopped:
             order = epoch_order(len(data), tcfg.seed, epoch)
-            while consumed < batches_per_epoch and step < total_steps and not stop.requested:
+            while consumed < batches_per_epoch and step < total_steps and not stop_now():
                 tic = time.perf_counter()
-                idx = order[consumed * tcfg.batch_size : (consumed + 1) * tcfg.batch_size].to(dev)
+                idx = order[consumed * tcfg.batch_size : (consumed + 1) * tcfg.batch_size][mine].to(dev)
                 x0 = to_model_range(images[idx])
+                # every process draws for the whole batch and keeps its part: the same draws as one process
                 if config.data.flip:
-                    x0 = random_hflip(x0, rng)
-                t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=rng, device=dev)
-                noise = torch.randn(x0.shape, generator=rng, device=dev)
+                    x0 = random_hflip(x0, rng, mine, tcfg.batch_size)
+                t = torch.randint(0, schedule.timesteps, (tcfg.batch_size,), generator=rng, device=dev)[mine]
+                noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=rng, device=dev)[mine]
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=dev)
                 for part in range(tcfg.grad_accum_steps):  # micro-batches: same gradient, less memory
                     micro = slice(part * micro_size, (part + 1) * micro_size)
-                    with autocast(dev, tcfg.precision):
-                        micro_loss = training_loss(
-                            net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion
-                        ) / tcfg.grad_accum_steps
-                    micro_loss.backward()
+                    last = part == tcfg.grad_accum_steps - 1  # DDP averages gradients over processes only then
+                    with distributed.no_sync(net, sync=last):
+                        with autocast(dev, tcfg.precision):
+                            micro_loss = training_loss(
+                                net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion
+                            ) / tcfg.grad_accum_steps
+                        micro_loss.backward()
                     loss += micro_loss.detach()
+                loss = distributed.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
                 if gradients_usable(model, loss, tcfg.grad_clip):
                     set_lr(optimizer, tcfg.lr * warmup_factor(step - skipped, tcfg.warmup_steps))
                     optimizer.step()
@@ -238,16 +268,16 @@ def train(
 
                 step, consumed = step + 1, consumed + 1
                 log.append((step, loss.item()))
-                if bad_streak >= tcfg.max_nonfinite_steps:
+                if bad_streak >= tcfg.max_nonfinite_steps:  # the same on every rank: the loss is averaged
                     save()
                     raise NonFiniteLossError(
                         f"the loss was not finite for {bad_streak} steps in a row (up to step {step}); the weights "
                         f"of the last good step are saved in {run_dir}. Try a lower --lr or --grad-clip 1.0"
                     )
-                rate = x0.shape[0] / (time.perf_counter() - tic)
+                rate = tcfg.batch_size / (time.perf_counter() - tic)  # all processes together
                 bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}", skipped=skipped)
                 bar.update(1)
-                if evaluate is not None and step % tcfg.eval_every_steps == 0:
+                if evaluate is not None and step % tcfg.eval_every_steps == 0:  # rank 0 only
                     row = evaluate(ema.model if ema is not None else model, step)
                     bar.write(f"step {step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
                 if step % tcfg.checkpoint_every_steps == 0:
@@ -259,9 +289,12 @@ def train(
                 save()
     bar.close()
     save()
-    if stop.requested:
-        print(f"Interrupted: checkpoint saved at step {step}; continue with --resume")
+    if stopped:
+        if main_rank:
+            print(f"Interrupted: checkpoint saved at step {step}; continue with --resume")
+        distributed.barrier(world)
         raise KeyboardInterrupt
     if final_grid and last_grid_step != step:
         sample_grid("final")
+    distributed.barrier(world)  # the other processes wait for rank 0's last writes
     return TrainResult(run_dir, step, log[-1][1] if log else float("nan"))

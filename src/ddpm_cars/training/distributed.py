@@ -1,0 +1,139 @@
+"""Data-parallel training and sampling on PyTorch's own engine: torchrun starts one
+process per device, DistributedDataParallel averages the gradients.
+
+A single process (no torchrun) is the world of size 1 and nothing here does anything.
+Under torchrun, ``init_from_env`` joins the process group (nccl on CUDA, gloo on CPU)
+from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+Conventions: ``--batch-size`` is the global batch. Every rank walks the same shuffled
+order and draws the same timesteps and noise for the whole batch, then keeps its
+contiguous share, so N processes compute the gradient of exactly the batch one process
+would (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import ContextManager, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among ``size`` processes."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs, pictures and progress bars."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, count: int) -> slice:
+        """This rank's contiguous part of ``count`` items (``count`` divisible by the size)."""
+        part = count // self.size
+        return slice(self.rank * part, (self.rank + 1) * part)
+
+
+def current_world() -> World:
+    """The process group joined by this process, or the world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(device: torch.device) -> tuple[World, torch.device]:
+    """Join torchrun's process group when WORLD_SIZE > 1; on CUDA each process takes the
+    GPU of its LOCAL_RANK. Returns the world and the device this process uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return current_world(), device
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return current_world(), device
+
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes."""
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def no_sync(net: nn.Module, sync: bool) -> ContextManager:
+    """Skip DDP's gradient all-reduce on accumulation micro-steps (``sync`` False)."""
+    if sync or not hasattr(net, "no_sync"):
+        return contextlib.nullcontext()
+    return net.no_sync()
+
+
+def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise mean of ``values`` over all ranks (a copy; unchanged on one)."""
+    if not world.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / world.size
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when it is true on any (e.g. a stop request)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shard_indices(count: int, world: World) -> list[int]:
+    """Image indices this rank generates: ``rank, rank + size, ...`` below ``count``."""
+    return list(range(world.rank, count, world.size))
+
+
+def gather_images(images: torch.Tensor, indices: Sequence[int], count: int, world: World) -> torch.Tensor | None:
+    """Images generated across ranks, in index order, on rank 0 (None on the others)."""
+    if not world.distributed:
+        return images
+    parts: list = [None] * world.size if world.is_main else None  # type: ignore[assignment]
+    dist.gather_object((list(indices), images.cpu()), parts, dst=0)
+    if not world.is_main:
+        return None
+    out = torch.empty((count, *images.shape[1:]), dtype=images.dtype)
+    for part_indices, part in parts:
+        if len(part_indices):
+            out[torch.tensor(part_indices)] = part
+    return out
+
+
+def generate_across_ranks(model: nn.Module, schedule, num_images: int, image_size: int, seed: int, config, world: World,
+                          **kwargs) -> torch.Tensor | None:
+    """``samplers.generate`` with the images of the request shared out over the ranks
+    (rank r draws images r, r + size, ...) and gathered on rank 0, in order; per-image
+    seeds make them the images one process would draw. None on the other ranks."""
+    from ddpm_cars.samplers import generate
+
+    indices = shard_indices(num_images, world)
+    if not world.is_main:
+        kwargs = {**kwargs, "callback": None, "progress": False}
+    images = generate(model, schedule, num_images, image_size, seed, config, indices=indices, **kwargs)
+    return gather_images(images, indices, num_images, world)

@@ -1,0 +1,127 @@
+"""Data-parallel training and sampling with 2 CPU processes (gloo), against one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpm_cars.config import TINY
+from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.training import distributed, train
+
+# the improved recipe, tiny; GroupNorm (no batch statistics), no dropout: the gradient of
+# a batch does not depend on how it is split. Micro-batches exercise no_sync.
+CONFIG = TINY.replace(
+    data={"toy_count": 48, "flip": True},
+    train={"batch_size": 8, "grad_accum_steps": 2, "max_steps": 4, "checkpoint_every_steps": 2, "ema_decay": 0.9,
+           "sample_every_epochs": 100, "warmup_steps": 2},
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _train_worker(rank: int, world: int, port: int, run_dir: str, max_steps: int, resume: bool, counts: str) -> None:
+    _join(rank, world, port)
+    saves = []
+    original = ckpt.save_checkpoint
+    ckpt.save_checkpoint = lambda *a, **k: (saves.append(1), original(*a, **k))[1]
+    try:
+        train(CONFIG.replace(train={"max_steps": max_steps}), run_dir, resume=resume, device="cpu", progress=False)
+    finally:
+        ckpt.save_checkpoint = original
+        Path(counts, f"saves_{rank}.json").write_text(json.dumps(len(saves)))
+        dist.destroy_process_group()
+
+
+def _weights(run_dir: Path, name: str = ckpt.MODEL_FILE) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.latest_checkpoint(run_dir) / name)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE):
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
+def test_two_processes_train_the_weights_of_one_and_resume(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(CONFIG, single, device="cpu", progress=False)
+    mp.spawn(_train_worker, args=(2, _free_port(), str(double), 4, False, str(tmp_path)), nprocs=2)
+    _assert_same_weights(single, double)
+    counts = [json.loads((tmp_path / f"saves_{r}.json").read_text()) for r in (0, 1)]
+    assert counts[0] > 0 and counts[1] == 0  # rank 0 alone writes checkpoints
+    assert sorted(p.name for p in (double / ckpt.CHECKPOINT_DIR).iterdir()) == \
+        sorted(p.name for p in (single / ckpt.CHECKPOINT_DIR).iterdir())
+    assert (double / "loss.csv").read_text().splitlines()[0] == "step,loss"
+    # resume: both processes continue from step 4 to 6 and still match one process
+    train(CONFIG.replace(train={"max_steps": 6}), single, resume=True, device="cpu", progress=False)
+    mp.spawn(_train_worker, args=(2, _free_port(), str(double), 6, True, str(tmp_path)), nprocs=2)
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(double)).step == 6
+    _assert_same_weights(single, double)
+
+
+def test_the_global_batch_must_split_over_the_processes():
+    world = distributed.World(rank=1, size=3)
+    assert world.share(12) == slice(4, 8) and not world.is_main
+    assert distributed.shard_indices(7, world) == [1, 4]
+
+
+def _sample_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    from ddpm_cars.commands import sample_run
+
+    _join(rank, world, port)
+    try:
+        result = sample_run(Path(run_dir), Path(out), 5, 1, 2, "cpu", {"steps": 4})
+        assert (result is None) == (rank != 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_sample_the_images_of_one(tmp_path):
+    from ddpm_cars.commands import sample_run
+
+    run = tmp_path / "run"
+    train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
+    sample_run(run, tmp_path / "one", 5, 1, 2, "cpu", {"steps": 4})
+    mp.spawn(_sample_worker, args=(2, _free_port(), str(run), str(tmp_path / "two")), nprocs=2)
+    names = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) and len(names) == 5
+    for name in names:
+        a, b = (np.asarray(Image.open(tmp_path / d / "images" / name), dtype=int) for d in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, name  # same seeds; other batches, so at most a rounding step apart
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun end to end on Linux")
+def test_torchrun_runs_the_command_line(tmp_path):
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "-m", "ddpm_cars", "train", "--preset", "tiny", "--toy-count", "32", "--batch-size", "8", "--steps", "2",
+               "--out", str(run), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("Trained to step 2") == 1  # rank 0 alone reports
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == 2
