@@ -6,9 +6,10 @@ Under torchrun, ``init_from_env`` joins the process group (nccl on CUDA, gloo on
 from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
 Conventions: ``--batch-size`` is the global batch. Every rank walks the same shuffled
-order and draws the same timesteps and noise for the whole batch, then keeps its
-contiguous share, so N processes compute the gradient of exactly the batch one process
-would (up to float summation order).
+order of the epoch and draws the same timesteps and noise for the whole batch, then
+keeps its share -- every N-th item, as DistributedSampler assigns them -- so N processes
+compute the gradient of exactly the batch one process would (up to float summation
+order).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class World:
         return self.size > 1
 
     def share(self, count: int) -> slice:
-        """This rank's contiguous part of ``count`` items (``count`` divisible by the size)."""
-        part = count // self.size
-        return slice(self.rank * part, (self.rank + 1) * part)
+        """This rank's part of a batch: every ``size``-th item from ``rank`` -- the items
+        torch's DistributedSampler gives it, as it takes every ``size``-th item of the
+        epoch's permutation (``count`` divisible by the size)."""
+        return slice(self.rank, count, self.size)
 
 
 def current_world() -> World:
