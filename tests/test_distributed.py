@@ -125,3 +125,29 @@ def test_torchrun_runs_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("Trained to step 2") == 1  # rank 0 alone reports
     assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == 2
+
+
+def _eval_worker(rank: int, world: int, port: int, argv: list) -> None:
+    from ddpm_cars.cli import main
+
+    _join(rank, world, port)
+    try:
+        assert main(argv) == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_evaluate_like_one(tmp_path, monkeypatch):
+    from ddpm_cars.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights, no download
+    run = tmp_path / "run"
+    train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
+    argv = ["eval", "--checkpoint", str(run), "--num-samples", "6", "--steps", "3", "--batch-size", "1", "--no-fid",
+            "--no-memorization", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    mp.spawn(_eval_worker, args=(2, _free_port(), argv + ["--out", str(tmp_path / "two")]), nprocs=2)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["num_samples"] == two["num_samples"] == 6 and one["metrics"].keys() == two["metrics"].keys()
+    for name, value in one["metrics"].items():  # the same images; one thread or two in the arithmetic
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-6), name
