@@ -219,7 +219,7 @@ def evaluate(args: argparse.Namespace) -> int:
             args.checkpoint, args.data, args.split or "test", args.num_images, args.timesteps, args.batch_size,
             args.seed, args.device, args.ema,
         )
-        summary = {**nll, **summary, "nll": nll} if summary else nll
+        summary = {**summary, "nll": nll} if summary else nll
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

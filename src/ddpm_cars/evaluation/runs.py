@@ -12,7 +12,7 @@ import torch
 
 from ddpm_cars.config import DataConfig, RunConfig, SampleConfig
 from ddpm_cars.data import build_dataset
-from ddpm_cars.data.dataset import to_uint8
+from ddpm_cars.data.dataset import to_model_range, to_uint8
 from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.evaluation.inception import InceptionFeatures, InceptionUnavailable, resolve_weights
 from ddpm_cars.evaluation.memorization import MemorizationCheck, memorization_check
@@ -90,12 +90,12 @@ def sampling_description(sample: SampleConfig) -> str:
 
 def evaluate_samples(
     samples: torch.Tensor, reference: ReferenceData, inception: InceptionFeatures | None, *, seed: int = 0,
-    memorization: bool = True, cache_dir: Path | None = None,
+    memorization: bool = True, cache_dir: Path | None = None, progress: bool = True,
 ) -> tuple[dict[str, float], MemorizationCheck | None]:
     """The metrics of ``samples`` and, with ``memorization``, their nearest training images."""
     metrics, features = sample_metrics(
         samples, reference.images, description=reference.description, inception=inception, cache_dir=cache_dir,
-        seed=seed, progress=True,
+        seed=seed, progress=progress,
     )
     check = None
     if memorization:
@@ -114,10 +114,10 @@ def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference:
     written = [METRICS_FILE]
     if check is not None:
         order = check.sample_distance.argsort()[:NEAREST_PAIRS].tolist()
-        as_image = lambda u8: u8.float() / 127.5 - 1  # noqa: E731 - uint8 -> [-1, 1] for the pictures
         rows = [
-            ("sample", [(f"d={check.sample_distance[i]:.3f}", as_image(samples[i])) for i in order]),
-            ("nearest\ntraining\nimage", [(f"#{check.sample_index[i]}", as_image(reference.images[check.sample_index[i]])) for i in order]),
+            ("sample", [(f"d={check.sample_distance[i]:.3f}", to_model_range(samples[i])) for i in order]),
+            ("nearest\ntraining\nimage",
+             [(f"#{check.sample_index[i]}", to_model_range(reference.images[check.sample_index[i]])) for i in order]),
         ]
         save_rows(rows, out / NEAREST_PICTURE, "Samples closest to a training image (RMS pixel distance d)")
         save_distance_histogram(check.sample_distance, check.heldout_distance, out / DISTANCES_PICTURE)

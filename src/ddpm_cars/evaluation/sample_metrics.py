@@ -22,8 +22,7 @@ PIXEL_FEATURE_SIZE = 16  # precision/recall without a feature network: 16 x 16 x
 
 def pixel_features(images: torch.Tensor, size: int = PIXEL_FEATURE_SIZE) -> torch.Tensor:
     """uint8 ``[N, 3, H, W]`` -> ``[N, 3 * size * size]`` area-averaged pixels in [0, 1]."""
-    small = F.adaptive_avg_pool2d(images.float() / 255, size) if images.shape[-1] != size else images.float() / 255
-    return small.flatten(1)
+    return F.adaptive_avg_pool2d(images.float() / 255, size).flatten(1)
 
 
 def matched_subset(reference: torch.Tensor, count: int, seed: int) -> torch.Tensor:

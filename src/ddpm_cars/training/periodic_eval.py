@@ -75,7 +75,7 @@ class PeriodicEval:
             model, self.schedule, num, size, EVAL_SEED, self.config.sample, diffusion_config=self.config.diffusion,
             batch_size=min(num, 256), device=self.device, precision=self.config.train.precision, progress=False,
         )
-        metrics, _ = evaluate_samples(to_uint8(samples), self.reference, self.inception, memorization=False)
+        metrics, _ = evaluate_samples(to_uint8(samples), self.reference, self.inception, memorization=False, progress=False)
         row = {"step": step, **metrics}
         self.rows.append(row)
         write_metrics_log(self.run_dir, self.rows)
