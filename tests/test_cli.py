@@ -191,3 +191,75 @@ def test_cli_module_does_not_import_torch_for_help():
     done = subprocess.run([sys.executable, "-c", "import sys, ddpm_cars.cli; print('torch' in sys.modules)"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(Path(cli.__file__).parents[1])})
     assert done.stdout.strip() == "False"
+
+
+def test_class_conditional_run_lists_its_classes_and_draws_them_by_name_or_index(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--toy-count", "16", "--steps", "2", "--class-conditional", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["classes", str(run)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == ["0  sedan", "1  hatchback", "2  suv", "3  pickup", "4  sports", "5  van"]  # the toy body types
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--class", "SUV", "--class", "5", "--num", "3",
+                 "--guidance", "2", "--steps", "3"]) == 0
+    assert "3 each of suv, van, guidance 2" in capsys.readouterr().out
+    assert len(list((out / "images").iterdir())) == 6
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 + 3 * 18, 2 + 2 * 18)  # one row of 3 per class, 16 px images, 2 px padding
+    assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--num", "2", "--steps", "3"]) == 0  # unconditional
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--class", "truck"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown class 'truck'; closest:" in err[0] and "ddpm-cars classes RUN" in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/s", "--class", "sedan"], "not class-conditional"),
+        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/s", "--guidance", "3"], "--guidance steers towards a class"),
+        (["classes", "{run}"], "is not class-conditional"),
+        (["train", "--out", "{tmp}/r2", "--crop", "bbox"], "--crop bbox needs Stanford Cars"),
+        (["train", "--out", "{tmp}/r2", "--data", "{tmp}", "--crop", "bbox"], "plain image folder"),
+    ],
+)
+def test_class_and_crop_mistakes_give_one_clear_line(tmp_path, argv, message, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--toy-count", "8", "--steps", "1", *TINY]) == 0
+    (tmp_path / "a.png").write_bytes(b"")
+    capsys.readouterr()
+    assert main([a.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpm-cars: error:") and message in err[0], err
+
+
+def test_guidance_must_be_a_finite_non_negative_number(capsys):
+    for bad in ["-1", "inf", "strong"]:
+        with pytest.raises(SystemExit):
+            main(["sample", "--checkpoint", "x", "--out", "y", "--class", "0", "--guidance", bad])
+        assert "--guidance" in capsys.readouterr().err
+
+
+def test_conditional_training_on_a_kaggle_copy_with_bbox_crops(tmp_path, capsys):
+    """The README's Stanford Cars recipe, on a Kaggle-shaped copy with two classes and boxes."""
+    root = tmp_path / "kaggle"
+    rows = []
+    for c, name in enumerate(["Audi R8 Coupe 2012", "BMW M3 Coupe 2012"]):
+        for i in range(4):
+            file = f"{c * 4 + i + 1:05d}.jpg"
+            (root / "car_data" / "car_data" / "train" / name).mkdir(parents=True, exist_ok=True)
+            pixels = np.full((30, 40, 3), (0, 0, 255), np.uint8)
+            pixels[10:20, 5 + i : 25 + i] = (255, 0, 0)
+            Image.fromarray(pixels).save(root / "car_data" / "car_data" / "train" / name / file)
+            rows.append(f"{file},{5 + i},10,{25 + i},20,{c + 1}")
+    (root / "anno_train.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--crop", "bbox", "--class-conditional", "--out", str(run),
+                 "--steps", "1", *TINY]) == 0
+    saved = __import__("json").loads((run / "config.json").read_text())
+    assert saved["data"]["crop"] == "bbox" and saved["model"]["class_names"] == ["Audi R8 Coupe 2012", "BMW M3 Coupe 2012"]
+    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--class", "bmw m3 coupe 2012",
+                 "--num", "2", "--steps", "2"]) == 0
+    assert "2 each of BMW M3 Coupe 2012, guidance 3" in capsys.readouterr().out
+    assert main(["forward", "--data", str(root), "--crop", "bbox", "--image-size", "16", "--out", str(tmp_path / "f.png")]) == 0

@@ -56,11 +56,31 @@ def test_replace_overrides_one_field():
         (lambda: TrainConfig(batch_size=12, grad_accum_steps=5), "divisible by train.grad_accum_steps"),
         (lambda: RunConfig.from_dict({"trian": {}}), "unknown config sections"),
         (lambda: RunConfig.from_dict({"train": {"learning_rate": 1}}), "unknown train options"),
+        (lambda: DataConfig(crop="square"), "data.crop"),
+        (lambda: DataConfig(bbox_margin=-0.1), "data.bbox_margin"),
+        (lambda: TrainConfig(label_dropout=1.0), "train.label_dropout"),
+        (lambda: ModelConfig(class_names=("a", "b")), "only for a class-conditional model"),
+        (lambda: ModelConfig(class_conditional=True, class_names=("a", "a")), "distinct"),
     ],
 )
 def test_bad_values_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_configs_from_before_the_crop_choice_still_load():
+    old = SEED.to_dict()
+    del old["data"]["crop"]
+    for flag, crop in [(True, "center"), (False, "none")]:
+        old["data"]["center_crop"] = flag
+        assert RunConfig.from_dict(old).data.crop == crop
+
+
+def test_class_names_round_trip_through_json(tmp_path):
+    config = SEED.replace(model={"class_conditional": True, "class_names": ("BMW M3 Coupe 2012", "Audi R8 Coupe 2012")})
+    config.save(tmp_path / "c.json")
+    loaded = RunConfig.load(tmp_path / "c.json")
+    assert loaded == config and loaded.model.num_classes == 2
 
 
 def test_unreadable_config_file(tmp_path):

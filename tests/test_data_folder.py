@@ -121,7 +121,7 @@ def test_loose_class_name_does_not_collide_with_a_subfolder(tmp_path):
 
 
 def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
-    image = load_image(save(tmp_path / "g.jpg", 100, mode="L"), SIZE, False)
+    image = load_image(save(tmp_path / "g.jpg", 100, mode="L"), SIZE)
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
     assert close(pixel(image, 3, 3), (100, 100, 100), tol=3)
@@ -130,14 +130,14 @@ def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     path = save_array(tmp_path / "g16.png", np.full((12, 20), 40000, np.uint16))
     assert Image.open(path).mode.startswith("I")
-    assert close(pixel(load_image(path, SIZE, False), 0, 0), (156, 156, 156), tol=1)
+    assert close(pixel(load_image(path, SIZE), 0, 0), (156, 156, 156), tol=1)
 
 
 def test_transparent_rgba_pixels_become_white_and_opaque_red_stays_red(tmp_path):
     array = np.zeros((12, 20, 4), np.uint8)
     array[:, :10] = (255, 0, 0, 0)  # transparent (red underneath must not show)
     array[:, 10:] = (255, 0, 0, 255)  # opaque red
-    image = load_image(save_array(tmp_path / "t.png", array), SIZE, False)
+    image = load_image(save_array(tmp_path / "t.png", array), SIZE)
     assert pixel(image, 0, 0) == (255, 255, 255)
     assert close(pixel(image, 0, SIZE - 1), RED, tol=2)
 
@@ -148,7 +148,7 @@ def test_palette_png_with_transparency(tmp_path):
     img.paste(1, (10, 0, 20, 12))
     path = tmp_path / "p.png"
     img.save(path, transparency=0)
-    image = load_image(path, SIZE, False)
+    image = load_image(path, SIZE)
     assert pixel(image, 0, 0) == (255, 255, 255)
     assert close(pixel(image, 0, SIZE - 1), RED, tol=2)
 
@@ -156,7 +156,7 @@ def test_palette_png_with_transparency(tmp_path):
 def test_cmyk_jpeg_becomes_rgb(tmp_path):
     path = save(tmp_path / "c.jpg", (0, 255, 255, 0), mode="CMYK")
     assert Image.open(path).mode == "CMYK"
-    image = load_image(path, SIZE, False)
+    image = load_image(path, SIZE)
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
     assert close(pixel(image, 4, 4), RED, tol=50)
 
@@ -165,7 +165,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3  # rotate 180 degrees
     path = save_array(tmp_path / "o.png", bands(20, 12, [(RED, 10), (BLUE, 10)]), exif=exif)
-    image = load_image(path, SIZE, False)
+    image = load_image(path, SIZE)
     assert pixel(image, 0, 0) == BLUE and pixel(image, 0, SIZE - 1) == RED
 
 
@@ -174,11 +174,27 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_plain_resize_keeps_edges_and_center_crop_drops_them(tmp_path):
     path = save_array(tmp_path / "wide.png", bands(40, 10, [(RED, 12), (GREEN, 16), (BLUE, 12)]))
-    squashed = load_image(path, SIZE, center_crop=False)
+    squashed = load_image(path, SIZE, crop="none")
     assert pixel(squashed, 4, 0) == RED and pixel(squashed, 4, SIZE - 1) == BLUE
-    cropped = load_image(path, SIZE, center_crop=True)
+    cropped = load_image(path, SIZE, crop="center")
     assert cropped.shape == (3, SIZE, SIZE)
     assert all(close(pixel(cropped, 4, x), GREEN, tol=10) for x in range(SIZE))
+    assert torch.equal(load_image(path, SIZE), squashed)  # "none" is the default
+
+
+@pytest.mark.parametrize("crop", ["centre", "", False, True])
+def test_unknown_crop_is_an_error_listing_the_choices(tmp_path, crop):
+    path = save(tmp_path / "a.png")
+    with pytest.raises(DataError, match="none, center, bbox"):
+        load_image(path, SIZE, crop)
+    with pytest.raises(DataError, match="none, center, bbox"):
+        load_image_folder(tmp_path, SIZE, crop, progress=False)
+
+
+def test_center_crop_of_a_folder(tmp_path):
+    save_array(tmp_path / "wide.png", bands(40, 10, [(RED, 12), (GREEN, 16), (BLUE, 12)]))
+    data = load_image_folder(tmp_path, SIZE, "center", progress=False)
+    assert all(close(pixel(data.images[0], 4, x), GREEN, tol=10) for x in range(SIZE))
 
 
 # --- bad files and errors ----------------------------------------------------

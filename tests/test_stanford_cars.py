@@ -121,3 +121,14 @@ def test_missing_kagglehub_is_a_data_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "kagglehub", None)  # makes the import fail
     with pytest.raises(DataError, match="Install kagglehub.*--data"):
         download_stanford_cars()
+
+
+@pytest.mark.parametrize("crop", ["none", "center"])
+def test_crops_other_than_bbox_need_no_annotations(kaggle_root, crop):
+    data = load_stanford_cars(kaggle_root, "all", 8, crop, progress=False)
+    assert data.images.shape == (7, 3, 8, 8)
+
+
+def test_unknown_crop_is_an_error(kaggle_root):
+    with pytest.raises(DataError, match="Unknown crop 'square'; choose one of none, center, bbox"):
+        load_stanford_cars(kaggle_root, "train", 8, "square", progress=False)

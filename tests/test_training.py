@@ -205,3 +205,20 @@ def test_channels_last_gives_the_same_gradient(tmp_path, tiny_config, monkeypatc
     nchw = _first_gradients(monkeypatch, config, tmp_path / "nchw")
     nhwc = _first_gradients(monkeypatch, config.replace(train={"channels_last": True}), tmp_path / "nhwc")
     assert torch.allclose(nchw, nhwc, rtol=1e-4, atol=1e-6)
+
+
+def test_a_conditional_run_stores_its_class_names_and_resumes_only_on_them(tmp_path, tiny_config):
+    from ddpm_cars.data import ImageSet, toy_cars_dataset
+
+    config = tiny_config.replace(model={"class_conditional": True}, train={"max_steps": 2})
+    train(config, tmp_path / "run", progress=False, final_grid=False)
+    saved = RunConfig.load(tmp_path / "run" / "config.json")
+    assert saved.model.class_names == ("sedan", "hatchback", "suv", "pickup", "sports", "van")
+    assert "label_embed.table.weight" in _weights(tmp_path / "run")  # 6 classes + the null class
+    assert _weights(tmp_path / "run")["label_embed.table.weight"].shape[0] == 7
+    toys = toy_cars_dataset(64, 16)
+    other = ImageSet(toys.images, toys.labels % 3, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="trained on 6 classes .* but the data has 3"):
+        train(saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, dataset=other, progress=False)
+    result = train(saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, progress=False, final_grid=False)
+    assert result.step == 4

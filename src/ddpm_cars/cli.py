@@ -1,4 +1,4 @@
-"""The command line: ``ddpm-cars train | sample | eval | report | forward | demo | bench``."""
+"""The command line: ``ddpm-cars train | sample | classes | eval | report | forward | demo | bench``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ddpm_cars.config import DEFAULT_PRESET, PRESETS, SEED, RunConfig
+
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale of `sample --class`
 
 PROG = "ddpm-cars"
 
@@ -48,6 +50,16 @@ def _probability(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text!r}")
+    return value
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         try:
@@ -67,7 +79,8 @@ RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--data", "data", "source", {"metavar": "SOURCE"}, "toy-cars, stanford-cars (Kaggle download), or an image folder"),
     ("--split", "data", "split", {"choices": ["train", "test", "all"]}, "Stanford Cars split (for toy-cars, test draws other images)"),
     ("--image-size", "data", "image_size", {"type": _positive(int)}, "training resolution in pixels"),
-    ("--center-crop", "data", "center_crop", {"action": argparse.BooleanOptionalAction}, "resize the short side and crop the centre square instead of squashing"),
+    ("--crop", "data", "crop", {"choices": ["none", "center", "bbox"]}, "none: squash each image to a square; center: resize the short side and keep the centre square; bbox: a square around the car's annotated box (Stanford Cars)"),
+    ("--bbox-margin", "data", "bbox_margin", {"type": float, "metavar": "FRACTION"}, "--crop bbox: margin on each side of the box, as a share of its longer side"),
     ("--flip", "data", "flip", {"action": argparse.BooleanOptionalAction}, "random horizontal flips"),
     ("--toy-count", "data", "toy_count", {"type": _positive(int)}, "number of images generated for --data toy-cars"),
     ("--model", "model", "name", {"choices": ["res_attn_unet", "simple_unet"]}, "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet"),
@@ -78,6 +91,8 @@ RUN_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("--dropout", "model", "dropout", {"type": _probability}, "dropout in the residual blocks (res_attn_unet)"),
     ("--resblock-updown", "model", "resblock_updown", {"action": argparse.BooleanOptionalAction}, "BigGAN-style resampling inside residual blocks (res_attn_unet)"),
     ("--time-emb-dim", "model", "time_emb_dim", {"type": _positive(int)}, "sinusoidal time embedding size (simple_unet)"),
+    ("--class-conditional", "model", "class_conditional", {"action": argparse.BooleanOptionalAction}, "condition on the class (class subfolders; the body type for toy-cars) so `sample --class` can ask for one"),
+    ("--label-dropout", "train", "label_dropout", {"type": _probability, "metavar": "P"}, "--class-conditional: share of labels replaced by the null class, for classifier-free guidance"),
     ("--timesteps", "diffusion", "timesteps", {"type": _positive(int)}, "diffusion steps T"),
     ("--schedule", "diffusion", "schedule", {"choices": ["linear", "cosine"]}, "noise schedule: linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)"),
     ("--loss", "diffusion", "loss", {"choices": ["l1", "l2"]}, "loss on the prediction target (l2 on eps is L_simple)"),
@@ -159,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images from a trained run", description="Generate images from pure noise.")
     sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
     sample.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for grid.png, images/ and denoising.png (required)")
-    sample.add_argument("--num", type=_positive(int), default=64, help="number of images (default: 64)")
+    sample.add_argument("--num", type=_positive(int), default=64, help="number of images, per class with --class (default: 64)")
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default: 0)")
     sample.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
     sample.add_argument("--trajectory", action="store_true", help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)")
     sample.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    sample.add_argument("--class", dest="classes", action="append", default=None, metavar="NAME", help="draw --num images of this class: its name (any case) or index; repeat for several, one grid row each (class-conditional runs; list them with `ddpm-cars classes RUN`; default: unconditional)")
+    sample.add_argument("--guidance", type=_non_negative, default=None, metavar="SCALE", help=f"classifier-free guidance with --class: 0 unconditional, 1 conditional, more for stronger class likeness (default: {DEFAULT_GUIDANCE:g})")
     _device_option(sample)
     _add_options(sample, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")
 
@@ -173,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--out", type=Path, default=Path("forward_process.png"), help="PNG to write (default: forward_process.png)")
     forward.add_argument("--index", type=int, default=0, help="which image of the dataset (default: 0)")
     forward.add_argument("--image-size", type=_positive(int), default=SEED.data.image_size, help=f"pixels (default: {SEED.data.image_size})")
-    forward.add_argument("--center-crop", action="store_true", help="crop the centre square instead of squashing (default: off)")
+    forward.add_argument("--crop", default="none", choices=["none", "center", "bbox"], help="none: squash to a square; center: the centre square; bbox: around the annotated car, Stanford Cars (default: none)")
     forward.add_argument("--timesteps", type=_positive(int), default=SEED.diffusion.timesteps, help=f"diffusion steps T (default: {SEED.diffusion.timesteps})")
     forward.add_argument("--schedule", default=SEED.diffusion.schedule, choices=["linear", "cosine"], help=f"noise schedule (default: {SEED.diffusion.schedule})")
     forward.add_argument("--frames", type=_positive(int), default=10, help="pictures in the strip (default: 10)")
@@ -208,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers to this JSON file (default: none)")
     _device_option(evaluate)
     _add_options(evaluate, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")
+
+    classes = sub.add_parser("classes", help="list the classes a class-conditional run can draw", description="Print the index and name of each class of a class-conditional run, for `sample --class`.")
+    classes.add_argument("run", type=Path, metavar="RUN", help="run directory or checkpoint directory (required)")
 
     report = sub.add_parser("report", help="write a run's report.html", description="Write RUN/report.html: one self-contained page with the config, samples, denoising strip, curves, metrics and memorisation check.")
     report.add_argument("run", type=Path, metavar="RUN", help="run directory (required)")

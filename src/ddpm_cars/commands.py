@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.cli import SAMPLE_OPTIONS, TRAIN_OPTIONS, config_overrides
+from ddpm_cars.cli import DEFAULT_GUIDANCE, SAMPLE_OPTIONS, TRAIN_OPTIONS, config_overrides
+from ddpm_cars.conditioning import class_labels
 from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
@@ -85,15 +86,21 @@ def denoising_frames(
     return states, predictions, callback
 
 
+GRID_ROW_PER_CLASS_UP_TO = 16  # images per class that still fit on one grid row
+
+
 def sample_run(
     run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True,
-    trajectory: bool = False, grid_count: int | None = None,
+    trajectory: bool = False, grid_count: int | None = None, classes: list[str] | None = None, guidance: float = 1.0,
 ) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
-    all by default), images/NNNN.png and denoising.png. Under torchrun the images are
-    shared out over the processes and rank 0 writes them (the others return None)."""
+    all by default), images/NNNN.png and denoising.png. With ``classes`` (names or indices)
+    ``num`` images of each, guided by ``guidance``, one grid row per class. Under torchrun the
+    images are shared out over the processes and rank 0 writes them (the others return None)."""
     run_dir, checkpoint = ckpt.resolve_checkpoint(run)
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
+    labels = class_labels(classes, config.model.class_names, num) if classes else None
+    num = num if labels is None else len(labels)
     world, dev = distributed.init_from_env(resolve_device(device))
     model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
     schedule = build_schedule(config.diffusion)
@@ -102,11 +109,13 @@ def sample_run(
     images = distributed.generate_across_ranks(
         model, schedule, num, config.data.image_size, seed, config.sample, world, diffusion_config=config.diffusion,
         batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
+        labels=labels, guidance=guidance,
     )
     if images is None:  # not rank 0
         return None
     (out / "images").mkdir(parents=True, exist_ok=True)
-    save_grid(images[:grid_count], out / "grid.png")
+    per_row = num // len(classes) if classes and num // len(classes) <= GRID_ROW_PER_CLASS_UP_TO else None
+    save_grid(images[:grid_count], out / "grid.png", nrow=per_row)
     for i, image in enumerate(images):
         save_image(image, out / "images" / f"{i:04d}.png")
     save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
@@ -114,6 +123,9 @@ def sample_run(
         save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
                   f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({checkpoint.name})")
     how = config.sample.sampler + (f", {config.sample.steps} steps" if config.sample.steps else ", all steps")
+    if labels is not None:
+        names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
+        how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
     files = "grid.png, images/, denoising.png" + (", trajectory.png" if trajectory else "")
     print(f"Wrote {num} images ({how}) from {checkpoint} to {out}/ ({files})")
     return images
@@ -121,7 +133,24 @@ def sample_run(
 
 def sample(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
-    sample_run(args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema, args.trajectory)
+    if args.guidance is not None and not args.classes:
+        raise ValueError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    sample_run(
+        args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema,
+        args.trajectory, classes=args.classes, guidance=guidance,
+    )
+    return 0
+
+
+def classes(args: argparse.Namespace) -> int:
+    run_dir, _ = ckpt.resolve_checkpoint(args.run)
+    names = RunConfig.load(run_dir / ckpt.CONFIG_FILE).model.class_names
+    if not names:
+        raise ValueError(f"{run_dir} is not class-conditional: train with --class-conditional to ask for classes")
+    width = len(str(len(names) - 1))
+    for i, name in enumerate(names):
+        print(f"{i:>{width}}  {name}")
     return 0
 
 
@@ -195,7 +224,7 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
         summary: dict = {"checkpoint": str(checkpoint), "sampler": config.sample.sampler, "steps": config.sample.steps,
                          "seed": args.seed}
     else:
-        samples = load_image_folder(args.images, size, False).images
+        samples = load_image_folder(args.images, size).images
         what = f"{samples.shape[0]} images of {args.images}"
         summary = {"images": str(args.images)}
     out = args.out or (run_dir / runs.EVAL_DIR if run_dir is not None else None)
@@ -258,7 +287,7 @@ def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, fr
 
 
 def forward(args: argparse.Namespace) -> int:
-    data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, center_crop=args.center_crop)
+    data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, crop=args.crop)
     diffusion = DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule)
     forward_picture(data, args.index, diffusion, args.frames, args.seed, args.out)
     return 0

@@ -22,6 +22,7 @@ BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++"]
 Spacing = Literal["uniform", "quadratic"]
 Split = Literal["train", "test", "all"]
+Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["simple_unet", "res_attn_unet"]
 
 
@@ -49,10 +50,17 @@ class ModelConfig:
     head_channels: int = 64  # res_attn_unet: channels per attention head
     dropout: float = 0.0  # res_attn_unet
     resblock_updown: bool = False  # res_attn_unet: BigGAN-style resampling inside residual blocks
+    class_conditional: bool = False  # a class embedding added to the time embedding
+    class_names: tuple[str, ...] = ()  # the classes it knows, filled from the data when training starts
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, ModelName)
         object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.class_names and not self.class_conditional:
+            raise ValueError("model.class_names are only for a class-conditional model (model.class_conditional)")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("model.class_names must be distinct")
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"model.channels needs >= 2 positive widths; got {self.channels}")
@@ -71,6 +79,11 @@ class ModelConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the network is conditioned on; 0 for an unconditional network."""
+        return len(self.class_names)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,10 @@ class DataConfig:
     source: str = "toy-cars"  # "toy-cars", "stanford-cars", or a folder path
     split: Split = "train"
     image_size: int = 64
-    center_crop: bool = False
+    # "none": squash to a square; "center": resize the short side, keep the centre square;
+    # "bbox": a square around the annotated car (Stanford Cars), with bbox_margin around the box
+    crop: Crop = "none"
+    bbox_margin: float = 0.1  # crop: bbox only; added on each side, as a share of the box's longer side
     flip: bool = True
     toy_count: int = 8192  # images generated for --data toy-cars
 
@@ -113,6 +129,9 @@ class DataConfig:
         if not self.source:
             raise ValueError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
         _check_choice("data.split", self.split, Split)
+        _check_choice("data.crop", self.crop, Crop)
+        if not 0.0 <= self.bbox_margin <= 1.0:
+            raise ValueError(f"data.bbox_margin must be in [0, 1]; got {self.bbox_margin}")
         _check_positive("data.image_size", self.image_size, 16)
         _check_positive("data.toy_count", self.toy_count)
 
@@ -161,6 +180,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network
     eval_every_steps: int = 0  # score samples (SWD; FID when weights are present) every N steps; 0: never
     eval_samples: int = 256  # samples scored each time
+    label_dropout: float = 0.1  # class-conditional models: share of labels replaced by the null class
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -182,6 +202,8 @@ class TrainConfig:
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
         _check_positive("train.eval_every_steps", self.eval_every_steps, 0)
         _check_positive("train.eval_samples", self.eval_samples, 4)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"train.label_dropout must be in [0, 1); got {self.label_dropout}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"
@@ -259,6 +281,9 @@ _SECTION_TYPES = {
 
 def _section(name: str, values: dict[str, Any]) -> Any:
     kind = _SECTION_TYPES[name]
+    if name == "data" and "center_crop" in values:  # config.json of runs from before data.crop
+        values = {**values, "crop": "center" if values["center_crop"] else "none"}
+        del values["center_crop"]
     allowed = {f.name for f in fields(kind)}
     unknown = set(values) - allowed
     if unknown:

@@ -1,7 +1,7 @@
 """The diffusion math: forward noising, prediction targets, reverse means and variances,
 the variational bound and the training losses (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Nothing here knows about networks beyond calling ``model(x_t, t)`` once. Timesteps are
+Nothing here knows about networks beyond calling ``model(x_t, t)`` (or ``model(x_t, t, y)``) once. Timesteps are
 0-indexed: ``t = 0`` is the paper's ``t = 1``, whose reverse step is the decoder.
 """
 
@@ -203,8 +203,10 @@ def training_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     config: DiffusionConfig,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One term of Algorithm 1: noise x_0 to x_t, predict the target, compare.
+    """One term of Algorithm 1: noise x_0 to x_t, predict the target (given labels ``y``
+    for a class-conditional network), compare.
 
     ``l2`` on eps is L_simple (Eq. 14); ``l1`` is the seed's choice. With a learned
     variance the loss is L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021,
@@ -212,7 +214,7 @@ def training_loss(
     through a stop-gradient, so it trains the variance alone.
     """
     x_t = q_sample(schedule, x0, t, noise)
-    output = model(x_t, t).float()
+    output = (model(x_t, t) if y is None else model(x_t, t, y)).float()
     mean_out, var_out = split_output(output, config)
     target = prediction_target(schedule, x0, t, noise, config.prediction)
     if config.loss == "l1":

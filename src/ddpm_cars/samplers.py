@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ddpm_cars import diffusion
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.diffusion import VarianceType
-from ddpm_cars.models import batchnorm_uses_batch_stats
+from ddpm_cars.conditioning import ClassifierFreeGuidance
+from ddpm_cars.models import batchnorm_uses_batch_stats, num_classes
 from ddpm_cars.runtime import autocast
 from ddpm_cars.schedule import NoiseSchedule, sampling_timesteps
 
@@ -217,11 +218,18 @@ def generate(
     callback: StepCallback | None = None,
     progress: bool = True,
     indices: Sequence[int] | None = None,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """``num_images`` samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with
-``config.sampler`` on ``config.steps`` of the schedule's steps (all by default).
+    ``config.sampler`` on ``config.steps`` of the schedule's steps (all by default).
     ``indices`` picks which images of the request to draw instead of ``0..num_images-1``
     (a share of a request spread over processes): image ``i`` is the same either way.
+
+    ``labels`` (``[num_images]``, a class-conditional model only) asks for class
+    ``labels[i]`` in image ``i``, with classifier-free ``guidance`` (0: unconditional,
+    1: conditional, more: stronger); without labels a conditional model samples
+    unconditionally.
 
     The model is put in eval mode; with ``config.batchnorm == "batch"`` BatchNorm layers
     normalise with each sampling batch's statistics instead (running stats untouched).
@@ -230,6 +238,12 @@ def generate(
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1; got {num_images}, {batch_size}")
     wanted = list(range(num_images)) if indices is None else list(indices)
+    classes = num_classes(model)
+    if labels is not None:
+        if not classes:
+            raise ValueError("class labels given, but the model is not class-conditional")
+        if labels.shape != (num_images,):
+            raise ValueError(f"need one label per image: labels of shape {tuple(labels.shape)} for {num_images} images")
     timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing)
     steps_schedule = schedule if len(timesteps) == schedule.timesteps else schedule.respace(timesteps)
     sample_fn, extra = {
@@ -249,9 +263,12 @@ def generate(
             else:
                 model.eval()
                 ctx = torch.no_grad()
+            net = model
+            if labels is not None:
+                net = ClassifierFreeGuidance(model, labels[wanted[start:start + batch_size]].to(device), guidance, classes)
             with ctx:
                 x = sample_fn(
-                    model, steps_schedule, x_T, gens, timesteps=timesteps, diffusion_config=diffusion_config,
+                    net, steps_schedule, x_T, gens, timesteps=timesteps, diffusion_config=diffusion_config,
                     clip_x0=config.clip_x0, precision=precision, callback=callback if start == 0 else None,
                     progress=progress, **extra,
                 )

@@ -28,14 +28,18 @@ def toy_cars_dataset(count: int, image_size: int, seed: int = TOY_CARS_SEED) -> 
 
 def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
     """The dataset named by ``config.source``: ``toy-cars``, ``stanford-cars`` or a folder path."""
-    size, crop = config.image_size, config.center_crop
+    size, crop = config.image_size, config.crop
     if config.source == "toy-cars":
+        if crop == "bbox":
+            raise DataError("--crop bbox needs Stanford Cars and its box annotations; toy cars are already framed")
         return toy_cars_dataset(config.toy_count, size, TOY_CARS_TEST_SEED if config.split == "test" else TOY_CARS_SEED)
     if config.source == "stanford-cars":
-        return load_stanford_cars(download_stanford_cars(), config.split, size, crop, progress=progress)
+        return load_stanford_cars(
+            download_stanford_cars(), config.split, size, crop, config.bbox_margin, progress=progress
+        )
     root = Path(config.source).expanduser()
     if not root.exists():
         raise DataError(f"--data must be 'toy-cars', 'stanford-cars' or an existing folder; {root} does not exist")
     if find_split_dirs(root) is not None:
-        return load_stanford_cars(root, config.split, size, crop, progress=progress)
+        return load_stanford_cars(root, config.split, size, crop, config.bbox_margin, progress=progress)
     return load_image_folder(root, size, crop, progress=progress)

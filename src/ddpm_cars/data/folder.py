@@ -9,6 +9,11 @@ Class names are sorted and a label is the index of its class name.
 Hidden files and folders (names starting with ``"."``) below ``root`` are
 skipped. Files that cannot be decoded are skipped with an
 :class:`ImageDecodeWarning` naming the file.
+
+Every image becomes ``S x S`` by one of :data:`CROPS`: ``"none"`` squashes the
+whole image, ``"center"`` keeps the centre square, ``"bbox"`` keeps a square
+around a given car bounding box (:mod:`ddpm_cars.data.boxes`; only Stanford
+Cars has boxes, so a plain folder cannot use it).
 """
 
 from __future__ import annotations
@@ -20,16 +25,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from ddpm_cars.data.boxes import Box, crop_to_box
 from ddpm_cars.data.dataset import DataError, ImageSet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _WHITE = (255, 255, 255, 255)
+CROPS = ("none", "center", "bbox")
+# EXIF orientation -> the transpose that shows the image upright (as in ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeWarning(UserWarning):
@@ -60,20 +77,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path, image_size: int, center_crop: bool) -> torch.Tensor:
-    """Decode one image fully into uint8 ``[3, S, S]``.
+def check_crop(crop: str) -> None:
+    """Raise :class:`DataError` unless ``crop`` is one of :data:`CROPS`."""
+    if crop not in CROPS:
+        raise DataError(f"Unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
 
-    By default the image is squashed to ``S x S``; with ``center_crop`` its
-    shorter side is resized to ``S`` and the centre ``S x S`` is kept.
-    """
+
+def _decode(
+    path: Path, image_size: int, crop: str, box: Box | None, margin: float
+) -> tuple[torch.Tensor, bool]:
+    """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``."""
     with Image.open(path) as img:
         img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img))
-    if center_crop:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        rgb = to_rgb(img)
+    cropped = False
+    if crop == "bbox" and box is not None:
+        boxed = crop_to_box(rgb, box, margin)  # boxes are in stored pixels: crop before rotating
+        if boxed is not None:  # None: the box lies outside the image, which stays uncropped
+            rgb, cropped = boxed, True
+    if orientation in _UPRIGHT:
+        rgb = rgb.transpose(_UPRIGHT[orientation])
+    if crop == "center":
         rgb = F.center_crop(F.resize(rgb, [image_size]), [image_size, image_size])
-    else:
+    else:  # "none", or "bbox" whose crop is already square (or the image uncropped)
         rgb = F.resize(rgb, [image_size, image_size])
-    return F.pil_to_tensor(rgb)
+    return F.pil_to_tensor(rgb), cropped
+
+
+def load_image(
+    path: Path, image_size: int, crop: str = "none", box: Box | None = None, margin: float = 0.1
+) -> torch.Tensor:
+    """Decode one image fully into uint8 ``[3, S, S]``.
+
+    ``crop="none"`` squashes the image to ``S x S``; ``"center"`` resizes its
+    shorter side to ``S`` and keeps the centre ``S x S``; ``"bbox"`` keeps the
+    square around ``box`` with ``margin`` (see :func:`~ddpm_cars.data.boxes.square_crop_region`)
+    and resizes it to ``S x S``. With ``"bbox"``, a missing box or one lying
+    entirely outside the image leaves the image uncropped, squashed as with ``"none"``.
+    """
+    check_crop(crop)
+    return _decode(path, image_size, crop, box, margin)[0]
 
 
 def label_images(root: Path, paths: list[Path]) -> tuple[list[int], list[str]]:
@@ -89,11 +133,30 @@ def label_images(root: Path, paths: list[Path]) -> tuple[list[int], list[str]]:
     return [index[name] for name in names], class_names
 
 
-def _try_load(path: Path, image_size: int, center_crop: bool) -> torch.Tensor | Exception:
+def _try_load(
+    path: Path, image_size: int, crop: str, box: Box | None, margin: float
+) -> tuple[torch.Tensor, bool] | Exception:
     try:
-        return load_image(path, image_size, center_crop)
+        return _decode(path, image_size, crop, box, margin)
     except Exception as exc:  # any decoder failure means "skip this file"
         return exc
+
+
+def load_images_with_boxes(
+    paths: list[Path],
+    labels: list[int],
+    class_names: list[str],
+    image_size: int,
+    boxes: list[Box | None],
+    margin: float = 0.1,
+    *,
+    progress: bool = True,
+) -> tuple[ImageSet, int]:
+    """:func:`load_images` with ``crop="bbox"``; also how many boxes lay entirely outside their image.
+
+    Those images, like the ones whose box is None, are used uncropped.
+    """
+    return _load_all(paths, labels, class_names, image_size, "bbox", boxes, margin, progress)
 
 
 def load_images(
@@ -101,46 +164,83 @@ def load_images(
     labels: list[int],
     class_names: list[str],
     image_size: int,
-    center_crop: bool = False,
+    crop: str = "none",
     *,
+    boxes: list[Box | None] | None = None,
+    margin: float = 0.1,
     progress: bool = True,
 ) -> ImageSet:
-    """Decode ``paths`` in a thread pool (order kept); skip undecodable files."""
+    """Decode ``paths`` in a thread pool (order kept); skip undecodable files.
+
+    ``crop="bbox"`` needs ``boxes``, one per path; a None entry leaves that
+    image uncropped (squashed to ``S x S``). See :func:`load_image`.
+    """
+    return _load_all(paths, labels, class_names, image_size, crop, boxes, margin, progress)[0]
+
+
+def _load_all(
+    paths: list[Path],
+    labels: list[int],
+    class_names: list[str],
+    image_size: int,
+    crop: str,
+    boxes: list[Box | None] | None,
+    margin: float,
+    progress: bool,
+) -> tuple[ImageSet, int]:
+    check_crop(crop)
     if image_size < 1:
         raise DataError(f"image_size must be positive, got {image_size}")
     if not paths:
         raise DataError("No image files to load")
+    if crop == "bbox":
+        if boxes is None or len(boxes) != len(paths):
+            given = "none" if boxes is None else len(boxes)
+            raise DataError(f"crop 'bbox' needs one box (or None) per image: {len(paths)} images, {given} boxes")
+        if not margin >= 0:
+            raise DataError(f"bbox margin must be >= 0 (a share of the box's longer side), got {margin}")
+    elif boxes is not None:
+        raise DataError(f"boxes are only used with crop 'bbox', not {crop!r}")
+    boxes = boxes if boxes is not None else [None] * len(paths)
     with ThreadPoolExecutor() as pool:
-        results = pool.map(lambda p: _try_load(p, image_size, center_crop), paths)
+        results = pool.map(lambda p, b: _try_load(p, image_size, crop, b, margin), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
         decoded = list(bar)
-    images, kept = [], []
-    for path, label, result in zip(paths, labels, decoded):
+    images, kept, outside = [], [], 0
+    for path, label, box, result in zip(paths, labels, boxes, decoded):
         if isinstance(result, Exception):
-            warnings.warn(f"Skipping {path}: cannot decode image ({result})", ImageDecodeWarning, stacklevel=2)
-        else:
-            images.append(result)
-            kept.append(label)
+            warnings.warn(f"Skipping {path}: cannot decode image ({result})", ImageDecodeWarning, stacklevel=3)
+            continue
+        image, cropped = result
+        images.append(image)
+        kept.append(label)
+        outside += box is not None and not cropped
     if not images:
         raise DataError(f"None of the {len(paths)} image files could be decoded (first: {paths[0]})")
-    return ImageSet(torch.stack(images), torch.tensor(kept, dtype=torch.int64), class_names)
+    return ImageSet(torch.stack(images), torch.tensor(kept, dtype=torch.int64), class_names), outside
 
 
 def load_image_folder(
     root: str | Path,
     image_size: int,
-    center_crop: bool = False,
+    crop: str = "none",
     *,
     progress: bool = True,
 ) -> ImageSet:
-    """Load every image under ``root``, labelled by first-level subfolder."""
+    """Load every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"Image folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; pass a folder of images")
+    check_crop(crop)
+    if crop == "bbox":
+        raise DataError(
+            f"crop 'bbox' needs the Stanford Cars Kaggle layout (car_data/{{train,test}}/<class>/ with "
+            f"anno_train.csv / anno_test.csv beside car_data/); {root} is a plain image folder, use crop none or center"
+        )
     paths = find_images(root)
     if not paths:
         raise DataError(f"No image files in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
     labels, class_names = label_images(root, paths)
-    return load_images(paths, labels, class_names, image_size, center_crop, progress=progress)
+    return load_images(paths, labels, class_names, image_size, crop, progress=progress)

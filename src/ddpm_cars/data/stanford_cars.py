@@ -5,14 +5,30 @@ After ``kagglehub`` downloads :data:`KAGGLE_DATASET`, the images sit in
 8,041 test images, 196 classes). A local copy is recognised at ``root``,
 ``root/car_data`` or ``root/car_data/car_data``: the folder that holds
 ``train/`` and/or ``test/``.
+
+Beside ``car_data/`` (in ``root``) lie ``anno_train.csv`` and ``anno_test.csv``
+with each image's car bounding box; ``crop="bbox"`` crops every image to a
+square around its box (:mod:`ddpm_cars.data.boxes`). Each split's CSV is looked
+for from its split folder up (``car_data/car_data``, ``car_data``, ``root``),
+so it is found whichever of the three folders ``--data`` names. Images without
+a usable box are used uncropped, counted in one :class:`BoxWarning` per load.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+from ddpm_cars.data.boxes import (
+    Box,
+    BoxWarning,
+    annotation_dirs,
+    annotation_file_name,
+    find_annotations,
+    parse_annotations,
+)
 from ddpm_cars.data.dataset import DataError, ImageSet
-from ddpm_cars.data.folder import find_images, load_images
+from ddpm_cars.data.folder import check_crop, find_images, load_images, load_images_with_boxes
 
 KAGGLE_DATASET = "jutrera/stanford-car-dataset-by-classes-folder"
 SPLITS = ("train", "test", "all")
@@ -64,43 +80,94 @@ def _require_split_dirs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def split_dirs(root: Path, split: str) -> list[Path]:
-    """Folders making up ``split``; ``"all"`` is every split present in this copy."""
+def _chosen_splits(root: Path, split: str) -> dict[str, Path]:
+    """``{split name: folder}`` making up ``split``; ``"all"`` is every split present."""
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     dirs = _require_split_dirs(root)
     if split == "all":
-        return [dirs[name] for name in _SPLIT_FOLDERS if name in dirs]
+        return dirs
     if split not in dirs:
         raise DataError(f"Split {split!r} is missing from {root} (found: {', '.join(dirs)})")
-    return [dirs[split]]
+    return {split: dirs[split]}
+
+
+def split_dirs(root: Path, split: str) -> list[Path]:
+    """Folders making up ``split``; ``"all"`` is every split present in this copy."""
+    return list(_chosen_splits(root, split).values())
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _split_boxes(split_dir: Path, split: str, paths: list[Path]) -> tuple[list[Box | None], int, int, str]:
+    """Each path's box from the split's CSV; also how many paths had a malformed row or no row, and the CSV name."""
+    csv_path = find_annotations(split_dir, split)
+    if csv_path is None:
+        looked = ", ".join(str(d) for d in annotation_dirs(split_dir))
+        raise DataError(
+            f"crop 'bbox' needs {annotation_file_name(split)} (beside car_data/ in the Kaggle copy) "
+            f"for split {split!r}; looked in {looked}"
+        )
+    by_name, malformed_names = parse_annotations(csv_path)
+    malformed_names = set(malformed_names)
+    boxes = [by_name.get(path.name) for path in paths]
+    no_box = [path.name for path, box in zip(paths, boxes) if box is None]
+    malformed = sum(name in malformed_names for name in no_box)
+    return boxes, malformed, len(no_box) - malformed, csv_path.name
+
+
 def load_stanford_cars(
     root: Path,
     split: str,
     image_size: int,
-    center_crop: bool = False,
+    crop: str = "none",
+    margin: float = 0.1,
     progress: bool = True,
 ) -> ImageSet:
     """Load a split; class indices come from all splits present, so they agree.
 
-    Only images inside class folders count; files loose in a split folder are ignored.
+    Only images inside class folders count; files loose in a split folder are
+    ignored. ``crop`` is "none", "center" or "bbox" (see :func:`~ddpm_cars.data.folder.load_image`);
+    with "bbox", ``margin`` is added around each box as a share of its longer side.
     """
-    chosen = split_dirs(root, split)
+    check_crop(crop)
+    chosen = _chosen_splits(root, split)
     every_split = _require_split_dirs(root).values()
     class_names = sorted({d.name for split_dir in every_split for d in _class_dirs(split_dir)})
     index = {name: i for i, name in enumerate(class_names)}
-    paths, labels = [], []
-    for split_dir in chosen:
+    paths, labels, boxes = [], [], []
+    malformed, without_row = 0, {}  # without_row: CSV name -> images it has no row for
+    for name, split_dir in chosen.items():
+        split_paths = []
         for class_dir in _class_dirs(split_dir):
             images = find_images(class_dir)
-            paths += images
+            split_paths += images
             labels += [index[class_dir.name]] * len(images)
+        paths += split_paths
+        if crop == "bbox" and split_paths:
+            split_boxes, split_malformed, split_without, csv_name = _split_boxes(split_dir, name, split_paths)
+            boxes += split_boxes
+            malformed += split_malformed
+            without_row[csv_name] = split_without
     if not paths:
         raise DataError(f"No images in class folders of split {split!r} under {root}")
-    return load_images(paths, labels, class_names, image_size, center_crop, progress=progress)
+    if crop != "bbox":
+        return load_images(paths, labels, class_names, image_size, crop, progress=progress)
+    data, outside = load_images_with_boxes(paths, labels, class_names, image_size, boxes, margin, progress=progress)
+    malformed += outside  # a box entirely outside its image counts as a malformed row
+    uncropped = malformed + sum(without_row.values())
+    if uncropped:
+        reasons = [_plural(malformed, "malformed row")] if malformed else []
+        reasons += [f"{count} without a row in {csv}" for csv, count in without_row.items() if count]
+        warnings.warn(
+            f"bbox crop: {uncropped} of {len(paths)} images used uncropped ({', '.join(reasons)})",
+            BoxWarning,
+            stacklevel=2,
+        )
+    return data

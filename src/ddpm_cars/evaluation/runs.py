@@ -42,7 +42,7 @@ class ReferenceData:
 def describe(data: DataConfig) -> str:
     source = data.source if data.source in ("toy-cars", "stanford-cars") else str(Path(data.source).expanduser().resolve())
     extra = f"-{data.toy_count}" if data.source == "toy-cars" else ""
-    return f"{source}{extra}-{data.split}-{data.image_size}px" + ("-crop" if data.center_crop else "")
+    return f"{source}{extra}-{data.split}-{data.image_size}px" + ("" if data.crop == "none" else f"-{data.crop}crop")
 
 
 def has_heldout(data: DataConfig) -> bool:

@@ -8,18 +8,23 @@ from typing import Iterator
 from torch import nn
 
 from ddpm_cars.config import RunConfig
+from ddpm_cars.models.embeddings import ClassEmbedding
 from ddpm_cars.models.res_attn_unet import ResAttnUnet
 from ddpm_cars.models.simple_unet import SimpleUnet
 
-__all__ = ["ResAttnUnet", "SimpleUnet", "build_model", "count_parameters", "batchnorm_uses_batch_stats"]
+__all__ = ["ResAttnUnet", "SimpleUnet", "build_model", "count_parameters", "num_classes", "batchnorm_uses_batch_stats"]
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """The network of a run: its model section, sized for its images and its diffusion's
-    output (3 channels, or 6 when the variance is learned)."""
+    """The network of a run: its model section, sized for its images, its diffusion's
+    output (3 channels, or 6 when the variance is learned) and its classes."""
     m, out_channels = config.model, config.diffusion.out_channels
+    if m.class_conditional and not m.class_names:
+        raise ValueError("a class-conditional model needs its class names (they come from the data when training starts)")
     if m.name == "simple_unet":
-        return SimpleUnet(channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels)
+        return SimpleUnet(
+            channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels, num_classes=m.num_classes
+        )
     if m.name == "res_attn_unet":
         return ResAttnUnet(
             image_size=config.data.image_size,
@@ -30,12 +35,18 @@ def build_model(config: RunConfig) -> nn.Module:
             dropout=m.dropout,
             resblock_updown=m.resblock_updown,
             out_channels=out_channels,
+            num_classes=m.num_classes,
         )
     raise ValueError(f"unknown model {m.name!r}; available: 'simple_unet', 'res_attn_unet'")
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def num_classes(model: nn.Module) -> int:
+    """The classes a network is conditioned on (0: unconditional), looked up through any wrapper."""
+    return next((m.num_classes for m in model.modules() if isinstance(m, ClassEmbedding)), 0)
 
 
 @contextmanager

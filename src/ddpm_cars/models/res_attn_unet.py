@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_cars.models.embeddings import SinusoidalPositionEmbeddings
+from ddpm_cars.models.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, add_class_embedding
 
 NORM_GROUPS = 32
 
@@ -116,11 +116,15 @@ class TimestepSequential(nn.ModuleList):
 
 
 class ResAttnUnet(nn.Module):
-    """``model(x_t [B, 3, S, S], t [B]) -> [B, out_channels, S, S]``; S divisible by 2^(levels-1).
+    """``model(x_t [B, 3, S, S], t [B], y [B] | None) -> [B, out_channels, S, S]``; S divisible
+    by 2^(levels-1).
 
     ``channels`` are the level widths (base width times the multipliers); attention is
     used at every level whose feature map is one of ``attention_resolutions`` pixels wide
-    for ``image_size`` inputs (and always in the middle block).
+    for ``image_size`` inputs (and always in the middle block). With ``num_classes`` the
+    network is class-conditional: a learned embedding of the label ``y`` is added to the
+    timestep embedding (Dhariwal & Nichol 2021, Sec. 3), and label ``num_classes`` (also
+    what ``y=None`` means) is the null class of classifier-free guidance.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class ResAttnUnet(nn.Module):
         resblock_updown: bool = False,
         in_channels: int = 3,
         out_channels: int = 3,
+        num_classes: int = 0,
     ):
         super().__init__()
         if len(channels) < 2:
@@ -145,6 +150,7 @@ class ResAttnUnet(nn.Module):
         self.time_embed = nn.Sequential(
             SinusoidalPositionEmbeddings(base), nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        self.label_embed = ClassEmbedding(num_classes, emb_dim) if num_classes else None
 
         def res(i: int, o: int, resample: str | None = None) -> ResBlock:
             return ResBlock(i, o, emb_dim, dropout, resample)
@@ -182,6 +188,7 @@ class ResAttnUnet(nn.Module):
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size must be divisible by {self.downsample_factor}, got {tuple(x.shape[-2:])}")
         emb = self.time_embed(t)
+        emb = add_class_embedding(emb, self.label_embed, y)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:

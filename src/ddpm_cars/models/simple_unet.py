@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddpm_cars.models.embeddings import SinusoidalPositionEmbeddings
+from ddpm_cars.models.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, add_class_embedding
 
 
 class Block(nn.Module):
@@ -36,7 +36,9 @@ class Block(nn.Module):
 
 
 class SimpleUnet(nn.Module):
-    """``model(x_t [B, 3, H, W], t [B]) -> [B, out_channels, H, W]``; H, W divisible by 2^(levels-1)."""
+    """``model(x_t [B, 3, H, W], t [B], y [B] | None) -> [B, out_channels, H, W]``; H, W divisible
+    by 2^(levels-1). With ``num_classes`` a label embedding is added to the time embedding
+    (label ``num_classes``, or ``y=None``, is the null class)."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class SimpleUnet(nn.Module):
         time_emb_dim: int = 32,
         image_channels: int = 3,
         out_channels: int | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         if len(channels) < 2:
@@ -55,6 +58,7 @@ class SimpleUnet(nn.Module):
             nn.Linear(time_emb_dim, time_emb_dim),
             nn.ReLU(),
         )
+        self.label_embed = ClassEmbedding(num_classes, time_emb_dim) if num_classes else None
         self.conv0 = nn.Conv2d(image_channels, down[0], 3, padding=1)
         self.downs = nn.ModuleList(Block(down[i], down[i + 1], time_emb_dim) for i in range(len(down) - 1))
         self.ups = nn.ModuleList(Block(up[i], up[i + 1], time_emb_dim, up=True) for i in range(len(up) - 1))
@@ -63,7 +67,7 @@ class SimpleUnet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size must be divisible by {self.downsample_factor}, got {tuple(x.shape[-2:])}")
-        t_emb = self.time_mlp(t)
+        t_emb = add_class_embedding(self.time_mlp(t), self.label_embed, y)
         x = self.conv0(x)
         skips = []
         for down in self.downs:

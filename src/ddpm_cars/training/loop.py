@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ddpm_cars.conditioning import drop_labels
 from ddpm_cars.config import DiffusionConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet, to_model_range
@@ -121,6 +122,19 @@ def write_loss_log(run_dir: Path, rows: list[tuple[int, float]], loss_name: str)
         save_loss_curve([s for s, _ in rows], [v for _, v in rows], run_dir / "loss.png", loss_name)
 
 
+def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
+    """A class-conditional config with the classes of its data; a resumed run's must match."""
+    if not config.model.class_conditional:
+        return config
+    names = tuple(class_names)
+    if config.model.class_names and config.model.class_names != names:
+        raise ValueError(
+            f"the run was trained on {len(config.model.class_names)} classes ({', '.join(config.model.class_names[:3])}, ...) "
+            f"but the data has {len(names)} ({', '.join(names[:3])}, ...); use the data the run was trained on"
+        )
+    return config.replace(model={"class_names": names})
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -156,10 +170,12 @@ def train(
             f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
             f"{tcfg.grad_accum_steps} micro-batches"
         )
+    config = with_class_names(config, data.class_names)
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / ckpt.CONFIG_FILE)
     images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
+    labels = data.labels.to(dev) if config.model.class_conditional else None
     batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
     total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
     mine = world.share(tcfg.batch_size)  # this process's part of every batch
@@ -244,6 +260,10 @@ def train(
                     x0 = random_hflip(x0, rng, mine, tcfg.batch_size)
                 t = torch.randint(0, schedule.timesteps, (tcfg.batch_size,), generator=rng, device=dev)[mine]
                 noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=rng, device=dev)[mine]
+                y = None
+                if labels is not None:  # label dropout: the null class teaches the unconditional model too
+                    coins = torch.rand(tcfg.batch_size, generator=rng, device=dev)[mine]
+                    y = drop_labels(labels[idx], tcfg.label_dropout, config.model.num_classes, coins)
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=dev)
                 for part in range(tcfg.grad_accum_steps):  # micro-batches: same gradient, less memory
@@ -252,7 +272,8 @@ def train(
                     with distributed.no_sync(net, sync=last):
                         with autocast(dev, tcfg.precision):
                             micro_loss = training_loss(
-                                net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion
+                                net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion,
+                                None if y is None else y[micro],
                             ) / tcfg.grad_accum_steps
                         micro_loss.backward()
                     loss += micro_loss.detach()
