@@ -264,3 +264,17 @@ def test_write_is_atomic_and_out_is_honoured(full_run: Path, tmp_path: Path) -> 
     out = write_report(full_run, tmp_path / "elsewhere" / "r.html")
     assert out == tmp_path / "elsewhere" / "r.html" and out.read_text().startswith("<!DOCTYPE html>")
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]
+
+
+def test_class_conditional_runs_get_a_guidance_section(bare_run: Path) -> None:
+    preset("tiny").replace(model={"class_conditional": True, "class_names": ("a", "b")}).save(bare_run / "config.json")
+    _, page = _page(bare_run)
+    assert page.headings == SECTIONS[:6] + ["Classes and guidance"] + SECTIONS[6:]
+    assert any(f"ddpm-cars guidance {bare_run}" in line for line in page.missing)
+    rows = [{"guidance": 0.0, "share": 0.41}, {"guidance": 3.0, "share": 0.987}]
+    (bare_run / "guidance").mkdir()
+    (bare_run / "guidance" / "guidance.json").write_text(json.dumps({"rows": rows}))
+    _png(bare_run / "guidance" / "guidance.png", (1, 2, 3))
+    _, page = _page(bare_run)
+    assert ["guidance 0", "41.0%", "guidance 3", "98.7%"] == [c for c in page.cells if c.startswith("guidance") or c.endswith("%")]
+    assert any("one row per class" in caption for caption in page.captions)

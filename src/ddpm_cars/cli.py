@@ -1,4 +1,4 @@
-"""The command line: ``ddpm-cars train | sample | classes | eval | report | forward | demo | bench``."""
+"""The command line: ``ddpm-cars train | sample | classes | eval | guidance | report | forward | demo | bench``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def _non_negative(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text!r}")
     return value
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(_non_negative(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0 like 0,1,3; got {text!r}") from None
 
 
 def _positive(kind: type) -> Any:
@@ -228,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     classes = sub.add_parser("classes", help="list the classes a class-conditional run can draw", description="Print the index and name of each class of a class-conditional run, for `sample --class`.")
     classes.add_argument("run", type=Path, metavar="RUN", help="run directory or checkpoint directory (required)")
+
+    guidance = sub.add_parser(
+        "guidance", help="measure classifier-free guidance: how often samples show the class asked for",
+        description="Draw samples of every class of a class-conditional run at each guidance scale and judge them with "
+        "a small classifier trained on the run's real images: the share classified as the class asked for, overall and "
+        "per class, into guidance.json, and guidance.png with one row per class.",
+    )
+    guidance.add_argument("run", type=Path, metavar="RUN", help="class-conditional run directory or checkpoint directory (required)")
+    guidance.add_argument("--scales", type=_scales, default=(0.0, 1.0, 3.0), metavar="S1,S2,...", help="guidance scales to compare (default: 0,1,3)")
+    guidance.add_argument("--per-class", type=_positive(int), default=100, metavar="N", help="samples of each class at each scale (default: 100)")
+    guidance.add_argument("--classifier-steps", type=_positive(int), default=500, metavar="STEPS", help="training steps of the judging classifier (default: 500)")
+    guidance.add_argument("--seed", type=int, default=0, help="seed of the samples and the classifier (default: 0)")
+    guidance.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
+    guidance.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    guidance.add_argument("--out", type=Path, default=None, metavar="DIR", help="where guidance.json and guidance.png go (default: RUN/guidance)")
+    _device_option(guidance)
+    _add_options(guidance, SAMPLE_OPTIONS, SEED, " unless the run says otherwise")
 
     report = sub.add_parser("report", help="write a run's report.html", description="Write RUN/report.html: one self-contained page with the config, samples, denoising strip, curves, metrics and memorisation check.")
     report.add_argument("run", type=Path, metavar="RUN", help="run directory (required)")

@@ -258,6 +258,23 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def guidance(args: argparse.Namespace) -> int:
+    from ddpm_cars.evaluation.guidance import PICTURE_FILE, RESULT_FILE, evaluate_guidance, format_guidance
+
+    run_dir, _ = ckpt.resolve_checkpoint(args.run)
+    out = args.out or run_dir / "guidance"
+    summary = evaluate_guidance(
+        args.run, args.scales, args.per_class, out, seed=args.seed,
+        sample_overrides=config_overrides(args, SAMPLE_OPTIONS).get("sample", {}), batch_size=args.batch_size,
+        device=resolve_device(args.device), ema=args.ema, classifier_steps=args.classifier_steps,
+    )
+    print(format_guidance(summary))
+    print(f"Wrote {out / RESULT_FILE} and {out / PICTURE_FILE}")
+    if args.out is None:
+        print(f"Report: {write_report(run_dir)}")
+    return 0
+
+
 def report(args: argparse.Namespace) -> int:
     print(f"Wrote {write_report(args.run, args.out)}")
     return 0

@@ -230,6 +230,27 @@ def _memorisation(run_dir: Path, flat: dict[str, Any] | str | None, run: str) ->
     return "\n".join(parts)
 
 
+def _conditional(config: dict[str, Any]) -> bool:
+    model = config.get("model")
+    return isinstance(model, dict) and bool(model.get("class_conditional"))
+
+
+def _guidance(run_dir: Path, run: str) -> str:
+    """A class-conditional run's guidance measurement: the share per scale and the picture."""
+    result, picture = run_dir / "guidance" / "guidance.json", run_dir / "guidance" / "guidance.png"
+    if not result.is_file():
+        return _missing("The guidance measurement (guidance/guidance.json)", f"ddpm-cars guidance {run}")
+    try:
+        summary = json.loads(result.read_text())
+        rows = [(f"guidance {row['guidance']:g}", f"{row['share']:.1%}") for row in summary["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"<p>guidance/guidance.json cannot be read: {escape(str(err))}</p>"
+    parts = [_table(rows, ("scale", "samples judged to be the class asked for"))]
+    if picture.is_file():
+        parts.append(_img(picture, "samples of each class at each guidance scale", "guidance/guidance.png: one row per class"))
+    return "\n".join(parts)
+
+
 def _forward(run_dir: Path, run: str) -> str:
     path = run_dir / "forward_process.png"
     if not path.is_file():
@@ -297,6 +318,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         _section("Training curves", _curves(run_dir)),
         _section("Evaluation", _evaluation(evaluation, run)),
         _section("Memorisation check", _memorisation(run_dir, evaluation, run)),
+        *([_section("Classes and guidance", _guidance(run_dir, run))] if _conditional(config) else []),
         _section("Forward process", _forward(run_dir, run)),
         _section("Samples during training", _gallery(run_dir)),
         _section("Configuration", _configuration(config)),

@@ -1,0 +1,41 @@
+"""The guidance measurement: samples per class and scale, judged by a classifier."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from ddpm_cars.evaluation import guidance
+from ddpm_cars.evaluation.guidance import evaluate_guidance, format_guidance
+from ddpm_cars.training import train
+
+
+def test_each_scale_is_scored_and_pictured(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config.replace(model={"class_conditional": True}, train={"max_steps": 1}, sample={"steps": 2})
+    train(config, tmp_path / "run", progress=False, final_grid=False)
+    monkeypatch.setattr(guidance, "HELDOUT_IMAGES", 30)
+    out = tmp_path / "g"
+    summary = evaluate_guidance(tmp_path / "run", [0.0, 1.0, 2.5], 2, out, classifier_steps=3, progress=False)
+    assert [row["guidance"] for row in summary["rows"]] == [0.0, 1.0, 2.5]
+    assert summary["classes"] == ["sedan", "hatchback", "suv", "pickup", "sports", "van"]
+    for row in summary["rows"]:
+        per = list(row["per_class"].values())
+        assert len(per) == 6 and all(v in (0.0, 0.5, 1.0) for v in per)  # 2 samples of each class
+        assert row["share"] == pytest.approx(sum(per) / 6)
+    assert 0.0 <= summary["classifier_heldout_accuracy"] <= 1.0
+    assert json.loads((out / "guidance.json").read_text()) == summary
+    # 6 rows (one per class) of 6 columns (2 shown x 3 scales), 1.5 x 1.6 inches each at 100 dpi
+    assert Image.open(out / "guidance.png").size == (6 * 150, 40 + 6 * 160)
+    table = format_guidance(summary).splitlines()
+    assert table[0].startswith("| guidance | requested class | sedan |") and table[4].startswith("| 2.5 |")
+
+
+def test_unconditional_runs_and_bad_scales_are_refused(tiny_config, tmp_path):
+    train(tiny_config.replace(train={"max_steps": 1}), tmp_path / "run", progress=False, final_grid=False)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        evaluate_guidance(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        evaluate_guidance(tmp_path / "run", [math.inf], 2, tmp_path / "g", progress=False)
