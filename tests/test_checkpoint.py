@@ -70,3 +70,34 @@ def test_resolve_checkpoint(tmp_path):
         ckpt.resolve_checkpoint(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR)  # a folder, but no run
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("steps, saving", [((2, 4), 6), ((2, 4), 4)], ids=["pruning the oldest", "replacing the same step"])
+def test_killed_while_deleting_a_checkpoint_never_leaves_a_partial_one(tmp_path, monkeypatch, steps, saving):
+    model = torch.nn.Linear(2, 2)
+    for step in steps:
+        ckpt.save_checkpoint(tmp_path, model, _state(step))
+    real = ckpt.shutil.rmtree
+
+    def dies_half_way(path, *args, **kwargs):
+        victims = [f for f in sorted(__import__("pathlib").Path(path).rglob("*")) if f.is_file()]
+        if victims:  # one file gone, then the process dies
+            victims[0].unlink()
+            raise _Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_half_way)
+    with pytest.raises(_Killed):
+        ckpt.save_checkpoint(tmp_path, model, _state(saving))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    found = ckpt.list_checkpoints(tmp_path)
+    assert found  # something to resume from
+    for checkpoint in found:  # and every checkpoint there is whole
+        assert sorted(f.name for f in checkpoint.iterdir()) == [ckpt.MODEL_FILE, ckpt.STATE_FILE]
+        assert ckpt.load_train_state(checkpoint).step == int(checkpoint.name.split("_")[1])
+    ckpt.save_checkpoint(tmp_path, model, _state(8))  # the next save sweeps the leftovers away
+    assert not list((tmp_path / ckpt.CHECKPOINT_DIR).glob(".*"))

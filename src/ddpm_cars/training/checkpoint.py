@@ -101,17 +101,26 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # a rerun of the same step replaces the old copy
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     for stale in root.glob(".step_*.tmp"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint directory without ever leaving a partial ``step_N``: it is renamed
+    to a temporary name first (one atomic step), so a kill during the deletion leaves a
+    ``.step_N.*.tmp`` that the next save sweeps away."""
+    trash = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{checkpoint.name}.", suffix=".tmp"))
+    os.rename(checkpoint, trash / checkpoint.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -141,15 +150,65 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _mismatch(model: nn.Module, weights: dict[str, torch.Tensor]) -> str:
+    """How ``weights`` differ from ``model``'s state dict, briefly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensors differ in shape (e.g. {k}: {tuple(weights[k].shape)} in the file, "
+            f"{tuple(own[k].shape)} in the model)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return "; ".join(parts) or "the tensors do not match"
+
+
 def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str = "cpu", ema: bool = False) -> nn.Module:
-    """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones)."""
+    """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones).
+
+    A file that cannot be read, or weights of another architecture or image size than
+    ``model`` (config.json edited, say), raise a one-line ``ValueError``."""
     path = checkpoint / EMA_FILE
     if not (ema and path.is_file()):
         path = checkpoint / MODEL_FILE
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
+    try:
+        weights = load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+        raise ValueError(f"cannot read weights {path}: {_first_line(err)}") from err
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the weights in {path} do not fit the model described by the run's {CONFIG_FILE} "
+            f"(another architecture or image size?): {_mismatch(model, weights)}"
+        ) from err
     return model
 
 
 def load_train_state(checkpoint: Path) -> TrainState:
-    raw = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    return TrainState(**raw)
+    """The optimizer, step and RNG state of ``checkpoint``; a one-line ``ValueError`` if it is unreadable."""
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... (torch's advice to unpickle it unsafely does not help)
+        raise ValueError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
+    try:
+        return TrainState(**raw)
+    except TypeError as err:  # not a dict, or other keys
+        raise ValueError(f"{path} is not a training state of this program: {_first_line(err)}") from err
