@@ -7,10 +7,15 @@ value fails at once with a ``ValueError`` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import reprlib
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 Loss = Literal["l1", "l2"]
 Prediction = Literal["eps", "x0", "v"]
@@ -37,6 +42,54 @@ def _check_positive(name: str, value: Any, minimum: int | float = 1) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
 
 
+def _describe(kind: Any) -> str:
+    """``kind`` (a field annotation) in words, for error messages."""
+    args = get_args(kind)
+    if get_origin(kind) is Literal:
+        return f"one of {', '.join(map(repr, args))}"
+    if get_origin(kind) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if get_origin(kind) is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[kind]
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``kind`` (a bool is no number; an int is a float)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:  # tuple[X, ...], from a JSON list
+        return isinstance(value, (tuple, list)) and all(_matches(v, args[0]) for v in value)
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool) or kind is bool:
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+@functools.cache
+def _field_types(kind: type) -> dict[str, Any]:
+    return get_type_hints(kind)
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Raise ``ValueError`` naming the field unless every field of the frozen ``config``
+    holds a value of its annotated type; lists given for tuples become tuples."""
+    for name, kind in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, kind):
+            raise ValueError(f"{section}.{name} must be {_describe(kind)}; got {reprlib.repr(value)}")
+        if isinstance(value, list):
+            object.__setattr__(config, name, tuple(value))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network. ``channels`` are the widths of the U-Net levels, top to bottom (for
@@ -54,6 +107,7 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()  # the classes it knows, filled from the data when training starts
 
     def __post_init__(self) -> None:
+        _check_types(self, "model")
         _check_choice("model.name", self.name, ModelName)
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -98,6 +152,7 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb
 
     def __post_init__(self) -> None:
+        _check_types(self, "diffusion")
         _check_positive("diffusion.timesteps", self.timesteps)
         _check_choice("diffusion.schedule", self.schedule, Schedule)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
@@ -126,6 +181,7 @@ class DataConfig:
     toy_count: int = 8192  # images generated for --data toy-cars
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         if not self.source:
             raise ValueError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
         _check_choice("data.split", self.split, Split)
@@ -148,6 +204,7 @@ class SampleConfig:
     spacing: Spacing = "uniform"  # how fewer steps are placed among the T
 
     def __post_init__(self) -> None:
+        _check_types(self, "sample")
         _check_choice("sample.variance", self.variance, Variance)
         _check_choice("sample.sampler", self.sampler, Sampler)
         _check_choice("sample.spacing", self.spacing, Spacing)
@@ -183,7 +240,10 @@ class TrainConfig:
     label_dropout: float = 0.1  # class-conditional models: share of labels replaced by the null class
 
     def __post_init__(self) -> None:
+        _check_types(self, "train")
         _check_positive("train.batch_size", self.batch_size)
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"train.seed must fit in 64 bits; got {self.seed}")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0; got {self.lr}")
         _check_positive("train.epochs", self.epochs)
@@ -247,9 +307,11 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         sections = {f.name: f.type for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be an object of sections {sorted(sections)}; got {reprlib.repr(data)}")
         unknown = set(data) - set(sections)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)}")
+            raise ValueError(f"unknown config sections {sorted(map(str, unknown))}; allowed: {sorted(sections)}")
         return cls(**{name: _section(name, data.get(name, {})) for name in sections})
 
     def save(self, path: str | Path) -> None:
@@ -260,9 +322,13 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
             raise ValueError(f"cannot read config {path}: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"bad config {path}: {err}") from err
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with fields overridden per section: ``replace(train={"lr": 1e-4})``."""
@@ -281,13 +347,15 @@ _SECTION_TYPES = {
 
 def _section(name: str, values: dict[str, Any]) -> Any:
     kind = _SECTION_TYPES[name]
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {name!r} must be an object of options; got {reprlib.repr(values)}")
     if name == "data" and "center_crop" in values:  # config.json of runs from before data.crop
         values = {**values, "crop": "center" if values["center_crop"] else "none"}
         del values["center_crop"]
     allowed = {f.name for f in fields(kind)}
     unknown = set(values) - allowed
     if unknown:
-        raise ValueError(f"unknown {name} options {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"unknown {name} options {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
     return kind(**values)
 
 

@@ -19,6 +19,7 @@ Cars has boxes, so a plain folder cannot use it).
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,11 +84,30 @@ def check_crop(crop: str) -> None:
         raise DataError(f"Unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
 
 
+def _open(path: Path) -> Image.Image:
+    """Open ``path`` lazily (its header only), refusing what is not a regular file (a FIFO
+    would block) and images over PIL's pixel limit before any pixel is decoded."""
+    if not stat.S_ISREG(path.stat().st_mode):  # FileNotFoundError for a dangling link
+        raise DataError("not a regular file")
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as err:  # over twice the limit
+        raise DataError(f"image too large: {err}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:  # PIL only warns up to twice the limit
+        img.close()
+        raise DataError(
+            f"image too large: {img.width}x{img.height} pixels, over the limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)"
+        )
+    return img
+
+
 def _decode(
     path: Path, image_size: int, crop: str, box: Box | None, margin: float
 ) -> tuple[torch.Tensor, bool]:
     """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``."""
-    with Image.open(path) as img:
+    with _open(path) as img:
         img.load()
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         rgb = to_rgb(img)
@@ -202,7 +222,9 @@ def _load_all(
     elif boxes is not None:
         raise DataError(f"boxes are only used with crop 'bbox', not {crop!r}")
     boxes = boxes if boxes is not None else [None] * len(paths)
-    with ThreadPoolExecutor() as pool:
+    with ThreadPoolExecutor() as pool, warnings.catch_warnings():
+        # _open refuses images over the limit with a clear skip; PIL's own warning would only repeat it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = pool.map(lambda p, b: _try_load(p, image_size, crop, b, margin), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
         decoded = list(bar)
