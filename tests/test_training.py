@@ -116,15 +116,16 @@ def test_resuming_with_an_unusable_rng_state_is_a_clear_error(tmp_path, tiny_con
         train(tiny_config, tmp_path, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
-    """Kill -9 (or Ctrl-C) a training process mid-run; --resume finishes it from the last checkpoint."""
+    """Kill -9, Ctrl-C or SIGTERM a training process mid-run; --resume finishes it from the last
+    checkpoint, which for Ctrl-C and SIGTERM is written at the step the signal came in."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), "--data", "toy-cars", "--toy-count", "64",
             "--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
             "--batch-size", "16", "--checkpoint-every", "2", "--sample-every", "1000", "--num-sample-images", "2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(ckpt.list_checkpoints(run)) < 2:
@@ -133,10 +134,12 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
         returncode = proc.wait(60)
     finally:
         proc.kill()
-    assert returncode == (-9 if sig == signal.SIGKILL else 130)
+    assert returncode == {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
     killed_at = ckpt.latest_checkpoint(run)
     assert killed_at is not None
     step = ckpt.load_train_state(killed_at).step
+    if sig != signal.SIGKILL:  # a polite stop saves the step it stopped at, whatever --checkpoint-every says
+        assert f"Interrupted: checkpoint saved at step {step};" in proc.stdout.read().decode()
     target = step + 4
     done = subprocess.run(args + ["--steps", str(target), "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

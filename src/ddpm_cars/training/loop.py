@@ -5,6 +5,7 @@ batch -> flip -> t -> noise -> loss -> backward -> step -> log -> sample -> chec
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import signal
@@ -54,27 +55,52 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint at the current step."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
+
+
 class StopRequest:
-    """Ctrl-C asks the loop to stop after the step in progress, so the checkpoint it
-    then saves is consistent; a second Ctrl-C stops at once (the last checkpoint stands)."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in progress, so the
+    checkpoint it then saves is consistent; a second signal of either kind acts at once
+    (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates; the last checkpoint stands)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        print("\nStopping after this step (Ctrl-C again to stop at once)", flush=True)
+        self.signum = signum
+        self._restore()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step to save a checkpoint (signal again to stop at once)", flush=True)
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._restore()
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
@@ -171,9 +197,6 @@ def train(
             f"{tcfg.grad_accum_steps} micro-batches"
         )
     config = with_class_names(config, data.class_names)
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / ckpt.CONFIG_FILE)
     images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
     labels = data.labels.to(dev) if config.model.class_conditional else None
     batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
@@ -209,6 +232,9 @@ def train(
         if ema is not None:
             ckpt.load_weights(ema.model, latest, dev, ema=True)
             ema.updates = state.ema_updates
+    if main_rank:  # after a resume has loaded: a resume that fails leaves config.json as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / ckpt.CONFIG_FILE)
     log = read_loss_log(run_dir / LOSS_CSV, step)
     evaluate = None
     if tcfg.eval_every_steps and main_rank:
@@ -219,9 +245,16 @@ def train(
             return
         ema_updates = ema.updates if ema is not None else 0
         state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates, skipped)
-        # the log first: rows past the checkpoint a resume starts from are dropped on reading
-        write_loss_log(run_dir, log, loss_label(config.diffusion))
-        ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
+        try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
+            write_loss_log(run_dir, log, loss_label(config.diffusion))
+            ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
+        except OSError as err:  # each write is atomic: what was there before is untouched
+            previous = ckpt.latest_checkpoint(run_dir)
+            kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} in {run_dir} ({err.strerror or err}); training stopped "
+                f"and {kept}: make room, then continue with --resume"
+            ) from err
 
     last_grid_step = -1
 
@@ -248,7 +281,7 @@ def train(
         stopped = stopped or distributed.any_rank(stop.requested, world, dev)
         return stopped
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, contextlib.closing(bar):  # the bar ends its line before any error message
         while step < total_steps and not stopped:
             order = epoch_order(len(data), tcfg.seed, epoch)
             while consumed < batches_per_epoch and step < total_steps and not stop_now():
@@ -314,7 +347,7 @@ def train(
         if main_rank:
             print(f"Interrupted: checkpoint saved at step {step}; continue with --resume")
         distributed.barrier(world)
-        raise KeyboardInterrupt
+        raise TrainingInterrupted(stop.signum or signal.SIGINT, step)
     if final_grid and last_grid_step != step:
         sample_grid("final")
     distributed.barrier(world)  # the other processes wait for rank 0's last writes
