@@ -7,15 +7,13 @@ value fails at once with a ``ValueError`` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
-import numbers
 import reprlib
-import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
+
+from ddpm_cars.validation import check_choice, check_positive, check_types
 
 Loss = Literal["l1", "l2"]
 Prediction = Literal["eps", "x0", "v"]
@@ -29,65 +27,6 @@ Spacing = Literal["uniform", "quadratic"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["simple_unet", "res_attn_unet"]
-
-
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def _check_positive(name: str, value: Any, minimum: int | float = 1) -> None:
-    if value is None or value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
-
-
-def _describe(kind: Any) -> str:
-    """``kind`` (a field annotation) in words, for error messages."""
-    args = get_args(kind)
-    if get_origin(kind) is Literal:
-        return f"one of {', '.join(map(repr, args))}"
-    if get_origin(kind) in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if get_origin(kind) is tuple:
-        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[kind]
-
-
-def _matches(value: Any, kind: Any) -> bool:
-    """Whether ``value`` is of the annotated type ``kind`` (a bool is no number; an int is a float)."""
-    origin, args = get_origin(kind), get_args(kind)
-    if origin is Literal:
-        return isinstance(value, str) and value in args
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is tuple:  # tuple[X, ...], from a JSON list
-        return isinstance(value, (tuple, list)) and all(_matches(v, args[0]) for v in value)
-    if kind is type(None):
-        return value is None
-    if isinstance(value, bool) or kind is bool:
-        return kind is bool and isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, numbers.Integral)
-    if kind is float:
-        return isinstance(value, numbers.Real) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-@functools.cache
-def _field_types(kind: type) -> dict[str, Any]:
-    return get_type_hints(kind)
-
-
-def _check_types(config: Any, section: str) -> None:
-    """Raise ``ValueError`` naming the field unless every field of the frozen ``config``
-    holds a value of its annotated type; lists given for tuples become tuples."""
-    for name, kind in _field_types(type(config)).items():
-        value = getattr(config, name)
-        if not _matches(value, kind):
-            raise ValueError(f"{section}.{name} must be {_describe(kind)}; got {reprlib.repr(value)}")
-        if isinstance(value, list):
-            object.__setattr__(config, name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -107,8 +46,8 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()  # the classes it knows, filled from the data when training starts
 
     def __post_init__(self) -> None:
-        _check_types(self, "model")
-        _check_choice("model.name", self.name, ModelName)
+        check_types(self, "model")
+        check_choice("model.name", self.name, ModelName)
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.class_names and not self.class_conditional:
@@ -120,8 +59,8 @@ class ModelConfig:
             raise ValueError(f"model.channels needs >= 2 positive widths; got {self.channels}")
         if self.time_emb_dim < 4 or self.time_emb_dim % 2:
             raise ValueError(f"model.time_emb_dim must be even and >= 4; got {self.time_emb_dim}")
-        _check_positive("model.num_res_blocks", self.num_res_blocks)
-        _check_positive("model.head_channels", self.head_channels)
+        check_positive("model.num_res_blocks", self.num_res_blocks)
+        check_positive("model.head_channels", self.head_channels)
         if any(r < 1 for r in self.attention_resolutions):
             raise ValueError(f"model.attention_resolutions must be positive sizes; got {self.attention_resolutions}")
         if not 0.0 <= self.dropout < 1.0:
@@ -152,14 +91,14 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb
 
     def __post_init__(self) -> None:
-        _check_types(self, "diffusion")
-        _check_positive("diffusion.timesteps", self.timesteps)
-        _check_choice("diffusion.schedule", self.schedule, Schedule)
+        check_types(self, "diffusion")
+        check_positive("diffusion.timesteps", self.timesteps)
+        check_choice("diffusion.schedule", self.schedule, Schedule)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
-        _check_choice("diffusion.loss", self.loss, Loss)
-        _check_choice("diffusion.prediction", self.prediction, Prediction)
-        _check_positive("diffusion.vlb_weight", self.vlb_weight, 0)
+        check_choice("diffusion.loss", self.loss, Loss)
+        check_choice("diffusion.prediction", self.prediction, Prediction)
+        check_positive("diffusion.vlb_weight", self.vlb_weight, 0)
 
     @property
     def out_channels(self) -> int:
@@ -181,15 +120,15 @@ class DataConfig:
     toy_count: int = 8192  # images generated for --data toy-cars
 
     def __post_init__(self) -> None:
-        _check_types(self, "data")
+        check_types(self, "data")
         if not self.source:
             raise ValueError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
-        _check_choice("data.split", self.split, Split)
-        _check_choice("data.crop", self.crop, Crop)
+        check_choice("data.split", self.split, Split)
+        check_choice("data.crop", self.crop, Crop)
         if not 0.0 <= self.bbox_margin <= 1.0:
             raise ValueError(f"data.bbox_margin must be in [0, 1]; got {self.bbox_margin}")
-        _check_positive("data.image_size", self.image_size, 16)
-        _check_positive("data.toy_count", self.toy_count)
+        check_positive("data.image_size", self.image_size, 16)
+        check_positive("data.toy_count", self.toy_count)
 
 
 @dataclass(frozen=True)
@@ -204,16 +143,16 @@ class SampleConfig:
     spacing: Spacing = "uniform"  # how fewer steps are placed among the T
 
     def __post_init__(self) -> None:
-        _check_types(self, "sample")
-        _check_choice("sample.variance", self.variance, Variance)
-        _check_choice("sample.sampler", self.sampler, Sampler)
-        _check_choice("sample.spacing", self.spacing, Spacing)
+        check_types(self, "sample")
+        check_choice("sample.variance", self.variance, Variance)
+        check_choice("sample.sampler", self.sampler, Sampler)
+        check_choice("sample.spacing", self.spacing, Spacing)
         if self.steps is not None:
-            _check_positive("sample.steps", self.steps)
+            check_positive("sample.steps", self.steps)
         if not self.eta >= 0:
             raise ValueError(f"sample.eta must be >= 0; got {self.eta}")
-        _check_choice("sample.batchnorm", self.batchnorm, BatchNormMode)
-        _check_positive("sample.num_images", self.num_images)
+        check_choice("sample.batchnorm", self.batchnorm, BatchNormMode)
+        check_positive("sample.num_images", self.num_images)
 
 
 @dataclass(frozen=True)
@@ -240,35 +179,35 @@ class TrainConfig:
     label_dropout: float = 0.1  # class-conditional models: share of labels replaced by the null class
 
     def __post_init__(self) -> None:
-        _check_types(self, "train")
-        _check_positive("train.batch_size", self.batch_size)
+        check_types(self, "train")
+        check_positive("train.batch_size", self.batch_size)
         if not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"train.seed must fit in 64 bits; got {self.seed}")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0; got {self.lr}")
-        _check_positive("train.epochs", self.epochs)
+        check_positive("train.epochs", self.epochs)
         if self.max_steps is not None:
-            _check_positive("train.max_steps", self.max_steps)
-        _check_positive("train.sample_every_epochs", self.sample_every_epochs)
-        _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
+            check_positive("train.max_steps", self.max_steps)
+        check_positive("train.sample_every_epochs", self.sample_every_epochs)
+        check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or None; got {self.ema_decay}")
-        _check_choice("train.optimizer", self.optimizer, Optimizer)
-        _check_positive("train.weight_decay", self.weight_decay, 0)
-        _check_positive("train.warmup_steps", self.warmup_steps, 0)
+        check_choice("train.optimizer", self.optimizer, Optimizer)
+        check_positive("train.weight_decay", self.weight_decay, 0)
+        check_positive("train.warmup_steps", self.warmup_steps, 0)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"train.grad_clip must be > 0 or None; got {self.grad_clip}")
-        _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
-        _check_positive("train.grad_accum_steps", self.grad_accum_steps)
-        _check_positive("train.eval_every_steps", self.eval_every_steps, 0)
-        _check_positive("train.eval_samples", self.eval_samples, 4)
+        check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        check_positive("train.eval_every_steps", self.eval_every_steps, 0)
+        check_positive("train.eval_samples", self.eval_samples, 4)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"train.label_dropout must be in [0, 1); got {self.label_dropout}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"
             )
-        _check_choice("train.precision", self.precision, Precision)
+        check_choice("train.precision", self.precision, Precision)
 
 
 def _swd_size(size: int) -> bool:
