@@ -108,7 +108,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        _discard(old)
+        try:
+            _discard(old)
+        except OSError:  # pruning is best effort: an old checkpoint left whole is harmless
+            pass
     for stale in root.glob(".step_*.tmp"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     return final
