@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from ddpm_cars.conditioning import ClassifierFreeGuidance, class_labels, closest_classes, drop_labels, find_class, guide
-from ddpm_cars.config import SampleConfig
+from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
 from ddpm_cars.samplers import generate
 from ddpm_cars.schedule import build_schedule
-from ddpm_cars.config import DiffusionConfig
 
 
 def _randomised(model: nn.Module) -> nn.Module:
@@ -157,6 +156,8 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
     assert not torch.allclose(whole[0], other[0], atol=1e-3)  # class 0, then class 2
     with pytest.raises(ValueError, match="one label per image"):
         generate(model, schedule, 4, 16, 7, config, **kwargs)
+    with pytest.raises(ValueError, match=r"classes 0\.\.2 of the model"):  # 3 is the null class, not one to ask for
+        generate(model, schedule, 5, 16, 7, config, **{**kwargs, "labels": torch.tensor([0, 1, 3, 1, 0])})
     with pytest.raises(ValueError, match="not class-conditional"):
         generate(_randomised(ResAttnUnet(16, (8, 16), 1, (8,), 8)), schedule, 5, 16, 7, config, **kwargs)
 

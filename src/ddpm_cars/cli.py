@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images from a trained run", description="Generate images from pure noise.")
     sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
     sample.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for grid.png, images/ and denoising.png (required)")
-    sample.add_argument("--num", type=_positive(int), default=64, help="number of images, per class with --class (default: 64)")
+    # --num-images first: torchrun's own parser refuses a bare --num as an abbreviation of its --numa-binding
+    sample.add_argument("--num-images", "--num", dest="num", type=_positive(int), default=64, help="number of images, per class with --class (default: 64)")
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default: 0)")
     sample.add_argument("--batch-size", type=_positive(int), default=64, help="images denoised at once (default: 64)")
     sample.add_argument("--trajectory", action="store_true", help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)")

@@ -244,6 +244,8 @@ def generate(
             raise ValueError("class labels given, but the model is not class-conditional")
         if labels.shape != (num_images,):
             raise ValueError(f"need one label per image: labels of shape {tuple(labels.shape)} for {num_images} images")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):  # once, not in every step
+            raise ValueError(f"labels must be classes 0..{classes - 1} of the model")
     timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing)
     steps_schedule = schedule if len(timesteps) == schedule.timesteps else schedule.respace(timesteps)
     sample_fn, extra = {
