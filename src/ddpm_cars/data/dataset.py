@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ddpm_cars.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data source that cannot be used; the message says what to do about it."""
 
 
