@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars import run as ckpt
 
 
 def _state(step: int) -> ckpt.TrainState:

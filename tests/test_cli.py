@@ -9,7 +9,7 @@ from PIL import Image
 
 from ddpm_cars import cli, commands
 from ddpm_cars.cli import build_parser, main
-from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars import run as ckpt
 
 # the default (improved) recipe, shrunk
 TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20",

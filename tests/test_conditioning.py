@@ -8,8 +8,9 @@ from torch import nn
 
 from ddpm_cars.conditioning import ClassifierFreeGuidance, class_labels, closest_classes, drop_labels, find_class, guide
 from ddpm_cars.config import DiffusionConfig, SampleConfig
+from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
-from ddpm_cars.samplers import generate
+from ddpm_cars.samplers import ClassRequest, generate
 from ddpm_cars.schedule import build_schedule
 
 
@@ -72,17 +73,17 @@ def test_label_dropout_replaces_the_share_p_with_the_null_class():
 
 
 def test_training_feeds_dropped_labels_to_the_network(tiny_config, tmp_path, monkeypatch):
-    from ddpm_cars.training import loop
+    from ddpm_cars.training import batches, loop
 
     seen = []
-    real = loop.drop_labels
+    real = batches.drop_labels
 
     def recording(y, p, k, coins):
         out = real(y, p, k, coins)
         seen.append((y.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(loop, "drop_labels", recording)
+    monkeypatch.setattr(batches, "drop_labels", recording)
     config = tiny_config.replace(
         model={"class_conditional": True}, train={"label_dropout": 0.5, "max_steps": 6, "epochs": 10}
     )
@@ -145,21 +146,25 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
     model = _unet(3)
     diffusion = DiffusionConfig(timesteps=20, schedule="cosine", loss="l2", learn_variance=True)
     schedule = build_schedule(diffusion)
+    denoiser = Denoiser(model, schedule, diffusion, image_size=16)
     config = SampleConfig(sampler=sampler, steps=4)
     labels = torch.tensor([0, 1, 2, 1, 0])
-    kwargs = dict(diffusion_config=diffusion, progress=False, labels=labels, guidance=2.0)
-    whole = generate(model, schedule, 5, 16, 7, config, batch_size=5, **kwargs)
-    pieces = generate(model, schedule, 5, 16, 7, config, batch_size=2, **kwargs)
+    classes = ClassRequest(labels, 2.0)
+    whole = generate(denoiser, 5, config, seed=7, batch_size=5, classes=classes, progress=False)
+    pieces = generate(denoiser, 5, config, seed=7, batch_size=2, classes=classes, progress=False)
     torch.testing.assert_close(whole, pieces, atol=1e-4, rtol=1e-4)
-    other = generate(model, schedule, 5, 16, 7, config, batch_size=5, **{**kwargs, "labels": torch.tensor([2, 1, 2, 0, 0])})
+    other = generate(denoiser, 5, config, seed=7, batch_size=5, classes=ClassRequest(torch.tensor([2, 1, 2, 0, 0]), 2.0), progress=False)
     torch.testing.assert_close(whole[1:3], other[1:3], atol=1e-4, rtol=1e-4)  # the same classes asked for
     assert not torch.allclose(whole[0], other[0], atol=1e-3)  # class 0, then class 2
-    with pytest.raises(ValueError, match="one label per image"):
-        generate(model, schedule, 4, 16, 7, config, **kwargs)
+    with pytest.raises(ValueError, match="one label per image"):  # 5 labels for 4 images
+        generate(denoiser, 4, config, seed=7, classes=classes, progress=False)
+    with pytest.raises(ValueError, match="one label per image"):  # 3 labels for 4 images
+        generate(denoiser, 4, config, seed=7, classes=ClassRequest(labels[:3], 2.0), progress=False)
     with pytest.raises(ValueError, match=r"classes 0\.\.2 of the model"):  # 3 is the null class, not one to ask for
-        generate(model, schedule, 5, 16, 7, config, **{**kwargs, "labels": torch.tensor([0, 1, 3, 1, 0])})
+        generate(denoiser, 5, config, seed=7, classes=ClassRequest(torch.tensor([0, 1, 3, 1, 0]), 2.0), progress=False)
+    unconditional = Denoiser(_randomised(ResAttnUnet(16, (8, 16), 1, (8,), 8)), schedule, diffusion, image_size=16)
     with pytest.raises(ValueError, match="not class-conditional"):
-        generate(_randomised(ResAttnUnet(16, (8, 16), 1, (8,), 8)), schedule, 5, 16, 7, config, **kwargs)
+        generate(unconditional, 5, config, seed=7, classes=classes, progress=False)
 
 
 # -- class names --------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_cars.config import TINY
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training import distributed, train
+from ddpm_cars import run as ckpt
+from ddpm_cars import parallel as distributed
+from ddpm_cars.training import train
 
 # the improved recipe, tiny; GroupNorm (no batch statistics), no dropout: the gradient of
 # a batch does not depend on how it is split. Micro-batches exercise no_sync.
@@ -93,7 +94,7 @@ def _sample_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> 
 
     _join(rank, world, port)
     try:
-        result = sample_run(Path(run_dir), Path(out), 5, 1, 2, "cpu", {"steps": 4})
+        result = sample_run(Path(run_dir), Path(out), 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4})
         assert (result is None) == (rank != 0)
     finally:
         dist.destroy_process_group()
@@ -104,7 +105,7 @@ def test_two_processes_sample_the_images_of_one(tmp_path):
 
     run = tmp_path / "run"
     train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
-    sample_run(run, tmp_path / "one", 5, 1, 2, "cpu", {"steps": 4})
+    sample_run(run, tmp_path / "one", 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4})
     mp.spawn(_sample_worker, args=(2, _free_port(), str(run), str(tmp_path / "two")), nprocs=2)
     names = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) and len(names) == 5

@@ -32,8 +32,8 @@ from ddpm_cars.config import SEED, DataConfig, ModelConfig, RunConfig
 from ddpm_cars.data.dataset import DataError
 from ddpm_cars.data.folder import IMAGE_EXTENSIONS, ImageDecodeWarning, find_images, load_image, load_image_folder
 from ddpm_cars.models import build_model
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training import distributed
+from ddpm_cars import run as ckpt
+from ddpm_cars import parallel as distributed
 
 # the default (improved) recipe, shrunk (as in test_cli.py)
 TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20",

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ddpm_cars.evaluation import guidance
-from ddpm_cars.evaluation.guidance import evaluate_guidance, format_guidance
+from ddpm_cars.evaluation.guidance import guidance_accuracy, format_guidance
 from ddpm_cars.training import train
 
 
@@ -18,7 +18,7 @@ def test_each_scale_is_scored_and_pictured(tiny_config, tmp_path, monkeypatch):
     train(config, tmp_path / "run", progress=False, final_grid=False)
     monkeypatch.setattr(guidance, "HELDOUT_IMAGES", 30)
     out = tmp_path / "g"
-    summary = evaluate_guidance(tmp_path / "run", [0.0, 1.0, 2.5], 2, out, classifier_steps=3, progress=False)
+    summary = guidance_accuracy(tmp_path / "run", [0.0, 1.0, 2.5], 2, out, classifier_steps=3, progress=False)
     assert [row["guidance"] for row in summary["rows"]] == [0.0, 1.0, 2.5]
     assert summary["classes"] == ["sedan", "hatchback", "suv", "pickup", "sports", "van"]
     for row in summary["rows"]:
@@ -36,6 +36,6 @@ def test_each_scale_is_scored_and_pictured(tiny_config, tmp_path, monkeypatch):
 def test_unconditional_runs_and_bad_scales_are_refused(tiny_config, tmp_path):
     train(tiny_config.replace(train={"max_steps": 1}), tmp_path / "run", progress=False, final_grid=False)
     with pytest.raises(ValueError, match="not class-conditional"):
-        evaluate_guidance(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
+        guidance_accuracy(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
     with pytest.raises(ValueError, match="finite numbers >= 0"):
-        evaluate_guidance(tmp_path / "run", [math.inf], 2, tmp_path / "g", progress=False)
+        guidance_accuracy(tmp_path / "run", [math.inf], 2, tmp_path / "g", progress=False)

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from ddpm_cars.config import TrainConfig
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training import loop, train
+from ddpm_cars import run as ckpt
+from ddpm_cars.denoiser import Denoiser
+from ddpm_cars.models import build_model
+from ddpm_cars.training import train
 from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, warmup_factor
 
 
@@ -40,15 +42,15 @@ def test_warmup_sets_the_learning_rate_per_step(tmp_path, tiny_config):
 
 
 def _nan_on(steps: set[int], monkeypatch):
-    real = loop.training_loss
+    real = Denoiser.loss
     calls = {"n": 0}
 
-    def maybe_nan(*args, **kwargs):
+    def maybe_nan(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] in steps else loss
 
-    monkeypatch.setattr(loop, "training_loss", maybe_nan)
+    monkeypatch.setattr(Denoiser, "loss", maybe_nan)
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config, monkeypatch):
@@ -58,7 +60,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config
     state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
     assert state.step == 4 and state.skipped_steps == 2
     assert int(state.optimizer["state"][0]["step"]) == 2  # only two updates were applied
-    weights = ckpt.load_weights(loop.build_model(config), ckpt.latest_checkpoint(tmp_path)).state_dict()
+    weights = ckpt.load_weights(build_model(config), ckpt.latest_checkpoint(tmp_path)).state_dict()
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 

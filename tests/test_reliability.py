@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ddpm_cars.cli import main
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training.loop import StopRequest, read_loss_log
+from ddpm_cars import run as ckpt
+from ddpm_cars.training.logs import read_loss_log
+from ddpm_cars.training.signals import StopRequest
 
 TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20", "--toy-count", "32",
         "--batch-size", "8", "--num-sample-images", "2", "--sample-every", "1000", "--checkpoint-every", "2"]
@@ -67,12 +68,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch
 
 
 def test_other_write_failures_are_one_line_with_exit_1(tmp_path, monkeypatch, capsys):
-    import ddpm_cars.training.loop as loop
+    import ddpm_cars.training.logs as logs
 
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "loss.csv")
 
-    monkeypatch.setattr(loop, "write_loss_log", read_only)
+    monkeypatch.setattr(logs, "write_loss_log", read_only)
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "2", *TINY]) == 1
     assert "Permission denied" in _one_error_line(capsys)
 

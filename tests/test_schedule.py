@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm_cars.config import DiffusionConfig
+from ddpm_cars.config import DiffusionConfig, RunConfig, SampleConfig
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.schedule import NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps
 
@@ -14,6 +14,30 @@ def test_linear_betas_endpoints_and_spacing():
     assert betas[0].item() == pytest.approx(1e-4)
     assert betas[-1].item() == pytest.approx(0.02)
     assert torch.allclose(betas.diff(), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+
+
+def test_linear_betas_at_1000_steps_are_the_papers_exactly():
+    assert torch.equal(linear_betas(1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert torch.equal(NoiseSchedule.linear(1000).betas_float64, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T", [50, 100, 250])
+def test_linear_schedule_ends_in_noise_whatever_the_number_of_steps(T):
+    """beta_start and beta_end are scaled by 1000 / T (improved-diffusion's "linear"), so
+    x_T is still close to N(0, I) with fewer steps."""
+    betas = linear_betas(T)
+    scale = 1000 / T
+    assert torch.allclose(betas, torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64), rtol=1e-12, atol=0)
+    alphabar_T = math.prod(1 - b for b in betas.tolist())
+    assert alphabar_T < 1e-3
+    assert NoiseSchedule.linear(T).alphas_cumprod[-1].item() < 1e-3
+
+
+def test_scaled_linear_betas_are_capped_below_one():
+    betas = linear_betas(10)  # 0.02 * 100 = 2 would pass 1
+    expected = torch.linspace(1e-4 * 100, 0.02 * 100, 10, dtype=torch.float64).clamp(max=0.999)
+    assert torch.allclose(betas, expected, rtol=1e-12, atol=0)
+    assert betas.max().item() == 0.999 and (betas < 1).all()
 
 
 def test_values_at_known_t():
@@ -64,6 +88,19 @@ def test_posterior_matches_bayes_rule():
         assert s.posterior_variance[t].item() == pytest.approx(post_var.item(), rel=1e-5)
         assert s.posterior_mean_coef1[t].item() == pytest.approx(coef_x0.item(), rel=1e-5)
         assert s.posterior_mean_coef2[t].item() == pytest.approx(coef_xt.item(), rel=1e-5)
+
+
+def test_fixed_large_variance_uses_beta_tilde_at_the_decoder():
+    """log sigma^2 for variance "beta": log beta_t, except at t = 0 (the decoder), where it is
+    log beta_tilde of step 1 = log(beta_1 (1 - alphabar_0) / (1 - alphabar_1)) (0-indexed),
+    as Ho et al.'s and improved-diffusion's code do."""
+    betas = linear_betas(50)
+    ab = torch.cumprod(1 - betas, 0)
+    s = NoiseSchedule.linear(50)
+    beta_tilde_1 = betas[1] * (1 - ab[0]) / (1 - ab[1])
+    assert s.beta_log_variance[0].item() == pytest.approx(beta_tilde_1.log().item(), rel=1e-6)
+    assert s.beta_log_variance[0] == s.posterior_log_variance_clipped[0]
+    assert torch.allclose(s.beta_log_variance[1:].double(), betas[1:].log(), rtol=1e-6)
 
 
 def test_everything_stored_as_float32_but_the_defining_betas():
@@ -149,9 +186,15 @@ def test_sampling_timesteps_run_from_the_last_step_to_zero(timesteps, spacing):
 def test_quadratic_spacing_is_denser_near_zero_and_errors_are_clear():
     ts = sampling_timesteps(1000, 10, "quadratic").tolist()
     assert ts == [round((i / 9) ** 2 * 999) for i in range(10)]
-    with pytest.raises(ValueError, match="between 1 and the 10"):
+    # bad requests are refused where they enter, in the config, with a clear message ...
+    with pytest.raises(ValueError, match="cannot exceed the 10"):
+        RunConfig(diffusion=DiffusionConfig(timesteps=10), sample=SampleConfig(steps=11))
+    with pytest.raises(ValueError, match="sample.spacing"):
+        SampleConfig(spacing="cubic")
+    # ... so inside the library they are invariants
+    with pytest.raises(AssertionError):
         sampling_timesteps(10, 11)
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(AssertionError):
         sampling_timesteps(10, 3, "cubic")
 
 

@@ -15,7 +15,7 @@ from ddpm_cars.data.stanford_cars import (
     download_stanford_cars,
     find_split_dirs,
     load_stanford_cars,
-    split_dirs,
+    _chosen_splits,
 )
 
 # split -> class -> number of images; each class has its own colour
@@ -55,14 +55,14 @@ def test_other_folders_are_not_stanford(tmp_path):
 def test_a_copy_with_only_one_split(tmp_path):
     splits = make_copy(tmp_path, {"test": {"C": 1}})
     assert find_split_dirs(tmp_path) == {"test": (splits / "test").resolve()}
-    assert split_dirs(tmp_path, "all") == [(splits / "test").resolve()]
+    assert list(_chosen_splits(tmp_path, "all").values()) == [(splits / "test").resolve()]
     with pytest.raises(DataError, match="'train' is missing"):
-        split_dirs(tmp_path, "train")
+        _chosen_splits(tmp_path, "train")
 
 
 def test_unknown_split_lists_the_choices(kaggle_root):
     with pytest.raises(DataError, match="train, test, all"):
-        split_dirs(kaggle_root, "val")
+        _chosen_splits(kaggle_root, "val")
 
 
 def test_missing_or_foreign_root_is_an_error(tmp_path):

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm_cars.config import RunConfig
-from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars import run as ckpt
 from ddpm_cars.training import train
-from ddpm_cars.training.loop import epoch_order, random_hflip, read_loss_log
+from ddpm_cars.training.batches import epoch_order, random_hflip
+from ddpm_cars.training.logs import read_loss_log
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 
 from ddpm_cars.cli import DEFAULT_GUIDANCE, SAMPLE_OPTIONS, TRAIN_OPTIONS, config_overrides
+from ddpm_cars import parallel
+from ddpm_cars import run as ckpt
 from ddpm_cars.conditioning import class_labels
 from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
-from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.diffusion import q_sample
+from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.evaluation import bits_per_dim
-from ddpm_cars.models import build_model
+from ddpm_cars.parallel import resolve_device
 from ddpm_cars.report import write_report
-from ddpm_cars.samplers import StepCallback
+from ddpm_cars.run import Run
+from ddpm_cars.samplers import ClassRequest, StepCallback
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training import distributed
-from ddpm_cars.training import resolve_device
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
 
@@ -43,14 +43,14 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
     """The run's saved config; options that change what is trained must match it."""
     config_file = run_dir / ckpt.CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"nothing to resume: {config_file} does not exist")
+        raise MissingFileError(f"nothing to resume: {config_file} does not exist")
     saved = RunConfig.load(config_file)
     for section, values in overrides.items():
         allowed = RESUMABLE.get(section, set())
         for name, value in values.items():
             current = getattr(getattr(saved, section), name)
             if allowed is not None and name not in allowed and current != value:
-                raise ValueError(
+                raise UserError(
                     f"cannot change {section}.{name} when resuming (the run has {current!r}); "
                     "start a new run with another --out"
                 )
@@ -62,7 +62,7 @@ def train(args: argparse.Namespace) -> int:
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
-    if not distributed.current_world().is_main:
+    if not parallel.current_world().is_main:
         return 0
     print(f"Trained to step {result.step} (last loss {result.last_loss:.4f}) in {time.perf_counter() - tic:.0f} s")
     print(f"Run directory: {result.run_dir}  (sample with: ddpm-cars sample --checkpoint {result.run_dir} --out DIR)")
@@ -90,163 +90,165 @@ GRID_ROW_PER_CLASS_UP_TO = 16  # images per class that still fit on one grid row
 
 
 def sample_run(
-    run: Path, out: Path, num: int, seed: int, batch_size: int, device: str, sample_overrides: dict, ema: bool = True,
-    trajectory: bool = False, grid_count: int | None = None, classes: list[str] | None = None, guidance: float = 1.0,
+    run: Path, out: Path, num: int, *, seed: int = 0, batch_size: int = 64, device: str = "auto",
+    sample_overrides: dict | None = None, ema: bool = True, trajectory: bool = False, grid_count: int | None = None,
+    classes: list[str] | None = None, guidance: float = 1.0,
 ) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
     all by default), images/NNNN.png and denoising.png. With ``classes`` (names or indices)
     ``num`` images of each, guided by ``guidance``, one grid row per class. Under torchrun the
     images are shared out over the processes and rank 0 writes them (the others return None)."""
-    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
+    trained = Run.open(run, sample=sample_overrides)
+    config = trained.config
     labels = class_labels(classes, config.model.class_names, num) if classes else None
     num = num if labels is None else len(labels)
-    world, dev = distributed.init_from_env(resolve_device(device))
-    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
-    schedule = build_schedule(config.diffusion)
-    visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing).tolist()
+    world, dev = parallel.init_from_env(resolve_device(device))
+    visited = sampling_timesteps(config.diffusion.timesteps, config.sample.steps, config.sample.spacing).tolist()
     frames, predictions, callback = denoising_frames(visited)
-    images = distributed.generate_across_ranks(
-        model, schedule, num, config.data.image_size, seed, config.sample, world, diffusion_config=config.diffusion,
-        batch_size=batch_size, device=dev, precision=config.train.precision, callback=callback,
-        labels=labels, guidance=guidance,
+    images = parallel.generate_across_ranks(
+        trained.denoiser(ema=ema, device=dev), num, config.sample, world, seed=seed, batch_size=batch_size,
+        classes=None if labels is None else ClassRequest(labels, guidance), callback=callback,
     )
     if images is None:  # not rank 0
         return None
-    (out / "images").mkdir(parents=True, exist_ok=True)
     per_row = num // len(classes) if classes and num // len(classes) <= GRID_ROW_PER_CLASS_UP_TO else None
-    save_grid(images[:grid_count], out / "grid.png", nrow=per_row)
-    for i, image in enumerate(images):
-        save_image(image, out / "images" / f"{i:04d}.png")
-    save_strip(frames, out / "denoising.png", f"Denoising image 0 ({checkpoint.name})")
+    _write_samples(images, out, grid_count, per_row)
+    save_strip(frames, out / "denoising.png", f"Denoising image 0 ({trained.checkpoint.name})")
     if trajectory:
         save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
-                  f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({checkpoint.name})")
+                  f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})")
     how = config.sample.sampler + (f", {config.sample.steps} steps" if config.sample.steps else ", all steps")
     if labels is not None:
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
     files = "grid.png, images/, denoising.png" + (", trajectory.png" if trajectory else "")
-    print(f"Wrote {num} images ({how}) from {checkpoint} to {out}/ ({files})")
+    print(f"Wrote {num} images ({how}) from {trained.checkpoint} to {out}/ ({files})")
     return images
+
+
+def _write_samples(images: torch.Tensor, out: Path, grid_count: int | None, per_row: int | None) -> None:
+    """grid.png of the first ``grid_count`` images (``per_row`` a row) and images/NNNN.png."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    save_grid(images[:grid_count], out / "grid.png", nrow=per_row)
+    for i, image in enumerate(images):
+        save_image(image, out / "images" / f"{i:04d}.png")
 
 
 def sample(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
     if args.guidance is not None and not args.classes:
-        raise ValueError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
+        raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sample_run(
-        args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema,
-        args.trajectory, classes=args.classes, guidance=guidance,
+        args.checkpoint, args.out, args.num, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        sample_overrides=overrides, ema=args.ema, trajectory=args.trajectory, classes=args.classes, guidance=guidance,
     )
     return 0
 
 
 def classes(args: argparse.Namespace) -> int:
-    run_dir, _ = ckpt.resolve_checkpoint(args.run)
-    names = RunConfig.load(run_dir / ckpt.CONFIG_FILE).model.class_names
+    trained = Run.open(args.run)
+    names = trained.config.model.class_names
     if not names:
-        raise ValueError(f"{run_dir} is not class-conditional: train with --class-conditional to ask for classes")
+        raise UserError(f"{trained.dir} is not class-conditional: train with --class-conditional to ask for classes")
     width = len(str(len(names) - 1))
     for i, name in enumerate(names):
         print(f"{i:>{width}}  {name}")
     return 0
 
 
-def evaluate_run(
-    run: Path, data_source: str | None, split: str, num_images: int, timesteps: int | None,
-    batch_size: int, seed: int, device: str, ema: bool = True,
+def run_likelihood(
+    run: Path, data_source: str | None, split: str, num_images: int, *, timesteps: int | None = None,
+    batch_size: int = 64, seed: int = 0, device: str = "auto", ema: bool = True,
 ) -> dict:
     """Bits/dim of a run's checkpoint on (by default held-out) images of its data source."""
-    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
+    from ddpm_cars.evaluation.scores import has_heldout
+
+    trained = Run.open(run)
+    config = trained.config
     data_cfg = dataclasses.replace(config.data, source=data_source or config.data.source, split=split)
     if data_cfg.source == "toy-cars":
         data_cfg = dataclasses.replace(data_cfg, toy_count=num_images)
     dataset = build_dataset(data_cfg)
     if dataset.image_size != config.data.image_size:
-        raise ValueError(f"the images are {dataset.image_size}px, the model was trained at {config.data.image_size}px")
-    held_out = data_cfg.source in ("toy-cars", "stanford-cars") or find_split_dirs(Path(data_cfg.source)) is not None
-    if split != "test" or not held_out:
+        raise UserError(f"the images are {dataset.image_size}px, the model was trained at {config.data.image_size}px")
+    if split != "test" or not has_heldout(data_cfg):
         print(f"Note: evaluating on {data_cfg.source} ({split}), which may overlap the training images")
-    dev = resolve_device(device)
-    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(dev)
-    images = to_model_range(dataset.images[:num_images]).to(dev)
-    result = bits_per_dim(
-        model, build_schedule(config.diffusion), images, config.diffusion, config.sample,
-        timesteps=timesteps, batch_size=batch_size, seed=seed, precision=config.train.precision,
-    )
-    summary = {"checkpoint": str(checkpoint), "data": data_cfg.source, "split": split, **result.summary()}
+    denoiser = trained.denoiser(ema=ema, device=resolve_device(device))
+    images = to_model_range(dataset.images[:num_images]).to(denoiser.device)
+    result = bits_per_dim(denoiser, images, config.sample, timesteps=timesteps, batch_size=batch_size, seed=seed)
+    summary = {"checkpoint": str(trained.checkpoint), "data": data_cfg.source, "split": split, **result.summary()}
     how = "all T terms" if timesteps is None else f"{timesteps} random t per image"
-    print(f"{checkpoint}: {summary['bits_per_dim']:.4f} +- {summary['stderr']:.4f} bits/dim on "
+    print(f"{trained.checkpoint}: {summary['bits_per_dim']:.4f} +- {summary['stderr']:.4f} bits/dim on "
           f"{summary['images']} {split} images ({how})")
     print(f"  prior L_T {summary['prior']:.4f} | KL terms {summary['kl_terms']:.4f} | decoder L_0 {summary['decoder']:.4f}")
     return summary
 
 
-def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
+def sample_scores(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """The sample metrics of ``--checkpoint`` or ``--images``; the summary and where it went."""
     from PIL import Image
 
     from ddpm_cars.data.folder import find_images, load_image_folder
-    from ddpm_cars.evaluation import runs
+    from ddpm_cars.evaluation import scores
     from ddpm_cars.evaluation.swd import pyramid_resolutions
 
-    world, dev = distributed.init_from_env(resolve_device(args.device))
+    world, dev = parallel.init_from_env(resolve_device(args.device))
     if args.checkpoint is not None:
-        run_dir, _ = ckpt.resolve_checkpoint(args.checkpoint)
-        data = RunConfig.load(run_dir / ckpt.CONFIG_FILE).data
+        opened = Run.open(args.checkpoint)
+        run_dir, data = opened.dir, opened.config.data
     else:
         run_dir, data = None, DataConfig()
     size = args.image_size or data.image_size
     if args.images is not None and args.image_size is None:  # the folder's own size
         if not args.images.is_dir():
-            raise FileNotFoundError(f"--images {args.images} is not a folder")
+            raise MissingFileError(f"--images {args.images} is not a folder")
         paths = find_images(args.images)
         if not paths:
-            raise ValueError(f"--images {args.images} holds no images")
+            raise UserError(f"--images {args.images} holds no images")
         with Image.open(paths[0]) as first:
             size = first.size[0]
     pyramid_resolutions(size)  # SWD's image sizes: say so before minutes of sampling
     data = dataclasses.replace(data, source=args.data or data.source, split=args.split or "train", image_size=size)
     if world.is_main:  # the reference and the Inception weights first: their errors come before minutes of sampling
-        reference = runs.load_reference(data, args.num_samples if args.memorization else 0)
-        inception, fid_skipped = (None, "--no-fid") if not args.fid else runs.load_inception(args.inception_weights, dev)
+        reference = scores.load_reference(data, args.num_samples if args.memorization else 0)
+        inception, fid_skipped = (None, "--no-fid") if not args.fid else scores.load_inception(args.inception_weights, dev)
     if args.checkpoint is not None:  # under torchrun every process samples its share; rank 0 scores
         overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
-        samples, config, checkpoint = runs.checkpoint_samples(
+        samples, config, checkpoint = scores.checkpoint_samples(
             args.checkpoint, args.num_samples, args.seed, overrides, args.batch_size, dev, args.ema, world
         )
         if samples is None:
             return {}, None
-        what = f"{args.num_samples} samples ({runs.sampling_description(config.sample)}) of {checkpoint}"
+        what = f"{args.num_samples} samples ({scores.sampling_description(config.sample)}) of {checkpoint}"
         summary: dict = {"checkpoint": str(checkpoint), "sampler": config.sample.sampler, "steps": config.sample.steps,
                          "seed": args.seed}
     else:
         samples = load_image_folder(args.images, size).images
         what = f"{samples.shape[0]} images of {args.images}"
         summary = {"images": str(args.images)}
-    out = args.out or (run_dir / runs.EVAL_DIR if run_dir is not None else None)
-    summary = runs.score_samples(samples, reference, inception, fid_skipped, what, summary, out, args.seed, args.memorization, args.cache_dir)
+    out = args.out or (run_dir / scores.EVAL_DIR if run_dir is not None else None)
+    summary = scores.score_and_write(samples, reference, what=what, summary=summary, out=out, inception=inception,
+                                     fid_skipped=fid_skipped, seed=args.seed, memorization=args.memorization,
+                                     cache_dir=args.cache_dir)
     return summary, run_dir
 
 
 def evaluate(args: argparse.Namespace) -> int:
     if not args.sample_metrics and not args.nll:
-        raise ValueError("nothing to compute: --no-sample-metrics without --nll")
+        raise UserError("nothing to compute: --no-sample-metrics without --nll")
     if args.images is not None and args.nll:
-        raise ValueError("--nll needs --checkpoint: a folder of images has no likelihood")
+        raise UserError("--nll needs --checkpoint: a folder of images has no likelihood")
     summary: dict = {}
     run_dir = None
     if args.sample_metrics:
-        summary, run_dir = sample_evaluation(args)
-    if not distributed.current_world().is_main:  # under torchrun, rank 0 reports
+        summary, run_dir = sample_scores(args)
+    if not parallel.current_world().is_main:  # under torchrun, rank 0 reports
         return 0
     if args.nll:
-        nll = evaluate_run(
-            args.checkpoint, args.data, args.split or "test", args.num_images, args.timesteps, args.batch_size,
-            args.seed, args.device, args.ema,
+        nll = run_likelihood(
+            args.checkpoint, args.data, args.split or "test", args.num_images, timesteps=args.timesteps,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, ema=args.ema,
         )
         summary = {**summary, "nll": nll} if summary else nll
     if args.json is not None:
@@ -259,11 +261,11 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def guidance(args: argparse.Namespace) -> int:
-    from ddpm_cars.evaluation.guidance import PICTURE_FILE, RESULT_FILE, evaluate_guidance, format_guidance
+    from ddpm_cars.evaluation.guidance import PICTURE_FILE, RESULT_FILE, format_guidance, guidance_accuracy
 
-    run_dir, _ = ckpt.resolve_checkpoint(args.run)
+    run_dir = Run.open(args.run).dir
     out = args.out or run_dir / "guidance"
-    summary = evaluate_guidance(
+    summary = guidance_accuracy(
         args.run, args.scales, args.per_class, out, seed=args.seed,
         sample_overrides=config_overrides(args, SAMPLE_OPTIONS).get("sample", {}), batch_size=args.batch_size,
         device=resolve_device(args.device), ema=args.ema, classifier_steps=args.classifier_steps,
@@ -283,12 +285,12 @@ def report(args: argparse.Namespace) -> int:
 def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, frames: int, seed: int, out: Path) -> Path:
     """The forward process on one dataset image at ``frames`` evenly spaced t."""
     if index < 0:
-        raise ValueError(f"--index must be >= 0; got {index}")
+        raise UserError(f"--index must be >= 0; got {index}")
     if data.source == "toy-cars":
         data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1)
     dataset = build_dataset(data)
     if index >= len(dataset):
-        raise ValueError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
+        raise UserError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
     x0 = dataset[index][0][None]  # [1, 3, S, S]
     schedule = build_schedule(diffusion)
     generator = torch.Generator().manual_seed(seed)
@@ -316,7 +318,7 @@ DEMO_EVAL_SAMPLES = 144  # scored by the offline metric and the memorisation che
 
 def demo(args: argparse.Namespace) -> int:
     from ddpm_cars.data.dataset import to_uint8
-    from ddpm_cars.evaluation import runs
+    from ddpm_cars.evaluation import scores
 
     config = DEMO if args.steps is None else DEMO.replace(train={"max_steps": args.steps})
     out = args.out
@@ -327,14 +329,15 @@ def demo(args: argparse.Namespace) -> int:
         config = _resume_config(out, {"train": {"max_steps": config.train.max_steps}})
     result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
-    images = sample_run(out, out, DEMO_EVAL_SAMPLES, 0, DEMO_EVAL_SAMPLES, args.device, {}, grid_count=DEMO_SAMPLES)
+    images = sample_run(out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_EVAL_SAMPLES, device=args.device, grid_count=DEMO_SAMPLES)
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
-    reference = runs.load_reference(config.data, DEMO_EVAL_SAMPLES, progress=False)
-    inception, fid_skipped = runs.load_inception(None, resolve_device(args.device), download=False)
-    what = f"{DEMO_EVAL_SAMPLES} samples ({runs.sampling_description(config.sample)})"
+    reference = scores.load_reference(config.data, DEMO_EVAL_SAMPLES, progress=False)
+    inception, fid_skipped = scores.load_inception(None, resolve_device(args.device), download=False)
+    what = f"{DEMO_EVAL_SAMPLES} samples ({scores.sampling_description(config.sample)})"
     summary = {"checkpoint": str(ckpt.latest_checkpoint(out)), "sampler": config.sample.sampler,
                "steps": config.sample.steps, "seed": 0}
-    runs.score_samples(to_uint8(images), reference, inception, fid_skipped, what, summary, out / runs.EVAL_DIR)
+    scores.score_and_write(to_uint8(images), reference, what=what, summary=summary, out=out / scores.EVAL_DIR,
+                           inception=inception, fid_skipped=fid_skipped)
     report = write_report(out)
     pictures = "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/" + (", samples/" if (out / "samples").is_dir() else "")
     print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: {pictures}; open {report}")
@@ -342,7 +345,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from ddpm_cars.benchmark import format_table, report, run_benchmark
+    from ddpm_cars.benchmarks.bench import format_table, report, run_benchmark
 
     rows = run_benchmark(
         args.presets, args.precisions, image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,

@@ -254,7 +254,7 @@ class RunConfig:
         return cls(**{name: _section(name, data.get(name, {})) for name in sections})
 
     def save(self, path: str | Path) -> None:
-        from ddpm_cars.training.checkpoint import atomic_write_text
+        from ddpm_cars.files import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -1,24 +1,20 @@
-"""The diffusion math: forward noising, prediction targets, reverse means and variances,
-the variational bound and the training losses (Ho et al. 2020; Nichol & Dhariwal 2021).
+"""The diffusion math: forward noising, prediction targets, the posterior, reverse
+variances and the terms of the variational bound (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Nothing here knows about networks beyond calling ``model(x_t, t)`` (or ``model(x_t, t, y)``) once. Timesteps are
-0-indexed: ``t = 0`` is the paper's ``t = 1``, whose reverse step is the decoder.
+Pure functions of a :class:`NoiseSchedule` and tensors: nothing here calls a network
+(the :class:`~ddpm_cars.denoiser.Denoiser` does, and reads its output with these).
+Timesteps are 0-indexed: ``t = 0`` is the paper's ``t = 1``, whose reverse step is the
+decoder.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from ddpm_cars.config import DiffusionConfig
+from ddpm_cars.config import Prediction, Variance
 from ddpm_cars.schedule import NoiseSchedule
-
-LossType = Literal["l1", "l2"]
-PredictionType = Literal["eps", "x0", "v"]
-VarianceType = Literal["beta", "beta_tilde"]
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -45,32 +41,30 @@ def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
 
 
 def prediction_target(
-    schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: PredictionType
+    schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: Prediction
 ) -> torch.Tensor:
     """What the network is trained to output for (x_0, eps) at step t."""
     if prediction == "eps":
         return noise
     if prediction == "x0":
         return x0
-    if prediction == "v":
-        return v_target(schedule, x0, t, noise)
-    raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+    assert prediction == "v", prediction
+    return v_target(schedule, x0, t, noise)
 
 
 def predict_x0(
-    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: PredictionType
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: Prediction
 ) -> torch.Tensor:
     """The x_0 implied by a network output of the given prediction type."""
     if prediction == "eps":
         return predict_x0_from_eps(schedule, x_t, t, output)
     if prediction == "x0":
         return output
-    if prediction == "v":  # x_0 = sqrt(alphabar) x_t - sqrt(1 - alphabar) v
-        return (
-            schedule.gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-            - schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * output
-        )
-    raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+    assert prediction == "v", prediction  # x_0 = sqrt(alphabar) x_t - sqrt(1 - alphabar) v
+    return (
+        schedule.gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+        - schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * output
+    )
 
 
 def predict_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -87,10 +81,14 @@ def posterior_mean(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor,
     ) * x_t
 
 
-def fixed_log_variance(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: VarianceType) -> torch.Tensor:
-    """log sigma_t^2 of a fixed-variance reverse step: log beta_t or log beta_tilde_t
-    (Sec. 3.2, Ho et al. 2020); beta_tilde at t = 0, which is 0, is replaced by its t = 1 value."""
-    log_var = schedule.betas.log() if variance == "beta" else schedule.posterior_log_variance_clipped
+def fixed_log_variance(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: Variance) -> torch.Tensor:
+    """log sigma_t^2 of a fixed-variance reverse step (Sec. 3.2, Ho et al. 2020): log beta_t
+    ("beta", Algorithm 2) or log beta_tilde_t ("beta_tilde"). At t = 0 both use beta_tilde
+    of the next step (beta_tilde there is 0), as the published code does for "a better
+    decoder log likelihood" (Ho et al.'s diffusion_utils_2.py, improved-diffusion's
+    FIXED_LARGE); only the decoder term L_0 of the bound sees it, as sampling adds no
+    noise on its last step."""
+    log_var = schedule.beta_log_variance if variance == "beta" else schedule.posterior_log_variance_clipped
     return schedule.gather(log_var, t, like)
 
 
@@ -101,41 +99,6 @@ def learned_log_variance(schedule: NoiseSchedule, t: torch.Tensor, v: torch.Tens
     log_beta = schedule.gather(schedule.betas.log(), t, v)
     log_tilde = schedule.gather(schedule.posterior_log_variance_clipped, t, v)
     return frac * log_beta + (1 - frac) * log_tilde
-
-
-def split_output(output: torch.Tensor, config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean part, variance part or None) of a network output."""
-    if config.learn_variance:
-        mean_out, var_out = output.chunk(2, dim=1)
-        return mean_out, var_out
-    return output, None
-
-
-def p_mean_variance(
-    schedule: NoiseSchedule,
-    output: torch.Tensor,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    config: DiffusionConfig,
-    *,
-    variance: VarianceType = "beta",
-    clip_x0: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, log variance, predicted x_0) of p(x_{t-1} | x_t) from a network output.
-
-    The mean is the posterior mean (Eq. 7) around the predicted x_0, clipped to [-1, 1]
-    with ``clip_x0``; the variance is learned when the model has it, else ``variance``.
-    """
-    mean_out, var_out = split_output(output.float(), config)
-    x0_pred = predict_x0(schedule, x_t, t, mean_out, config.prediction)
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1.0, 1.0)
-    mean = posterior_mean(schedule, x0_pred, x_t, t)
-    if var_out is not None:
-        log_var = learned_log_variance(schedule, t, var_out)
-    else:
-        log_var = fixed_log_variance(schedule, t, x_t, variance).expand_as(x_t)
-    return mean, log_var, x0_pred
 
 
 # -- the variational bound ----------------------------------------------------------------
@@ -191,41 +154,3 @@ def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     mean = schedule.gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
     log_var = schedule.gather((1.0 - schedule.alphas_cumprod).log(), t, x0)
     return _mean_over_pixels(normal_kl(mean, log_var.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2.0)
-
-
-# -- training ----------------------------------------------------------------------------
-
-
-def training_loss(
-    model: torch.nn.Module,
-    schedule: NoiseSchedule,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    config: DiffusionConfig,
-    y: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One term of Algorithm 1: noise x_0 to x_t, predict the target (given labels ``y``
-    for a class-conditional network), compare.
-
-    ``l2`` on eps is L_simple (Eq. 14); ``l1`` is the seed's choice. With a learned
-    variance the loss is L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021,
-    Sec. 3.1), where L_vlb is estimated from this step's t as T * L_t and sees the mean
-    through a stop-gradient, so it trains the variance alone.
-    """
-    x_t = q_sample(schedule, x0, t, noise)
-    output = (model(x_t, t) if y is None else model(x_t, t, y)).float()
-    mean_out, var_out = split_output(output, config)
-    target = prediction_target(schedule, x0, t, noise, config.prediction)
-    if config.loss == "l1":
-        loss = F.l1_loss(mean_out, target)
-    elif config.loss == "l2":
-        loss = F.mse_loss(mean_out, target)
-    else:
-        raise ValueError(f"loss must be 'l1' or 'l2', got {config.loss!r}")
-    if var_out is None:
-        return loss
-    frozen = torch.cat([mean_out.detach(), var_out], dim=1)
-    mean, log_var, _ = p_mean_variance(schedule, frozen, x_t, t, config, clip_x0=False)
-    l_vlb = schedule.timesteps * vlb_term(schedule, x0, x_t, t, mean, log_var).mean()
-    return loss + config.vlb_weight * l_vlb

@@ -15,13 +15,17 @@ import torch
 from ddpm_cars.config import DiffusionConfig
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Linearly spaced betas (Ho et al. 2020, Sec. 4), float64 ``[T]``."""
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    if not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}")
-    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
+    """Linearly spaced betas (Ho et al. 2020, Sec. 4), float64 ``[T]``.
+
+    ``beta_start`` and ``beta_end`` are the values for T = 1000; for another T both are
+    scaled by 1000 / T, as improved-diffusion's ``get_named_beta_schedule("linear")``
+    does, so that alphabar_T stays near 0 and x_T near N(0, I) whatever T (capped at
+    ``max_beta`` for T < 20, where the scaled end would pass 1).
+    """
+    assert timesteps >= 1 and 0.0 < beta_start <= beta_end < 1.0, (timesteps, beta_start, beta_end)
+    scale = 1000 / timesteps
+    return torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64).clamp(max=max_beta)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -30,8 +34,7 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> t
     alphabar(t) = f(t) / f(0) with f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), and
     beta_t = 1 - alphabar(t) / alphabar(t - 1), clipped at ``max_beta`` near t = T.
     """
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    assert timesteps >= 1, timesteps
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
@@ -47,11 +50,11 @@ class NoiseSchedule:
     alphas_cumprod_prev: torch.Tensor
     sqrt_alphas_cumprod: torch.Tensor
     sqrt_one_minus_alphas_cumprod: torch.Tensor
-    sqrt_recip_alphas: torch.Tensor
     posterior_variance: torch.Tensor
     posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    beta_log_variance: torch.Tensor  # log beta_t, with log beta_tilde of step 1 at t = 0 (the decoder)
     betas_float64: torch.Tensor  # the defining betas, kept exact for respacing
 
     @classmethod
@@ -72,11 +75,12 @@ class NoiseSchedule:
             alphas_cumprod_prev=ab_prev,
             sqrt_alphas_cumprod=ab.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1.0 - ab).sqrt(),
-            sqrt_recip_alphas=alphas.rsqrt(),
             posterior_variance=post_var,
             posterior_log_variance_clipped=post_log_var,
             posterior_mean_coef1=b * ab_prev.sqrt() / (1.0 - ab),
             posterior_mean_coef2=(1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab),
+            # fixed "large" variance: beta_t, but beta_tilde at the decoder (as Ho et al.'s code)
+            beta_log_variance=torch.cat([post_log_var[:1], b[1:].log()]),
         )
         return cls(**{k: v.to(torch.float32) for k, v in coefs.items()}, betas_float64=b)
 
@@ -123,15 +127,13 @@ def sampling_timesteps(timesteps: int, steps: int | None = None, spacing: str = 
     """
     if steps is None or steps == timesteps:
         return torch.arange(timesteps)
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must be between 1 and the {timesteps} training steps; got {steps}")
+    assert 1 <= steps <= timesteps, (steps, timesteps)
     if steps == 1:
         return torch.tensor([timesteps - 1])
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
     if spacing == "uniform":
         return (frac * (timesteps - 1)).round().long()
-    if spacing != "quadratic":
-        raise ValueError(f"spacing must be 'uniform' or 'quadratic'; got {spacing!r}")
+    assert spacing == "quadratic", spacing
     ts = (frac**2 * (timesteps - 1)).round().long()
     for i in range(1, steps):  # strictly increasing: rounding repeats small values; ts[i] <= max(raw, i)
         ts[i] = max(ts[i], ts[i - 1] + 1)  # so the last stays T - 1

@@ -92,11 +92,6 @@ def _chosen_splits(root: Path, split: str) -> dict[str, Path]:
     return {split: dirs[split]}
 
 
-def split_dirs(root: Path, split: str) -> list[Path]:
-    """Folders making up ``split``; ``"all"`` is every split present in this copy."""
-    return list(_chosen_splits(root, split).values())
-
-
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 

@@ -16,13 +16,13 @@ from typing import Sequence
 
 import torch
 
-from ddpm_cars.config import RunConfig
 from ddpm_cars.data import build_dataset
+from ddpm_cars.errors import UserError
 from ddpm_cars.evaluation.class_accuracy import predict, requested_class_share, train_classifier
-from ddpm_cars.models import build_model
-from ddpm_cars.samplers import generate
-from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training import checkpoint as ckpt
+from ddpm_cars.evaluation.scores import has_heldout, sampling_description
+from ddpm_cars.files import atomic_write_text
+from ddpm_cars.run import Run
+from ddpm_cars.samplers import ClassRequest, generate
 from ddpm_cars.viz import save_rows
 
 RESULT_FILE = "guidance.json"
@@ -33,11 +33,11 @@ HELDOUT_IMAGES = 1000  # real held-out images that measure the classifier itself
 
 def _check_scales(scales: Sequence[float]) -> list[float]:
     if not scales or any(not (s >= 0 and math.isfinite(s)) for s in scales):
-        raise ValueError(f"guidance scales must be finite numbers >= 0; got {list(scales)}")
+        raise UserError(f"guidance scales must be finite numbers >= 0; got {list(scales)}")
     return list(scales)
 
 
-def evaluate_guidance(
+def guidance_accuracy(
     run: Path, scales: Sequence[float], per_class: int, out: Path, *, seed: int = 0, sample_overrides: dict | None = None,
     batch_size: int = 64, device: torch.device | str = "cpu", ema: bool = True, classifier_steps: int = 500,
     progress: bool = True,
@@ -45,14 +45,12 @@ def evaluate_guidance(
     """Draw ``per_class`` samples of every class of a class-conditional run at each guidance
     scale, classify them, and write ``guidance.json`` and ``guidance.png`` (one row per class,
     a block of columns per scale) into ``out``. Returns the summary written."""
-    from ddpm_cars.evaluation.runs import has_heldout, sampling_description  # runs imports training, which imports this package
-
     scales = _check_scales(scales)
-    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides or {})
+    trained = Run.open(run, sample=sample_overrides)
+    config, checkpoint = trained.config, trained.checkpoint
     names = list(config.model.class_names)
     if not names:
-        raise ValueError(f"{run_dir} is not class-conditional: train with --class-conditional to measure guidance")
+        raise UserError(f"{trained.dir} is not class-conditional: train with --class-conditional to measure guidance")
     # the judge: a classifier on the run's own (real) training images, measured on held-out ones
     data = build_dataset(config.data, progress=progress)
     tic = time.perf_counter()
@@ -64,17 +62,13 @@ def evaluate_guidance(
         ceiling, _ = requested_class_share(predict(classifier, test.images, device=device), test.labels, len(names))
     classifier_seconds = time.perf_counter() - tic
 
-    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(device)
-    schedule = build_schedule(config.diffusion)
+    denoiser = trained.denoiser(ema=ema, device=device)
     labels = torch.arange(len(names)).repeat_interleave(per_class)
     rows, shown = [], {}
     for scale in scales:
         tic = time.perf_counter()
-        samples = generate(
-            model, schedule, len(labels), config.data.image_size, seed, config.sample, diffusion_config=config.diffusion,
-            batch_size=batch_size, device=device, precision=config.train.precision, progress=progress,
-            labels=labels, guidance=scale,
-        )
+        samples = generate(denoiser, len(labels), config.sample, seed=seed, batch_size=batch_size,
+                           classes=ClassRequest(labels, scale), progress=progress)
         share, per = requested_class_share(predict(classifier, samples, device=device), labels, len(names))
         rows.append({"guidance": scale, "share": share, "per_class": dict(zip(names, per)),
                      "seconds": round(time.perf_counter() - tic, 1)})
@@ -85,7 +79,7 @@ def evaluate_guidance(
         "classifier_seconds": round(classifier_seconds, 1), "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
     picture_rows = [
         (name, [(f"guidance {s:g}" if i == 0 else "", shown[s][c, i]) for s in scales for i in range(shown[s].shape[1])])
         for c, name in enumerate(names)

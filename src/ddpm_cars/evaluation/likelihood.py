@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_cars import diffusion
-from ddpm_cars.config import DiffusionConfig, SampleConfig
-from ddpm_cars.runtime import autocast
-from ddpm_cars.schedule import NoiseSchedule
+from ddpm_cars.config import SampleConfig
+from ddpm_cars.denoiser import Denoiser
 
 
 @dataclass(frozen=True)
@@ -47,29 +45,28 @@ class BitsPerDim:
 
 @torch.no_grad()
 def bits_per_dim(
-    model: nn.Module,
-    schedule: NoiseSchedule,
+    denoiser: Denoiser,
     images: torch.Tensor,
-    config: DiffusionConfig,
     sample: SampleConfig | None = None,
     *,
     timesteps: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    precision: str = "fp32",
     progress: bool = True,
 ) -> BitsPerDim:
-    """The bound on ``images`` (``[N, 3, S, S]`` in [-1, 1], on the model's device).
+    """The bound on ``images`` (``[N, 3, S, S]`` in [-1, 1], on the denoiser's device).
 
     With ``timesteps=None`` every one of the T terms is computed (T network calls per
     batch). With ``timesteps=K`` the decoder term is exact and the KL sum is the unbiased
     Monte-Carlo estimate (T - 1) * mean over K uniformly drawn t in 1..T-1, per image.
-    The model's mean uses ``sample.clip_x0``; a fixed variance uses ``sample.variance``.
+    The model's mean uses ``sample.clip_x0``; a fixed variance uses ``sample.variance``,
+    whose decoder term (t = 0) uses beta-tilde as the published code does (see
+    :func:`~ddpm_cars.diffusion.fixed_log_variance`).
     """
-    if timesteps is not None and timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1 or None (all); got {timesteps}")
+    assert timesteps is None or timesteps >= 1, timesteps
     sample = sample or SampleConfig()
-    model.eval()
+    denoiser.network.eval()
+    schedule = denoiser.schedule
     T, device = schedule.timesteps, images.device
     generator = torch.Generator(device).manual_seed(seed)
     totals, priors, decoders, kls = [], [], [], []
@@ -82,13 +79,9 @@ def bits_per_dim(
         def term(t: torch.Tensor) -> torch.Tensor:
             noise = torch.randn(x0.shape, generator=generator, device=device)
             x_t = diffusion.q_sample(schedule, x0, t, noise)
-            with autocast(device, precision):
-                output = model(x_t, t)
-            mean, log_var, _ = diffusion.p_mean_variance(
-                schedule, output, x_t, t, config, variance=sample.variance, clip_x0=sample.clip_x0
-            )
+            pred = denoiser.predict(x_t, t, clip_x0=sample.clip_x0, variance=sample.variance)
             bar.update(1)
-            return diffusion.vlb_term(schedule, x0, x_t, t, mean, log_var)
+            return diffusion.vlb_term(schedule, x0, x_t, t, diffusion.posterior_mean(schedule, pred.x0, x_t, t), pred.log_var)
 
         decoder = term(torch.zeros(n, dtype=torch.long, device=device))
         kl = torch.zeros(n, device=device)

@@ -1,39 +1,48 @@
-"""The training loop (Algorithm 1, Ho et al. 2020), readable top to bottom.
+"""The training loop: Algorithm 1 of Ho et al. (2020), readable top to bottom.
 
-batch -> flip -> t -> noise -> loss -> backward -> step -> log -> sample -> checkpoint.
+    repeat
+        x_0 ~ data (flipped), t ~ U{0..T-1}, eps ~ N(0, I)     Batches.draw
+        loss and its gradient over micro-batches                 loss_and_gradients
+        a guarded optimizer step, then the EMA                   guarded_update
+        log, evaluate, checkpoint, a grid at each epoch's end    LossLog, PeriodicEval, Checkpoints, SampleGrids
+    until the step count or a stop signal
+
+The objects around the loop each have one job: :class:`Batches` draws, :class:`Trainee`
+holds what is trained, :class:`Checkpoints` writes, :class:`SampleGrids` draws pictures.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
+import dataclasses
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_cars.conditioning import drop_labels
-from ddpm_cars.config import DiffusionConfig, RunConfig
+from ddpm_cars import parallel
+from ddpm_cars import run as ckpt
+from ddpm_cars.config import RunConfig, TrainConfig
 from ddpm_cars.data import build_dataset
-from ddpm_cars.data.dataset import ImageSet, to_model_range
-from ddpm_cars.diffusion import training_loss
+from ddpm_cars.data.dataset import ImageSet
+from ddpm_cars.denoiser import Denoiser
+from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model
-from ddpm_cars.runtime import autocast, prepare_model, to_layout
+from ddpm_cars.parallel import World
+from ddpm_cars.runtime import prepare_model, to_layout
 from ddpm_cars.samplers import generate
-from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training import distributed
+from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.ema import EMA
-from ddpm_cars.training.periodic_eval import PeriodicEval
+from ddpm_cars.training.logs import LossLog
 from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, warmup_factor
-from ddpm_cars.viz import save_grid, save_loss_curve
+from ddpm_cars.training.periodic_eval import PeriodicEval
+from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
+from ddpm_cars.viz import save_grid
 
-LOSS_CSV = "loss.csv"
 SAMPLE_SEED = 0  # the training-time grids all start from the same noise
 
 
@@ -44,108 +53,123 @@ class TrainResult:
     last_loss: float
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+@dataclass
+class Trainee:
+    """What is trained: the plain module (which the optimizer, the EMA and checkpoints
+    use), the denoiser over the network that is called (DDP and/or compiled), the
+    optimizer and the moving average."""
+
+    model: nn.Module
+    denoiser: Denoiser
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+
+    @classmethod
+    def build(cls, config: RunConfig, world: World, device: torch.device) -> Trainee:
+        tcfg = config.train
+        with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
+            torch.manual_seed(tcfg.seed)
+            model = build_model(config).to(device)
+        if tcfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        net = prepare_model(parallel.wrap(model, world, device), compile=tcfg.compile)
+        optimizer = build_optimizer(model.parameters(), tcfg)
+        ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
+        return cls(model, Denoiser.for_run(net, config), optimizer, ema)
+
+    @property
+    def sampled(self) -> Denoiser:
+        """The denoiser samples are drawn from: the moving average when there is one."""
+        return dataclasses.replace(self.denoiser, network=self.ema.model if self.ema is not None else self.model)
+
+    def restore(self, checkpoint: Path, rng: torch.Generator, device: torch.device) -> Position:
+        """Weights, optimizer, EMA and generator from ``checkpoint``; where training stood."""
+        ckpt.load_weights(self.model, checkpoint, device)
+        state = ckpt.load_train_state(checkpoint)
+        self.optimizer.load_state_dict(state.optimizer)
+        try:
+            rng.set_state(state.rng)
+        except RuntimeError:
+            raise UserError(f"{checkpoint} was trained on another kind of device than {device}; resume with that --device") from None
+        if self.ema is not None:
+            ckpt.load_weights(self.ema.model, checkpoint, device, ema=True)
+            self.ema.updates = state.ema_updates
+        return Position(state.step, state.epoch, state.batch_in_epoch, state.skipped_steps)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world: World) -> torch.Tensor:
+    """The batch's loss, over ``grad_accum_steps`` micro-batches whose gradients add up to
+    the whole batch's (less memory, same gradient); averaged over the processes."""
+    accum = tcfg.grad_accum_steps
+    micro_size = batch.x0.shape[0] // accum
+    loss = torch.zeros((), device=batch.x0.device)
+    for part in range(accum):
+        micro = slice(part * micro_size, (part + 1) * micro_size)
+        with parallel.no_sync(trainee.denoiser.network, sync=part == accum - 1):  # DDP averages only on the last
+            micro_loss = trainee.denoiser.loss(
+                to_layout(batch.x0[micro], tcfg.channels_last), batch.t[micro],
+                to_layout(batch.noise[micro], tcfg.channels_last), None if batch.y is None else batch.y[micro],
+            ) / accum
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    return parallel.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint at the current step."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
+def guarded_update(trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, position: Position) -> None:
+    """Clip, then step the optimizer (after the warm-up's learning rate) and the EMA, unless
+    the loss or the gradient is not finite: then the weights stay and the step is counted."""
+    if gradients_usable(trainee.model, loss, tcfg.grad_clip):
+        set_lr(trainee.optimizer, tcfg.lr * warmup_factor(position.step - position.skipped, tcfg.warmup_steps))
+        trainee.optimizer.step()
+        if trainee.ema is not None:
+            trainee.ema.update(trainee.model)
+        position.bad_streak = 0
+    else:
+        position.skipped, position.bad_streak = position.skipped + 1, position.bad_streak + 1
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in progress, so the
-    checkpoint it then saves is consistent; a second signal of either kind acts at once
-    (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates; the last checkpoint stands)."""
+class Checkpoints:
+    """Writes the loss log, then the checkpoint (rank 0 only); a failed write stops
+    training in one line and leaves the previous checkpoint as it was."""
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+    def __init__(self, run_dir: Path, trainee: Trainee, rng: torch.Generator, log: LossLog, enabled: bool):
+        self.run_dir, self.trainee, self.rng, self.log, self.enabled = run_dir, trainee, rng, log, enabled
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-        self._restore()
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this step to save a checkpoint (signal again to stop at once)", flush=True)
-
-    def _restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
+    def save(self, position: Position) -> None:
+        if not self.enabled:
+            return
+        ema = self.trainee.ema
+        state = ckpt.TrainState(position.step, position.epoch, position.consumed, self.trainee.optimizer.state_dict(),
+                                self.rng.get_state(), ema.updates if ema is not None else 0, position.skipped)
+        try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
+            self.log.write()
+            ckpt.save_checkpoint(self.run_dir, self.trainee.model, state, ema.model if ema is not None else None)
+        except OSError as err:  # each write is atomic: what was there before is untouched
+            previous = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {position.step} in {self.run_dir} ({err.strerror or err}); "
+                f"training stopped and {kept}: make room, then continue with --resume"
+            ) from err
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled item order of one epoch, a pure function of (seed, epoch)."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+class SampleGrids:
+    """``samples/NAME.png``: a grid from the same noise each time (rank 0 draws it)."""
 
+    def __init__(self, run_dir: Path, config: RunConfig, enabled: bool):
+        self.run_dir, self.config, self.enabled = run_dir, config, enabled
+        self.last_step = -1
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator, part: slice = slice(None), count: int | None = None) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2 (the seed's RandomHorizontalFlip).
-    ``x`` may be the ``part`` of a batch of ``count`` images (the coins of the whole batch
-    are drawn, so every process of a distributed run draws the same)."""
-    flip = torch.rand(count or x.shape[0], generator=generator, device=generator.device)[part] < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-
-
-def read_loss_log(path: Path, up_to_step: int) -> list[tuple[int, float]]:
-    """Rows of ``loss.csv`` up to ``up_to_step``; anything later or malformed is dropped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for row in csv.reader(path.read_text().splitlines()[1:]):
-        try:
-            step, loss = int(row[0]), float(row[1])
-        except (ValueError, IndexError):
-            continue
-        if step <= up_to_step:
-            rows.append((step, loss))
-    return rows
-
-
-def loss_label(config: DiffusionConfig) -> str:
-    """What the logged loss is, for the loss curve's axis."""
-    target = {"eps": "the noise", "x0": "x_0", "v": "v"}[config.prediction]
-    label = f"{config.loss.upper()} loss on {target}"
-    return f"{label} + {config.vlb_weight:g} L_vlb" if config.learn_variance else label
-
-
-def write_loss_log(run_dir: Path, rows: list[tuple[int, float]], loss_name: str) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["step", "loss"])
-    writer.writerows((s, f"{v:.6f}") for s, v in rows)
-    ckpt.atomic_write_text(run_dir / LOSS_CSV, buf.getvalue())
-    if rows:
-        save_loss_curve([s for s, _ in rows], [v for _, v in rows], run_dir / "loss.png", loss_name)
+    def draw(self, name: str, denoiser: Denoiser, step: int) -> None:
+        self.last_step = step
+        if self.enabled:
+            num = self.config.sample.num_images
+            samples = generate(denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), progress=False)
+            save_grid(samples, self.run_dir / "samples" / f"{name}.png")
 
 
 def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
@@ -154,11 +178,125 @@ def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
         return config
     names = tuple(class_names)
     if config.model.class_names and config.model.class_names != names:
-        raise ValueError(
+        raise UserError(
             f"the run was trained on {len(config.model.class_names)} classes ({', '.join(config.model.class_names[:3])}, ...) "
             f"but the data has {len(names)} ({', '.join(names[:3])}, ...); use the data the run was trained on"
         )
     return config.replace(model={"class_names": names})
+
+
+def _check_start(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite a run."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
+    if resume and latest is None:
+        raise UserError(f"nothing to resume: {run_dir} holds no checkpoint")
+    return latest
+
+
+def _check_data(data: ImageSet, config: RunConfig, world: World) -> None:
+    tcfg = config.train
+    if len(data) < tcfg.batch_size:
+        raise UserError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
+    if data.image_size != config.data.image_size:
+        raise UserError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
+    if tcfg.batch_size % (world.size * tcfg.grad_accum_steps):
+        raise UserError(
+            f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
+            f"{tcfg.grad_accum_steps} micro-batches"
+        )
+
+
+@dataclass
+class Session:
+    """One training session: the run, what is trained, and the objects around the loop."""
+
+    config: RunConfig
+    world: World
+    trainee: Trainee
+    batches: Batches
+    rng: torch.Generator  # draws flips, t, noise and label dropout; saved with every checkpoint
+    position: Position
+    log: LossLog
+    checkpoints: Checkpoints
+    grids: SampleGrids
+    evaluate: PeriodicEval | None  # rank 0, with --eval-every
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.train.max_steps or self.config.train.epochs * self.batches.per_epoch
+
+    def run(self, bar: tqdm, stop: StopRequest) -> bool:
+        """Algorithm 1 until the step count or a stop signal; True when a signal stopped it."""
+        tcfg, position, trainee = self.config.train, self.position, self.trainee
+        trainee.model.train()
+        while position.step < self.total_steps:
+            if position.consumed == self.batches.per_epoch:  # resumed from a checkpoint at an epoch's last step
+                self._end_epoch()
+            if parallel.any_rank(stop.requested, self.world, self.batches.device):  # Ctrl-C anywhere stops all at one step
+                return True
+            tic = time.perf_counter()
+            batch = self.batches.draw(position, self.rng, trainee.denoiser.schedule.timesteps)
+            trainee.optimizer.zero_grad(set_to_none=True)
+            loss = loss_and_gradients(trainee, batch, tcfg, self.world)
+            guarded_update(trainee, loss, tcfg, position)
+            position.step, position.consumed = position.step + 1, position.consumed + 1
+            self.log.append(position.step, loss.item())
+            self._stop_if_diverged()
+            rate = tcfg.batch_size / (time.perf_counter() - tic)  # all processes together
+            bar.set_postfix(epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped)
+            bar.update(1)
+            if self.evaluate is not None and position.step % tcfg.eval_every_steps == 0:
+                row = self.evaluate(trainee.sampled, position.step)
+                bar.write(f"step {position.step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
+            if position.step % tcfg.checkpoint_every_steps == 0:
+                self.checkpoints.save(position)
+            if position.consumed == self.batches.per_epoch:
+                self._end_epoch()
+        return False
+
+    def _stop_if_diverged(self) -> None:
+        """Too many non-finite losses in a row (the same on every rank: the loss is averaged)."""
+        position = self.position
+        if position.bad_streak >= self.config.train.max_nonfinite_steps:
+            self.checkpoints.save(position)
+            raise NonFiniteLossError(
+                f"the loss was not finite for {position.bad_streak} steps in a row (up to step {position.step}); the "
+                f"weights of the last good step are saved in {self.checkpoints.run_dir}. Try a lower --lr or --grad-clip 1.0"
+            )
+
+    def _end_epoch(self) -> None:
+        """A grid every ``sample_every_epochs`` epochs, a checkpoint at every epoch's end."""
+        position = self.position
+        position.epoch, position.consumed = position.epoch + 1, 0
+        if position.epoch % self.config.train.sample_every_epochs == 0:
+            self.grids.draw(f"epoch_{position.epoch:04d}", self.trainee.sampled, position.step)
+        self.checkpoints.save(position)
+
+
+def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, dataset: ImageSet | None,
+                  progress: bool, inception_weights: str | Path | None) -> Session:
+    """Check the run directory and the data, build (or restore) what is trained."""
+    world, dev = parallel.init_from_env(parallel.resolve_device(device))
+    latest = _check_start(run_dir, resume)
+    data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
+    config = with_class_names(config, data.class_names)
+    _check_data(data, config, world)
+    batches = Batches(data, config, world, dev)
+    trainee = Trainee.build(config, world, dev)
+    rng = torch.Generator(dev).manual_seed(config.train.seed)
+    position = trainee.restore(latest, rng, dev) if resume else Position()
+    if world.is_main:  # after a resume has loaded: a resume that fails leaves config.json as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / ckpt.CONFIG_FILE)
+    log = LossLog(run_dir, config.diffusion, position.step)
+    evaluate = None
+    if config.train.eval_every_steps and world.is_main:
+        evaluate = PeriodicEval(config, run_dir, data.images, position.step, inception_weights, dev)
+    checkpoints = Checkpoints(run_dir, trainee, rng, log, enabled=world.is_main)
+    grids = SampleGrids(run_dir, config, enabled=world.is_main)
+    return Session(config, world, trainee, batches, rng, position, log, checkpoints, grids, evaluate)
 
 
 def train(
@@ -178,177 +316,19 @@ def train(
     last epoch's grid does not already).
     """
     run_dir = Path(run_dir)
-    world, dev = distributed.init_from_env(resolve_device(device))
-    main_rank = world.is_main  # writes checkpoints, logs, pictures; shows the progress bar
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
-    if resume and latest is None:
-        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint")
-    tcfg = config.train
-    data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
-    if len(data) < tcfg.batch_size:
-        raise ValueError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
-    if data.image_size != config.data.image_size:
-        raise ValueError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
-    if tcfg.batch_size % (world.size * tcfg.grad_accum_steps):
-        raise ValueError(
-            f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
-            f"{tcfg.grad_accum_steps} micro-batches"
-        )
-    config = with_class_names(config, data.class_names)
-    images = data.images.to(dev)  # uint8, decoded once; batches are cut from it
-    labels = data.labels.to(dev) if config.model.class_conditional else None
-    batches_per_epoch = len(data) // tcfg.batch_size  # drop_last, as the seed's DataLoader
-    total_steps = tcfg.max_steps or tcfg.epochs * batches_per_epoch
-    mine = world.share(tcfg.batch_size)  # this process's part of every batch
-    micro_size = tcfg.batch_size // world.size // tcfg.grad_accum_steps
-
-    def layout(x: torch.Tensor) -> torch.Tensor:
-        return to_layout(x, tcfg.channels_last)
-
-    schedule = build_schedule(config.diffusion)
-    with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
-        torch.manual_seed(tcfg.seed)
-        model = build_model(config).to(dev)
-    if tcfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # what is called: DDP around the model when distributed, compiled when asked
-    net = prepare_model(distributed.wrap(model, world, dev), compile=tcfg.compile)
-    optimizer = build_optimizer(model.parameters(), tcfg)
-    ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
-    rng = torch.Generator(dev).manual_seed(tcfg.seed)
-    step, epoch, consumed = 0, 0, 0  # consumed: batches of `epoch` already trained on
-    skipped, bad_streak = 0, 0  # steps skipped for a non-finite loss: in all, in a row
-    if resume:
-        ckpt.load_weights(model, latest, dev)
-        state = ckpt.load_train_state(latest)
-        optimizer.load_state_dict(state.optimizer)
-        try:
-            rng.set_state(state.rng)
-        except RuntimeError:
-            raise ValueError(f"{latest} was trained on another kind of device than {dev}; resume with that --device") from None
-        step, epoch, consumed, skipped = state.step, state.epoch, state.batch_in_epoch, state.skipped_steps
-        if ema is not None:
-            ckpt.load_weights(ema.model, latest, dev, ema=True)
-            ema.updates = state.ema_updates
-    if main_rank:  # after a resume has loaded: a resume that fails leaves config.json as it was
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / ckpt.CONFIG_FILE)
-    log = read_loss_log(run_dir / LOSS_CSV, step)
-    evaluate = None
-    if tcfg.eval_every_steps and main_rank:
-        evaluate = PeriodicEval(config, run_dir, data.images, schedule, dev, step, inception_weights)
-
-    def save() -> None:
-        if not main_rank:
-            return
-        ema_updates = ema.updates if ema is not None else 0
-        state = ckpt.TrainState(step, epoch, consumed, optimizer.state_dict(), rng.get_state(), ema_updates, skipped)
-        try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
-            write_loss_log(run_dir, log, loss_label(config.diffusion))
-            ckpt.save_checkpoint(run_dir, model, state, ema.model if ema is not None else None)
-        except OSError as err:  # each write is atomic: what was there before is untouched
-            previous = ckpt.latest_checkpoint(run_dir)
-            kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointWriteError(
-                f"cannot write the checkpoint of step {step} in {run_dir} ({err.strerror or err}); training stopped "
-                f"and {kept}: make room, then continue with --resume"
-            ) from err
-
-    last_grid_step = -1
-
-    def sample_grid(name: str) -> None:
-        nonlocal last_grid_step
-        last_grid_step = step
-        if not main_rank:
-            return
-        sampled = ema.model if ema is not None else model
-        num, size = config.sample.num_images, config.data.image_size
-        samples = generate(
-            sampled, schedule, num, size, SAMPLE_SEED, config.sample, diffusion_config=config.diffusion,
-            batch_size=min(num, 256), device=dev, precision=tcfg.precision, progress=False,
-        )
-        save_grid(samples, run_dir / "samples" / f"{name}.png")
-
-    bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not (progress and main_rank), dynamic_ncols=True)
-    model.train()
-    stopped = False
-
-    def stop_now() -> bool:
-        """A Ctrl-C (or SIGTERM from torchrun) seen by any process stops them all at one step."""
-        nonlocal stopped
-        stopped = stopped or distributed.any_rank(stop.requested, world, dev)
-        return stopped
-
+    session = start_session(config, run_dir, resume, device, dataset, progress, inception_weights)
+    world, position = session.world, session.position
+    bar = tqdm(total=session.total_steps, initial=position.step, desc="Training", unit="step",
+               disable=not (progress and world.is_main), dynamic_ncols=True)
     with StopRequest() as stop, contextlib.closing(bar):  # the bar ends its line before any error message
-        while step < total_steps and not stopped:
-            order = epoch_order(len(data), tcfg.seed, epoch)
-            while consumed < batches_per_epoch and step < total_steps and not stop_now():
-                tic = time.perf_counter()
-                idx = order[consumed * tcfg.batch_size : (consumed + 1) * tcfg.batch_size][mine].to(dev)
-                x0 = to_model_range(images[idx])
-                # every process draws for the whole batch and keeps its part: the same draws as one process
-                if config.data.flip:
-                    x0 = random_hflip(x0, rng, mine, tcfg.batch_size)
-                t = torch.randint(0, schedule.timesteps, (tcfg.batch_size,), generator=rng, device=dev)[mine]
-                noise = torch.randn((tcfg.batch_size, *x0.shape[1:]), generator=rng, device=dev)[mine]
-                y = None
-                if labels is not None:  # label dropout: the null class teaches the unconditional model too
-                    coins = torch.rand(tcfg.batch_size, generator=rng, device=dev)[mine]
-                    y = drop_labels(labels[idx], tcfg.label_dropout, config.model.num_classes, coins)
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.zeros((), device=dev)
-                for part in range(tcfg.grad_accum_steps):  # micro-batches: same gradient, less memory
-                    micro = slice(part * micro_size, (part + 1) * micro_size)
-                    last = part == tcfg.grad_accum_steps - 1  # DDP averages gradients over processes only then
-                    with distributed.no_sync(net, sync=last):
-                        with autocast(dev, tcfg.precision):
-                            micro_loss = training_loss(
-                                net, schedule, layout(x0[micro]), t[micro], layout(noise[micro]), config.diffusion,
-                                None if y is None else y[micro],
-                            ) / tcfg.grad_accum_steps
-                        micro_loss.backward()
-                    loss += micro_loss.detach()
-                loss = distributed.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
-                if gradients_usable(model, loss, tcfg.grad_clip):
-                    set_lr(optimizer, tcfg.lr * warmup_factor(step - skipped, tcfg.warmup_steps))
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update(model)
-                    bad_streak = 0
-                else:  # skip the update; the weights stay as they were
-                    skipped, bad_streak = skipped + 1, bad_streak + 1
-
-                step, consumed = step + 1, consumed + 1
-                log.append((step, loss.item()))
-                if bad_streak >= tcfg.max_nonfinite_steps:  # the same on every rank: the loss is averaged
-                    save()
-                    raise NonFiniteLossError(
-                        f"the loss was not finite for {bad_streak} steps in a row (up to step {step}); the weights "
-                        f"of the last good step are saved in {run_dir}. Try a lower --lr or --grad-clip 1.0"
-                    )
-                rate = tcfg.batch_size / (time.perf_counter() - tic)  # all processes together
-                bar.set_postfix(epoch=epoch + 1, loss=f"{log[-1][1]:.4f}", img_s=f"{rate:.0f}", skipped=skipped)
-                bar.update(1)
-                if evaluate is not None and step % tcfg.eval_every_steps == 0:  # rank 0 only
-                    row = evaluate(ema.model if ema is not None else model, step)
-                    bar.write(f"step {step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
-                if step % tcfg.checkpoint_every_steps == 0:
-                    save()
-            if consumed == batches_per_epoch:
-                epoch, consumed = epoch + 1, 0
-                if epoch % tcfg.sample_every_epochs == 0:
-                    sample_grid(f"epoch_{epoch:04d}")
-                save()
-    bar.close()
-    save()
+        stopped = session.run(bar, stop)
+    session.checkpoints.save(position)
     if stopped:
-        if main_rank:
-            print(f"Interrupted: checkpoint saved at step {step}; continue with --resume")
-        distributed.barrier(world)
-        raise TrainingInterrupted(stop.signum or signal.SIGINT, step)
-    if final_grid and last_grid_step != step:
-        sample_grid("final")
-    distributed.barrier(world)  # the other processes wait for rank 0's last writes
-    return TrainResult(run_dir, step, log[-1][1] if log else float("nan"))
+        if world.is_main:
+            print(f"Interrupted: checkpoint saved at step {position.step}; continue with --resume")
+        parallel.barrier(world)
+        raise TrainingInterrupted(stop.signum or signal.SIGINT, position.step)
+    if final_grid and session.grids.last_step != position.step:
+        session.grids.draw("final", session.trainee.sampled, position.step)
+    parallel.barrier(world)  # the other processes wait for rank 0's last writes
+    return TrainResult(run_dir, position.step, session.log.last)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ddpm_cars.config import TrainConfig
+from ddpm_cars.errors import UserError
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     """The loss stayed non-finite for too many consecutive steps."""
 
 

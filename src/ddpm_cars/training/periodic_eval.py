@@ -14,15 +14,14 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ddpm_cars.config import RunConfig
 from ddpm_cars.data.dataset import to_uint8
+from ddpm_cars.denoiser import Denoiser
+from ddpm_cars.evaluation.scores import ReferenceData, describe, load_inception, score
 from ddpm_cars.evaluation.swd import pyramid_resolutions
-from ddpm_cars.evaluation.runs import ReferenceData, describe, evaluate_samples, load_inception
+from ddpm_cars.files import atomic_write_text
 from ddpm_cars.samplers import generate
-from ddpm_cars.schedule import NoiseSchedule
-from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.viz import save_metric_curves
 
 METRICS_CSV = "metrics.csv"
@@ -53,29 +52,26 @@ def write_metrics_log(run_dir: Path, rows: list[dict[str, float]]) -> None:
     for row in rows:
         writer.writerow(["" if row.get(c) is None or (isinstance(row.get(c), float) and math.isnan(row[c])) else
                          (row[c] if c == "step" else f"{row[c]:.6g}") for c in columns])
-    ckpt.atomic_write_text(run_dir / METRICS_CSV, buf.getvalue())
+    atomic_write_text(run_dir / METRICS_CSV, buf.getvalue())
     if rows:
         save_metric_curves(rows, run_dir / "metrics.png")
 
 
 class PeriodicEval:
-    """Call with the model to score and the step; appends the row and redraws the curves."""
+    """Call with the denoiser to score and the step; appends the row and redraws the curves."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, train_images: torch.Tensor, schedule: NoiseSchedule,
-                 device: torch.device, resume_step: int = 0, inception_weights: str | Path | None = None):
+    def __init__(self, config: RunConfig, run_dir: Path, train_images: torch.Tensor, resume_step: int = 0,
+                 inception_weights: str | Path | None = None, device: torch.device | str = "cpu"):
         pyramid_resolutions(config.data.image_size)  # SWD's sizes: fail now, not at the first evaluation
-        self.config, self.run_dir, self.schedule, self.device = config, run_dir, schedule, device
+        self.config, self.run_dir = config, run_dir
         self.reference = ReferenceData(train_images.cpu(), describe(config.data), None)
         self.inception, self.fid_skipped = load_inception(inception_weights, device, download=False)
         self.rows = read_metrics_log(run_dir / METRICS_CSV, resume_step)
 
-    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
-        num, size = self.config.train.eval_samples, self.config.data.image_size
-        samples = generate(
-            model, self.schedule, num, size, EVAL_SEED, self.config.sample, diffusion_config=self.config.diffusion,
-            batch_size=min(num, 256), device=self.device, precision=self.config.train.precision, progress=False,
-        )
-        metrics, _ = evaluate_samples(to_uint8(samples), self.reference, self.inception, memorization=False, progress=False)
+    def __call__(self, denoiser: Denoiser, step: int) -> dict[str, float]:
+        num = self.config.train.eval_samples
+        samples = generate(denoiser, num, self.config.sample, seed=EVAL_SEED, batch_size=min(num, 256), progress=False)
+        metrics, _ = score(to_uint8(samples), self.reference, self.inception, memorization=False, progress=False)
         row = {"step": step, **metrics}
         self.rows.append(row)
         write_metrics_log(self.run_dir, self.rows)

@@ -1,5 +1,6 @@
-"""Data-parallel training and sampling on PyTorch's own engine: torchrun starts one
-process per device, DistributedDataParallel averages the gradients.
+"""Where the work runs: the device, and data-parallel training and sampling on PyTorch's
+own engine (torchrun starts one process per device, DistributedDataParallel averages the
+gradients).
 
 A single process (no torchrun) is the world of size 1 and nothing here does anything.
 Under torchrun, ``init_from_env`` joins the process group (nccl on CUDA, gloo on CPU)
@@ -22,6 +23,20 @@ from typing import ContextManager, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ddpm_cars.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,7 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return current_world(), device
     if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -127,8 +142,7 @@ def gather_images(images: torch.Tensor, indices: Sequence[int], count: int, worl
     return out
 
 
-def generate_across_ranks(model: nn.Module, schedule, num_images: int, image_size: int, seed: int, config, world: World,
-                          **kwargs) -> torch.Tensor | None:
+def generate_across_ranks(denoiser, num_images: int, config, world: World, **kwargs) -> torch.Tensor | None:
     """``samplers.generate`` with the images of the request shared out over the ranks
     (rank r draws images r, r + size, ...) and gathered on rank 0, in order; per-image
     seeds make them the images one process would draw. None on the other ranks."""
@@ -137,5 +151,5 @@ def generate_across_ranks(model: nn.Module, schedule, num_images: int, image_siz
     indices = shard_indices(num_images, world)
     if not world.is_main:
         kwargs = {**kwargs, "callback": None, "progress": False}
-    images = generate(model, schedule, num_images, image_size, seed, config, indices=indices, **kwargs)
+    images = generate(denoiser, indices, config, **kwargs)
     return gather_images(images, indices, num_images, world)

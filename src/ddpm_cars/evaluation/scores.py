@@ -1,5 +1,6 @@
-"""Evaluating a run: samples from its checkpoint (or a folder of images), reference images
-from its data, the metrics, the memorisation check, and what is written to the run."""
+"""Scoring samples: :func:`score` computes the sample metrics and the memorisation check of
+generated images against reference images; around it, the reference images of a data
+source, the Inception network, samples from a run, and what is written and printed."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.evaluation.inception import InceptionFeatures, InceptionUnavailable, resolve_weights
 from ddpm_cars.evaluation.memorization import MemorizationCheck, memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.models import build_model
-from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training.distributed import World, generate_across_ranks
+from ddpm_cars.files import atomic_write_text
+from ddpm_cars.parallel import World, generate_across_ranks
+from ddpm_cars.run import Run
 from ddpm_cars.viz import save_distance_histogram, save_rows
 
 EVAL_DIR = "eval"
@@ -74,25 +74,23 @@ def checkpoint_samples(
 ) -> tuple[torch.Tensor | None, RunConfig, Path]:
     """``num`` uint8 samples from a run's checkpoint, with its sample settings overridden;
     shared out over the processes of ``world`` and gathered on rank 0 (None elsewhere)."""
-    run_dir, checkpoint = ckpt.resolve_checkpoint(run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides)
-    model = ckpt.load_weights(build_model(config), checkpoint, ema=ema).to(device)
-    images = generate_across_ranks(
-        model, build_schedule(config.diffusion), num, config.data.image_size, seed, config.sample, world,
-        diffusion_config=config.diffusion, batch_size=batch_size, device=device, precision=config.train.precision,
-    )
-    return (to_uint8(images) if images is not None else None), config, checkpoint
+    trained = Run.open(run, sample=sample_overrides)
+    images = generate_across_ranks(trained.denoiser(ema=ema, device=device), num, trained.config.sample, world,
+                                   seed=seed, batch_size=batch_size)
+    return (to_uint8(images) if images is not None else None), trained.config, trained.checkpoint
 
 
 def sampling_description(sample: SampleConfig) -> str:
     return sample.sampler + (f", {sample.steps} steps" if sample.steps else ", all steps")
 
 
-def evaluate_samples(
-    samples: torch.Tensor, reference: ReferenceData, inception: InceptionFeatures | None, *, seed: int = 0,
+def score(
+    samples: torch.Tensor, reference: ReferenceData, inception: InceptionFeatures | None = None, *, seed: int = 0,
     memorization: bool = True, cache_dir: Path | None = None, progress: bool = True,
 ) -> tuple[dict[str, float], MemorizationCheck | None]:
-    """The metrics of ``samples`` and, with ``memorization``, their nearest training images."""
+    """The metrics of uint8 ``samples`` against ``reference`` (SWD and pixel precision/recall
+    always; FID, KID and Inception precision/recall with an ``inception`` network) and,
+    with ``memorization``, each sample's nearest training image."""
     metrics, features = sample_metrics(
         samples, reference.images, description=reference.description, inception=inception, cache_dir=cache_dir,
         seed=seed, progress=progress,
@@ -110,7 +108,7 @@ def evaluate_samples(
 def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference: ReferenceData, check: MemorizationCheck | None) -> list[str]:
     """``metrics.json`` and the memorisation pictures into ``out``; the names written."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
     written = [METRICS_FILE]
     if check is not None:
         order = check.sample_distance.argsort()[:NEAREST_PAIRS].tolist()
@@ -125,13 +123,15 @@ def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference:
     return written
 
 
-def score_samples(
-    samples: torch.Tensor, reference: ReferenceData, inception: InceptionFeatures | None, fid_skipped: str | None, what: str, summary: dict, out: Path | None,
-    seed: int = 0, memorization: bool = True, cache_dir: Path | None = None,
+def score_and_write(
+    samples: torch.Tensor, reference: ReferenceData, *, what: str, summary: dict, out: Path | None,
+    inception: InceptionFeatures | None = None, fid_skipped: str | None = None, seed: int = 0,
+    memorization: bool = True, cache_dir: Path | None = None,
 ) -> dict:
-    """Score uint8 ``samples`` against ``reference``, print the numbers, and write
-    ``metrics.json`` and the memorisation pictures into ``out`` (when given)."""
-    metrics, check = evaluate_samples(
+    """:func:`score` uint8 ``samples`` (described as ``what``), print the numbers, and write
+    ``summary`` with them as ``metrics.json``, and the memorisation pictures, into ``out``
+    (when given). Returns the summary."""
+    metrics, check = score(
         samples, reference, inception, seed=seed, memorization=memorization, cache_dir=cache_dir
     )
     summary = {**summary, "num_samples": samples.shape[0], "metrics": metrics,

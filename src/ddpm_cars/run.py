@@ -1,6 +1,9 @@
-"""Run directories and crash-safe checkpoints.
+"""A run directory: its config, its crash-safe checkpoints, and the network they hold.
 
-A run directory holds::
+:meth:`Run.open` is how every command finds a trained model: a run directory or one of
+its checkpoint directories in, the :class:`RunConfig`, the checkpoint and -- through
+:meth:`Run.denoiser` -- the (EMA) weights ready to sample from out. A run directory
+holds::
 
     config.json                       the RunConfig, written when the run starts
     checkpoints/step_00001200/        one directory per checkpoint, the newest two kept
@@ -27,35 +30,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddpm_cars.config import RunConfig
+from ddpm_cars.denoiser import Denoiser
+from ddpm_cars.errors import MissingFileError, UserError
+from ddpm_cars.files import atomic_write_text, fsync_dir
+from ddpm_cars.models import build_model
+
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
 _NAME = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -103,7 +89,7 @@ def save_checkpoint(
         if final.exists():  # a rerun of the same step replaces the old copy
             _discard(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,10 +132,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if (path / MODEL_FILE).is_file() and path.parent.name == CHECKPOINT_DIR:
         return path.parent.parent, path
     if not path.is_dir():
-        raise FileNotFoundError(f"no run directory or checkpoint at {path}")
+        raise MissingFileError(f"no run directory or checkpoint at {path}")
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_*/)")
+        raise MissingFileError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_*/)")
     return path, checkpoint
 
 
@@ -182,20 +168,20 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
     """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones).
 
     A file that cannot be read, or weights of another architecture or image size than
-    ``model`` (config.json edited, say), raise a one-line ``ValueError``."""
+    ``model`` (config.json edited, say), raise a one-line ``UserError``."""
     path = checkpoint / EMA_FILE
     if not (ema and path.is_file()):
         path = checkpoint / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
+        raise MissingFileError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
     try:
         weights = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
-        raise ValueError(f"cannot read weights {path}: {_first_line(err)}") from err
+        raise UserError(f"cannot read weights {path}: {_first_line(err)}") from err
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(
+        raise UserError(
             f"the weights in {path} do not fit the model described by the run's {CONFIG_FILE} "
             f"(another architecture or image size?): {_mismatch(model, weights)}"
         ) from err
@@ -203,15 +189,44 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
 
 
 def load_train_state(checkpoint: Path) -> TrainState:
-    """The optimizer, step and RNG state of ``checkpoint``; a one-line ``ValueError`` if it is unreadable."""
+    """The optimizer, step and RNG state of ``checkpoint``; a one-line ``UserError`` if it is unreadable."""
     path = checkpoint / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
+        raise MissingFileError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... (torch's advice to unpickle it unsafely does not help)
-        raise ValueError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
+        raise UserError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
     try:
         return TrainState(**raw)
     except TypeError as err:  # not a dict, or other keys
-        raise ValueError(f"{path} is not a training state of this program: {_first_line(err)}") from err
+        raise UserError(f"{path} is not a training state of this program: {_first_line(err)}") from err
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run: its directory, the checkpoint chosen, and its config.
+
+    ``Run.open(path)`` takes a run directory (its latest checkpoint) or a checkpoint
+    directory; ``sample`` overrides the config's sampling settings (``{"steps": 50}``).
+    """
+
+    dir: Path
+    checkpoint: Path
+    config: RunConfig
+
+    @classmethod
+    def open(cls, path: str | Path, *, sample: dict[str, Any] | None = None) -> Run:
+        run_dir, checkpoint = resolve_checkpoint(path)
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+        return cls(run_dir, checkpoint, config.replace(sample=sample) if sample else config)
+
+    def network(self, *, ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+        """The network built from the config with the checkpoint's weights (the moving
+        average with ``ema``, when the run kept one), on ``device``."""
+        return load_weights(build_model(self.config), self.checkpoint, ema=ema).to(device)
+
+    def denoiser(self, *, ema: bool = True, device: torch.device | str = "cpu") -> Denoiser:
+        """The :class:`~ddpm_cars.denoiser.Denoiser` of :meth:`network`: what samplers,
+        the likelihood and the evaluations take."""
+        return Denoiser.for_run(self.network(ema=ema, device=device), self.config)
