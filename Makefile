@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 kill-campaign: $(STAMP)
-	$(BIN)/python tools/kill_campaign.py --kills 20
+	$(BIN)/python -m ddpm_cars.benchmarks.kill_campaign --kills 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_cars import benchmark
-from ddpm_cars.benchmark import DIFFUSERS, ROW_KEYS, forward_flops, format_table, run_benchmark
+from ddpm_cars.benchmarks import measure
+from ddpm_cars.benchmarks.bench import ROW_KEYS, format_table, run_benchmark
+from ddpm_cars.benchmarks.measure import DIFFUSERS, forward_flops
 from ddpm_cars.cli import main
 
 TINY_RUN = dict(image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=2, progress=False)
@@ -71,7 +72,7 @@ def test_table_has_one_line_per_row_and_the_ratios(tiny_rows):
 
 def test_without_diffusers_the_comparison_is_skipped_with_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    assert not benchmark.diffusers_available()
+    assert not measure.diffusers_available()
     rows = run_benchmark(["tiny"], ["fp32"], isolate=False, diffusers_reference="tiny", **TINY_RUN)
     assert [r["preset"] for r in rows] == ["tiny"]
     assert any("diffusers is not installed" in n for n in rows.notes)

@@ -2,24 +2,15 @@
 checkpoint write) and check it always resumes, with no corrupt checkpoint and no step lost
 beyond the checkpoint interval. The full campaign is `make kill-campaign`."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "tools" / "kill_campaign.py"
-
-
-def _load_campaign():
-    spec = importlib.util.spec_from_file_location("kill_campaign", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_cars.benchmarks import kill_campaign
 
 
 def test_training_survives_sigkill_anywhere(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     report = tmp_path / "figures.json"
-    code = _load_campaign().main(["--kills", "3", "--seed", "0", "--out", str(tmp_path / "campaign"), "--json", str(report)])
+    code = kill_campaign.main(["--kills", "3", "--seed", "0", "--out", str(tmp_path / "campaign"), "--json", str(report)])
     figures = json.loads(report.read_text())
     assert code == 0, figures["failures"]
     assert figures["kills_by_mode"] == {"random": 1, "after_checkpoint": 1, "mid_write": 1}

@@ -1,8 +1,9 @@
 """Throughput of the pieces that set training and sampling time, on this machine.
 
-    python benchmarks/throughput.py            # prints a Markdown table
+    python -m ddpm_cars.benchmarks.throughput            # prints a Markdown table
 
-Each number is the median of several timed repetitions after warm-up.
+Each number is the median of several timed repetitions after warm-up. The networks run
+at their preset's precision (the demo preset: bf16 autocast), as they train and sample.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 
 from ddpm_cars.config import DEMO, SEED, RunConfig
 from ddpm_cars.data.toy_cars import generate_toy_cars
-from ddpm_cars.diffusion import training_loss
+from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model, count_parameters
-from ddpm_cars.schedule import build_schedule
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -32,39 +32,41 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def train_step_rate(config: RunConfig, batch_size: int, device: torch.device, repeats: int) -> tuple[float, int]:
     """Images per second through one Adam step of the config's model and loss."""
-    model = build_model(config).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    schedule = build_schedule(config.diffusion)
+    denoiser = Denoiser.for_run(build_model(config).to(device).train(), config)
+    optimizer = torch.optim.Adam(denoiser.network.parameters(), lr=config.train.lr)
     size = config.data.image_size
     x0 = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
     g = torch.Generator(device).manual_seed(0)
 
     def step() -> None:
-        t = torch.randint(0, schedule.timesteps, (batch_size,), generator=g, device=device)
-        loss = training_loss(model, schedule, x0, t, torch.randn(x0.shape, generator=g, device=device), config.diffusion)
+        t = torch.randint(0, denoiser.schedule.timesteps, (batch_size,), generator=g, device=device)
+        loss = denoiser.loss(x0, t, torch.randn(x0.shape, generator=g, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
-    return batch_size / median_seconds(step, repeats), count_parameters(model)
+    return batch_size / median_seconds(step, repeats), count_parameters(denoiser.network)
 
 
 def sampling_step_seconds(config: RunConfig, batch_size: int, device: torch.device, repeats: int) -> float:
-    """Seconds for one reverse step (one network evaluation) on a batch."""
-    model = build_model(config).to(device).eval()
+    """Seconds for one reverse step (one network evaluation, read as a prediction) on a batch."""
+    denoiser = Denoiser.for_run(build_model(config).to(device).eval(), config)
     size = config.data.image_size
     x = torch.randn(batch_size, 3, size, size, device=device)
-    t = torch.full((batch_size,), 500, device=device)
+    t = torch.full((batch_size,), denoiser.schedule.timesteps // 2, device=device)
 
     @torch.no_grad()
     def step() -> None:
-        model(x, t)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        denoiser.predict(x, t)
+        _sync(device)
 
     return median_seconds(step, repeats)
 

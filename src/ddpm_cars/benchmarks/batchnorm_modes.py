@@ -1,6 +1,6 @@
 """Which BatchNorm statistics should the seed network sample with?
 
-    python benchmarks/batchnorm_modes.py --run runs/demo --num 64 --out bn_modes.png
+    python -m ddpm_cars.benchmarks.batchnorm_modes --run runs/demo --num 64 --out bn_modes.png
 
 Samples the same noise with running statistics (eval) and with per-batch statistics
 (batch), and compares colour saturation and contrast of the samples with the
@@ -15,13 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.config import RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
-from ddpm_cars.models import build_model
+from ddpm_cars.run import Run
 from ddpm_cars.samplers import generate
-from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.viz import save_grid
 
 
@@ -40,20 +37,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="sampling batch size")
     parser.add_argument("--out", type=Path, default=Path("bn_modes.png"), help="side-by-side picture")
     args = parser.parse_args()
-    run_dir, checkpoint = ckpt.resolve_checkpoint(args.run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
-    model = ckpt.load_weights(build_model(config), checkpoint)
-    schedule = build_schedule(config.diffusion)
+    run = Run.open(args.run)
+    config = run.config
+    denoiser = run.denoiser(ema=False)  # the raw weights, not the moving average
     data = build_dataset(config.data, progress=False)
     real = to_model_range(data.images[: args.num])
-    print(f"{checkpoint}, {args.num} images, batch {args.batch_size}\n")
+    print(f"{run.checkpoint}, {args.num} images, batch {args.batch_size}\n")
     print("| images | saturation | per-image std |\n| --- | --- | --- |")
     print("| training data | {:.3f} | {:.3f} |".format(*colour_stats(real)))
     grids = []
     for mode in ("eval", "batch"):
         sample_config = dataclasses.replace(config.sample, batchnorm=mode)
-        images = generate(model, schedule, args.num, config.data.image_size, 0, sample_config,
-                          batch_size=args.batch_size, progress=False)
+        images = generate(denoiser, args.num, sample_config, seed=0, batch_size=args.batch_size, progress=False)
         print("| samples, --batchnorm {} | {:.3f} | {:.3f} |".format(mode, *colour_stats(images)))
         grids.append(images)
     pad = torch.ones(args.num, 3, config.data.image_size, 4)

@@ -20,7 +20,9 @@ arguments); a kill is survived when the resumed process starts from that checkpo
 completes a further step. Finally the run goes to its target step: ``loss.csv`` must hold
 every step 1..target exactly once and the last checkpoint must be at the target.
 
-Prints a Markdown table; exits non-zero when any check fails.
+Prints a Markdown table; exits non-zero when any check fails. ``make kill-campaign`` runs
+
+    python -m ddpm_cars.benchmarks.kill_campaign --kills 20
 """
 
 from __future__ import annotations
@@ -37,19 +39,27 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
+import ddpm_cars
 from ddpm_cars.config import RunConfig
-from ddpm_cars.models import build_model
-from ddpm_cars.training import checkpoint as ckpt
-from ddpm_cars.training.loop import LOSS_CSV, read_loss_log
+from ddpm_cars.run import (
+    CHECKPOINT_DIR, CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, Run, latest_checkpoint, list_checkpoints,
+    load_train_state,
+)
+from ddpm_cars.training.logs import LOSS_CSV, read_loss_log
 
 MODES = ("random", "after_checkpoint", "mid_write")
 TRAIN_ARGS = ["--preset", "tiny", "--toy-count", "64", "--sample-every", "1000", "--num-sample-images", "2", "--device", "cpu"]
 WAIT_S = 180  # the longest wait for any one event before the campaign gives up
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for the training processes: the folder this ddpm_cars package is in first,
+    so they run the same code as the campaign."""
+    package_parent = str(Path(ddpm_cars.__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
 
 
 class Trainer:
@@ -58,7 +68,7 @@ class Trainer:
     def __init__(self, run: Path, every: int, target: int, resume: bool, extra: list[str]) -> None:
         args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), *TRAIN_ARGS, *extra,
                 "--checkpoint-every", str(every), "--steps", str(target)] + (["--resume"] if resume else [])
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # the bar prints every step
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.first: int | None = None  # the step the bar started at (a resume's checkpoint)
@@ -117,7 +127,7 @@ def entries(root: Path, pattern: str) -> set[str]:
 
 def kill_at(trainer: Trainer, mode: str, start: int, run: Path, every: int, jitter: float, rng: random.Random) -> set[str]:
     """Kill ``trainer`` at a moment of kind ``mode``; the temporary checkpoint dirs that were new then."""
-    root = run / ckpt.CHECKPOINT_DIR
+    root = run / CHECKPOINT_DIR
     tmp_re, done_re = r"\.step_\d+\..*\.tmp", r"step_\d+"
     old_tmp, old_done = entries(root, tmp_re), entries(root, done_re)
     if mode == "random":
@@ -134,92 +144,140 @@ def kill_at(trainer: Trainer, mode: str, start: int, run: Path, every: int, jitt
 
 def check_checkpoints(run: Path) -> tuple[int, dict[str, str]]:
     """Load every complete checkpoint; ``(checked, {name: problem})`` of the corrupt ones."""
-    config = RunConfig.load(run / ckpt.CONFIG_FILE)
-    files = [ckpt.MODEL_FILE, ckpt.STATE_FILE] + ([ckpt.EMA_FILE] if config.train.ema_decay else [])
-    model = build_model(config)
-    checkpoints, problems = ckpt.list_checkpoints(run), {}
+    config = RunConfig.load(run / CONFIG_FILE)
+    files = [MODEL_FILE, STATE_FILE] + ([EMA_FILE] if config.train.ema_decay else [])
+    checkpoints, problems = list_checkpoints(run), {}
     for path in checkpoints:
         try:
             missing = [f for f in files if not (path / f).is_file()]
             assert not missing, f"missing {missing}"
-            ckpt.load_weights(model, path)
-            ckpt.load_weights(model, path, ema=True)
-            step = ckpt.load_train_state(path).step
+            trained = Run.open(path)
+            trained.network(ema=False)
+            trained.network(ema=True)
+            step = load_train_state(path).step
             assert step == int(path.name[5:]), f"train_state says step {step}"
         except Exception as exc:  # noqa: BLE001 - any failure to load is corruption
             problems[path.name] = repr(exc)
     return len(checkpoints), problems
 
 
+@dataclass
+class _Campaign:
+    """What a campaign is asked to do and what it has found so far."""
+
+    run: Path
+    kills: int
+    every: int
+    target: int
+    jitter: float
+    extra: list[str]
+    rng: random.Random  # draws the random kills' moments
+    modes: list[str]  # the kind of moment of each kill, in order
+    failures: list[str] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)  # steps lost per kill
+    landed: int = 0  # kills that landed during a checkpoint write
+    survived: int = 0
+    checked: int = 0  # checkpoint loads checked
+    corrupt: set[str] = field(default_factory=set)  # names of the checkpoint directories found corrupt
+    resume_from: int = 0
+    final_step: int | None = None
+    loss_complete: bool = False
+
+    def trainer(self, resume: bool) -> Trainer:
+        return Trainer(self.run, self.every, self.target, resume=resume, extra=self.extra)
+
+    def check(self, label: str) -> dict[str, str]:
+        """Check every checkpoint; the corrupt ones, also recorded as failures under ``label``."""
+        n, problems = check_checkpoints(self.run)
+        self.checked, self.corrupt = self.checked + n, self.corrupt | problems.keys()
+        self.failures += [f"{label}: corrupt {name}: {p}" for name, p in problems.items()]
+        return problems
+
+    def kill_and_resume(self, trainer: Trainer, i: int, mode: str) -> tuple[Trainer, bool]:
+        """Kill ``trainer`` at a moment of kind ``mode``, check the checkpoints and resume:
+        (the trainer now running, whether the campaign can go on)."""
+        try:
+            new_tmp = kill_at(trainer, mode, max(trainer.highest, 0), self.run, self.every, self.jitter, self.rng)
+        except RuntimeError as exc:
+            self.failures.append(f"kill {i} ({mode}): {exc}")
+            return trainer, False
+        self.landed += bool(new_tmp)
+        problems = self.check(f"kill {i} ({mode})")
+        latest = latest_checkpoint(self.run)
+        if latest is None or latest.name in problems:
+            self.failures.append(f"kill {i} ({mode}): the latest checkpoint {latest} is not usable")
+            return trainer, False
+        self.resume_from = resume_from = load_train_state(latest).step
+        reached = trainer.highest
+        lost = reached - resume_from
+        self.lost.append(lost)
+        if not 0 <= lost <= self.every:
+            self.failures.append(f"kill {i} ({mode}): lost {lost} steps (reached {reached}, resume at {resume_from})")
+        print(f"kill {i:2d}/{self.kills} {mode:16s} reached step {reached:4d}, resume from {resume_from:4d}"
+              f"{', mid-write' if new_tmp else ''}{', CORRUPT ' + ' '.join(problems) if problems else ''}", flush=True)
+        trainer = self.trainer(resume=True)
+        if i < self.kills:  # the last resume is checked by the final run
+            try:
+                trainer.wait_for_step(self.resume_from + 1)
+            except RuntimeError as exc:
+                self.failures.append(f"resume after kill {i}: {exc}")
+                return trainer, False
+            self.survived += trainer.first == self.resume_from
+        return trainer, True
+
+    def finish(self, trainer: Trainer, code: int) -> None:
+        """The checks after the final run (``trainer``, exit status ``code``) has ended."""
+        if len(self.lost) == self.kills and code == 0 and trainer.first == self.resume_from:
+            self.survived += 1
+        elif code != 0:
+            self.failures.append(f"the final run exited with {code}:\n{trainer.tail}")
+        problems = self.check("final")
+        latest = latest_checkpoint(self.run)
+        self.final_step = load_train_state(latest).step if latest and latest.name not in problems else None
+        steps = [s for s, _ in read_loss_log(self.run / LOSS_CSV, 10**9)]
+        self.loss_complete = steps == list(range(1, self.target + 1))
+        leftover = sorted(entries(self.run / CHECKPOINT_DIR, r"\.step_.*\.tmp"))
+        if self.survived != self.kills:
+            self.failures.append(f"only {self.survived} of {self.kills} kills survived")
+        if self.final_step != self.target:
+            self.failures.append(f"final checkpoint at step {self.final_step}, not {self.target}")
+        if not self.loss_complete:
+            self.failures.append(f"loss.csv holds {len(steps)} rows, not steps 1..{self.target} once each")
+        if leftover:
+            self.failures.append(f"temporary checkpoint directories left: {leftover}")
+
+    def figures(self, wall_time_s: float) -> dict:
+        lost = self.lost
+        return {
+            "kills": self.kills, "kills_by_mode": {m: self.modes.count(m) for m in MODES},
+            "kills_mid_write": self.landed, "kills_survived": self.survived, "checkpoints_checked": self.checked,
+            "corrupt_checkpoints": len(self.corrupt), "corrupt_names": sorted(self.corrupt),
+            "max_steps_lost": max(lost, default=0), "mean_steps_lost": sum(lost) / len(lost) if lost else 0.0,
+            "steps_lost": lost, "checkpoint_every": self.every, "target_step": self.target,
+            "final_step": self.final_step, "loss_csv_complete": self.loss_complete,
+            "wall_time_s": round(wall_time_s, 1), "failures": self.failures,
+        }
+
+
 def campaign(out: Path, kills: int, every: int, seed: int, target: int, jitter: float, extra: list[str]) -> dict:
     """Run the whole campaign in ``out``; the figures and the list of failed checks."""
-    rng, run, tic = random.Random(seed), out / "run", time.perf_counter()
+    tic, rng = time.perf_counter(), random.Random(seed)
     modes = [MODES[i % len(MODES)] for i in range(kills)]
     rng.shuffle(modes)
-    failures: list[str] = []
-    lost: list[int] = []
-    landed = survived = checked = 0
-    corrupt: set[str] = set()  # names of the checkpoint directories found corrupt
-    resume_from = 0
-    trainer = Trainer(run, every, target, resume=False, extra=extra)
+    state = _Campaign(out / "run", kills, every, target, jitter, extra, rng, modes)
+    trainer = state.trainer(resume=False)
     try:
-        trainer.wait_until(lambda: ckpt.latest_checkpoint(run) is not None, poll=0.01)  # something to resume from
-        for i, mode in enumerate(modes, 1):
-            try:
-                new_tmp = kill_at(trainer, mode, max(trainer.highest, 0), run, every, jitter, rng)
-            except RuntimeError as exc:
-                failures.append(f"kill {i} ({mode}): {exc}")
+        trainer.wait_until(lambda: latest_checkpoint(state.run) is not None, poll=0.01)  # something to resume from
+        for i, mode in enumerate(state.modes, 1):
+            trainer, go_on = state.kill_and_resume(trainer, i, mode)
+            if not go_on:
                 break
-            landed += bool(new_tmp)
-            n, problems = check_checkpoints(run)
-            checked, corrupt = checked + n, corrupt | problems.keys()
-            failures += [f"kill {i} ({mode}): corrupt {name}: {p}" for name, p in problems.items()]
-            latest = ckpt.latest_checkpoint(run)
-            if latest is None or latest.name in problems:
-                failures.append(f"kill {i} ({mode}): the latest checkpoint {latest} is not usable")
-                break
-            resume_from = ckpt.load_train_state(latest).step
-            lost.append(trainer.highest - resume_from)
-            if not 0 <= lost[-1] <= every:
-                failures.append(f"kill {i} ({mode}): lost {lost[-1]} steps (reached {trainer.highest}, resume at {resume_from})")
-            print(f"kill {i:2d}/{kills} {mode:16s} reached step {trainer.highest:4d}, resume from {resume_from:4d}"
-                  f"{', mid-write' if new_tmp else ''}{', CORRUPT ' + ' '.join(problems) if problems else ''}", flush=True)
-            trainer = Trainer(run, every, target, resume=True, extra=extra)
-            if i < kills:  # the last resume is checked by the final run
-                try:
-                    trainer.wait_for_step(resume_from + 1)
-                except RuntimeError as exc:
-                    failures.append(f"resume after kill {i}: {exc}")
-                    break
-                survived += trainer.first == resume_from
         code = trainer.finish()
     finally:
         if trainer.proc.poll() is None:
             trainer.kill()
-    if len(lost) == kills and code == 0 and trainer.first == resume_from:
-        survived += 1
-    elif code != 0:
-        failures.append(f"the final run exited with {code}:\n{trainer.tail}")
-    n, problems = check_checkpoints(run)
-    checked, corrupt = checked + n, corrupt | problems.keys()
-    failures += [f"final: corrupt {name}: {p}" for name, p in problems.items()]
-    latest = ckpt.latest_checkpoint(run)
-    final_step = ckpt.load_train_state(latest).step if latest and latest.name not in problems else None
-    steps = [s for s, _ in read_loss_log(run / LOSS_CSV, 10**9)]
-    loss_complete = steps == list(range(1, target + 1))
-    leftover = sorted(entries(run / ckpt.CHECKPOINT_DIR, r"\.step_.*\.tmp"))
-    failures += [] if survived == kills else [f"only {survived} of {kills} kills survived"]
-    failures += [] if final_step == target else [f"final checkpoint at step {final_step}, not {target}"]
-    failures += [] if loss_complete else [f"loss.csv holds {len(steps)} rows, not steps 1..{target} once each"]
-    failures += [f"temporary checkpoint directories left: {leftover}"] if leftover else []
-    return {
-        "kills": kills, "kills_by_mode": {m: modes.count(m) for m in MODES}, "kills_mid_write": landed,
-        "kills_survived": survived, "checkpoints_checked": checked, "corrupt_checkpoints": len(corrupt),
-        "corrupt_names": sorted(corrupt),
-        "max_steps_lost": max(lost, default=0), "mean_steps_lost": sum(lost) / len(lost) if lost else 0.0,
-        "steps_lost": lost, "checkpoint_every": every, "target_step": target, "final_step": final_step,
-        "loss_csv_complete": loss_complete, "wall_time_s": round(time.perf_counter() - tic, 1), "failures": failures,
-    }
+    state.finish(trainer, code)
+    return state.figures(time.perf_counter() - tic)
 
 
 def table(r: dict) -> str:

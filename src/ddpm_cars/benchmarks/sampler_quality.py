@@ -7,7 +7,7 @@ failure of a sampler with too few steps, shows at the finest level. The first ro
 held-out real images the same way: the floor a perfect sampler would reach.
 
 Usage:
-    python benchmarks/sampler_quality.py --run runs/demo --num 500 --out docs/benchmarks/samplers.png
+    python -m ddpm_cars.benchmarks.sampler_quality --run runs/demo --num 500 --out docs/benchmarks/samplers.png
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.config import RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.models import build_model
+from ddpm_cars.run import Run
 from ddpm_cars.samplers import generate
-from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training import checkpoint as ckpt
 from ddpm_cars.viz import save_grid
 
 SETTINGS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 100), ("ddpm", 50), ("ddim", 100), ("ddim", 50), ("ddim", 20),
@@ -39,38 +36,40 @@ def _row(label: str, steps: str, rate: str, metrics: dict[str, float], levels: l
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="trained run directory")
     parser.add_argument("--num", type=int, default=500, help="samples per setting (default: 500)")
     parser.add_argument("--out", type=Path, default=None, help="PNG with the first 6 samples of each setting")
     parser.add_argument("--settings", default=None, metavar="S:N,...",
                         help="sampler:steps pairs to run, e.g. ddim:50,dpm++:20 (default: the full list)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
     settings = SETTINGS if args.settings is None else [
         (name, int(steps)) for name, steps in (item.split(":") for item in args.settings.split(","))
     ]
 
-    run_dir, checkpoint = ckpt.resolve_checkpoint(args.run)
-    config = RunConfig.load(run_dir / ckpt.CONFIG_FILE)
-    model = ckpt.load_weights(build_model(config), checkpoint, ema=True)
-    schedule = build_schedule(config.diffusion)
+    run = Run.open(args.run)
+    config = run.config
+    denoiser = run.denoiser(ema=True)
     train = build_dataset(config.data, progress=False).images
     heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=args.num), progress=False).images
     floor = sample_metrics(heldout[: args.num], train, description="")[0]
     levels = [k for k in floor if k.startswith("swd_")]
-    print(f"{checkpoint}, {args.num} samples per setting, seed 0; against {train.shape[0]} training images\n")
+    print(f"{run.checkpoint}, {args.num} samples per setting, seed 0; against {train.shape[0]} training images\n")
     print("| sampler | steps | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows = []
     for sampler, steps in settings:
-        if steps > schedule.timesteps:
+        if steps > denoiser.schedule.timesteps:
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps)
         tic = time.perf_counter()
-        images = generate(model, schedule, args.num, config.data.image_size, 0, sample, diffusion_config=config.diffusion,
-                          batch_size=min(args.num, 250), precision=config.train.precision, progress=False)
+        images = generate(denoiser, args.num, sample, seed=0, batch_size=min(args.num, 250), progress=False)
         rate = args.num / (time.perf_counter() - tic)
         metrics = sample_metrics(to_uint8(images), train, description="")[0]
         print(_row(sampler, str(steps), f"{rate:.2f}", metrics, levels), flush=True)
