@@ -32,6 +32,9 @@ Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
 
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale of `sample --class`
+
+
 def option(
     default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, limits: Limits | None = None,
     cli: bool = True, sampling_flag: str | None = None, train_only: bool = False,
