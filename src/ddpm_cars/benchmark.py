@@ -45,6 +45,7 @@ from torch import nn
 
 from ddpm_cars.config import PRESETS, RunConfig
 from ddpm_cars.diffusion import training_loss
+from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model, count_parameters
 from ddpm_cars.runtime import autocast, prepare_model, to_layout
 from ddpm_cars.samplers import ancestral_sample, image_generators, randn
@@ -90,15 +91,15 @@ def parse_names(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in dict.fromkeys(names) if n]
     if not names:
-        raise ValueError(f"name at least one {what}; available: {', '.join(allowed)}")
+        raise UserError(f"name at least one {what}; available: {', '.join(allowed)}")
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; available: {', '.join(allowed)}")
+        raise UserError(f"unknown {what} {', '.join(map(repr, unknown))}; available: {', '.join(allowed)}")
     return names
 
 
 def bench_config(preset_name: str, image_size: int) -> RunConfig:
-    """The preset at ``image_size`` (a ValueError when the size does not suit its U-Net)."""
+    """The preset at ``image_size`` (a UserError when the size does not suit its U-Net)."""
     return PRESETS[preset_name].replace(data={"image_size": image_size})
 
 
@@ -327,13 +328,13 @@ def run_benchmark(
     precisions = parse_names(precisions, PRECISIONS, "precision")
     for name, value, minimum in (("repeats", repeats, 1), ("warmup", warmup, 0), ("sample_steps", sample_steps, 1)):
         if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}; got {value}")
+            raise UserError(f"{name} must be >= {minimum}; got {value}")
     dev = resolve_device(device)
     if dev.type not in DEFAULT_BATCH:
-        raise ValueError(f"the benchmark runs on cpu or cuda, not {dev}")
+        raise UserError(f"the benchmark runs on cpu or cuda, not {dev}")
     batch = DEFAULT_BATCH[dev.type] if batch_size is None else batch_size
     if batch < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch}")
+        raise UserError(f"batch_size must be >= 1; got {batch}")
     for name in presets:  # a bad image size fails here, before anything is measured
         bench_config(name, image_size)
     isolate = dev.type == "cpu" if isolate is None else isolate

@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ddpm_cars.errors import UserError
+
 
 def null_label(num_classes: int) -> int:
     """The label meaning "no class": one past the last class."""
@@ -76,9 +78,9 @@ class ClassifierFreeGuidance(nn.Module):
 def find_class(request: str, class_names: Sequence[str]) -> int:
     """The index of the class a user asked for: its name, case-insensitively (surrounding
     spaces ignored), or its index when no class bears that name. An unknown name raises a
-    ``ValueError`` listing the closest names."""
+    ``UserError`` listing the closest names."""
     if not class_names:
-        raise ValueError("this model is not class-conditional: train one with --class-conditional")
+        raise UserError("this model is not class-conditional: train one with --class-conditional")
     wanted = " ".join(request.split()).casefold()
     folded = [" ".join(name.split()).casefold() for name in class_names]
     if wanted in folded:
@@ -87,9 +89,9 @@ def find_class(request: str, class_names: Sequence[str]) -> int:
         index = int(wanted)
         if 0 <= index < len(class_names):
             return index
-        raise ValueError(f"class index {index} is out of range: the model knows classes 0..{len(class_names) - 1}")
+        raise UserError(f"class index {index} is out of range: the model knows classes 0..{len(class_names) - 1}")
     closest = ", ".join(map(repr, closest_classes(wanted, class_names)))
-    raise ValueError(f"unknown class {request!r}; closest: {closest} (`ddpm-cars classes RUN` lists all {len(class_names)})")
+    raise UserError(f"unknown class {request!r}; closest: {closest} (`ddpm-cars classes RUN` lists all {len(class_names)})")
 
 
 def closest_classes(request: str, class_names: Sequence[str], count: int = 5) -> list[str]:

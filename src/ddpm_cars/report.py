@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.training.checkpoint import CONFIG_FILE, atomic_write_text, list_checkpoints
 
 REPORT_FILE = "report.html"
@@ -300,13 +301,13 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+        raise MissingFileError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read config {config_path}: {err}") from err
+        raise UserError(f"cannot read config {config_path}: {err}") from err
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object; got {type(config).__name__}")
+        raise UserError(f"{config_path} must hold a JSON object; got {type(config).__name__}")
     run = shlex.quote(str(run_dir))
     name = run_dir.resolve().name
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -18,6 +18,7 @@ import torch
 
 from ddpm_cars.config import RunConfig
 from ddpm_cars.data import build_dataset
+from ddpm_cars.errors import UserError
 from ddpm_cars.evaluation.class_accuracy import predict, requested_class_share, train_classifier
 from ddpm_cars.models import build_model
 from ddpm_cars.samplers import generate
@@ -52,7 +53,7 @@ def evaluate_guidance(
     config = RunConfig.load(run_dir / ckpt.CONFIG_FILE).replace(sample=sample_overrides or {})
     names = list(config.model.class_names)
     if not names:
-        raise ValueError(f"{run_dir} is not class-conditional: train with --class-conditional to measure guidance")
+        raise UserError(f"{run_dir} is not class-conditional: train with --class-conditional to measure guidance")
     # the judge: a classifier on the run's own (real) training images, measured on held-out ones
     data = build_dataset(config.data, progress=progress)
     tic = time.perf_counter()

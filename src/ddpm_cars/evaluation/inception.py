@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ddpm_cars.errors import MissingFileError, UserError
+
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 FEATURE_DIM = 2048
@@ -38,7 +40,7 @@ def resolve_weights(path: str | Path | None = None, download: bool = True) -> Pa
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--inception-weights {path} does not exist")
+            raise MissingFileError(f"--inception-weights {path} does not exist")
         return path
     cached = hub_weights_path()
     if cached.is_file():
@@ -65,9 +67,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable Inception state dict (refused: {str(err).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a readable Inception state dict (refused: {str(err).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not an Inception state dict (expected parameter names mapped to tensors)")
+        raise UserError(f"{path} is not an Inception state dict (expected parameter names mapped to tensors)")
     return state
 
 
@@ -89,7 +91,7 @@ class InceptionFeatures:
                 "inception-v3-compat", [str(FEATURE_DIM)], feature_extractor_weights_path=str(self.weights)
             ).to(self.device)
         except RuntimeError as err:  # state dict of another network
-            raise ValueError(f"{self.weights} does not hold Inception-v3 weights ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{self.weights} does not hold Inception-v3 weights ({str(err).splitlines()[0]})") from None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False) -> torch.Tensor:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddpm_cars.errors import UserError
+
 MIN_RESOLUTION = 16  # the coarsest pyramid level (Karras et al. 2018, Sec. 5)
 NHOOD_SIZE = 7  # descriptors are 7 x 7 neighbourhoods with 3 colour channels (Sec. 5)
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)  # 5-tap binomial filter; outer product / 256 (Burt & Adelson 1983)
@@ -112,14 +114,14 @@ def pyramid_resolutions(size: int) -> list[int]:
     """Resolutions of the pyramid levels for square ``size`` x ``size`` images, finest
     first: ``size, size/2, ..., 16`` (64 -> [64, 32, 16]). ``size`` must be 16 * 2**k."""
     if size < MIN_RESOLUTION:
-        raise ValueError(f"SWD needs images of at least {MIN_RESOLUTION} x {MIN_RESOLUTION} pixels, got {size}")
+        raise UserError(f"SWD needs images of at least {MIN_RESOLUTION} x {MIN_RESOLUTION} pixels, got {size}")
     resolutions = [size]
     while resolutions[-1] > MIN_RESOLUTION:
         if resolutions[-1] % 2:
             break
         resolutions.append(resolutions[-1] // 2)
     if resolutions[-1] != MIN_RESOLUTION:
-        raise ValueError(
+        raise UserError(
             f"SWD supports square images of side 16 * 2**k (16, 32, 64, 128, ...) so that the Laplacian "
             f"pyramid halves exactly down to {MIN_RESOLUTION} x {MIN_RESOLUTION}; got {size}"
         )

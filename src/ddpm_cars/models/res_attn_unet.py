@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_cars.errors import UserError
 from ddpm_cars.models.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, add_class_embedding
 
 NORM_GROUPS = 32
@@ -92,7 +93,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, head_channels: int = 64):
         super().__init__()
         if channels % head_channels and head_channels < channels:
-            raise ValueError(f"attention width {channels} is not a multiple of {head_channels} channels per head")
+            raise UserError(f"attention width {channels} is not a multiple of {head_channels} channels per head")
         self.heads = max(1, channels // head_channels)
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)

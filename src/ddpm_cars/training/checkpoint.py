@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddpm_cars.errors import MissingFileError, UserError
+
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -146,10 +148,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if (path / MODEL_FILE).is_file() and path.parent.name == CHECKPOINT_DIR:
         return path.parent.parent, path
     if not path.is_dir():
-        raise FileNotFoundError(f"no run directory or checkpoint at {path}")
+        raise MissingFileError(f"no run directory or checkpoint at {path}")
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_*/)")
+        raise MissingFileError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_*/)")
     return path, checkpoint
 
 
@@ -182,20 +184,20 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
     """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones).
 
     A file that cannot be read, or weights of another architecture or image size than
-    ``model`` (config.json edited, say), raise a one-line ``ValueError``."""
+    ``model`` (config.json edited, say), raise a one-line ``UserError``."""
     path = checkpoint / EMA_FILE
     if not (ema and path.is_file()):
         path = checkpoint / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
+        raise MissingFileError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
     try:
         weights = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
-        raise ValueError(f"cannot read weights {path}: {_first_line(err)}") from err
+        raise UserError(f"cannot read weights {path}: {_first_line(err)}") from err
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(
+        raise UserError(
             f"the weights in {path} do not fit the model described by the run's {CONFIG_FILE} "
             f"(another architecture or image size?): {_mismatch(model, weights)}"
         ) from err
@@ -203,15 +205,15 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
 
 
 def load_train_state(checkpoint: Path) -> TrainState:
-    """The optimizer, step and RNG state of ``checkpoint``; a one-line ``ValueError`` if it is unreadable."""
+    """The optimizer, step and RNG state of ``checkpoint``; a one-line ``UserError`` if it is unreadable."""
     path = checkpoint / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
+        raise MissingFileError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... (torch's advice to unpickle it unsafely does not help)
-        raise ValueError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
+        raise UserError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
     try:
         return TrainState(**raw)
     except TypeError as err:  # not a dict, or other keys
-        raise ValueError(f"{path} is not a training state of this program: {_first_line(err)}") from err
+        raise UserError(f"{path} is not a training state of this program: {_first_line(err)}") from err

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ddpm_cars.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -60,7 +62,7 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return current_world(), device
     if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

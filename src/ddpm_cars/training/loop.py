@@ -22,6 +22,7 @@ from ddpm_cars.config import DiffusionConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet, to_model_range
 from ddpm_cars.diffusion import training_loss
+from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model
 from ddpm_cars.runtime import autocast, prepare_model, to_layout
 from ddpm_cars.samplers import generate
@@ -48,11 +49,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -154,7 +155,7 @@ def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
         return config
     names = tuple(class_names)
     if config.model.class_names and config.model.class_names != names:
-        raise ValueError(
+        raise UserError(
             f"the run was trained on {len(config.model.class_names)} classes ({', '.join(config.model.class_names[:3])}, ...) "
             f"but the data has {len(names)} ({', '.join(names[:3])}, ...); use the data the run was trained on"
         )
@@ -182,17 +183,17 @@ def train(
     main_rank = world.is_main  # writes checkpoints, logs, pictures; shows the progress bar
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick another --out")
     if resume and latest is None:
-        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint")
+        raise UserError(f"nothing to resume: {run_dir} holds no checkpoint")
     tcfg = config.train
     data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
     if len(data) < tcfg.batch_size:
-        raise ValueError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
+        raise UserError(f"the dataset has {len(data)} images, fewer than one batch of {tcfg.batch_size}")
     if data.image_size != config.data.image_size:
-        raise ValueError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
+        raise UserError(f"dataset images are {data.image_size}px, config says {config.data.image_size}px")
     if tcfg.batch_size % (world.size * tcfg.grad_accum_steps):
-        raise ValueError(
+        raise UserError(
             f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
             f"{tcfg.grad_accum_steps} micro-batches"
         )
@@ -227,7 +228,7 @@ def train(
         try:
             rng.set_state(state.rng)
         except RuntimeError:
-            raise ValueError(f"{latest} was trained on another kind of device than {dev}; resume with that --device") from None
+            raise UserError(f"{latest} was trained on another kind of device than {dev}; resume with that --device") from None
         step, epoch, consumed, skipped = state.step, state.epoch, state.batch_in_epoch, state.skipped_steps
         if ema is not None:
             ckpt.load_weights(ema.model, latest, dev, ema=True)

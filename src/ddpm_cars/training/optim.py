@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from ddpm_cars.config import TrainConfig
+from ddpm_cars.errors import UserError
 
 
-class NonFiniteLossError(ValueError):
-    """The loss stayed non-finite for too many consecutive steps."""
+class NonFiniteLossError(UserError):
+    """The loss stayed non-finite for too many consecutive steps (a learning rate too high, say)."""
 
 
 def build_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
