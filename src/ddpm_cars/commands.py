@@ -16,6 +16,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.diffusion import q_sample
+from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.models import build_model
 from ddpm_cars.report import write_report
@@ -42,14 +43,14 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
     """The run's saved config; options that change what is trained must match it."""
     config_file = run_dir / ckpt.CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"nothing to resume: {config_file} does not exist")
+        raise MissingFileError(f"nothing to resume: {config_file} does not exist")
     saved = RunConfig.load(config_file)
     for section, values in overrides.items():
         allowed = RESUMABLE.get(section, set())
         for name, value in values.items():
             current = getattr(getattr(saved, section), name)
             if allowed is not None and name not in allowed and current != value:
-                raise ValueError(
+                raise UserError(
                     f"cannot change {section}.{name} when resuming (the run has {current!r}); "
                     "start a new run with another --out"
                 )
@@ -133,7 +134,7 @@ def sample_run(
 def sample(args: argparse.Namespace) -> int:
     overrides = args.overrides.get("sample", {})
     if args.guidance is not None and not args.classes:
-        raise ValueError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
+        raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sample_run(
         args.checkpoint, args.out, args.num, args.seed, args.batch_size, args.device, overrides, args.ema,
@@ -146,7 +147,7 @@ def classes(args: argparse.Namespace) -> int:
     run_dir, _ = ckpt.resolve_checkpoint(args.run)
     names = RunConfig.load(run_dir / ckpt.CONFIG_FILE).model.class_names
     if not names:
-        raise ValueError(f"{run_dir} is not class-conditional: train with --class-conditional to ask for classes")
+        raise UserError(f"{run_dir} is not class-conditional: train with --class-conditional to ask for classes")
     width = len(str(len(names) - 1))
     for i, name in enumerate(names):
         print(f"{i:>{width}}  {name}")
@@ -165,7 +166,7 @@ def evaluate_run(
         data_cfg = dataclasses.replace(data_cfg, toy_count=num_images)
     dataset = build_dataset(data_cfg)
     if dataset.image_size != config.data.image_size:
-        raise ValueError(f"the images are {dataset.image_size}px, the model was trained at {config.data.image_size}px")
+        raise UserError(f"the images are {dataset.image_size}px, the model was trained at {config.data.image_size}px")
     held_out = data_cfg.source in ("toy-cars", "stanford-cars") or find_split_dirs(Path(data_cfg.source)) is not None
     if split != "test" or not held_out:
         print(f"Note: evaluating on {data_cfg.source} ({split}), which may overlap the training images")
@@ -201,10 +202,10 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
     size = args.image_size or data.image_size
     if args.images is not None and args.image_size is None:  # the folder's own size
         if not args.images.is_dir():
-            raise FileNotFoundError(f"--images {args.images} is not a folder")
+            raise MissingFileError(f"--images {args.images} is not a folder")
         paths = find_images(args.images)
         if not paths:
-            raise ValueError(f"--images {args.images} holds no images")
+            raise UserError(f"--images {args.images} holds no images")
         with Image.open(paths[0]) as first:
             size = first.size[0]
     pyramid_resolutions(size)  # SWD's image sizes: say so before minutes of sampling
@@ -233,9 +234,9 @@ def sample_evaluation(args: argparse.Namespace) -> tuple[dict, Path | None]:
 
 def evaluate(args: argparse.Namespace) -> int:
     if not args.sample_metrics and not args.nll:
-        raise ValueError("nothing to compute: --no-sample-metrics without --nll")
+        raise UserError("nothing to compute: --no-sample-metrics without --nll")
     if args.images is not None and args.nll:
-        raise ValueError("--nll needs --checkpoint: a folder of images has no likelihood")
+        raise UserError("--nll needs --checkpoint: a folder of images has no likelihood")
     summary: dict = {}
     run_dir = None
     if args.sample_metrics:
@@ -282,12 +283,12 @@ def report(args: argparse.Namespace) -> int:
 def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, frames: int, seed: int, out: Path) -> Path:
     """The forward process on one dataset image at ``frames`` evenly spaced t."""
     if index < 0:
-        raise ValueError(f"--index must be >= 0; got {index}")
+        raise UserError(f"--index must be >= 0; got {index}")
     if data.source == "toy-cars":
         data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1)
     dataset = build_dataset(data)
     if index >= len(dataset):
-        raise ValueError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
+        raise UserError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
     x0 = dataset[index][0][None]  # [1, 3, S, S]
     schedule = build_schedule(diffusion)
     generator = torch.Generator().manual_seed(seed)
