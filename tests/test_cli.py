@@ -265,6 +265,35 @@ def test_conditional_training_on_a_kaggle_copy_with_bbox_crops(tmp_path, capsys)
     assert main(["forward", "--data", str(root), "--crop", "bbox", "--image-size", "16", "--out", str(tmp_path / "f.png")]) == 0
 
 
+def test_a_bug_keeps_its_traceback_and_says_it_is_one(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(commands, "report", broken)
+    assert main(["report", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    assert err.strip().splitlines()[-1].startswith("ddpm-cars: internal error:") and "bug" in err.splitlines()[-1]
+
+
+def test_a_bare_value_error_is_a_bug_too(monkeypatch, capsys):
+    def broken(args):
+        raise ValueError("an invariant did not hold")
+
+    monkeypatch.setattr(commands, "report", broken)
+    assert main(["report", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ddpm-cars: internal error:" in err and "ddpm-cars: error:" not in err
+
+
+def test_a_missing_data_folder_is_one_error_line_without_traceback(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", "/no/such/folder"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm-cars: error:") and "/no/such/folder" in lines[0]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_commands_do_not_import_the_command_line():
     source = Path(commands.__file__).read_text()
     assert "ddpm_cars.cli" not in source and "from ddpm_cars import cli" not in source

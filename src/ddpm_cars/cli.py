@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence, get_args, get_origin
 
 from ddpm_cars.config import (
     DEFAULT_GUIDANCE, DEFAULT_PRESET, PRESETS, SEED, Crop, DataConfig, DiffusionConfig, RunConfig, Schedule, Split,
 )
+from ddpm_cars.errors import UserError
 from ddpm_cars.validation import NON_NEGATIVE, POSITIVE, Limits, describe, field_types, is_optional, problem
 
 PROG = "ddpm-cars"
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = config_overrides(args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+    except UserError as err:  # bad input the user can fix (MissingFileError included)
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a lost mount: the run's checkpoints stay as they were
@@ -289,3 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"{PROG}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
+    except Exception:  # anything else is a bug in ddpm-cars, not in what the user asked
+        traceback.print_exc()
+        print(f"{PROG}: internal error: this is a bug in {PROG}; please report it with the traceback above", file=sys.stderr)
+        return 1
