@@ -54,6 +54,8 @@ def evaluate_guidance(
     names = list(config.model.class_names)
     if not names:
         raise UserError(f"{run_dir} is not class-conditional: train with --class-conditional to measure guidance")
+    if len(names) < 2:
+        raise UserError(f"{run_dir} knows one class ({names[0]!r}): guidance is measured between two or more classes")
     # the judge: a classifier on the run's own (real) training images, measured on held-out ones
     data = build_dataset(config.data, progress=progress)
     tic = time.perf_counter()
