@@ -35,14 +35,14 @@ def test_every_option_has_help_and_a_shown_default():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--out", "x", "--batch-size", "0"], "must be > 0"),
-        (["train", "--out", "x", "--lr", "fast"], "expected a float"),
-        (["train", "--out", "x", "--channels", "8"], "at least two positive widths"),
+        (["train", "--out", "x", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        (["train", "--out", "x", "--lr", "fast"], "argument --lr: must be a finite number"),
+        (["train", "--out", "x", "--channels", "8"], "must be a list of at least 2 values, each >= 1"),
         (["train", "--out", "x", "--split", "val"], "invalid choice"),
         (["train", "--out", "x", "--preset", "huge"], "invalid choice"),
         (["sample", "--out", "x"], "--checkpoint"),
         (["train", "--out", "x", "--dropout", "1.5"], "must be in [0, 1)"),
-        (["train", "--out", "x", "--attention-resolutions", "16,x"], "comma-separated sizes"),
+        (["train", "--out", "x", "--attention-resolutions", "16,x"], "must be comma-separated integers"),
         (["train", "--out", "x", "--precision", "fp16"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
     ],
@@ -263,3 +263,73 @@ def test_conditional_training_on_a_kaggle_copy_with_bbox_crops(tmp_path, capsys)
                  "--num", "2", "--steps", "2"]) == 0
     assert "2 each of BMW M3 Coupe 2012, guidance 3" in capsys.readouterr().out
     assert main(["forward", "--data", str(root), "--crop", "bbox", "--image-size", "16", "--out", str(tmp_path / "f.png")]) == 0
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_one(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(commands, "report", broken)
+    assert main(["report", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    assert err.strip().splitlines()[-1].startswith("ddpm-cars: internal error:") and "bug" in err.splitlines()[-1]
+
+
+def test_a_bare_value_error_is_a_bug_too(monkeypatch, capsys):
+    def broken(args):
+        raise ValueError("an invariant did not hold")
+
+    monkeypatch.setattr(commands, "report", broken)
+    assert main(["report", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ddpm-cars: internal error:" in err and "ddpm-cars: error:" not in err
+
+
+def test_a_missing_data_folder_is_one_error_line_without_traceback(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", "/no/such/folder"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm-cars: error:") and "/no/such/folder" in lines[0]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_commands_do_not_import_the_command_line():
+    source = Path(commands.__file__).read_text()
+    assert "ddpm_cars.cli" not in source and "from ddpm_cars import cli" not in source
+
+
+@pytest.mark.parametrize(
+    "argv, section, values",
+    [
+        (["train", "--out", "r", "--steps", "3", "--sample-steps", "2", "--data", "d", "--no-flip", "--grad-clip", "none"],
+         None, {"train": {"max_steps": 3, "grad_clip": None}, "sample": {"steps": 2}, "data": {"source": "d", "flip": False}}),
+        (["train", "--out", "r", "--attention-resolutions", "none", "--channels", "8,16"],
+         None, {"model": {"attention_resolutions": (), "channels": (8, 16)}}),
+        (["sample", "--checkpoint", "c", "--out", "o", "--steps", "5", "--no-clip", "--sampler", "ddim"],
+         "sample", {"steps": 5, "clip_x0": False, "sampler": "ddim"}),
+        (["eval", "--checkpoint", "c", "--steps", "none"], "sample", {"steps": None}),
+        (["guidance", "run", "--eta", "0.5"], "sample", {"eta": 0.5}),
+        (["train", "--out", "r"], None, {}),
+    ],
+)
+def test_flags_become_config_overrides_and_only_given_ones(argv, section, values):
+    overrides = cli.config_overrides(build_parser().parse_args(argv))
+    assert (overrides.get(section, {}) if section else overrides) == values
+
+
+def test_every_config_field_with_a_flag_is_on_train_and_sampling_ones_on_sample():
+    from dataclasses import fields
+
+    from ddpm_cars.config import SEED
+
+    def flags(name):
+        sub = next(a for a in build_parser()._actions if a.dest == "command").choices[name]
+        return {a.dest for a in sub._actions if "." in a.dest}
+
+    with_flag = {f"{s.name}.{f.name}" for s in fields(SEED) for f in fields(getattr(SEED, s.name)) if f.metadata["cli"]}
+    assert flags("train") == with_flag
+    assert "model.class_names" not in with_flag and "diffusion.beta_start" not in with_flag
+    sampling = {d for d in with_flag if d.startswith("sample.")} - {"sample.num_images"}
+    for name in ["sample", "eval", "guidance"]:
+        assert flags(name) == sampling

@@ -8,6 +8,7 @@ import math
 import pytest
 from PIL import Image
 
+from ddpm_cars.errors import UserError
 from ddpm_cars.evaluation import guidance
 from ddpm_cars.evaluation.guidance import guidance_accuracy, format_guidance
 from ddpm_cars.training import train
@@ -39,3 +40,8 @@ def test_unconditional_runs_and_bad_scales_are_refused(tiny_config, tmp_path):
         guidance_accuracy(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
     with pytest.raises(ValueError, match="finite numbers >= 0"):
         guidance_accuracy(tmp_path / "run", [math.inf], 2, tmp_path / "g", progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"].update(class_conditional=True, class_names=["sedan"])  # a folder of loose images has one class
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="knows one class"):
+        guidance_accuracy(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.cli import DEFAULT_GUIDANCE, SAMPLE_OPTIONS, TRAIN_OPTIONS, config_overrides
 from ddpm_cars import parallel
 from ddpm_cars import run as ckpt
 from ddpm_cars.conditioning import class_labels
-from ddpm_cars.config import DEMO, DataConfig, DiffusionConfig, RunConfig, preset
+from ddpm_cars.config import DEFAULT_GUIDANCE, DEMO, DataConfig, DiffusionConfig, RunConfig, preset
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.diffusion import q_sample
@@ -58,7 +57,7 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
 
 
 def train(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args, TRAIN_OPTIONS)
+    overrides = args.overrides
     config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
@@ -135,7 +134,7 @@ def _write_samples(images: torch.Tensor, out: Path, grid_count: int | None, per_
 
 
 def sample(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
+    overrides = args.overrides.get("sample", {})
     if args.guidance is not None and not args.classes:
         raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
@@ -214,7 +213,7 @@ def sample_scores(args: argparse.Namespace) -> tuple[dict, Path | None]:
         reference = scores.load_reference(data, args.num_samples if args.memorization else 0)
         inception, fid_skipped = (None, "--no-fid") if not args.fid else scores.load_inception(args.inception_weights, dev)
     if args.checkpoint is not None:  # under torchrun every process samples its share; rank 0 scores
-        overrides = config_overrides(args, SAMPLE_OPTIONS).get("sample", {})
+        overrides = args.overrides.get("sample", {})
         samples, config, checkpoint = scores.checkpoint_samples(
             args.checkpoint, args.num_samples, args.seed, overrides, args.batch_size, dev, args.ema, world
         )
@@ -267,7 +266,7 @@ def guidance(args: argparse.Namespace) -> int:
     out = args.out or run_dir / "guidance"
     summary = guidance_accuracy(
         args.run, args.scales, args.per_class, out, seed=args.seed,
-        sample_overrides=config_overrides(args, SAMPLE_OPTIONS).get("sample", {}), batch_size=args.batch_size,
+        sample_overrides=args.overrides.get("sample", {}), batch_size=args.batch_size,
         device=resolve_device(args.device), ema=args.ema, classifier_steps=args.classifier_steps,
     )
     print(format_guidance(summary))

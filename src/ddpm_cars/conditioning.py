@@ -78,7 +78,7 @@ class ClassifierFreeGuidance(nn.Module):
 def find_class(request: str, class_names: Sequence[str]) -> int:
     """The index of the class a user asked for: its name, case-insensitively (surrounding
     spaces ignored), or its index when no class bears that name. An unknown name raises a
-    ``ValueError`` listing the closest names."""
+    ``UserError`` listing the closest names."""
     if not class_names:
         raise UserError("this model is not class-conditional: train one with --class-conditional")
     wanted = " ".join(request.split()).casefold()

@@ -1,7 +1,10 @@
 """Typed configuration: one frozen dataclass per component, presets, JSON round trip.
 
-Defaults are the seed recipe; every field is validated on construction so a bad
-value fails at once with a ``ValueError`` naming the field and what is allowed.
+Every field is declared once, here: its type, its default (the seed recipe), its help, the
+values it allows and its command-line flag. ``ddpm-cars train`` derives its options from
+these fields (and ``sample``, ``eval`` and ``guidance`` theirs from :class:`SampleConfig`),
+and every field is validated on construction, so a bad value fails at once with a
+:class:`~ddpm_cars.errors.UserError` naming the field and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from ddpm_cars.validation import check_choice, check_positive, check_types
+from ddpm_cars.errors import UserError
+from ddpm_cars.validation import NON_NEGATIVE, POSITIVE, PROBABILITY, Limits, check_fields
 
 Loss = Literal["l1", "l2"]
 Prediction = Literal["eps", "x0", "v"]
@@ -26,7 +30,23 @@ Sampler = Literal["ddpm", "ddim", "dpm++"]
 Spacing = Literal["uniform", "quadratic"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
-ModelName = Literal["simple_unet", "res_attn_unet"]
+ModelName = Literal["res_attn_unet", "simple_unet"]
+
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale of `sample --class`
+
+
+def option(
+    default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, limits: Limits | None = None,
+    cli: bool = True, sampling_flag: str | None = None, train_only: bool = False,
+) -> Any:
+    """A config field with what the command line needs to offer it: its ``help``, its
+    ``flag`` (default: ``--`` and the field name with dashes; none when not ``cli``), the
+    ``metavar`` in the usage line and the ``limits`` of its values. A field of
+    :class:`SampleConfig` is also a flag of ``sample``, ``eval`` and ``guidance`` (there
+    named ``sampling_flag`` when given) unless it is ``train_only``."""
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "limits": limits, "cli": cli,
+                "sampling_flag": sampling_flag, "train_only": train_only}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -34,40 +54,40 @@ class ModelConfig:
     """The network. ``channels`` are the widths of the U-Net levels, top to bottom (for
     ``res_attn_unet``: base width times the channel multipliers, e.g. 128,256,384,512)."""
 
-    name: ModelName = "simple_unet"
-    channels: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    time_emb_dim: int = 32  # simple_unet only; res_attn_unet embeds t in channels[0] dims
-    num_res_blocks: int = 2  # res_attn_unet: residual blocks per level
-    attention_resolutions: tuple[int, ...] = (16, 8)  # res_attn_unet: feature-map sizes with attention
-    head_channels: int = 64  # res_attn_unet: channels per attention head
-    dropout: float = 0.0  # res_attn_unet
-    resblock_updown: bool = False  # res_attn_unet: BigGAN-style resampling inside residual blocks
-    class_conditional: bool = False  # a class embedding added to the time embedding
-    class_names: tuple[str, ...] = ()  # the classes it knows, filled from the data when training starts
+    name: ModelName = option(
+        "simple_unet", "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet",
+        flag="--model",
+    )
+    channels: tuple[int, ...] = option(
+        (64, 128, 256, 512, 1024), "U-Net widths, top to bottom (base width times the channel multipliers)",
+        metavar="W1,W2,...", limits=Limits(low=1, min_items=2),
+    )
+    # res_attn_unet embeds t in channels[0] dims instead
+    time_emb_dim: int = option(32, "sinusoidal time embedding size (simple_unet)", limits=Limits(low=4, even=True))
+    num_res_blocks: int = option(2, "residual blocks per level (res_attn_unet)", limits=POSITIVE)
+    attention_resolutions: tuple[int, ...] = option(
+        (16, 8), "feature-map sizes that get self-attention, or none (res_attn_unet)", metavar="S1,S2,...",
+        limits=POSITIVE,
+    )
+    head_channels: int = option(64, "channels per attention head (res_attn_unet)", limits=POSITIVE)
+    dropout: float = option(0.0, "dropout in the residual blocks (res_attn_unet)", limits=PROBABILITY)
+    resblock_updown: bool = option(False, "BigGAN-style resampling inside residual blocks (res_attn_unet)")
+    # a class embedding added to the time embedding
+    class_conditional: bool = option(
+        False, "condition on the class (class subfolders; the body type for toy-cars) so `sample --class` can ask for one"
+    )
+    class_names: tuple[str, ...] = option(
+        (), "the classes it knows, filled from the data when training starts", cli=False
+    )
 
     def __post_init__(self) -> None:
-        check_types(self, "model")
-        check_choice("model.name", self.name, ModelName)
-        object.__setattr__(self, "channels", tuple(self.channels))
-        object.__setattr__(self, "class_names", tuple(self.class_names))
+        check_fields(self, "model")
         if self.class_names and not self.class_conditional:
-            raise ValueError("model.class_names are only for a class-conditional model (model.class_conditional)")
+            raise UserError("model.class_names are only for a class-conditional model (model.class_conditional)")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError("model.class_names must be distinct")
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
-            raise ValueError(f"model.channels needs >= 2 positive widths; got {self.channels}")
-        if self.time_emb_dim < 4 or self.time_emb_dim % 2:
-            raise ValueError(f"model.time_emb_dim must be even and >= 4; got {self.time_emb_dim}")
-        check_positive("model.num_res_blocks", self.num_res_blocks)
-        check_positive("model.head_channels", self.head_channels)
-        if any(r < 1 for r in self.attention_resolutions):
-            raise ValueError(f"model.attention_resolutions must be positive sizes; got {self.attention_resolutions}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
-        if self.name == "res_attn_unet":
-            if self.channels[0] % 2:
-                raise ValueError(f"model.channels[0] must be even for res_attn_unet; got {self.channels[0]}")
+            raise UserError("model.class_names must be distinct")
+        if self.name == "res_attn_unet" and self.channels[0] % 2:
+            raise UserError(f"model.channels[0] must be even for res_attn_unet; got {self.channels[0]}")
 
     @property
     def downsample_factor(self) -> int:
@@ -81,24 +101,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: Schedule = "linear"
-    beta_start: float = 1e-4  # linear schedule only
-    beta_end: float = 0.02  # linear schedule only
-    loss: Loss = "l1"  # on the prediction target
-    prediction: Prediction = "eps"  # what the network predicts: the noise, x_0, or v
-    learn_variance: bool = False  # 6 output channels and the hybrid loss (Nichol & Dhariwal 2021)
-    vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb
+    timesteps: int = option(1000, "diffusion steps T", limits=POSITIVE)
+    schedule: Schedule = option(
+        "linear", "noise schedule: linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)"
+    )
+    beta_start: float = option(1e-4, "first beta of the linear schedule", cli=False)
+    beta_end: float = option(0.02, "last beta of the linear schedule", cli=False)
+    loss: Loss = option("l1", "loss on the prediction target (l2 on eps is L_simple)")
+    prediction: Prediction = option("eps", "what the network predicts: the noise, the clean image, or v")
+    # 6 output channels: the mean target and the variance interpolation (Nichol & Dhariwal 2021)
+    learn_variance: bool = option(False, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)")
+    # lambda of L_hybrid = L_simple + lambda * L_vlb
+    vlb_weight: float = option(0.001, "weight of L_vlb in the hybrid loss", metavar="LAMBDA", limits=NON_NEGATIVE)
 
     def __post_init__(self) -> None:
-        check_types(self, "diffusion")
-        check_positive("diffusion.timesteps", self.timesteps)
-        check_choice("diffusion.schedule", self.schedule, Schedule)
+        check_fields(self, "diffusion")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
-        check_choice("diffusion.loss", self.loss, Loss)
-        check_choice("diffusion.prediction", self.prediction, Prediction)
-        check_positive("diffusion.vlb_weight", self.vlb_weight, 0)
+            raise UserError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
 
     @property
     def out_channels(self) -> int:
@@ -109,105 +128,112 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "toy-cars"  # "toy-cars", "stanford-cars", or a folder path
-    split: Split = "train"
-    image_size: int = 64
-    # "none": squash to a square; "center": resize the short side, keep the centre square;
-    # "bbox": a square around the annotated car (Stanford Cars), with bbox_margin around the box
-    crop: Crop = "none"
-    bbox_margin: float = 0.1  # crop: bbox only; added on each side, as a share of the box's longer side
-    flip: bool = True
-    toy_count: int = 8192  # images generated for --data toy-cars
+    source: str = option(
+        "toy-cars", "toy-cars, stanford-cars (Kaggle download), or an image folder", flag="--data", metavar="SOURCE"
+    )
+    split: Split = option("train", "Stanford Cars split (for toy-cars, test draws other images)")
+    image_size: int = option(64, "training resolution in pixels", limits=Limits(low=16))
+    crop: Crop = option(
+        "none",
+        "none: squash each image to a square; center: resize the short side and keep the centre square; "
+        "bbox: a square around the car's annotated box (Stanford Cars)",
+    )
+    bbox_margin: float = option(
+        0.1, "--crop bbox: margin on each side of the box, as a share of its longer side", metavar="FRACTION",
+        limits=Limits(low=0, high=1),
+    )
+    flip: bool = option(True, "random horizontal flips")
+    toy_count: int = option(8192, "number of images generated for --data toy-cars", limits=POSITIVE)
 
     def __post_init__(self) -> None:
-        check_types(self, "data")
+        check_fields(self, "data")
         if not self.source:
-            raise ValueError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
-        check_choice("data.split", self.split, Split)
-        check_choice("data.crop", self.crop, Crop)
-        if not 0.0 <= self.bbox_margin <= 1.0:
-            raise ValueError(f"data.bbox_margin must be in [0, 1]; got {self.bbox_margin}")
-        check_positive("data.image_size", self.image_size, 16)
-        check_positive("data.toy_count", self.toy_count)
+            raise UserError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    variance: Variance = "beta"  # sigma_t^2 = beta_t (Algorithm 2) or beta_tilde_t
-    clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] at every step
-    batchnorm: BatchNormMode = "eval"  # BatchNorm statistics at sampling time
-    num_images: int = 64  # size of the grids drawn during training
-    sampler: Sampler = "ddpm"  # ancestral (Ho et al.), DDIM (Song et al.) or DPM-Solver++(2M) (Lu et al.)
-    steps: int | None = None  # network evaluations per image; None: all T training steps
-    eta: float = 0.0  # DDIM only: 0 deterministic, 1 the DDPM posterior variance
-    spacing: Spacing = "uniform"  # how fewer steps are placed among the T
+    """How a trained network draws images. Its fields are flags of ``train`` (for the grids
+    drawn during training) and, all but ``num_images``, of ``sample``, ``eval`` and
+    ``guidance``, where the run's own values are the defaults."""
+
+    # sigma_t^2 = beta_t (Algorithm 2) or beta_tilde_t
+    variance: Variance = option("beta", "fixed reverse variance sigma_t^2")
+    clip_x0: bool = option(True, "clip the predicted x_0 to [-1, 1] at every step", flag="--clip")
+    batchnorm: BatchNormMode = option("eval", "BatchNorm statistics when sampling: running (eval) or per batch")
+    num_images: int = option(
+        64, "images in each training-time sample grid", flag="--num-sample-images", limits=POSITIVE, train_only=True
+    )
+    # ancestral (Ho et al.), DDIM (Song et al.) or DPM-Solver++(2M) (Lu et al.)
+    sampler: Sampler = option("ddpm", "ancestral DDPM, DDIM or DPM-Solver++(2M)")
+    steps: int | None = option(
+        None, "network evaluations per image when sampling; None: all T", flag="--sample-steps", sampling_flag="--steps",
+        metavar="N", limits=POSITIVE,
+    )
+    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
+    spacing: Spacing = option("uniform", "where fewer steps go among the T: evenly, or denser near t = 0")
 
     def __post_init__(self) -> None:
-        check_types(self, "sample")
-        check_choice("sample.variance", self.variance, Variance)
-        check_choice("sample.sampler", self.sampler, Sampler)
-        check_choice("sample.spacing", self.spacing, Spacing)
-        if self.steps is not None:
-            check_positive("sample.steps", self.steps)
-        if not self.eta >= 0:
-            raise ValueError(f"sample.eta must be >= 0; got {self.eta}")
-        check_choice("sample.batchnorm", self.batchnorm, BatchNormMode)
-        check_positive("sample.num_images", self.num_images)
+        check_fields(self, "sample")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 128
-    lr: float = 1e-3
-    epochs: int = 100
-    max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch
-    sample_every_epochs: int = 5
-    checkpoint_every_steps: int = 500  # also written at the end of every epoch
-    seed: int = 0
-    ema_decay: float | None = None  # keep an EMA of the weights and sample from it
-    optimizer: Optimizer = "adam"
-    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (Adam) weight decay
-    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
-    grad_clip: float | None = None  # clip the global gradient norm to this
-    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split among them)
-    precision: Precision = "fp32"  # bf16: autocast matmuls and convolutions to bfloat16
-    channels_last: bool = False  # NHWC memory layout for the network and its inputs
-    compile: bool = False  # torch.compile the network
-    eval_every_steps: int = 0  # score samples (SWD; FID when weights are present) every N steps; 0: never
-    eval_samples: int = 256  # samples scored each time
-    label_dropout: float = 0.1  # class-conditional models: share of labels replaced by the null class
+    batch_size: int = option(128, "images per optimizer step", limits=POSITIVE)
+    lr: float = option(1e-3, "learning rate", limits=Limits(low=0, low_open=True))
+    epochs: int = option(100, "passes over the data", limits=POSITIVE)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (overrides --epochs)", flag="--steps", limits=POSITIVE
+    )
+    sample_every_epochs: int = option(
+        5, "draw a sample grid every this many epochs", flag="--sample-every", metavar="EPOCHS", limits=POSITIVE
+    )
+    checkpoint_every_steps: int = option(
+        500, "checkpoint every this many steps (and at every epoch end)", flag="--checkpoint-every", metavar="STEPS",
+        limits=POSITIVE,
+    )
+    seed: int = option(
+        0, "seed for data order, timesteps and noise",
+        limits=Limits(low=-(2**63), high=2**64, high_open=True, words="an integer that fits in 64 bits"),
+    )
+    ema_decay: float | None = option(
+        None, "keep a moving average of the weights (e.g. 0.999) and sample from it; None: off", metavar="DECAY",
+        limits=Limits(low=0, high=1, low_open=True, high_open=True),
+    )
+    optimizer: Optimizer = option("adam", "optimizer")
+    # decoupled (AdamW) or L2 (Adam)
+    weight_decay: float = option(0.0, "weight decay (decoupled with adamw)", limits=NON_NEGATIVE)
+    warmup_steps: int = option(0, "linear learning-rate warm-up", metavar="STEPS", limits=NON_NEGATIVE)
+    # the global gradient norm
+    grad_clip: float | None = option(
+        None, "clip the gradient norm to this; None: off", metavar="NORM", limits=Limits(low=0, low_open=True)
+    )
+    max_nonfinite_steps: int = option(
+        10, "consecutive non-finite losses before the run stops", limits=POSITIVE, cli=False
+    )
+    grad_accum_steps: int = option(
+        1, "split each batch into N micro-batches (same gradient, less memory)", flag="--grad-accum", metavar="N",
+        limits=POSITIVE,
+    )
+    precision: Precision = option("fp32", "bf16: autocast convolutions and matmuls to bfloat16 (CUDA and CPU)")
+    channels_last: bool = option(False, "NHWC memory layout")  # for the network and its inputs
+    compile: bool = option(False, "torch.compile the network")
+    eval_every_steps: int = option(
+        0, "score samples every this many steps into metrics.csv and metrics.png (SWD; FID when the Inception weights "
+        "are on disk); 0: never", flag="--eval-every", metavar="STEPS", limits=NON_NEGATIVE,
+    )
+    eval_samples: int = option(256, "samples scored at each --eval-every", metavar="N", limits=Limits(low=4))
+    label_dropout: float = option(
+        0.1, "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
+        metavar="P", limits=PROBABILITY,
+    )
 
     def __post_init__(self) -> None:
-        check_types(self, "train")
-        check_positive("train.batch_size", self.batch_size)
-        if not -(2**63) <= self.seed < 2**64:
-            raise ValueError(f"train.seed must fit in 64 bits; got {self.seed}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0; got {self.lr}")
-        check_positive("train.epochs", self.epochs)
-        if self.max_steps is not None:
-            check_positive("train.max_steps", self.max_steps)
-        check_positive("train.sample_every_epochs", self.sample_every_epochs)
-        check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in (0, 1) or None; got {self.ema_decay}")
-        check_choice("train.optimizer", self.optimizer, Optimizer)
-        check_positive("train.weight_decay", self.weight_decay, 0)
-        check_positive("train.warmup_steps", self.warmup_steps, 0)
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"train.grad_clip must be > 0 or None; got {self.grad_clip}")
-        check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
-        check_positive("train.grad_accum_steps", self.grad_accum_steps)
-        check_positive("train.eval_every_steps", self.eval_every_steps, 0)
-        check_positive("train.eval_samples", self.eval_samples, 4)
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"train.label_dropout must be in [0, 1); got {self.label_dropout}")
+        check_fields(self, "train")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"
             )
-        check_choice("train.precision", self.precision, Precision)
 
 
 def _swd_size(size: int) -> bool:
@@ -225,17 +251,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.sample.steps is not None and self.sample.steps > self.diffusion.timesteps:
-            raise ValueError(
+            raise UserError(
                 f"sample.steps ({self.sample.steps}) cannot exceed the {self.diffusion.timesteps} diffusion timesteps"
             )
         if self.train.eval_every_steps and not _swd_size(self.data.image_size):
-            raise ValueError(
+            raise UserError(
                 f"--eval-every scores samples with SWD, which needs an image size of 16 * 2**k (16, 32, 64, 128, ...); "
                 f"got {self.data.image_size}"
             )
         factor = self.model.downsample_factor
         if self.data.image_size % factor:
-            raise ValueError(
+            raise UserError(
                 f"data.image_size must be divisible by {factor} for a U-Net with "
                 f"{len(self.model.channels)} widths; got {self.data.image_size}"
             )
@@ -247,10 +273,10 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         sections = {f.name: f.type for f in fields(cls)}
         if not isinstance(data, dict):
-            raise ValueError(f"a config must be an object of sections {sorted(sections)}; got {reprlib.repr(data)}")
+            raise UserError(f"a config must be an object of sections {sorted(sections)}; got {reprlib.repr(data)}")
         unknown = set(data) - set(sections)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(map(str, unknown))}; allowed: {sorted(sections)}")
+            raise UserError(f"unknown config sections {sorted(map(str, unknown))}; allowed: {sorted(sections)}")
         return cls(**{name: _section(name, data.get(name, {})) for name in sections})
 
     def save(self, path: str | Path) -> None:
@@ -263,11 +289,11 @@ class RunConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-            raise ValueError(f"cannot read config {path}: {err}") from err
+            raise UserError(f"cannot read config {path}: {err}") from err
         try:
             return cls.from_dict(data)
-        except ValueError as err:
-            raise ValueError(f"bad config {path}: {err}") from err
+        except UserError as err:
+            raise UserError(f"bad config {path}: {err}") from err
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with fields overridden per section: ``replace(train={"lr": 1e-4})``."""
@@ -287,14 +313,14 @@ _SECTION_TYPES = {
 def _section(name: str, values: dict[str, Any]) -> Any:
     kind = _SECTION_TYPES[name]
     if not isinstance(values, dict):
-        raise ValueError(f"config section {name!r} must be an object of options; got {reprlib.repr(values)}")
+        raise UserError(f"config section {name!r} must be an object of options; got {reprlib.repr(values)}")
     if name == "data" and "center_crop" in values:  # config.json of runs from before data.crop
         values = {**values, "crop": "center" if values["center_crop"] else "none"}
         del values["center_crop"]
     allowed = {f.name for f in fields(kind)}
     unknown = set(values) - allowed
     if unknown:
-        raise ValueError(f"unknown {name} options {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
+        raise UserError(f"unknown {name} options {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
     return kind(**values)
 
 
@@ -376,4 +402,4 @@ def preset(name: str) -> RunConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None

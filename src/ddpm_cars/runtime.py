@@ -8,6 +8,8 @@ from typing import ContextManager
 import torch
 from torch import nn
 
+from ddpm_cars.errors import UserError
+
 
 def autocast(device: torch.device | str, precision: str) -> ContextManager:
     """bf16 autocast on CUDA or CPU for ``precision == "bf16"``; a no-op for fp32.
@@ -21,7 +23,7 @@ def autocast(device: torch.device | str, precision: str) -> ContextManager:
         raise ValueError(f"precision must be 'fp32' or 'bf16'; got {precision!r}")
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"bf16 autocast is supported on cpu and cuda, not {device_type}")
+        raise UserError(f"bf16 autocast is supported on cpu and cuda, not {device_type}")
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 

@@ -51,6 +51,8 @@ def guidance_accuracy(
     names = list(config.model.class_names)
     if not names:
         raise UserError(f"{trained.dir} is not class-conditional: train with --class-conditional to measure guidance")
+    if len(names) < 2:
+        raise UserError(f"{trained.dir} knows one class ({names[0]!r}): guidance is measured between two or more classes")
     # the judge: a classifier on the run's own (real) training images, measured on held-out ones
     data = build_dataset(config.data, progress=progress)
     tic = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Iterator
 from torch import nn
 
 from ddpm_cars.config import RunConfig
+from ddpm_cars.errors import UserError
 from ddpm_cars.models.embeddings import ClassEmbedding
 from ddpm_cars.models.res_attn_unet import ResAttnUnet
 from ddpm_cars.models.simple_unet import SimpleUnet
@@ -20,7 +21,7 @@ def build_model(config: RunConfig) -> nn.Module:
     output (3 channels, or 6 when the variance is learned) and its classes."""
     m, out_channels = config.model, config.diffusion.out_channels
     if m.class_conditional and not m.class_names:
-        raise ValueError("a class-conditional model needs its class names (they come from the data when training starts)")
+        raise UserError("a class-conditional model needs its class names (they come from the data when training starts)")
     if m.name == "simple_unet":
         return SimpleUnet(
             channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels, num_classes=m.num_classes
