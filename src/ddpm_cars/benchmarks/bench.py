@@ -30,6 +30,7 @@ from ddpm_cars.benchmarks.measure import (
     measure_isolated,
 )
 from ddpm_cars.config import PRESETS
+from ddpm_cars.errors import UserError
 from ddpm_cars.parallel import resolve_device
 
 DEFAULT_BATCH = {"cuda": 128, "cpu": 8}
@@ -67,27 +68,27 @@ def parse_names(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in dict.fromkeys(names) if n]
     if not names:
-        raise ValueError(f"name at least one {what}; available: {', '.join(allowed)}")
+        raise UserError(f"name at least one {what}; available: {', '.join(allowed)}")
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; available: {', '.join(allowed)}")
+        raise UserError(f"unknown {what} {', '.join(map(repr, unknown))}; available: {', '.join(allowed)}")
     return names
 
 
 def _check_counts(repeats: int, warmup: int, sample_steps: int) -> None:
     for name, value, minimum in (("repeats", repeats, 1), ("warmup", warmup, 0), ("sample_steps", sample_steps, 1)):
         if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}; got {value}")
+            raise UserError(f"{name} must be >= {minimum}; got {value}")
 
 
 def _device_and_batch(device: str, batch_size: int | None) -> tuple[torch.device, int]:
     """The device to measure on and the batch size (its default when ``batch_size`` is None)."""
     dev = resolve_device(device)
     if dev.type not in DEFAULT_BATCH:
-        raise ValueError(f"the benchmark runs on cpu or cuda, not {dev}")
+        raise UserError(f"the benchmark runs on cpu or cuda, not {dev}")
     batch = DEFAULT_BATCH[dev.type] if batch_size is None else batch_size
     if batch < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch}")
+        raise UserError(f"batch_size must be >= 1; got {batch}")
     return dev, batch
 
 

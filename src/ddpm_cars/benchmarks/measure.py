@@ -51,7 +51,7 @@ DIFFUSERS_REFERENCE = "improved"  # the preset the diffusers UNet2DModel is size
 
 
 def bench_config(preset_name: str, image_size: int) -> RunConfig:
-    """The preset at ``image_size`` (a ValueError when the size does not suit its U-Net)."""
+    """The preset at ``image_size`` (a UserError when the size does not suit its U-Net)."""
     return PRESETS[preset_name].replace(data={"image_size": image_size})
 
 
