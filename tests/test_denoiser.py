@@ -63,7 +63,7 @@ STEPS = torch.tensor([0, 10, 500, 999])
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_predict_reads_each_parameterisation_by_its_formula(schedule, prediction):
-    x_t = torch.randn(4, 3, 4, 4)
+    x_t = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     pred = _denoiser(Probe(), schedule, prediction=prediction).predict(x_t, STEPS, clip_x0=False)
     assert isinstance(pred, Prediction)
     out, x, ab = _out(x_t, STEPS), x_t.double(), _abar(STEPS)
@@ -73,7 +73,8 @@ def test_predict_reads_each_parameterisation_by_its_formula(schedule, prediction
         x0, eps = out, (x - ab.sqrt() * out) / (1 - ab).sqrt()
     else:  # v = sqrt(ab) eps - sqrt(1 - ab) x_0, x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps (Salimans & Ho 2022)
         x0, eps = ab.sqrt() * x - (1 - ab).sqrt() * out, (1 - ab).sqrt() * x + ab.sqrt() * out
-    assert torch.allclose(pred.x0.double(), x0, rtol=1e-5, atol=1e-5)
+    # float32 rounding of x_t is amplified by 1 / sqrt(alphabar) (about 160 at t = 999) in x_0
+    assert torch.allclose(pred.x0.double(), x0, rtol=1e-5, atol=1e-7 / ab.sqrt().min().item())
     assert torch.allclose(pred.eps.double(), eps, rtol=1e-4, atol=1e-4)
     assert pred.x0.dtype == pred.eps.dtype == pred.log_var.dtype == torch.float32
 

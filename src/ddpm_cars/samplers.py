@@ -201,8 +201,9 @@ def generate(
     ``callback`` sees the first batch only.
     """
     wanted = list(range(images)) if isinstance(images, int) else list(images)
-    if classes is not None:
-        _check_labels(classes.labels, wanted, denoiser.num_classes)
+    if classes is not None:  # one label per image of the request
+        count = images if isinstance(images, int) else max(wanted, default=-1) + 1
+        _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
     timesteps = sampling_timesteps(denoiser.schedule.timesteps, config.steps, config.spacing)
     sample_fn, extra = {
         "ddpm": (ancestral_sample, {"variance": config.variance}),
@@ -233,11 +234,12 @@ def generate(
     return torch.cat(out) if out else torch.empty(0, 3, size, size)
 
 
-def _check_labels(labels: torch.Tensor, wanted: list[int], classes: int) -> None:
-    """Labels fit the request and the model, checked once rather than in every step."""
+def _check_labels(labels: torch.Tensor, count: int, exact: bool, classes: int) -> None:
+    """Labels fit the request (``count`` images, or at least so many when a share of a
+    larger request is drawn) and the model, checked once rather than in every step."""
     if not classes:
         raise ValueError("class labels given, but the model is not class-conditional")
-    if labels.ndim != 1 or (wanted and labels.shape[0] <= max(wanted)):
-        raise ValueError(f"need one label per image: labels of shape {tuple(labels.shape)} for {len(wanted)} images")
+    if labels.ndim != 1 or labels.shape[0] < count or (exact and labels.shape[0] != count):
+        raise ValueError(f"need one label per image: labels of shape {tuple(labels.shape)} for {count} images")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise ValueError(f"labels must be classes 0..{classes - 1} of the model")

@@ -79,10 +79,12 @@ class NoiseSchedule:
             posterior_log_variance_clipped=post_log_var,
             posterior_mean_coef1=b * ab_prev.sqrt() / (1.0 - ab),
             posterior_mean_coef2=(1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab),
-            # fixed "large" variance: beta_t, but beta_tilde at the decoder (as Ho et al.'s code)
-            beta_log_variance=torch.cat([post_log_var[:1], b[1:].log()]),
         )
-        return cls(**{k: v.to(torch.float32) for k, v in coefs.items()}, betas_float64=b)
+        stored = {k: v.to(torch.float32) for k, v in coefs.items()}
+        # the fixed "large" variance: log beta_t, but log beta_tilde at the decoder (as Ho et al.'s
+        # code); the log of the stored betas, which sampling has always used
+        stored["beta_log_variance"] = torch.cat([stored["posterior_log_variance_clipped"][:1], stored["betas"][1:].log()])
+        return cls(**stored, betas_float64=b)
 
     @classmethod
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
