@@ -28,7 +28,16 @@ def _one_error_line(capsys) -> str:
     return messages[0]
 
 
-def test_a_first_signal_asks_to_stop_and_a_second_acts_at_once():
+@pytest.fixture
+def ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite was started in
+    the background (where the shell hands the process SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_first_signal_asks_to_stop_and_a_second_acts_at_once(ctrl_c_interrupts):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with StopRequest() as stop:
         assert not stop.requested
