@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ddpm_cars import run as ckpt
+from ddpm_cars.files import atomic_write_text
 
 
 def _state(step: int) -> ckpt.TrainState:
@@ -57,8 +58,8 @@ def test_leftover_temporary_directory_is_ignored(tmp_path):
 
 def test_atomic_write_text_replaces_whole_file(tmp_path):
     target = tmp_path / "a" / "f.txt"
-    ckpt.atomic_write_text(target, "one")
-    ckpt.atomic_write_text(target, "two")
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
     assert target.read_text() == "two" and [p.name for p in target.parent.iterdir()] == ["f.txt"]
 
 

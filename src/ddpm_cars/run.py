@@ -33,7 +33,7 @@ from torch import nn
 from ddpm_cars.config import RunConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import MissingFileError, UserError
-from ddpm_cars.files import atomic_write_text, fsync_dir
+from ddpm_cars.files import fsync_dir
 from ddpm_cars.models import build_model
 
 CHECKPOINT_DIR = "checkpoints"
