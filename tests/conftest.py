@@ -9,6 +9,15 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32(monkeypatch):
+    """``precision auto`` means fp32 in-process on every CPU, so results compared across
+    runs and against float32 references do not depend on whether the CPU has bf16."""
+    from ddpm_cars import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+
+
 @pytest.fixture
 def tiny_config() -> RunConfig:
     """A model and data small enough to train for a few steps in about a second."""

@@ -107,7 +107,8 @@ def test_diffusers_unet_is_measured_through_the_adapter(monkeypatch):
     "argv, message",
     [
         (["--presets", "tiny,huge"], "unknown preset 'huge'; available: improved, seed, demo, tiny"),
-        (["--precisions", "fp32,fp16"], "unknown precision 'fp16'; available: fp32, bf16"),
+        (["--precisions", "fp32,fp8"], "unknown precision 'fp8'; available: fp32, bf16, fp16"),
+        (["--peak-tflops", "0"], "--peak-tflops"),
         (["--presets", "seed", "--image-size", "40"], "divisible by 16"),
     ],
 )
@@ -134,3 +135,27 @@ def test_bench_cli_measures_in_fresh_processes_and_writes_json(tmp_path, capsys)
         assert row["peak_mem_mib"] >= row["base_rss_mib"] > 0 and row["memory"] == "peak RSS of the measuring process"
     assert not any("not a fresh one" in n for n in report["notes"])
     assert report["date"] and report["device"][0].endswith("1 threads")  # the parent's thread count
+
+
+def test_peak_flops_of_common_gpus_and_an_override():
+    from ddpm_cars.benchmarks.peaks import device_peak_flops, gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert gpu_peak_flops("NVIDIA A10", "bf16") == 125e12  # not taken for an A100
+    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12 and gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert gpu_peak_flops("NVIDIA L40S", "fp32") == 183e12 and gpu_peak_flops("NVIDIA L4", "fp32") == 60e12
+    assert gpu_peak_flops("Tesla T4", "bf16") is None  # no bf16 there
+    assert gpu_peak_flops("Some Future GPU", "bf16") is None
+    assert device_peak_flops(torch.device("cpu"), "fp32") is None
+    assert device_peak_flops(torch.device("cpu"), "fp32", peak_tflops=0.5) == 0.5e12
+
+
+def test_bench_reports_mfu_against_the_given_peak(capsys):
+    rows = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1,
+                         device="cpu", progress=False, isolate=False, peak_tflops=0.001)
+    (row,) = rows
+    assert row["peak_flop_s"] == 1e9 and row["mfu"] == pytest.approx(row["train_flop_s"] / 1e9)
+    assert f"| {100 * row['mfu']:.1f}% |" in format_table(rows)
+    unknown = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1,
+                            device="cpu", progress=False, isolate=False)
+    assert unknown[0]["mfu"] is None and "MFU: training FLOP/s over the device's dense peak" in format_table(unknown)

@@ -43,7 +43,7 @@ def test_every_option_has_help_and_a_shown_default():
         (["sample", "--out", "x"], "--checkpoint"),
         (["train", "--out", "x", "--dropout", "1.5"], "must be in [0, 1)"),
         (["train", "--out", "x", "--attention-resolutions", "16,x"], "must be comma-separated integers"),
-        (["train", "--out", "x", "--precision", "fp16"], "invalid choice"),
+        (["train", "--out", "x", "--precision", "fp8"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
     ],
 )

@@ -11,9 +11,10 @@ from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradie
 
 def test_optimizer_choice():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert type(build_optimizer(params, TrainConfig())) is torch.optim.Adam
-    adamw = build_optimizer(params, TrainConfig(optimizer="adamw", weight_decay=0.01, lr=3e-4))
-    assert type(adamw) is torch.optim.AdamW
+    cpu = torch.device("cpu")
+    assert type(build_optimizer(params, TrainConfig(), cpu)) is torch.optim.Adam
+    adamw = build_optimizer(params, TrainConfig(optimizer="adamw", weight_decay=0.01, lr=3e-4), cpu)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["fused"]  # one kernel, and a skip decided on the device
     assert adamw.param_groups[0]["weight_decay"] == 0.01 and adamw.param_groups[0]["lr"] == 3e-4
 
 
@@ -64,13 +65,18 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 
-def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_config, monkeypatch):
-    config = tiny_config.replace(train={"max_steps": 50, "epochs": 100, "max_nonfinite_steps": 3})
+@pytest.mark.parametrize("log_every, stop_step", [(1, 4), (5, 5)])
+def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_config, monkeypatch, log_every, stop_step):
+    """The streak is counted when the losses are read: at once with --log-every 1, at the next read otherwise."""
+    config = tiny_config.replace(data={"toy_count": 256}, train={
+        "max_steps": 50, "epochs": 100, "max_nonfinite_steps": 3, "log_every_steps": log_every, "checkpoint_every_steps": 100,
+    })
     _nan_on(set(range(2, 100)), monkeypatch)
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+    with pytest.raises(NonFiniteLossError, match=f"{stop_step - 1} steps in a row"):
         train(config, tmp_path, progress=False)
     state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))
-    assert state.step == 4 and state.skipped_steps == 3  # saved, with the weights of step 1
+    assert state.step == stop_step and state.skipped_steps == stop_step - 1
+    assert int(state.optimizer["state"][0]["step"]) == 1  # saved, with the weights of step 1
 
 
 def test_loss_curve_ignores_skipped_steps(tmp_path):

@@ -173,10 +173,10 @@ def _first_gradients(monkeypatch, config: RunConfig, run_dir: Path) -> torch.Ten
     seen = []
     original = loop.gradients_usable
 
-    def record(model, loss, max_norm):
+    def record(model, loss, max_norm, **kwargs):
         if not seen:
             seen.append(torch.cat([p.grad.flatten().clone() for p in model.parameters()]))
-        return original(model, loss, max_norm)
+        return original(model, loss, max_norm, **kwargs)
 
     monkeypatch.setattr(loop, "gradients_usable", record)
     train(config.replace(train={"max_steps": 1}), run_dir, progress=False, final_grid=False)
@@ -202,6 +202,13 @@ def test_bf16_and_channels_last_train_close_to_fp32(tmp_path, tiny_config):
     weights = _weights(tmp_path / "bf16")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # master weights stay fp32
     assert (tmp_path / "bf16" / "samples" / "final.png").is_file()
+
+
+def test_activation_checkpointing_gives_the_same_gradient(tmp_path, tiny_config, monkeypatch):
+    config = _improved_tiny(tiny_config).replace(model={"dropout": 0.3})  # its draws are replayed in the recomputation
+    plain = _first_gradients(monkeypatch, config, tmp_path / "plain")
+    recomputed = _first_gradients(monkeypatch, config.replace(train={"activation_checkpointing": True}), tmp_path / "ckpt")
+    assert torch.equal(plain, recomputed)
 
 
 def test_channels_last_gives_the_same_gradient(tmp_path, tiny_config, monkeypatch):

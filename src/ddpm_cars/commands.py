@@ -31,8 +31,8 @@ from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows,
 # same computation is carried out (precision, memory layout, compilation, micro-batches).
 RESUMABLE = {
     "train": {
-        "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps",
-        "grad_accum_steps", "precision", "channels_last", "compile", "eval_every_steps", "eval_samples",
+        "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps", "log_every_steps",
+        "grad_accum_steps", "precision", "channels_last", "activation_checkpointing", "compile", "eval_every_steps", "eval_samples",
     },
     "sample": None,
 }

@@ -53,6 +53,7 @@ class TrainState:
     rng: torch.Tensor  # state of the generator drawing t, noise and flips
     ema_updates: int = 0
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler: its scale and growth tracker
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -80,6 +81,7 @@ def save_checkpoint(
                 "rng": state.rng.cpu(),
                 "ema_updates": state.ema_updates,
                 "skipped_steps": state.skipped_steps,
+                **({"scaler": state.scaler} if state.scaler is not None else {}),
             },
             tmp / STATE_FILE,
         )

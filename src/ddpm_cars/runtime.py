@@ -1,30 +1,80 @@
-"""How a network runs on a device: mixed precision, memory layout, compilation."""
+"""How a network runs on a device: mixed precision, memory layout, compilation.
+
+``precision`` ``auto`` picks, per device, the fastest autocast that keeps training
+stable: bfloat16 on CUDA GPUs that have it (Ampere and later), float16 (with a gradient
+scaler in training) on older ones, bfloat16 on CPUs with native bfloat16 instructions
+(AVX-512 BF16 or AMX) and float32 on other CPUs, where bfloat16 is emulated: one training
+step of the demo preset ran 11x slower in bf16 than in fp32 on an AVX2-only CPU
+(BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 from typing import ContextManager
 
 import torch
 from torch import nn
 
+from ddpm_cars.config import Precision
 from ddpm_cars.errors import UserError
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 arithmetic
 
-def autocast(device: torch.device | str, precision: str) -> ContextManager:
-    """bf16 autocast on CUDA or CPU for ``precision == "bf16"``; a no-op for fp32.
 
-    Under autocast, convolutions and matrix products run in bfloat16 while weights,
-    optimizer state and the loss stay in float32, so no loss scaling is needed.
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); False where
+    the CPU's flags cannot be read (other than Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_precision(precision: Precision, device: torch.device | str) -> Precision:
+    """The precision ``precision`` means on ``device``: itself, or for ``auto`` bf16 on
+    CUDA GPUs with bfloat16, else fp16 on CUDA, bf16 on CPUs with native bfloat16 and
+    fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device | str, precision: Precision) -> ContextManager:
+    """bf16 or fp16 autocast on CUDA or CPU (``auto`` resolved for ``device``); a no-op
+    for fp32.
+
+    Under autocast, convolutions and matrix products run in the lower precision while
+    weights, optimizer state and the loss stay in float32. bf16 keeps float32's range,
+    so it needs no loss scaling; fp16 does (the training loop's gradient scaler).
     """
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision != "bf16":
-        raise ValueError(f"precision must be 'fp32' or 'bf16'; got {precision!r}")
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
-        raise UserError(f"bf16 autocast is supported on cpu and cuda, not {device_type}")
-    return torch.autocast(device_type, dtype=torch.bfloat16)
+        raise UserError(f"{precision} autocast is supported on cpu and cuda, not {device_type}")
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def use_tf32(device: torch.device) -> None:
+    """Let float32 matrix products and convolutions on a CUDA device use TF32 tensor cores
+    (Ampere and later; 10 mantissa bits in the products, float32 accumulation), as
+    PyTorch's own default for convolutions already does. Nothing changes on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def prepare_model(model: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ddpm_cars.errors import UserError
 from ddpm_cars.models.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, add_class_embedding
@@ -108,11 +109,20 @@ class AttentionBlock(nn.Module):
 
 
 class TimestepSequential(nn.ModuleList):
-    """Residual and attention blocks in order; residual blocks also get the embedding."""
+    """Residual and attention blocks in order; residual blocks also get the embedding.
+
+    With ``checkpointing`` on, each block keeps only its input while gradients are
+    recorded and runs again in the backward pass (``torch.utils.checkpoint``, with the
+    dropout draws replayed): the same gradients for less memory and about a third more
+    compute."""
+
+    checkpointing = False
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            args = (x, emb) if isinstance(layer, ResBlock) else (x,)
+            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return x
 
 
@@ -184,6 +194,12 @@ class ResAttnUnet(nn.Module):
                     layers.append(res(width, width, "up") if resblock_updown else Upsample(width))
                 self.up.append(TimestepSequential(layers))
         self.out = nn.Sequential(group_norm(width), nn.SiLU(), zero_init(nn.Conv2d(width, out_channels, 3, padding=1)))
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        for module in self.modules():
+            if isinstance(module, TimestepSequential):
+                module.checkpointing = on
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:

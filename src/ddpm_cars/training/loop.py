@@ -8,7 +8,9 @@
     until the step count or a stop signal
 
 The objects around the loop each have one job: :class:`Batches` draws, :class:`Trainee`
-holds what is trained, :class:`Checkpoints` writes, :class:`SampleGrids` draws pictures.
+holds what is trained, :class:`PendingSteps` keeps the losses on the device between reads,
+:class:`Checkpoints` writes, :class:`SampleGrids` draws pictures. In the steady state a
+step never waits for the device: the host reads it once every ``log_every_steps``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model
 from ddpm_cars.parallel import World
-from ddpm_cars.runtime import prepare_model, to_layout
+from ddpm_cars.runtime import prepare_model, resolve_precision, to_layout, use_tf32
 from ddpm_cars.samplers import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.ema import EMA
 from ddpm_cars.training.logs import LossLog
-from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, warmup_factor
+from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, step_unless, warmup_factor
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
 from ddpm_cars.viz import save_grid
@@ -57,12 +59,13 @@ class TrainResult:
 class Trainee:
     """What is trained: the plain module (which the optimizer, the EMA and checkpoints
     use), the denoiser over the network that is called (DDP and/or compiled), the
-    optimizer and the moving average."""
+    optimizer, the moving average and, for fp16, the gradient scaler."""
 
     model: nn.Module
     denoiser: Denoiser
     optimizer: torch.optim.Optimizer
     ema: EMA | None
+    scaler: torch.amp.GradScaler | None = None
 
     @classmethod
     def build(cls, config: RunConfig, world: World, device: torch.device) -> Trainee:
@@ -72,18 +75,27 @@ class Trainee:
             model = build_model(config).to(device)
         if tcfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        if tcfg.activation_checkpointing:
+            model.set_activation_checkpointing(True)
         net = prepare_model(parallel.wrap(model, world, device), compile=tcfg.compile)
-        optimizer = build_optimizer(model.parameters(), tcfg)
+        optimizer = build_optimizer(model.parameters(), tcfg, device)
         ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
-        return cls(model, Denoiser.for_run(net, config), optimizer, ema)
+        precision = resolve_precision(tcfg.precision, device)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        denoiser = dataclasses.replace(Denoiser.for_run(net, config), precision=precision)
+        return cls(model, denoiser, optimizer, ema, scaler)
 
     @property
     def sampled(self) -> Denoiser:
         """The denoiser samples are drawn from: the moving average when there is one."""
         return dataclasses.replace(self.denoiser, network=self.ema.model if self.ema is not None else self.model)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss``, scaled up by the fp16 gradient scaler when there is one."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
     def restore(self, checkpoint: Path, rng: torch.Generator, device: torch.device) -> Position:
-        """Weights, optimizer, EMA and generator from ``checkpoint``; where training stood."""
+        """Weights, optimizer, EMA, scaler and generator from ``checkpoint``; where training stood."""
         ckpt.load_weights(self.model, checkpoint, device)
         state = ckpt.load_train_state(checkpoint)
         self.optimizer.load_state_dict(state.optimizer)
@@ -94,6 +106,8 @@ class Trainee:
         if self.ema is not None:
             ckpt.load_weights(self.ema.model, checkpoint, device, ema=True)
             self.ema.updates = state.ema_updates
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
         return Position(state.step, state.epoch, state.batch_in_epoch, state.skipped_steps)
 
 
@@ -110,22 +124,26 @@ def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world:
                 to_layout(batch.x0[micro], tcfg.channels_last), batch.t[micro],
                 to_layout(batch.noise[micro], tcfg.channels_last), None if batch.y is None else batch.y[micro],
             ) / accum
-            micro_loss.backward()
+            trainee.backward(micro_loss)
         loss += micro_loss.detach()
     return parallel.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
 
 
-def guarded_update(trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, position: Position) -> None:
-    """Clip, then step the optimizer (after the warm-up's learning rate) and the EMA, unless
-    the loss or the gradient is not finite: then the weights stay and the step is counted."""
-    if gradients_usable(trainee.model, loss, tcfg.grad_clip):
-        set_lr(trainee.optimizer, tcfg.lr * warmup_factor(position.step - position.skipped, tcfg.warmup_steps))
-        trainee.optimizer.step()
-        if trainee.ema is not None:
-            trainee.ema.update(trainee.model)
-        position.bad_streak = 0
-    else:
-        position.skipped, position.bad_streak = position.skipped + 1, position.bad_streak + 1
+def guarded_update(trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, step: int) -> torch.Tensor:
+    """Clip, then step the optimizer (at the warm-up's learning rate for ``step``) and the
+    EMA, unless the loss or the gradient is not finite: then the weights stay. Decided on
+    the device; returns whether the update was applied, as a boolean tensor there."""
+    scaler = trainee.scaler
+    if scaler is not None:
+        scaler.unscale_(trainee.optimizer)  # the true gradients, before clipping
+    applied = gradients_usable(trainee.model, loss, tcfg.grad_clip, check_gradients=scaler is not None)
+    set_lr(trainee.optimizer, tcfg.lr * warmup_factor(step, tcfg.warmup_steps))
+    step_unless(trainee.optimizer, applied)
+    if scaler is not None:
+        scaler.update()  # halves the scale after an overflow, grows it after a long good run
+    if trainee.ema is not None:
+        trainee.ema.update(trainee.model, applied)
+    return applied
 
 
 class CheckpointWriteError(OSError):
@@ -142,9 +160,10 @@ class Checkpoints:
     def save(self, position: Position) -> None:
         if not self.enabled:
             return
-        ema = self.trainee.ema
+        ema, scaler = self.trainee.ema, self.trainee.scaler
         state = ckpt.TrainState(position.step, position.epoch, position.consumed, self.trainee.optimizer.state_dict(),
-                                self.rng.get_state(), ema.updates if ema is not None else 0, position.skipped)
+                                self.rng.get_state(), ema.updates if ema is not None else 0, position.skipped,
+                                scaler.state_dict() if scaler is not None else None)
         try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
             self.log.write()
             ckpt.save_checkpoint(self.run_dir, self.trainee.model, state, ema.model if ema is not None else None)
@@ -208,6 +227,33 @@ def _check_data(data: ImageSet, config: RunConfig, world: World) -> None:
         )
 
 
+class PendingSteps:
+    """The steps since the last read: each one's loss and whether its update was
+    applied, kept on the device until :meth:`read` brings them over in one transfer."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.records: list[torch.Tensor] = []
+        self.since = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: int, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.records.append(torch.stack([loss.detach().float(), applied.float()]))
+
+    def read(self, batch_size: int) -> tuple[list[tuple[int, float, bool]], float]:
+        """``(step, loss, applied)`` of each pending step, and the images per second since
+        the last read; then nothing is pending."""
+        values = torch.stack(self.records).tolist() if self.records else []
+        now = time.perf_counter()
+        rate = batch_size * len(self.steps) / max(now - self.since, 1e-9)
+        rows = [(step, loss, applied > 0.5) for step, (loss, applied) in zip(self.steps, values)]
+        self.steps, self.records, self.since = [], [], now
+        return rows, rate
+
+
 @dataclass
 class Session:
     """One training session: the run, what is trained, and the objects around the loop."""
@@ -222,39 +268,68 @@ class Session:
     checkpoints: Checkpoints
     grids: SampleGrids
     evaluate: PeriodicEval | None  # rank 0, with --eval-every
+    pending: PendingSteps = dataclasses.field(default_factory=PendingSteps)
 
     @property
     def total_steps(self) -> int:
         return self.config.train.max_steps or self.config.train.epochs * self.batches.per_epoch
 
     def run(self, bar: tqdm, stop: StopRequest) -> bool:
-        """Algorithm 1 until the step count or a stop signal; True when a signal stopped it."""
+        """Algorithm 1 until the step count or a stop signal; True when a signal stopped it.
+
+        Nothing in a step reads the device: the losses and the skip flags stay there
+        until :meth:`_read`, every ``log_every_steps`` steps and before anything that
+        needs them (an evaluation, a checkpoint, an epoch's end, the last step)."""
         tcfg, position, trainee = self.config.train, self.position, self.trainee
         trainee.model.train()
         while position.step < self.total_steps:
             if position.consumed == self.batches.per_epoch:  # resumed from a checkpoint at an epoch's last step
                 self._end_epoch()
-            if parallel.any_rank(stop.requested, self.world, self.batches.device):  # Ctrl-C anywhere stops all at one step
+            if self._stop_requested(stop):  # Ctrl-C anywhere stops all at one step
+                self._read(bar)
                 return True
-            tic = time.perf_counter()
             batch = self.batches.draw(position, self.rng, trainee.denoiser.schedule.timesteps)
             trainee.optimizer.zero_grad(set_to_none=True)
             loss = loss_and_gradients(trainee, batch, tcfg, self.world)
-            guarded_update(trainee, loss, tcfg, position)
+            applied = guarded_update(trainee, loss, tcfg, position.step)
             position.step, position.consumed = position.step + 1, position.consumed + 1
-            self.log.append(position.step, loss.item())
-            self._stop_if_diverged()
-            rate = tcfg.batch_size / (time.perf_counter() - tic)  # all processes together
-            bar.set_postfix(epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped)
+            self.pending.add(position.step, loss, applied)
             bar.update(1)
-            if self.evaluate is not None and position.step % tcfg.eval_every_steps == 0:
+            evaluate = self.evaluate is not None and position.step % tcfg.eval_every_steps == 0
+            checkpoint = position.step % tcfg.checkpoint_every_steps == 0
+            epoch_end = position.consumed == self.batches.per_epoch
+            if evaluate or checkpoint or epoch_end or position.step % tcfg.log_every_steps == 0 or position.step == self.total_steps:
+                self._read(bar)
+            if evaluate:
                 row = self.evaluate(trainee.sampled, position.step)
                 bar.write(f"step {position.step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
-            if position.step % tcfg.checkpoint_every_steps == 0:
+            if checkpoint:
                 self.checkpoints.save(position)
-            if position.consumed == self.batches.per_epoch:
+            if epoch_end:
                 self._end_epoch()
         return False
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """A stop signal on any process; with several, asked only right after a read, so the
+        steps between stay free of the collective and its host read."""
+        if self.world.distributed and self.pending:
+            return False
+        return parallel.any_rank(stop.requested, self.world, self.batches.device)
+
+    def _read(self, bar: tqdm) -> None:
+        """Bring the pending steps' losses and skip flags to the host (one transfer): log
+        them, count the skipped steps, stop a diverged run, refresh the progress bar."""
+        position = self.position
+        rows, rate = self.pending.read(self.config.train.batch_size)
+        for step, loss, applied in rows:
+            self.log.append(step, loss)
+            if applied:
+                position.bad_streak = 0
+            else:
+                position.skipped, position.bad_streak = position.skipped + 1, position.bad_streak + 1
+        self._stop_if_diverged()
+        if rows:  # all processes together
+            bar.set_postfix(epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped)
 
     def _stop_if_diverged(self) -> None:
         """Too many non-finite losses in a row (the same on every rank: the loss is averaged)."""
@@ -279,6 +354,7 @@ def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, d
                   progress: bool, inception_weights: str | Path | None) -> Session:
     """Check the run directory and the data, build (or restore) what is trained."""
     world, dev = parallel.init_from_env(parallel.resolve_device(device))
+    use_tf32(dev)
     latest = _check_start(run_dir, resume)
     data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
     config = with_class_names(config, data.class_names)
