@@ -108,7 +108,6 @@ def test_diffusers_unet_is_measured_through_the_adapter(monkeypatch):
     [
         (["--presets", "tiny,huge"], "unknown preset 'huge'; available: improved, seed, demo, tiny"),
         (["--precisions", "fp32,fp8"], "unknown precision 'fp8'; available: fp32, bf16, fp16"),
-        (["--peak-tflops", "0"], "--peak-tflops"),
         (["--presets", "seed", "--image-size", "40"], "divisible by 16"),
     ],
 )

@@ -29,6 +29,7 @@ from ddpm_cars.benchmarks.measure import (
     measure,
     measure_isolated,
 )
+from ddpm_cars.benchmarks.peaks import device_peak_flops
 from ddpm_cars.config import PRESETS
 from ddpm_cars.errors import UserError
 from ddpm_cars.parallel import resolve_device
@@ -49,6 +50,10 @@ MEMORY_NOTE = {
     "cpu": "Memory: peak resident set size (ru_maxrss) of the fresh process that made the measurement, "
     "Python and torch included, in MiB; in brackets its peak before the model was built.",
 }
+MFU_NOTE = (
+    "MFU: training FLOP/s over the device's dense peak for the precision (bf16/fp16 tensor cores; TF32 for fp32, "
+    "which cuDNN uses for float32 convolutions); blank where the peak is unknown (CPUs: give it with --peak-tflops)."
+)
 SAMPLE_NOTE = "Sampling img/s is for a whole run of T reverse steps; evals/s counts network evaluations (images x steps)."
 
 
@@ -147,6 +152,8 @@ def run_benchmark(
     *,
     isolate: bool | None = None,
     diffusers_reference: str = DIFFUSERS_REFERENCE,
+    peak_tflops: float | None = None,
+    activation_checkpointing: bool = False,
 ) -> BenchmarkRows:
     """One row per preset x precision (see :mod:`ddpm_cars.benchmarks.measure` for what each
     number means), plus diffusers' ``UNet2DModel`` at each precision when ``diffusers`` is
@@ -154,7 +161,9 @@ def run_benchmark(
     skipped.
 
     ``isolate`` (default: on for the CPU, off for CUDA) measures each row in a fresh
-    ``spawn`` child so that the CPU peak RSS is that measurement's alone.
+    ``spawn`` child so that the CPU peak RSS is that measurement's alone. Each row's
+    ``mfu`` is its training FLOP rate over the device's peak for its precision
+    (:mod:`ddpm_cars.benchmarks.peaks`, or ``peak_tflops``); None when that is unknown.
     """
     presets = parse_names(presets, list(PRESETS), "preset")
     precisions = parse_names(precisions, PRECISIONS, "precision")
@@ -172,13 +181,15 @@ def run_benchmark(
             "preset": name, "precision": precision, "image_size": image_size, "batch_size": batch,
             "repeats": repeats, "warmup": warmup, "sample_steps": sample_steps, "device": str(dev),
             "compile": compile, "reference": diffusers_reference, "isolated": isolate,
+            "activation_checkpointing": activation_checkpointing,
         }
         label = f"[{i}/{len(jobs)}] {name} {precision}: {image_size}x{image_size}, batch {batch} on {dev} ..."
         row = _measure_one(spec, label, progress)
         if row is None:
             rows.notes.append(f"{name} {precision}: skipped, out of GPU memory at batch {batch}")
         else:
-            rows.append(row)
+            peak = device_peak_flops(dev, precision, peak_tflops)
+            rows.append({**row, "peak_flop_s": peak, "mfu": row["train_flop_s"] / peak if peak else None})
     return rows
 
 
@@ -199,6 +210,10 @@ def _memory(row: dict) -> str:
     if row.get("base_rss_mib") is not None:
         return f"{row['peak_mem_mib']:,.0f} ({row['base_rss_mib']:,.0f})"
     return f"{row['peak_mem_mib']:,.0f}"
+
+
+def _mfu(row: dict) -> str:
+    return "" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
 
 
 def _on_cuda(rows: Sequence[dict]) -> bool:
@@ -237,7 +252,7 @@ def _table_row(r: dict) -> str:
     return (
         f"| {_label(r['preset'])} | {r['precision']} | {r['image_size']} | {r['batch_size']} "
         f"| {r['params'] / 1e6:.2f} M | {r['forward_flops_per_image'] / 1e9:.3g} | {_rate(r['train_img_s'])} "
-        f"| {_flop_rate(r['train_flop_s'])} | {r.get('timesteps', '')} | {_rate(r['sample_img_s'])} "
+        f"| {_flop_rate(r['train_flop_s'])} | {_mfu(r)} | {r.get('timesteps', '')} | {_rate(r['sample_img_s'])} "
         f"| {_rate(r['sample_evals_s'])} | {_flop_rate(r['sample_flop_s'])} | {_memory(r)} |"
     )
 
@@ -254,10 +269,10 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
         lines += [f"Device: {'; '.join(devices)}", ""]
     lines += [
         (
-            "| preset | precision | image | batch | params | fwd GFLOP/img | train img/s | train FLOP/s "
+            "| preset | precision | image | batch | params | fwd GFLOP/img | train img/s | train FLOP/s | train MFU "
             f"| T | sample img/s | evals/s | sample FLOP/s | {memory} |"
         ),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [_table_row(r) for r in rows]
     lines.append("")
@@ -266,10 +281,14 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}",
         FLOPS_NOTE,
         SAMPLE_NOTE,
+        MFU_NOTE,
         MEMORY_NOTE["cuda" if cuda else "cpu"],
     ]
     if any(r.get("compile") for r in rows):
         lines.append("Compiled with torch.compile; compilation happens in the warm-up steps.")
+    if any(r.get("activation_checkpointing") for r in rows):
+        lines.append("Activation checkpointing: the residual U-Net's blocks recomputed in the backward pass "
+                     "(the FLOP rates count the model's own arithmetic, not the recomputation).")
     lines += [f"Note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -284,7 +303,7 @@ def report(rows: Sequence[dict], command: Sequence[str] = (), notes: Sequence[st
         "command": shlex.join(command),
         # fp32 on CUDA: cuDNN convolutions may use TF32 (PyTorch's default), matmuls only if allowed
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
-        "notes": [FLOPS_NOTE, SAMPLE_NOTE, MEMORY_NOTE["cuda" if _on_cuda(rows) else "cpu"], *notes],
+        "notes": [FLOPS_NOTE, SAMPLE_NOTE, MFU_NOTE, MEMORY_NOTE["cuda" if _on_cuda(rows) else "cpu"], *notes],
         "speedups": speedups(rows),
         "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows],
     }

@@ -43,9 +43,9 @@ from ddpm_cars.models import build_model, count_parameters
 from ddpm_cars.runtime import prepare_model, to_layout
 from ddpm_cars.samplers import ancestral_sample, image_generators, randn
 from ddpm_cars.schedule import build_schedule
-from ddpm_cars.training.optim import build_optimizer, gradients_usable
+from ddpm_cars.training.optim import build_optimizer, gradients_usable, step_unless
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 DIFFUSERS = "diffusers-unet2d"  # the preset column of the diffusers row
 DIFFUSERS_REFERENCE = "improved"  # the preset the diffusers UNet2DModel is sized like
 
@@ -169,7 +169,8 @@ def _peak_cuda_mib(device: torch.device) -> float | None:
 
 def measure(spec: dict) -> dict:
     """One result row: ``spec`` names the preset (or ``DIFFUSERS``), precision, image and batch
-    size, repeats, warm-up, sampling steps, device and whether to compile."""
+    size, repeats, warm-up, sampling steps, device and whether to compile and to
+    checkpoint activations (the residual U-Net's)."""
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -182,6 +183,9 @@ def measure(spec: dict) -> dict:
     model = (diffusers_unet(size, dcfg.out_channels) if name == DIFFUSERS else build_model(config)).to(device)
     params = count_parameters(model)
     flops = forward_flops(model, size, device)
+    checkpointing = bool(spec.get("activation_checkpointing")) and hasattr(model, "set_activation_checkpointing")
+    if checkpointing:
+        model.set_activation_checkpointing(True)  # recomputation is not counted in the FLOPs: the model's own
     net = prepare_model(model, channels_last=config.train.channels_last, compile=spec.get("compile", False))
 
     denoiser = Denoiser(net, build_schedule(dcfg), dcfg, size, precision)
@@ -211,6 +215,7 @@ def measure(spec: dict) -> dict:
         ),
         "timesteps": dcfg.timesteps,
         "compile": bool(spec.get("compile", False)),
+        "activation_checkpointing": checkpointing,
         "reference": reference if name == DIFFUSERS else None,
     }
 
@@ -219,7 +224,7 @@ def _time_training(model: nn.Module, denoiser: Denoiser, config: RunConfig, spec
     """(median seconds of a whole optimizer step on one fixed batch, peak CUDA MiB or None)."""
     device, batch, size, tcfg = torch.device(spec["device"]), spec["batch_size"], spec["image_size"], config.train
     _reset_peak_memory(device)
-    optimizer = build_optimizer(model.parameters(), dataclasses.replace(tcfg, optimizer="adamw"))
+    optimizer = build_optimizer(model.parameters(), dataclasses.replace(tcfg, optimizer="adamw"), device)
     g = torch.Generator(device).manual_seed(0)
     x0 = torch.rand(batch, 3, size, size, generator=g, device=device) * 2 - 1
     model.train()
@@ -230,8 +235,7 @@ def _time_training(model: nn.Module, denoiser: Denoiser, config: RunConfig, spec
         optimizer.zero_grad(set_to_none=True)
         loss = denoiser.loss(to_layout(x0, tcfg.channels_last), t, to_layout(noise, tcfg.channels_last))
         loss.backward()
-        if gradients_usable(model, loss.detach(), tcfg.grad_clip):
-            optimizer.step()
+        step_unless(optimizer, gradients_usable(model, loss.detach(), tcfg.grad_clip))
 
     seconds = _median_seconds(train_step, spec["repeats"], spec["warmup"], sync)
     memory = _peak_cuda_mib(device)
