@@ -1,10 +1,14 @@
-"""The loss log of a run: ``loss.csv`` (one row per optimizer step) and ``loss.png``."""
+"""The loss log of a run: ``loss.csv`` (one row per optimizer step) and ``loss.png``, and
+the losses of the steps not yet read from the device."""
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
+
+import torch
 
 from ddpm_cars.config import DiffusionConfig
 from ddpm_cars.files import atomic_write_text
@@ -61,3 +65,30 @@ class LossLog:
 
     def write(self) -> None:
         write_loss_log(self.run_dir, self.rows, self.label)
+
+
+class PendingSteps:
+    """The steps since the last read: each one's loss and whether its update was
+    applied, kept on the device until :meth:`read` brings them over in one transfer."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.records: list[torch.Tensor] = []
+        self.since = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: int, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.records.append(torch.stack([loss.detach().float(), applied.float()]))
+
+    def read(self, batch_size: int) -> tuple[list[tuple[int, float, bool]], float]:
+        """``(step, loss, applied)`` of each pending step, and the images per second since
+        the last read; then nothing is pending."""
+        values = torch.stack(self.records).tolist() if self.records else []
+        now = time.perf_counter()
+        rate = batch_size * len(self.steps) / max(now - self.since, 1e-9)
+        rows = [(step, loss, applied > 0.5) for step, (loss, applied) in zip(self.steps, values)]
+        self.steps, self.records, self.since = [], [], now
+        return rows, rate

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from ddpm_cars.runtime import prepare_model, resolve_precision, to_layout, use_t
 from ddpm_cars.samplers import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.ema import EMA
-from ddpm_cars.training.logs import LossLog
+from ddpm_cars.training.logs import LossLog, PendingSteps
 from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, step_unless, warmup_factor
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
@@ -225,33 +224,6 @@ def _check_data(data: ImageSet, config: RunConfig, world: World) -> None:
             f"the batch of {tcfg.batch_size} (global) must split evenly over {world.size} processes x "
             f"{tcfg.grad_accum_steps} micro-batches"
         )
-
-
-class PendingSteps:
-    """The steps since the last read: each one's loss and whether its update was
-    applied, kept on the device until :meth:`read` brings them over in one transfer."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.records: list[torch.Tensor] = []
-        self.since = time.perf_counter()
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def add(self, step: int, loss: torch.Tensor, applied: torch.Tensor) -> None:
-        self.steps.append(step)
-        self.records.append(torch.stack([loss.detach().float(), applied.float()]))
-
-    def read(self, batch_size: int) -> tuple[list[tuple[int, float, bool]], float]:
-        """``(step, loss, applied)`` of each pending step, and the images per second since
-        the last read; then nothing is pending."""
-        values = torch.stack(self.records).tolist() if self.records else []
-        now = time.perf_counter()
-        rate = batch_size * len(self.steps) / max(now - self.since, 1e-9)
-        rows = [(step, loss, applied > 0.5) for step, (loss, applied) in zip(self.steps, values)]
-        self.steps, self.records, self.since = [], [], now
-        return rows, rate
 
 
 @dataclass
