@@ -134,8 +134,10 @@ def _eval_worker(rank: int, world: int, port: int, argv: list) -> None:
     _join(rank, world, port)
     try:
         assert main(argv) == 0
+        assert not dist.is_initialized()  # the command left the group it joined, after every process was done
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_two_processes_evaluate_like_one(tmp_path, monkeypatch):

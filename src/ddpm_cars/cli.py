@@ -110,9 +110,11 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """``ddpm_cars.commands.<name>``, imported when it runs: torch loads only once the arguments are good."""
 
     def run(args: argparse.Namespace) -> int:
-        from ddpm_cars import commands
+        from ddpm_cars import commands, parallel
 
-        return getattr(commands, name)(args)
+        code = getattr(commands, name)(args)
+        parallel.leave()  # under torchrun, every process finishes before any exits
+        return code
 
     return run
 

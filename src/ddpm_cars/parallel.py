@@ -62,6 +62,9 @@ class World:
         return slice(self.rank, count, self.size)
 
 
+_JOINED: list[bool] = []  # non-empty while this process is in a group init_from_env created
+
+
 def current_world() -> World:
     """The process group joined by this process, or the world of one."""
     if dist.is_available() and dist.is_initialized():
@@ -80,6 +83,7 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _JOINED.append(True)
     return current_world(), device
 
 
@@ -115,6 +119,16 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def leave() -> None:
+    """Leave the process group :func:`init_from_env` joined, once every process is done
+    with it: a process that exits while a peer still holds the connection can make the
+    peer abort. A group someone else set up is theirs to end."""
+    if _JOINED and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _JOINED.clear()
 
 
 def barrier(world: World) -> None:
