@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,104 @@ def _try_load(
         return exc
 
 
+@dataclass(frozen=True)
+class ImageListing:
+    """What a data source decodes: its image files with their labels, and how each one
+    becomes ``S x S`` (see :func:`load_image`). ``crop="bbox"`` needs ``boxes``, one per
+    path (None: that image stays uncropped). ``also_read`` names the other files the
+    result depends on (box annotations), so a cache of it can tell when they change."""
+
+    paths: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    image_size: int
+    crop: str = "none"
+    boxes: list[Box | None] | None = None
+    margin: float = 0.1
+    also_read: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_crop(self.crop)
+        if self.image_size < 1:
+            raise DataError(f"image_size must be positive, got {self.image_size}")
+        if not self.paths:
+            raise DataError("No image files to load")
+        if self.crop == "bbox":
+            if self.boxes is None or len(self.boxes) != len(self.paths):
+                given = "none" if self.boxes is None else len(self.boxes)
+                raise DataError(f"crop 'bbox' needs one box (or None) per image: {len(self.paths)} images, {given} boxes")
+            if not self.margin >= 0:
+                raise DataError(f"bbox margin must be >= 0 (a share of the box's longer side), got {self.margin}")
+        elif self.boxes is not None:
+            raise DataError(f"boxes are only used with crop 'bbox', not {self.crop!r}")
+
+
+@dataclass
+class Decoded:
+    """What decoding a listing gave besides the images: the kept images' labels, the
+    files skipped (path and reason) and how many boxes lay entirely outside their image."""
+
+    labels: list[int]
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    outside: int = 0
+
+
+def decode_listing(listing: ImageListing, write: Callable[[torch.Tensor], None], *, progress: bool = True) -> Decoded:
+    """Decode the listing's files in a thread pool and ``write`` each ``[1, 3, S, S]`` image
+    in order; undecodable files are skipped (and listed), at least one must decode."""
+    paths, size, crop, margin = listing.paths, listing.image_size, listing.crop, listing.margin
+    boxes = listing.boxes if listing.boxes is not None else [None] * len(paths)
+    done = Decoded([], listing.class_names)
+    with ThreadPoolExecutor() as pool, warnings.catch_warnings():
+        # _open refuses images over the limit with a clear skip; PIL's own warning would only repeat it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin), paths, boxes)
+        bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
+        for path, label, box, result in zip(paths, listing.labels, boxes, bar):
+            if isinstance(result, Exception):
+                done.skipped.append((str(path), str(result)))
+                continue
+            image, cropped = result
+            write(image.unsqueeze(0))
+            done.labels.append(label)
+            done.outside += box is not None and not cropped
+    if not done.labels:
+        warn_skipped(done.skipped)
+        raise DataError(f"None of the {len(paths)} image files could be decoded (first: {paths[0]})")
+    return done
+
+
+def warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One :class:`ImageDecodeWarning` per file that could not be decoded."""
+    for path, reason in skipped:
+        warnings.warn(f"Skipping {path}: cannot decode image ({reason})", ImageDecodeWarning, stacklevel=3)
+
+
+class MemoryImages:
+    """A writer for :func:`decode_listing` that keeps the images in one preallocated tensor."""
+
+    def __init__(self, capacity: int, image_size: int):
+        self.buffer = torch.empty((capacity, 3, image_size, image_size), dtype=torch.uint8)
+        self.count = 0
+
+    def __call__(self, images: torch.Tensor) -> None:
+        self.buffer[self.count : self.count + images.shape[0]] = images
+        self.count += images.shape[0]
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.buffer[: self.count]
+
+
+def decode_to_memory(listing: ImageListing, *, progress: bool = True) -> tuple[ImageSet, Decoded]:
+    """The listing decoded into an in-memory :class:`ImageSet` (skipped files warned about)."""
+    out = MemoryImages(len(listing.paths), listing.image_size)
+    decoded = decode_listing(listing, out, progress=progress)
+    warn_skipped(decoded.skipped)
+    return ImageSet(out.images, torch.tensor(decoded.labels, dtype=torch.int64), decoded.class_names), decoded
+
+
 def load_images_with_boxes(
     paths: list[Path],
     labels: list[int],
@@ -176,7 +276,10 @@ def load_images_with_boxes(
 
     Those images, like the ones whose box is None, are used uncropped.
     """
-    return _load_all(paths, labels, class_names, image_size, "bbox", boxes, margin, progress)
+    data, decoded = decode_to_memory(
+        ImageListing(paths, labels, class_names, image_size, "bbox", boxes, margin), progress=progress
+    )
+    return data, decoded.outside
 
 
 def load_images(
@@ -195,61 +298,12 @@ def load_images(
     ``crop="bbox"`` needs ``boxes``, one per path; a None entry leaves that
     image uncropped (squashed to ``S x S``). See :func:`load_image`.
     """
-    return _load_all(paths, labels, class_names, image_size, crop, boxes, margin, progress)[0]
+    listing = ImageListing(paths, labels, class_names, image_size, crop, boxes, margin)
+    return decode_to_memory(listing, progress=progress)[0]
 
 
-def _load_all(
-    paths: list[Path],
-    labels: list[int],
-    class_names: list[str],
-    image_size: int,
-    crop: str,
-    boxes: list[Box | None] | None,
-    margin: float,
-    progress: bool,
-) -> tuple[ImageSet, int]:
-    check_crop(crop)
-    if image_size < 1:
-        raise DataError(f"image_size must be positive, got {image_size}")
-    if not paths:
-        raise DataError("No image files to load")
-    if crop == "bbox":
-        if boxes is None or len(boxes) != len(paths):
-            given = "none" if boxes is None else len(boxes)
-            raise DataError(f"crop 'bbox' needs one box (or None) per image: {len(paths)} images, {given} boxes")
-        if not margin >= 0:
-            raise DataError(f"bbox margin must be >= 0 (a share of the box's longer side), got {margin}")
-    elif boxes is not None:
-        raise DataError(f"boxes are only used with crop 'bbox', not {crop!r}")
-    boxes = boxes if boxes is not None else [None] * len(paths)
-    with ThreadPoolExecutor() as pool, warnings.catch_warnings():
-        # _open refuses images over the limit with a clear skip; PIL's own warning would only repeat it
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        results = pool.map(lambda p, b: _try_load(p, image_size, crop, b, margin), paths, boxes)
-        bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
-        decoded = list(bar)
-    images, kept, outside = [], [], 0
-    for path, label, box, result in zip(paths, labels, boxes, decoded):
-        if isinstance(result, Exception):
-            warnings.warn(f"Skipping {path}: cannot decode image ({result})", ImageDecodeWarning, stacklevel=3)
-            continue
-        image, cropped = result
-        images.append(image)
-        kept.append(label)
-        outside += box is not None and not cropped
-    if not images:
-        raise DataError(f"None of the {len(paths)} image files could be decoded (first: {paths[0]})")
-    return ImageSet(torch.stack(images), torch.tensor(kept, dtype=torch.int64), class_names), outside
-
-
-def load_image_folder(
-    root: str | Path,
-    image_size: int,
-    crop: str = "none",
-    *,
-    progress: bool = True,
-) -> ImageSet:
-    """Load every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
+def list_image_folder(root: str | Path, image_size: int, crop: str = "none") -> ImageListing:
+    """Every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"Image folder {root} does not exist")
@@ -265,4 +319,15 @@ def load_image_folder(
     if not paths:
         raise DataError(f"No image files in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
     labels, class_names = label_images(root, paths)
-    return load_images(paths, labels, class_names, image_size, crop, progress=progress)
+    return ImageListing(paths, labels, class_names, image_size, crop)
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int,
+    crop: str = "none",
+    *,
+    progress: bool = True,
+) -> ImageSet:
+    """Load every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
+    return decode_to_memory(list_image_folder(root, image_size, crop), progress=progress)[0]

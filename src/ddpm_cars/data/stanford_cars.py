@@ -17,6 +17,7 @@ a usable box are used uncropped, counted in one :class:`BoxWarning` per load.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddpm_cars.data.boxes import (
@@ -28,7 +29,7 @@ from ddpm_cars.data.boxes import (
     parse_annotations,
 )
 from ddpm_cars.data.dataset import DataError, ImageSet
-from ddpm_cars.data.folder import check_crop, find_images, load_images, load_images_with_boxes
+from ddpm_cars.data.folder import ImageListing, check_crop, decode_to_memory, find_images
 
 KAGGLE_DATASET = "jutrera/stanford-car-dataset-by-classes-folder"
 SPLITS = ("train", "test", "all")
@@ -100,8 +101,8 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _split_boxes(split_dir: Path, split: str, paths: list[Path]) -> tuple[list[Box | None], int, int, str]:
-    """Each path's box from the split's CSV; also how many paths had a malformed row or no row, and the CSV name."""
+def _split_boxes(split_dir: Path, split: str, paths: list[Path]) -> tuple[list[Box | None], int, int, Path]:
+    """Each path's box from the split's CSV; also how many paths had a malformed row or no row, and the CSV."""
     csv_path = find_annotations(split_dir, split)
     if csv_path is None:
         looked = ", ".join(str(d) for d in annotation_dirs(split_dir))
@@ -114,7 +115,62 @@ def _split_boxes(split_dir: Path, split: str, paths: list[Path]) -> tuple[list[B
     boxes = [by_name.get(path.name) for path in paths]
     no_box = [path.name for path, box in zip(paths, boxes) if box is None]
     malformed = sum(name in malformed_names for name in no_box)
-    return boxes, malformed, len(no_box) - malformed, csv_path.name
+    return boxes, malformed, len(no_box) - malformed, csv_path
+
+
+@dataclass
+class BoxCounts:
+    """Images of a bbox listing that will stay uncropped: with a malformed row, and
+    without a row in each CSV."""
+
+    malformed: int = 0
+    without_row: dict[str, int] = field(default_factory=dict)
+
+    def warn(self, total: int, outside: int) -> None:
+        """One :class:`BoxWarning` when any image of the ``total`` stays uncropped; a box
+        entirely ``outside`` its image counts as a malformed row."""
+        malformed = self.malformed + outside
+        uncropped = malformed + sum(self.without_row.values())
+        if uncropped:
+            reasons = [_plural(malformed, "malformed row")] if malformed else []
+            reasons += [f"{count} without a row in {csv}" for csv, count in self.without_row.items() if count]
+            warnings.warn(
+                f"bbox crop: {uncropped} of {total} images used uncropped ({', '.join(reasons)})",
+                BoxWarning,
+                stacklevel=3,
+            )
+
+
+def list_stanford_cars(
+    root: Path, split: str, image_size: int, crop: str = "none", margin: float = 0.1
+) -> tuple[ImageListing, BoxCounts]:
+    """The images of a split, labelled by class folder; class indices come from all
+    splits present, so they agree. With ``crop="bbox"``, each image's box and how many
+    images have none."""
+    check_crop(crop)
+    chosen = _chosen_splits(root, split)
+    every_split = _require_split_dirs(root).values()
+    class_names = sorted({d.name for split_dir in every_split for d in _class_dirs(split_dir)})
+    index = {name: i for i, name in enumerate(class_names)}
+    paths, labels, boxes, csvs = [], [], [], []
+    counts = BoxCounts()
+    for name, split_dir in chosen.items():
+        split_paths = []
+        for class_dir in _class_dirs(split_dir):
+            images = find_images(class_dir)
+            split_paths += images
+            labels += [index[class_dir.name]] * len(images)
+        paths += split_paths
+        if crop == "bbox" and split_paths:
+            split_boxes, split_malformed, split_without, csv_path = _split_boxes(split_dir, name, split_paths)
+            boxes += split_boxes
+            counts.malformed += split_malformed
+            counts.without_row[csv_path.name] = split_without
+            csvs.append(csv_path)
+    if not paths:
+        raise DataError(f"No images in class folders of split {split!r} under {root}")
+    listing = ImageListing(paths, labels, class_names, image_size, crop, boxes if crop == "bbox" else None, margin, tuple(csvs))
+    return listing, counts
 
 
 def load_stanford_cars(
@@ -125,44 +181,14 @@ def load_stanford_cars(
     margin: float = 0.1,
     progress: bool = True,
 ) -> ImageSet:
-    """Load a split; class indices come from all splits present, so they agree.
+    """Load a split into memory (see :func:`list_stanford_cars`).
 
     Only images inside class folders count; files loose in a split folder are
     ignored. ``crop`` is "none", "center" or "bbox" (see :func:`~ddpm_cars.data.folder.load_image`);
     with "bbox", ``margin`` is added around each box as a share of its longer side.
     """
-    check_crop(crop)
-    chosen = _chosen_splits(root, split)
-    every_split = _require_split_dirs(root).values()
-    class_names = sorted({d.name for split_dir in every_split for d in _class_dirs(split_dir)})
-    index = {name: i for i, name in enumerate(class_names)}
-    paths, labels, boxes = [], [], []
-    malformed, without_row = 0, {}  # without_row: CSV name -> images it has no row for
-    for name, split_dir in chosen.items():
-        split_paths = []
-        for class_dir in _class_dirs(split_dir):
-            images = find_images(class_dir)
-            split_paths += images
-            labels += [index[class_dir.name]] * len(images)
-        paths += split_paths
-        if crop == "bbox" and split_paths:
-            split_boxes, split_malformed, split_without, csv_name = _split_boxes(split_dir, name, split_paths)
-            boxes += split_boxes
-            malformed += split_malformed
-            without_row[csv_name] = split_without
-    if not paths:
-        raise DataError(f"No images in class folders of split {split!r} under {root}")
-    if crop != "bbox":
-        return load_images(paths, labels, class_names, image_size, crop, progress=progress)
-    data, outside = load_images_with_boxes(paths, labels, class_names, image_size, boxes, margin, progress=progress)
-    malformed += outside  # a box entirely outside its image counts as a malformed row
-    uncropped = malformed + sum(without_row.values())
-    if uncropped:
-        reasons = [_plural(malformed, "malformed row")] if malformed else []
-        reasons += [f"{count} without a row in {csv}" for csv, count in without_row.items() if count]
-        warnings.warn(
-            f"bbox crop: {uncropped} of {len(paths)} images used uncropped ({', '.join(reasons)})",
-            BoxWarning,
-            stacklevel=2,
-        )
+    listing, counts = list_stanford_cars(root, split, image_size, crop, margin)
+    data, decoded = decode_to_memory(listing, progress=progress)
+    if crop == "bbox":
+        counts.warn(len(listing.paths), decoded.outside)
     return data
