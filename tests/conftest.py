@@ -18,6 +18,15 @@ def _auto_precision_is_fp32(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache_in_tmp(tmp_path_factory):
+    """The data cache of every test, and of the commands they start, in one temporary
+    folder: nothing is written under the user's home, and toy cars are generated once."""
+    import os
+
+    os.environ["DDPM_CARS_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture
 def tiny_config() -> RunConfig:
     """A model and data small enough to train for a few steps in about a second."""

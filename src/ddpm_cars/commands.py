@@ -34,6 +34,7 @@ RESUMABLE = {
         "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps", "log_every_steps",
         "grad_accum_steps", "precision", "channels_last", "activation_checkpointing", "compile", "eval_every_steps", "eval_samples",
     },
+    "data": {"cache"},
     "sample": None,
 }
 

@@ -144,6 +144,11 @@ class DataConfig:
     )
     flip: bool = option(True, "random horizontal flips")
     toy_count: int = option(8192, "number of images generated for --data toy-cars", limits=POSITIVE)
+    cache: str = option(
+        "auto", "folder of decoded-image caches (a source is decoded once, then memory-mapped); "
+        "auto: data/ in $DDPM_CARS_CACHE, else in ~/.cache/ddpm-cars; off: decode into memory every time",
+        flag="--data-cache", metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

@@ -1,6 +1,8 @@
 """Data sources: toy cars (embedded), Stanford Cars (Kaggle or local copy), any image folder.
 
 Each produces an :class:`ImageSet` of uint8 images already resized to the training size.
+:func:`build_dataset` decodes a source once into the data cache (:mod:`ddpm_cars.data.cache`)
+and memory-maps it from there on every later run.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 import torch
 
 from ddpm_cars.config import DataConfig
+from ddpm_cars.data import boxes, cache, folder, toy_cars
 from ddpm_cars.data.dataset import DataError, ImageSet
-from ddpm_cars.data.folder import load_image_folder
-from ddpm_cars.data.stanford_cars import download_stanford_cars, find_split_dirs, load_stanford_cars
+from ddpm_cars.data.folder import Decoded, ImageListing, decode_listing, list_image_folder, warn_skipped
+from ddpm_cars.data.stanford_cars import download_stanford_cars, find_split_dirs, list_stanford_cars
 from ddpm_cars.data.toy_cars import BODY_TYPES, generate_toy_cars
 
 __all__ = ["DataError", "ImageSet", "build_dataset", "toy_cars_dataset"]
@@ -27,19 +30,55 @@ def toy_cars_dataset(count: int, image_size: int, seed: int = TOY_CARS_SEED) -> 
 
 
 def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
-    """The dataset named by ``config.source``: ``toy-cars``, ``stanford-cars`` or a folder path."""
+    """The dataset named by ``config.source`` (``toy-cars``, ``stanford-cars`` or a folder
+    path), through the data cache that ``config.cache`` names."""
     size, crop = config.image_size, config.crop
+    cache_dir = cache.resolve_dir(config.cache)
     if config.source == "toy-cars":
         if crop == "bbox":
             raise DataError("--crop bbox needs Stanford Cars and its box annotations; toy cars are already framed")
-        return toy_cars_dataset(config.toy_count, size, TOY_CARS_TEST_SEED if config.split == "test" else TOY_CARS_SEED)
+        seed = TOY_CARS_TEST_SEED if config.split == "test" else TOY_CARS_SEED
+        key = {"name": "toy-cars", "image_size": size, "count": config.toy_count, "seed": seed,
+               "code": cache.code_stamp(toy_cars)}
+        return cache.load(key, config.toy_count, _toy_cars_fill(config.toy_count, size, seed), cache_dir, progress=progress)[0]
     if config.source == "stanford-cars":
-        return load_stanford_cars(
-            download_stanford_cars(), config.split, size, crop, config.bbox_margin, progress=progress
-        )
-    root = Path(config.source).expanduser()
-    if not root.exists():
-        raise DataError(f"--data must be 'toy-cars', 'stanford-cars' or an existing folder; {root} does not exist")
-    if find_split_dirs(root) is not None:
-        return load_stanford_cars(root, config.split, size, crop, config.bbox_margin, progress=progress)
-    return load_image_folder(root, size, crop, progress=progress)
+        root = download_stanford_cars()
+    else:
+        root = Path(config.source).expanduser()
+        if not root.exists():
+            raise DataError(f"--data must be 'toy-cars', 'stanford-cars' or an existing folder; {root} does not exist")
+    counts = None
+    if config.source == "stanford-cars" or find_split_dirs(root) is not None:
+        listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin)
+    else:
+        listing = list_image_folder(root, size, crop)
+    data, decoded = cache.load(_listing_key(listing, root), len(listing.paths), _listing_fill(listing, progress),
+                               cache_dir, progress=progress)
+    warn_skipped(decoded.skipped)
+    if counts is not None and crop == "bbox":
+        counts.warn(len(listing.paths), decoded.outside)
+    return data
+
+
+def _toy_cars_fill(count: int, size: int, seed: int) -> cache.Fill:
+    def fill(write: cache.Writer) -> Decoded:
+        images, labels = generate_toy_cars(count, size, seed)
+        write(torch.from_numpy(images))
+        return Decoded(labels.tolist(), list(BODY_TYPES))
+
+    return fill
+
+
+def _listing_fill(listing: ImageListing, progress: bool) -> cache.Fill:
+    return lambda write: decode_listing(listing, write, progress=progress)
+
+
+def _listing_key(listing: ImageListing, root: Path) -> dict:
+    """What a folder's decoded images depend on: its files, labels, boxes and how they are cropped."""
+    return {
+        "name": root.resolve().name or "images", "image_size": listing.image_size, "crop": listing.crop,
+        "margin": listing.margin if listing.crop == "bbox" else None, "class_names": listing.class_names,
+        "labels": cache.digest(listing.labels), "boxes": cache.digest(listing.boxes),
+        "files": cache.digest(cache.file_stamps(listing.paths + list(listing.also_read))),
+        "code": cache.code_stamp(folder, boxes),
+    }

@@ -18,16 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-CACHE_ENV = "DDPM_CARS_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$DDPM_CARS_CACHE``, else ``$XDG_CACHE_HOME/ddpm-cars``, else ``~/.cache/ddpm-cars``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "ddpm-cars"
-
+from ddpm_cars.data.cache import default_cache_dir
 
 def image_hash(images: torch.Tensor) -> str:
     """SHA-256 (first 16 hex digits) of a uint8 image tensor's shape and bytes."""
