@@ -178,3 +178,43 @@ def test_activation_checkpointing_refuses_the_batchnorm_model(tiny_config):
 
     with pytest.raises(UserError, match="res_attn_unet"):
         tiny_config.replace(train={"activation_checkpointing": True})
+
+
+def test_compile_is_on_by_default_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.wants_compile(None, cuda) and not runtime.wants_compile(None, cpu)
+    assert runtime.wants_compile(True, cpu) and not runtime.wants_compile(False, cuda)
+
+
+def _compile_with(monkeypatch, backend):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=backend, **kw))
+
+
+def _failing_backend(graph, example_inputs):
+    raise RuntimeError("no working C++ compiler\nmore detail")
+
+
+def test_a_failing_compiler_falls_back_to_the_network_with_one_warning(monkeypatch):
+    _compile_with(monkeypatch, _failing_backend)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.SiLU())
+    net = runtime.prepare_model(model, compile=True)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(runtime.CompileWarning, match=r"^torch.compile failed \(.*no working C\+\+ compiler\); running") as record:
+        first, second = net(x), net(x)
+    assert len(record) == 1 and "more detail" not in str(record[0].message)
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x))
+    first.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_compiled_network_runs_without_warning_and_model_errors_stay_raised(monkeypatch, recwarn):
+    _compile_with(monkeypatch, "eager")  # dynamo traces the network; no code generation needed
+    model = torch.nn.Linear(4, 2)
+    net = runtime.prepare_model(model, compile=True)
+    x = torch.randn(3, 4)
+    assert torch.equal(net(x), model(x))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        net(torch.randn(3, 5))  # wrong input: the model's own error, from the uncompiled retry
+    assert not [w for w in recwarn if w.category is runtime.CompileWarning]

@@ -84,7 +84,7 @@ def _add_config_options(parser: argparse.ArgumentParser, shown: RunConfig, note:
     """The config fields as flags, each defaulting to the config's value (as shown in ``shown``)."""
     for flag, section, field, value in config_options(shown, sampling):
         kind = field_types(type(getattr(shown, section)))[field.name]
-        if kind is bool:
+        if kind is bool or kind == bool | None:  # an unset bool | None keeps its default, None
             kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif get_origin(kind) is Literal:
             kwargs = {"choices": get_args(kind)}

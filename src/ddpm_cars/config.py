@@ -233,7 +233,10 @@ class TrainConfig:
         False, "recompute each residual and attention block's activations in the backward pass instead of storing "
         "them: the same gradients in less memory, for about a third more compute (res_attn_unet)"
     )
-    compile: bool = option(False, "torch.compile the network")
+    compile: bool | None = option(
+        None, "torch.compile the network (uncompiled, with a warning, where compiling fails); none: on for CUDA, "
+        "off on the CPU"
+    )
     eval_every_steps: int = option(
         0, "score samples every this many steps into metrics.csv and metrics.png (SWD; FID when the Inception weights "
         "are on disk); 0: never", flag="--eval-every", metavar="STEPS", limits=NON_NEGATIVE,

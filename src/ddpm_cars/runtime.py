@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from pathlib import Path
 from typing import ContextManager
 
@@ -78,14 +79,56 @@ def use_tf32(device: torch.device) -> None:
 
 
 def prepare_model(model: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
-    """The module to call: ``model`` in NHWC layout and/or wrapped by ``torch.compile``.
+    """The module to call: ``model`` in NHWC layout and/or compiled (:func:`compiled_or_eager`).
 
     Parameters are shared with ``model``, so optimizers, EMA and checkpoints keep using
     the plain module.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    return compiled_or_eager(model) if compile else model
+
+
+def wants_compile(setting: bool | None, device: torch.device) -> bool:
+    """``--compile``: on or off as given; unset, on for CUDA and off on the CPU, where
+    compiling the network takes minutes and gains little."""
+    return setting if setting is not None else device.type == "cuda"
+
+
+class CompileWarning(UserWarning):
+    """torch.compile failed on this machine; the network runs uncompiled."""
+
+
+def compiled_or_eager(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``, which falls back to ``model`` itself, with one warning, when
+    compiling fails (no Triton, no C compiler, an unsupported operation): compilation
+    happens at the first call, so a call that fails compiled is tried uncompiled, and a
+    failure there is the model's own and raised."""
+    compiled = torch.compile(model)
+    compiled_forward = compiled.forward
+    failed: list[str] = []
+
+    def forward(*args, **kwargs):
+        if failed:
+            return model(*args, **kwargs)
+        try:
+            return compiled_forward(*args, **kwargs)
+        except Exception as err:
+            out = model(*args, **kwargs)  # raises the model's own error, if it is one
+            failed.append(_root_cause(err))
+            warnings.warn(f"torch.compile failed ({failed[0]}); running the network uncompiled", CompileWarning, stacklevel=2)
+            return out
+
+    compiled.forward = forward
+    return compiled
+
+
+def _root_cause(err: BaseException) -> str:
+    """``Type: first line`` of the innermost error that ``err`` wraps (dynamo wraps a backend's)."""
+    while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
+        err = inner
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

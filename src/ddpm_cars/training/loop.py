@@ -34,7 +34,7 @@ from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model
 from ddpm_cars.parallel import World
-from ddpm_cars.runtime import prepare_model, resolve_precision, to_layout, use_tf32
+from ddpm_cars.runtime import prepare_model, resolve_precision, to_layout, use_tf32, wants_compile
 from ddpm_cars.samplers import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.ema import EMA
@@ -76,7 +76,7 @@ class Trainee:
             model.to(memory_format=torch.channels_last)
         if tcfg.activation_checkpointing:
             model.set_activation_checkpointing(True)
-        net = prepare_model(parallel.wrap(model, world, device), compile=tcfg.compile)
+        net = prepare_model(parallel.wrap(model, world, device), compile=wants_compile(tcfg.compile, device))
         optimizer = build_optimizer(model.parameters(), tcfg, device)
         ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
         precision = resolve_precision(tcfg.precision, device)
