@@ -251,3 +251,17 @@ def test_progress_bar_is_labelled(tmp_path, capsys):
     save(tmp_path / "a.png")
     load_image_folder(tmp_path, SIZE, progress=True)
     assert "Loading images" in capsys.readouterr().err
+
+
+def test_listing_orders_and_labels_like_sorted_paths(tmp_path):
+    """The fast listing (path parts as strings) keeps the order of sorted Path objects,
+    which differs from sorting the path strings ("a" before "a-b" before "a b/..."?)."""
+    from ddpm_cars.data.folder import label_images, list_image_folder
+
+    for name in ["a/x.png", "a-b/x.png", "a b/y.png", "A/z.png", "a/deep/er/w.png", "a.png", "a0/q.png", "b.png"]:
+        save(tmp_path / name)
+    listing = list_image_folder(tmp_path, SIZE)
+    expected = sorted(p for p in tmp_path.rglob("*.png"))
+    assert listing.paths == expected == find_images(tmp_path)
+    assert (listing.labels, listing.class_names) == label_images(tmp_path, expected)
+    assert [str(p.relative_to(tmp_path)) for p in listing.paths][:3] == ["A/z.png", "a/deep/er/w.png", "a/x.png"]

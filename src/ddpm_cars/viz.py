@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from ddpm_cars.data.dataset import to_uint8
 
@@ -32,6 +31,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds
+
     grid = make_grid(to_uint8(images.detach().cpu()), nrow=nrow, padding=2, pad_value=255)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale > 1:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
 from ddpm_cars.data.dataset import DataError
 
@@ -191,4 +190,6 @@ def crop_to_box(img: Image.Image, box: Box, margin: float) -> Image.Image | None
     padding = [max(-left, 0), max(-top, 0), max(right - img.width, 0), max(bottom - img.height, 0)]
     if not any(padding):
         return inside
+    from torchvision.transforms.v2 import functional as F  # here: importing torchvision takes seconds
+
     return F.pad(inside, padding, padding_mode="edge")  # [left, top, right, bottom]

@@ -27,13 +27,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL
 import torch
-import torchvision
 
 from ddpm_cars.data.dataset import DataError, ImageSet
 from ddpm_cars.data.folder import Decoded, MemoryImages
@@ -71,18 +71,19 @@ def file_stamps(paths: list[Path]) -> list[tuple[str, int, int]]:
     """Each file's path, size and modification time (ns): what says it has not changed."""
     stamps = []
     for path in paths:
+        name = os.path.abspath(path)
         try:
-            info = path.stat()
-            stamps.append((str(path.resolve()), info.st_size, info.st_mtime_ns))
+            info = os.stat(name)
+            stamps.append((name, info.st_size, info.st_mtime_ns))
         except OSError:  # unreadable now: decoding will skip it, and so must the key
-            stamps.append((str(path.resolve()), -1, -1))
+            stamps.append((name, -1, -1))
     return stamps
 
 
 def code_stamp(*modules: Any) -> str:
     """A hash of the source of the ``modules`` that produce the images, with the versions
     of the libraries that decode and resize them: a change to any rebuilds the cache."""
-    digest = hashlib.sha256(f"{FORMAT} {PIL.__version__} {torchvision.__version__}".encode())
+    digest = hashlib.sha256(f"{FORMAT} {PIL.__version__} {metadata.version('torchvision')}".encode())
     for module in modules:
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from ddpm_cars.data.boxes import Box, crop_to_box
@@ -58,13 +57,18 @@ class ImageDecodeWarning(UserWarning):
 
 def find_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, sorted; hidden entries skipped."""
+    return [root.joinpath(*parts) for parts in _image_parts(root)]
+
+
+def _image_parts(root: Path) -> list[tuple[str, ...]]:
+    """Each image file under ``root`` as its path's parts below ``root``, in the order of
+    sorted paths (by parts, as paths compare)."""
     found = []
     for folder, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        below = Path(folder).relative_to(root).parts
         found.extend(
-            Path(folder, name)
-            for name in filenames
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+            (*below, name) for name in filenames if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
         )
     return sorted(found)
 
@@ -113,6 +117,8 @@ def _decode(
         img.load()
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         rgb = to_rgb(img)
+    from torchvision.transforms.v2 import functional as F  # here: importing torchvision takes seconds
+
     cropped = False
     if crop == "bbox" and box is not None:
         boxed = crop_to_box(rgb, box, margin)  # boxes are in stored pixels: crop before rotating
@@ -144,7 +150,11 @@ def load_image(
 
 def label_images(root: Path, paths: list[Path]) -> tuple[list[int], list[str]]:
     """Labels and sorted class names for ``paths`` under ``root`` (module rule)."""
-    parts = [path.relative_to(root).parts for path in paths]
+    return _labels(root, [path.relative_to(root).parts for path in paths])
+
+
+def _labels(root: Path, parts: list[tuple[str, ...]]) -> tuple[list[int], list[str]]:
+    """:func:`label_images` of the paths with these ``parts`` below ``root``."""
     subclasses = {p[0] for p in parts if len(p) > 1}
     loose_name = root.resolve().name or "images"
     while loose_name in subclasses:
@@ -315,11 +325,11 @@ def list_image_folder(root: str | Path, image_size: int, crop: str = "none") -> 
             f"crop 'bbox' needs the Stanford Cars Kaggle layout (car_data/{{train,test}}/<class>/ with "
             f"anno_train.csv / anno_test.csv beside car_data/); {root} is a plain image folder, use crop none or center"
         )
-    paths = find_images(root)
-    if not paths:
+    parts = _image_parts(root)
+    if not parts:
         raise DataError(f"No image files in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
-    labels, class_names = label_images(root, paths)
-    return ImageListing(paths, labels, class_names, image_size, crop)
+    labels, class_names = _labels(root, parts)
+    return ImageListing([root.joinpath(*p) for p in parts], labels, class_names, image_size, crop)
 
 
 def load_image_folder(
