@@ -158,3 +158,23 @@ def test_bench_reports_mfu_against_the_given_peak(capsys):
     unknown = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1,
                             device="cpu", progress=False, isolate=False)
     assert unknown[0]["mfu"] is None and "MFU: training FLOP/s over the device's dense peak" in format_table(unknown)
+
+
+def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_path):
+    from ddpm_cars.training.batches import Batches
+
+    monkeypatch.setenv("DDPM_CARS_CACHE", str(tmp_path))
+    draws = []
+    real_draw = Batches.draw
+    monkeypatch.setattr(Batches, "draw", lambda self, *a: draws.append(1) or real_draw(self, *a))
+    rows = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=2, warmup=1, sample_steps=1,
+                         device="cpu", progress=False, isolate=False, loop=True)
+    (row,) = rows
+    assert len(draws) == 3  # the warm-up step and the two timed ones, through the loop's own batches
+    assert math.isfinite(row["loop_img_s"]) and row["loop_img_s"] > 0 and row["loop_to_first_step_s"] > 0
+    assert row["loop_data"] == "toy-cars" and row["loop_images"] == 256  # the tiny preset's toy cars
+    assert [p.name.split("-16px-")[0] for p in (tmp_path / "data").iterdir() if p.is_dir()] == ["toy-cars"]
+    table = format_table(rows)
+    assert "| loop img/s | to 1st step s |" in table and "Loop: the whole training loop" in table
+    assert table.splitlines()[2].count("|") == table.splitlines()[4].count("|")  # header and row line up
+    assert "loop img/s" not in format_table(run_benchmark("tiny", "fp32", device="cpu", isolate=False, **TINY_RUN))

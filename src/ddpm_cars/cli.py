@@ -260,6 +260,8 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--sample-steps", type=value_type(int, POSITIVE), default=5, help="timed reverse steps of ancestral sampling; the median step time is reported (default: 5)")
     bench.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the networks; compilation falls in the warm-up (default: off)")
     bench.add_argument("--activation-checkpointing", default=False, action=argparse.BooleanOptionalAction, help="recompute the residual U-Net's blocks in the backward pass, to measure the memory it saves (default: off)")
+    bench.add_argument("--loop", default=False, action=argparse.BooleanOptionalAction, help="also time the whole training loop of each preset, data from the cache included, and the seconds to its first step (default: off)")
+    bench.add_argument("--data", default="toy-cars", metavar="SOURCE", help="the data of --loop: toy-cars, stanford-cars or an image folder (default: toy-cars)")
     bench.add_argument("--peak-tflops", type=value_type(float, Limits(low=0, low_open=True)), default=None, metavar="TFLOPS", help="the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; none on CPUs)")
     _device_option(bench)
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows and metadata to this JSON file (default: none)")

@@ -350,7 +350,8 @@ def bench(args: argparse.Namespace) -> int:
     rows = run_benchmark(
         args.presets, args.precisions, image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,
         warmup=args.warmup, sample_steps=args.sample_steps, device=args.device, compile=args.compile,
-        peak_tflops=args.peak_tflops, activation_checkpointing=args.activation_checkpointing,
+        peak_tflops=args.peak_tflops, activation_checkpointing=args.activation_checkpointing, loop=args.loop,
+        data=args.data,
     )
     print(format_table(rows))
     if args.json is not None:

@@ -54,6 +54,11 @@ MFU_NOTE = (
     "MFU: training FLOP/s over the device's dense peak for the precision (bf16/fp16 tensor cores; TF32 for fp32, "
     "which cuDNN uses for float32 convolutions); blank where the peak is unknown (CPUs: give it with --peak-tflops)."
 )
+LOOP_NOTE = (
+    "Loop: the whole training loop of the preset (batches from the data cache, flips, noise, guarded update, EMA, "
+    "loss reads; no checkpoints or grids) after the warm-up steps; to 1st step: seconds from the start of the "
+    "session (data cache opened or built, model built) to its first step."
+)
 SAMPLE_NOTE = "Sampling img/s is for a whole run of T reverse steps; evals/s counts network evaluations (images x steps)."
 
 
@@ -154,6 +159,8 @@ def run_benchmark(
     diffusers_reference: str = DIFFUSERS_REFERENCE,
     peak_tflops: float | None = None,
     activation_checkpointing: bool = False,
+    loop: bool = False,
+    data: str = "toy-cars",
 ) -> BenchmarkRows:
     """One row per preset x precision (see :mod:`ddpm_cars.benchmarks.measure` for what each
     number means), plus diffusers' ``UNet2DModel`` at each precision when ``diffusers`` is
@@ -164,6 +171,8 @@ def run_benchmark(
     ``spawn`` child so that the CPU peak RSS is that measurement's alone. Each row's
     ``mfu`` is its training FLOP rate over the device's peak for its precision
     (:mod:`ddpm_cars.benchmarks.peaks`, or ``peak_tflops``); None when that is unknown.
+    With ``loop``, each preset's row also times the whole training loop on ``data``
+    (:mod:`ddpm_cars.benchmarks.loop`).
     """
     presets = parse_names(presets, list(PRESETS), "preset")
     precisions = parse_names(precisions, PRECISIONS, "precision")
@@ -181,7 +190,7 @@ def run_benchmark(
             "preset": name, "precision": precision, "image_size": image_size, "batch_size": batch,
             "repeats": repeats, "warmup": warmup, "sample_steps": sample_steps, "device": str(dev),
             "compile": compile, "reference": diffusers_reference, "isolated": isolate,
-            "activation_checkpointing": activation_checkpointing,
+            "activation_checkpointing": activation_checkpointing, "loop": loop, "data": data,
         }
         label = f"[{i}/{len(jobs)}] {name} {precision}: {image_size}x{image_size}, batch {batch} on {dev} ..."
         row = _measure_one(spec, label, progress)
@@ -248,13 +257,20 @@ def speedups(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def _table_row(r: dict) -> str:
-    return (
+def _table_row(r: dict, loop: bool) -> str:
+    row = (
         f"| {_label(r['preset'])} | {r['precision']} | {r['image_size']} | {r['batch_size']} "
         f"| {r['params'] / 1e6:.2f} M | {r['forward_flops_per_image'] / 1e9:.3g} | {_rate(r['train_img_s'])} "
         f"| {_flop_rate(r['train_flop_s'])} | {_mfu(r)} | {r.get('timesteps', '')} | {_rate(r['sample_img_s'])} "
         f"| {_rate(r['sample_evals_s'])} | {_flop_rate(r['sample_flop_s'])} | {_memory(r)} |"
     )
+    if loop:
+        row += "  |  |" if r.get("loop_img_s") is None else f" {_rate(r['loop_img_s'])} | {r['loop_to_first_step_s']:.1f} |"
+    return row
+
+
+def _has_loop(rows: Sequence[dict]) -> bool:
+    return any(r.get("loop_img_s") is not None for r in rows)
 
 
 def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> str:
@@ -267,14 +283,16 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
     devices = list(dict.fromkeys(r["device"] for r in rows))
     if devices:
         lines += [f"Device: {'; '.join(devices)}", ""]
+    loop = _has_loop(rows)
     lines += [
         (
             "| preset | precision | image | batch | params | fwd GFLOP/img | train img/s | train FLOP/s | train MFU "
-            f"| T | sample img/s | evals/s | sample FLOP/s | {memory} |"
+            f"| T | sample img/s | evals/s | sample FLOP/s | {memory} |" + (" loop img/s | to 1st step s |" if loop else "")
         ),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" if loop else ""),
     ]
-    lines += [_table_row(r) for r in rows]
+    lines += [_table_row(r, loop) for r in rows]
     lines.append("")
     lines += speedups(rows)
     lines += [
@@ -284,6 +302,8 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
         MFU_NOTE,
         MEMORY_NOTE["cuda" if cuda else "cpu"],
     ]
+    if loop:
+        lines.append(LOOP_NOTE)
     if any(r.get("compile") for r in rows):
         lines.append("Compiled with torch.compile; compilation happens in the warm-up steps.")
     if any(r.get("activation_checkpointing") for r in rows):

@@ -170,7 +170,8 @@ def _peak_cuda_mib(device: torch.device) -> float | None:
 def measure(spec: dict) -> dict:
     """One result row: ``spec`` names the preset (or ``DIFFUSERS``), precision, image and batch
     size, repeats, warm-up, sampling steps, device and whether to compile and to
-    checkpoint activations (the residual U-Net's)."""
+    checkpoint activations (the residual U-Net's); with ``loop``, the row also holds the
+    whole training loop's figures (:mod:`ddpm_cars.benchmarks.loop`) on ``data``."""
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -193,6 +194,13 @@ def measure(spec: dict) -> dict:
     step_s, sample_mem = _time_sampling(model, denoiser, config, spec, sync)
     train_img_s = batch / train_s
     evals_s = batch / step_s
+    peak_mem = max(train_mem, sample_mem) if cuda else _peak_rss_mib()
+    del model, net, denoiser  # the loop below builds its own
+    loop = {}
+    if spec.get("loop") and name != DIFFUSERS:
+        from ddpm_cars.benchmarks.loop import measure_loop  # it imports this module
+
+        loop = measure_loop(spec)
     return {
         "preset": name,
         "precision": precision,
@@ -206,7 +214,7 @@ def measure(spec: dict) -> dict:
         "sample_evals_s": evals_s,
         "train_flop_s": 3 * flops * train_img_s,
         "sample_flop_s": flops * evals_s,
-        "peak_mem_mib": max(train_mem, sample_mem) if cuda else _peak_rss_mib(),
+        "peak_mem_mib": peak_mem,
         "train_peak_mem_mib": train_mem,
         "sample_peak_mem_mib": sample_mem,
         "base_rss_mib": base_rss,
@@ -217,6 +225,7 @@ def measure(spec: dict) -> dict:
         "compile": bool(spec.get("compile", False)),
         "activation_checkpointing": checkpointing,
         "reference": reference if name == DIFFUSERS else None,
+        **loop,
     }
 
 
