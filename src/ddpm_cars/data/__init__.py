@@ -7,6 +7,7 @@ and memory-maps it from there on every later run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def _listing_fill(listing: ImageListing, progress: bool) -> cache.Fill:
 def _listing_key(listing: ImageListing, root: Path) -> dict:
     """What a folder's decoded images depend on: its files, labels, boxes and how they are cropped."""
     return {
-        "name": root.resolve().name or "images", "image_size": listing.image_size, "crop": listing.crop,
+        "name": root.resolve().name or "images", "cwd": os.getcwd(), "image_size": listing.image_size, "crop": listing.crop,
         "margin": listing.margin if listing.crop == "bbox" else None, "class_names": listing.class_names,
         "labels": cache.digest(listing.labels), "boxes": cache.digest(listing.boxes),
         "files": cache.digest(cache.file_stamps(listing.paths + list(listing.also_read))),

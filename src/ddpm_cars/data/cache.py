@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,12 @@ def resolve_dir(setting: str) -> Path | None:
     return default_cache_dir() / "data" if setting == "auto" else Path(setting).expanduser()
 
 
-def file_stamps(paths: list[Path]) -> list[tuple[str, int, int]]:
-    """Each file's path, size and modification time (ns): what says it has not changed."""
+def file_stamps(paths: Sequence[Path | str]) -> list[tuple[str, int, int]]:
+    """Each file's path (as given: a key with relative paths needs the working directory
+    too), size and modification time (ns): what says it has not changed."""
     stamps = []
     for path in paths:
-        name = os.path.abspath(path)
+        name = os.fspath(path)
         try:
             info = os.stat(name)
             stamps.append((name, info.st_size, info.st_mtime_ns))
