@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ddpm_cars.benchmarks.measure import bench_config
+from ddpm_cars.config import PRESETS
 from ddpm_cars.training.loop import start_session
 
 
@@ -53,9 +53,9 @@ def measure_loop(spec: dict) -> dict:
     """``spec`` as for :func:`~ddpm_cars.benchmarks.measure.measure`, plus ``data`` (a
     ``--data`` source, default toy cars) and ``data_cache`` (default ``auto``)."""
     size, batch, warmup, repeats = spec["image_size"], spec["batch_size"], spec["warmup"], spec["repeats"]
-    config = bench_config(spec["preset"], size)
+    config = PRESETS[spec["preset"]]
     config = config.replace(
-        data={"source": spec.get("data", "toy-cars"), "cache": spec.get("data_cache", "auto")},
+        data={"source": spec.get("data", "toy-cars"), "cache": spec.get("data_cache", "auto"), "image_size": size},
         train={
             "batch_size": batch, "precision": spec["precision"], "max_steps": warmup + repeats,
             "compile": bool(spec.get("compile")), "eval_every_steps": 0,

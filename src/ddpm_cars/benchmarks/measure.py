@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ddpm_cars.benchmarks.loop import measure_loop
 from ddpm_cars.config import PRESETS, RunConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model, count_parameters
@@ -198,8 +199,6 @@ def measure(spec: dict) -> dict:
     del model, net, denoiser  # the loop below builds its own
     loop = {}
     if spec.get("loop") and name != DIFFUSERS:
-        from ddpm_cars.benchmarks.loop import measure_loop  # it imports this module
-
         loop = measure_loop(spec)
     return {
         "preset": name,
