@@ -297,3 +297,14 @@ def test_another_cache_folder_is_allowed_on_resume(tmp_path, tiny_config):
     assert _resume_config(tmp_path, {"data": {"cache": "off"}}).data.cache == "off"
     with pytest.raises(UserError, match="cannot change data.toy_count when resuming"):
         _resume_config(tmp_path, {"data": {"toy_count": 5}})
+
+
+def test_only_a_relative_folder_path_ties_the_entry_to_the_working_directory(tmp_path, monkeypatch):
+    folder, cache_dir = image_folder(tmp_path / "imgs", broken=0), tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    build_dataset(DataConfig(source="imgs", image_size=16, cache=str(cache_dir)), progress=False)
+    build_dataset(DataConfig(source=str(folder), image_size=16, cache=str(cache_dir)), progress=False)
+    assert len(entries(cache_dir)) == 2  # "imgs" means another folder in another directory
+    monkeypatch.chdir(folder)
+    build_dataset(DataConfig(source=str(folder), image_size=16, cache=str(cache_dir)), progress=False)
+    assert len(entries(cache_dir)) == 2  # an absolute path's entry is found from anywhere

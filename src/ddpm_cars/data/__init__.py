@@ -77,7 +77,8 @@ def _listing_fill(listing: ImageListing, progress: bool) -> cache.Fill:
 def _listing_key(listing: ImageListing, root: Path) -> dict:
     """What a folder's decoded images depend on: its files, labels, boxes and how they are cropped."""
     return {
-        "name": root.resolve().name or "images", "cwd": os.getcwd(), "image_size": listing.image_size, "crop": listing.crop,
+        "name": root.resolve().name or "images", "image_size": listing.image_size, "crop": listing.crop,
+        "cwd": None if root.is_absolute() else os.getcwd(),  # the paths below are relative to it
         "margin": listing.margin if listing.crop == "bbox" else None, "class_names": listing.class_names,
         "labels": cache.digest(listing.labels), "boxes": cache.digest(listing.boxes),
         "files": cache.digest(cache.file_stamps(listing.paths + list(listing.also_read))),
