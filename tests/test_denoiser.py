@@ -216,6 +216,31 @@ def test_loss_without_learned_variance_is_l_simple(schedule, prediction):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("prediction, loss_type", [("eps", "l2"), ("x0", "l2"), ("v", "l2"), ("eps", "l1")])
+def test_min_snr_weights_each_example_by_min_snr_gamma_in_x0_terms(schedule, prediction, loss_type):
+    """Min-SNR-gamma (Hang et al. 2023): each example's error weighted so that in x_0 terms
+    it is min(SNR_t, gamma) times the x_0 error; for eps (whose error is SNR_t times the
+    x_0 error) that is min(SNR_t, gamma) / SNR_t, for v min(SNR_t, gamma) / (SNR_t + 1)."""
+    x0, noise, t = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4), STEPS
+    loss = _denoiser(Probe(), schedule, loss=loss_type, prediction=prediction, min_snr_gamma=5.0).loss(x0, t, noise)
+    ab = _abar(t)
+    snr = (ab / (1 - ab)).flatten()
+    clipped = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+    target = {"eps": noise.double(), "x0": x0.double(), "v": ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()}
+    diff = _out(_x_t(x0, t, noise), t) - target[prediction]
+    per_example = (diff**2 if loss_type == "l2" else diff.abs()).flatten(1).mean(1)
+    assert weight.max() / weight.min() > 100  # the weights differ: a plain mean would fail the check below
+    assert loss.item() == pytest.approx((weight * per_example).mean().item(), rel=1e-5)
+
+
+def test_min_snr_gamma_above_every_snr_is_the_plain_eps_loss(schedule):
+    x0, noise, t = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4), STEPS
+    plain = _denoiser(Probe(), schedule, loss="l2").loss(x0, t, noise)
+    weighted = _denoiser(Probe(), schedule, loss="l2", min_snr_gamma=1e9).loss(x0, t, noise)
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 class Recorder(torch.nn.Module):
     """Returns a fixed function of x_t and remembers its inputs."""
 

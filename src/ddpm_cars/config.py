@@ -113,6 +113,8 @@ class DiffusionConfig:
     learn_variance: bool = option(False, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)")
     # lambda of L_hybrid = L_simple + lambda * L_vlb
     vlb_weight: float = option(0.001, "weight of L_vlb in the hybrid loss", metavar="LAMBDA", limits=NON_NEGATIVE)
+    min_snr_gamma: float = option(0.0, "weight each timestep's loss by min(SNR, GAMMA) in x_0 terms (Min-SNR, Hang et al."
+                                  " 2023; 5 in the paper); 0: off", metavar="GAMMA", limits=NON_NEGATIVE)
 
     def __post_init__(self) -> None:
         check_fields(self, "diffusion")

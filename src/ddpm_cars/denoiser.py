@@ -129,13 +129,23 @@ class Denoiser:
         output = self.output(x_t, t, y)
         mean_out, var_out = self._split(output)
         target = diffusion.prediction_target(self.schedule, x0, t, noise, self.config.prediction)
-        loss = F.l1_loss(mean_out, target) if self.config.loss == "l1" else F.mse_loss(mean_out, target)
+        loss = self._simple_loss(mean_out, target, t)
         if var_out is None:
             return loss
         frozen = self.read(torch.cat([mean_out.detach(), var_out], dim=1), x_t, t, clip_x0=False)
         mean = diffusion.posterior_mean(self.schedule, frozen.x0, x_t, t)
         l_vlb = self.schedule.timesteps * diffusion.vlb_term(self.schedule, x0, x_t, t, mean, frozen.log_var).mean()
         return loss + self.config.vlb_weight * l_vlb
+
+    def _simple_loss(self, out: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean L1 or L2 error of the prediction, each example weighted by Min-SNR when asked."""
+        error = F.l1_loss if self.config.loss == "l1" else F.mse_loss
+        gamma = self.config.min_snr_gamma
+        if not gamma:
+            return error(out, target)
+        per_example = error(out, target, reduction="none").flatten(1).mean(1)
+        weight = diffusion.min_snr_weight(self.schedule, t, gamma, self.config.prediction)
+        return (weight.to(per_example.dtype) * per_example).mean()
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean part, variance part or None) of a network output."""

@@ -52,6 +52,21 @@ def prediction_target(
     return v_target(schedule, x0, t, noise)
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
+    """Per-example loss weights [B] of Min-SNR-gamma (Hang et al. 2023): the x_0 error
+    weighted by min(SNR_t, gamma), SNR_t = alphabar_t / (1 - alphabar_t), expressed for
+    the target the network predicts (the eps error is SNR times the x_0 error, the v
+    error SNR + 1 times)."""
+    alphabar = schedule.alphas_cumprod.to(t.device)[t]
+    snr = alphabar / (1.0 - alphabar)
+    weight = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return weight / snr
+    if prediction == "v":
+        return weight / (snr + 1.0)
+    return weight
+
+
 def predict_x0(
     schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: Prediction
 ) -> torch.Tensor:
