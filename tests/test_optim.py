@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from ddpm_cars import run as ckpt
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model
 from ddpm_cars.training import train
-from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, warmup_factor
+from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, lr_factor, warmup_factor
 
 
 def test_optimizer_choice():
@@ -21,6 +23,15 @@ def test_optimizer_choice():
 def test_warmup_is_a_linear_ramp():
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+
+
+def test_cosine_decay_follows_the_warm_up_down_to_zero_at_the_end():
+    factors = [lr_factor(s, 2, "cosine", 10) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]  # the warm-up, then the decay starts at 1
+    expected = [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert factors[2:] == pytest.approx(expected) and factors[-1] == pytest.approx(0.0381, abs=1e-4)
+    assert lr_factor(12, 2, "cosine", 10) == 0.0  # past the end (a run continued with more steps) it stays at 0
+    assert [lr_factor(s, 2, "none", 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_gradient_clipping_and_finiteness():

@@ -24,6 +24,7 @@ Prediction = Literal["eps", "x0", "v"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine"]
 Optimizer = Literal["adam", "adamw"]
+LrDecay = Literal["none", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++"]
@@ -215,6 +216,7 @@ class TrainConfig:
     # decoupled (AdamW) or L2 (Adam)
     weight_decay: float = option(0.0, "weight decay (decoupled with adamw)", limits=NON_NEGATIVE)
     warmup_steps: int = option(0, "linear learning-rate warm-up", metavar="STEPS", limits=NON_NEGATIVE)
+    lr_decay: LrDecay = option("none", "after the warm-up: a constant learning rate, or a cosine decay towards 0 at the last step")
     # the global gradient norm
     grad_clip: float | None = option(
         None, "clip the gradient norm to this; None: off", metavar="NORM", limits=Limits(low=0, low_open=True)

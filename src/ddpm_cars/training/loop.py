@@ -39,7 +39,7 @@ from ddpm_cars.samplers import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.ema import EMA
 from ddpm_cars.training.logs import LossLog, PendingSteps
-from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, set_lr, step_unless, warmup_factor
+from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, lr_factor, set_lr, step_unless
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
 from ddpm_cars.viz import save_grid
@@ -128,15 +128,17 @@ def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world:
     return parallel.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
 
 
-def guarded_update(trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, step: int) -> torch.Tensor:
-    """Clip, then step the optimizer (at the warm-up's learning rate for ``step``) and the
+def guarded_update(
+    trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, step: int, total_steps: int | None = None
+) -> torch.Tensor:
+    """Clip, then step the optimizer (at the schedule's learning rate for ``step`` of ``total_steps``) and the
     EMA, unless the loss or the gradient is not finite: then the weights stay. Decided on
     the device; returns whether the update was applied, as a boolean tensor there."""
     scaler = trainee.scaler
     if scaler is not None:
         scaler.unscale_(trainee.optimizer)  # the true gradients, before clipping
     applied = gradients_usable(trainee.model, loss, tcfg.grad_clip, check_gradients=scaler is not None)
-    set_lr(trainee.optimizer, tcfg.lr * warmup_factor(step, tcfg.warmup_steps))
+    set_lr(trainee.optimizer, tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_decay, total_steps))
     step_unless(trainee.optimizer, applied)
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, grows it after a long good run
@@ -263,7 +265,7 @@ class Session:
             batch = self.batches.draw(position, self.rng, trainee.denoiser.schedule.timesteps)
             trainee.optimizer.zero_grad(set_to_none=True)
             loss = loss_and_gradients(trainee, batch, tcfg, self.world)
-            applied = guarded_update(trainee, loss, tcfg, position.step)
+            applied = guarded_update(trainee, loss, tcfg, position.step, self.total_steps)
             position.step, position.consumed = position.step + 1, position.consumed + 1
             self.pending.add(position.step, loss, applied)
             bar.update(1)

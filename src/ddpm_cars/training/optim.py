@@ -8,6 +8,7 @@ they were where it is set, and the moving average is updated with a weight of ze
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -33,6 +34,16 @@ def build_optimizer(params: Iterable[nn.Parameter], config: TrainConfig, device:
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-indexed): linear ramp to 1."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def lr_factor(step: int, warmup_steps: int, decay: str = "none", total_steps: int | None = None) -> float:
+    """The warm-up's multiplier, then with ``decay="cosine"`` half a cosine from 1 at the
+    end of the warm-up to 0 at ``total_steps`` (the last step, ``total_steps - 1``, still
+    moves a little)."""
+    if decay == "none" or total_steps is None or step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
