@@ -314,6 +314,7 @@ def forward(args: argparse.Namespace) -> int:
 
 DEMO_SAMPLES = 36  # the demo's final grid, 6 x 6
 DEMO_EVAL_SAMPLES = 144  # scored by the offline metric and the memorisation check
+DEMO_SAMPLE_BATCH = 36  # images per network call: on a CPU, 144 at once run at 2/3 of the speed (caches)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -329,7 +330,7 @@ def demo(args: argparse.Namespace) -> int:
         config = _resume_config(out, {"train": {"max_steps": config.train.max_steps}})
     result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
-    images = sample_run(out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_EVAL_SAMPLES, device=args.device, grid_count=DEMO_SAMPLES)
+    images = sample_run(out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_SAMPLE_BATCH, device=args.device, grid_count=DEMO_SAMPLES)
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
     reference = scores.load_reference(config.data, DEMO_EVAL_SAMPLES, progress=False)
     inception, fid_skipped = scores.load_inception(None, resolve_device(args.device), download=False)
