@@ -340,7 +340,8 @@ def demo(args: argparse.Namespace) -> int:
     scores.score_and_write(to_uint8(images), reference, what=what, summary=summary, out=out / scores.EVAL_DIR,
                            inception=inception, fid_skipped=fid_skipped)
     report = write_report(out)
-    pictures = "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/" + (", samples/" if (out / "samples").is_dir() else "")
+    drawn = ["grid.png", "denoising.png", "forward_process.png", "loss.png", "metrics.png", "eval/", "samples/"]
+    pictures = ", ".join(name for name in drawn if (out / name).exists())
     print(f"Demo finished in {time.perf_counter() - tic:.0f} s. Pictures in {out}/: {pictures}; open {report}")
     return 0
 
