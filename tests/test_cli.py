@@ -174,7 +174,7 @@ def test_forward_picture(tmp_path, schedule):
     assert Image.open(out).size[0] > 6 * 32  # the data image and five noised ones
 
 
-def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config):
+def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why
     out = tmp_path / "demo"
@@ -182,6 +182,8 @@ def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config):
     for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png", "metrics.csv",
                  "metrics.png", "eval/metrics.json", "eval/nearest.png", "eval/nearest_distances.png", "report.html"]:
         assert (out / name).is_file(), name
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/, samples/;" in closing
     assert len(list((out / "images").iterdir())) == commands.DEMO_EVAL_SAMPLES
     assert Image.open(out / "grid.png").size == (6 * 18 + 2, 6 * 18 + 2)  # the first 36 images: 6 x 6 of 16 px, padding 2
     assert main(["demo", "--out", str(out)]) == 0  # a second run continues the finished one
