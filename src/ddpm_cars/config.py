@@ -402,8 +402,8 @@ TINY = RunConfig(
 
 # The improved recipe small enough to train on 2 CPU cores in minutes: a 4.75 M-parameter
 # residual U-Net at 32x32 (attention at 8x8; plain up- and downsampling, 17% fewer FLOPs
-# than resampling residual blocks), learned variance, cosine schedule, precision auto, 3
-# epochs (384 steps) of batch 32 at lr 1e-3 with an EMA over about the last 100 steps:
+# than resampling residual blocks), learned variance, cosine schedule, precision auto, 4
+# epochs (512 steps) of batch 32 at lr 1e-3 with an EMA over about the last 100 steps:
 # what a short run needs (BENCHMARKS.md, "The demo in minutes"). Contiguous layout:
 # channels-last trained slower in fp32. The demo samples and scores 144 images
 # (ancestral, 50 of the 1000 steps) when training ends, with no evaluation during it.
@@ -415,7 +415,7 @@ DEMO = RunConfig(
     diffusion=DiffusionConfig(schedule="cosine", loss="l2", learn_variance=True),
     data=DataConfig(source="toy-cars", image_size=32, toy_count=4096),
     train=TrainConfig(
-        batch_size=32, lr=1e-3, epochs=3, optimizer="adamw", warmup_steps=50, grad_clip=1.0,
+        batch_size=32, lr=1e-3, epochs=4, optimizer="adamw", warmup_steps=50, grad_clip=1.0,
         ema_decay=0.99, sample_every_epochs=10, checkpoint_every_steps=200,
     ),
     sample=SampleConfig(num_images=16, steps=50),  # respaced ancestral sampling: as clean as 1000 steps here
