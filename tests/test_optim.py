@@ -53,6 +53,13 @@ def test_warmup_sets_the_learning_rate_per_step(tmp_path, tiny_config):
     assert state.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 10)
 
 
+def test_a_cosine_decay_run_ends_at_the_decayed_learning_rate(tmp_path, tiny_config):
+    config = tiny_config.replace(train={"max_steps": 6, "warmup_steps": 2, "lr": 1e-3, "lr_decay": "cosine"})
+    train(config, tmp_path, progress=False)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))  # the last step, 5, is 3/4 of the way down
+    assert state.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
 def _nan_on(steps: set[int], monkeypatch):
     real = Denoiser.loss
     calls = {"n": 0}
