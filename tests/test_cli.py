@@ -174,6 +174,13 @@ def test_forward_picture(tmp_path, schedule):
     assert Image.open(out).size[0] > 6 * 32  # the data image and five noised ones
 
 
+def test_forward_picture_of_toy_cars_leaves_no_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_CARS_CACHE", str(tmp_path / "cache"))
+    assert main(["forward", "--out", str(tmp_path / "f.png"), "--image-size", "16", "--frames", "3", "--index", "2"]) == 0
+    assert Image.open(tmp_path / "f.png").size[0] > 4 * 16
+    assert not (tmp_path / "cache" / "data").exists() or not any((tmp_path / "cache" / "data").iterdir())
+
+
 def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why

@@ -286,8 +286,8 @@ def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, fr
     """The forward process on one dataset image at ``frames`` evenly spaced t."""
     if index < 0:
         raise UserError(f"--index must be >= 0; got {index}")
-    if data.source == "toy-cars":
-        data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1)
+    if data.source == "toy-cars":  # drawn in a moment: no cache entry for the first index + 1 cars
+        data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1, cache="off")
     dataset = build_dataset(data)
     if index >= len(dataset):
         raise UserError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
