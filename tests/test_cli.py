@@ -45,6 +45,7 @@ def test_every_option_has_help_and_a_shown_default():
         (["train", "--out", "x", "--attention-resolutions", "16,x"], "must be comma-separated integers"),
         (["train", "--out", "x", "--precision", "fp8"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--spacing", "cubic"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -111,6 +112,9 @@ def test_train_then_sample_end_to_end(tmp_path):
                     "--sampler", sampler, "--steps", "4", "--trajectory")
         assert fast.returncode == 0 and f"({sampler}, 4 steps)" in fast.stdout, fast.stderr
         assert Image.open(tmp_path / sampler / "trajectory.png").size[1] > Image.open(tmp_path / sampler / "denoising.png").size[1]
+    heun = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "heun"), "--num", "3", "--sampler", "heun",
+                "--steps", "4", "--spacing", "karras")
+    assert heun.returncode == 0 and "(heun, 4 steps (karras))" in heun.stdout, heun.stderr
     too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
     assert too_many.returncode == 2 and "cannot exceed the 20 diffusion timesteps" in too_many.stderr
     again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")

@@ -5,7 +5,9 @@ import torch
 
 from ddpm_cars.config import DiffusionConfig, RunConfig, SampleConfig
 from ddpm_cars.diffusion import q_sample
-from ddpm_cars.schedule import NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps
+from ddpm_cars.schedule import (
+    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas,
+)
 
 
 def test_linear_betas_endpoints_and_spacing():
@@ -196,6 +198,54 @@ def test_quadratic_spacing_is_denser_near_zero_and_errors_are_clear():
         sampling_timesteps(10, 11)
     with pytest.raises(AssertionError):
         sampling_timesteps(10, 3, "cubic")
+
+
+# -- spacing by noise level ---------------------------------------------------------------
+
+
+def _log_sigma(schedule: NoiseSchedule) -> torch.Tensor:
+    ab = torch.cumprod(1 - schedule.betas_float64, 0)
+    return 0.5 * (torch.log1p(-ab) - torch.log(ab))  # log sqrt((1 - ab) / ab), written out
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+@pytest.mark.parametrize("schedule", [NoiseSchedule.from_betas(cosine_betas(1000)), NoiseSchedule.linear(1000),
+                                      NoiseSchedule.linear(10), NoiseSchedule.from_betas(cosine_betas(37))])
+def test_noise_level_spacing_runs_from_sigma_max_to_zero(spacing, schedule):
+    T, log_sigma = schedule.timesteps, _log_sigma(schedule)
+    # the start: the trained step nearest sigma 80, or T - 1 when the schedule stays below it
+    start = int((log_sigma - math.log(SIGMA_MAX)).abs().argmin()) if log_sigma[-1] > math.log(SIGMA_MAX) else T - 1
+    for steps in sorted({2, 3, min(7, start + 1), min(20, start + 1), start + 1}):
+        ts = sampling_timesteps(T, steps, spacing, schedule.alphas_cumprod_float64).tolist()
+        assert len(ts) == steps and ts[0] == 0 and ts[-1] == start, (steps, ts)
+        assert all(b > a for a, b in zip(ts, ts[1:])), (steps, ts)
+    assert sampling_timesteps(T, 1, spacing, schedule.alphas_cumprod_float64).tolist() == [start]
+
+
+def test_the_cosine_schedule_starts_at_sigma_80_not_at_its_clipped_last_step():
+    ab = NoiseSchedule.from_betas(cosine_betas(1000)).alphas_cumprod_float64
+    assert sigmas(ab)[-1] > 1e4  # the clipped last beta: x_0 estimates of an eps model blow up there
+    ts = sampling_timesteps(1000, 20, "karras", ab)
+    assert 75 < sigmas(ab)[ts[-1]] < 85 and ts[-1] < 995
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_noise_level_spacing_takes_the_trained_step_nearest_each_level(spacing):
+    """Karras et al. (2022, Eq. 5): sigma_i = (sigma_min^(1/7) + i/(n-1) (sigma_max^(1/7) -
+    sigma_min^(1/7)))^7; logsnr: log sigma_i even between the two ends."""
+    schedule = NoiseSchedule.from_betas(cosine_betas(1000))
+    ab, log_sigma = schedule.alphas_cumprod_float64, _log_sigma(schedule)
+    n = 8
+    ts = sampling_timesteps(1000, n, spacing, ab)
+    lo, hi = log_sigma[0].exp(), log_sigma[ts[-1]].exp()
+    for i, t in enumerate(ts.tolist()):
+        if spacing == "karras":
+            level = (lo ** (1 / 7) + i / (n - 1) * (hi ** (1 / 7) - lo ** (1 / 7))) ** 7
+        else:
+            level = (lo.log() + i / (n - 1) * (hi.log() - lo.log())).exp()
+        assert t == int((log_sigma - level.log()).abs().argmin()), (i, t)
+    with pytest.raises(AssertionError, match="needs the schedule"):
+        sampling_timesteps(1000, n, spacing)
 
 
 def test_respacing_keeps_alphabar_at_the_kept_steps():

@@ -22,7 +22,7 @@ from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.parallel import resolve_device
 from ddpm_cars.report import write_report
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import ClassRequest, StepCallback
+from ddpm_cars.samplers import ClassRequest, StepCallback, sampling_description
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
@@ -103,7 +103,9 @@ def sample_run(
     labels = class_labels(classes, config.model.class_names, num) if classes else None
     num = num if labels is None else len(labels)
     world, dev = parallel.init_from_env(resolve_device(device))
-    visited = sampling_timesteps(config.diffusion.timesteps, config.sample.steps, config.sample.spacing).tolist()
+    schedule = build_schedule(config.diffusion)
+    visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing,
+                                 schedule.alphas_cumprod_float64).tolist()
     frames, predictions, callback = denoising_frames(visited)
     images = parallel.generate_across_ranks(
         trained.denoiser(ema=ema, device=dev), num, config.sample, world, seed=seed, batch_size=batch_size,
@@ -117,7 +119,7 @@ def sample_run(
     if trajectory:
         save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
                   f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})")
-    how = config.sample.sampler + (f", {config.sample.steps} steps" if config.sample.steps else ", all steps")
+    how = sampling_description(config.sample)
     if labels is not None:
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"

@@ -27,8 +27,8 @@ Optimizer = Literal["adam", "adamw"]
 LrDecay = Literal["none", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
-Sampler = Literal["ddpm", "ddim", "dpm++"]
-Spacing = Literal["uniform", "quadratic"]
+Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "heun"]
+Spacing = Literal["uniform", "quadratic", "karras", "logsnr"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
@@ -172,14 +172,18 @@ class SampleConfig:
     num_images: int = option(
         64, "images in each training-time sample grid", flag="--num-sample-images", limits=POSITIVE, train_only=True
     )
-    # ancestral (Ho et al.), DDIM (Song et al.) or DPM-Solver++(2M) (Lu et al.)
-    sampler: Sampler = option("ddpm", "ancestral DDPM, DDIM or DPM-Solver++(2M)")
+    # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) (Lu et al.), Heun (Karras et al.)
+    sampler: Sampler = option("ddpm", "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), or EDM's Heun (2 calls per step)")
     steps: int | None = option(
-        None, "network evaluations per image when sampling; None: all T", flag="--sample-steps", sampling_flag="--steps",
+        None, "sampling steps among the T, one network evaluation each (heun: two); None: all T", flag="--sample-steps",
+        sampling_flag="--steps",
         metavar="N", limits=POSITIVE,
     )
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
-    spacing: Spacing = option("uniform", "where fewer steps go among the T: evenly, or denser near t = 0")
+    spacing: Spacing = option(
+        "uniform", "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
+        "level from sigma 80 down (karras: rho 7; logsnr: even in log SNR)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "sample")

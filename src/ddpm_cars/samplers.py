@@ -118,8 +118,9 @@ def ddim_sample(
     return x
 
 
-# With few steps, the last step into t = 0 is much longer in lambda than the one before,
-# and the second-order extrapolation overshoots: DPM-Solver++ takes it at first order.
+# With few steps, the last steps into t = 0 are much longer in lambda than the ones before,
+# and a higher-order extrapolation overshoots: DPM-Solver++ lowers its order there
+# (Lu et al.'s "lower order final").
 LOWER_ORDER_FINAL_BELOW = 15
 
 
@@ -130,42 +131,118 @@ def dpm_solver_sample(
     generators: Sequence[torch.Generator] | None = None,
     *,
     timesteps: torch.Tensor | None = None,
+    order: int = 2,
     clip_x0: bool = True,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of
-    the diffusion ODE in data-prediction form, deterministic.
+    """DPM-Solver++(2M) or (3M) (Lu et al. 2022): a multistep solver of the diffusion ODE
+    in data-prediction form, deterministic.
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
-    h_i = lambda_{i-1} - lambda_i, each step is
-    x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (exp(-h_i) - 1) D_i, with D_i the
-    predicted x_0 on the first step and (1 + 1/(2r)) x0_i - 1/(2r) x0_{i+1}, r = h_{i+1} / h_i,
-    after it; with fewer than 15 steps the step into t = 0 is first order again (Lu et al.'s
-    "lower order final"). The last network call, at step 0, returns its predicted x_0.
+    h = lambda_{i-1} - lambda_i, the exact solution is x_{i-1} = (sigma_{i-1} / sigma_i) x_i
+    + sigma_{i-1} int e^lambda x0(lambda) dlambda; expanding x0 to second order around step i,
+    x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (phi_1 D_0 - phi_2 D_1 + phi_3 D_2),
+    phi_1 = exp(-h) - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2, where D_0 is the
+    predicted x_0 and D_1 ~ h x0', D_2 ~ h^2 x0'' are divided differences over the previous
+    steps' predictions. Order 2 is Algorithm 2 of Lu et al.: phi_1 (D_0 + D_1 / 2), the
+    update (1 + 1/(2r)) x0_i - 1/(2r) x0_{i+1}. (DPM-Solver's and diffusers' third-order
+    code multiply phi_3 by half this D_2, which converges at second order on the Gaussian
+    problem of the tests; with the full D_2 it converges at third.) The first steps have
+    no history and take lower orders; with fewer than 15 steps so do the last ones. The
+    last network call, at step 0, returns its predicted x_0.
     """
+    assert order in (2, 3), order
     x = x_T
-    den, steps = _steps(denoiser, timesteps, x, "Sampling (DPM-Solver++)", progress)
-    ab = torch.cumprod(1.0 - den.schedule.betas_float64, dim=0)  # float64 scalars per step
+    den, steps = _steps(denoiser, timesteps, x, f"Sampling (DPM-Solver++ {order}M)", progress)
+    ab = den.schedule.alphas_cumprod_float64
     alpha, sigma = ab.sqrt().tolist(), (1.0 - ab).sqrt().tolist()
     lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
-    prev_x0, prev_h = None, None
+    history: list[tuple[torch.Tensor, float]] = []  # (x0, h) of the previous steps, newest first
     for i, t, idx in steps:
         x0 = den.predict(x, idx, clip_x0=clip_x0).x0
         if i == 0:
             x = x0
         else:
             h = lam[i - 1] - lam[i]
-            if prev_x0 is None or (i == 1 and den.schedule.timesteps < LOWER_ORDER_FINAL_BELOW):
-                d = x0
-            else:
-                r = prev_h / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-            x = (sigma[i - 1] / sigma[i]) * x - alpha[i - 1] * math.expm1(-h) * d
-            prev_x0, prev_h = x0, h
+            step_order = min(order, len(history) + 1)
+            if den.schedule.timesteps < LOWER_ORDER_FINAL_BELOW:
+                step_order = min(step_order, i)  # first order into t = 0, at most second the step before
+            x = (sigma[i - 1] / sigma[i]) * x - alpha[i - 1] * _dpm_update(x0, history, h, step_order)
+            history = [(x0, h)] + history[:1]
         if callback is not None:
             callback(t, x, x0)
     return x
+
+
+def _dpm_update(x0: torch.Tensor, history: list[tuple[torch.Tensor, float]], h: float, order: int) -> torch.Tensor:
+    """phi_1 D_0 - phi_2 D_1 + phi_3 D_2 of a DPM-Solver++ step of ``order`` (see
+    :func:`dpm_solver_sample`); ``history`` holds (x0, h) of the previous steps, newest first."""
+    phi_1 = math.expm1(-h)
+    if order == 1:
+        return phi_1 * x0
+    (x0_1, h_0), rest = history[0], history[1:]
+    r0 = h_0 / h
+    d1_0 = (x0 - x0_1) / r0  # ~ h x0' (first-order accurate)
+    if order == 2:
+        return phi_1 * (x0 + 0.5 * d1_0)
+    x0_2, h_1 = rest[0]
+    r1 = h_1 / h
+    d1_1 = (x0_1 - x0_2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # ~ h x0' (second-order accurate)
+    d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 x0''
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    return phi_1 * x0 - phi_2 * d1 + phi_3 * d2
+
+
+@torch.no_grad()
+def heun_sample(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    generators: Sequence[torch.Generator] | None = None,
+    *,
+    timesteps: torch.Tensor | None = None,
+    clip_x0: bool = True,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1 without churn): Heun's
+    second-order method on the probability-flow ODE in the variance-exploding view.
+
+    With x~ = x / sqrt(abar) and sigma = sqrt((1 - abar) / abar) the ODE is
+    dx~/dsigma = (x~ - D(x~, sigma)) / sigma, D the predicted x_0. Each step from sigma_i
+    to sigma_{i-1} takes an Euler step, evaluates the slope again at its end and moves by
+    the mean of the two slopes; the step from sigma_0 to 0 is Euler alone (it returns the
+    predicted x_0). So n steps cost 2n - 1 network evaluations; the callback sees each step
+    once, with the step's first call.
+    """
+    den, steps = _steps(denoiser, timesteps, x_T, "Sampling (Heun)", progress)
+    ab = den.schedule.alphas_cumprod_float64
+    scale, sigma = ab.sqrt().tolist(), ((1.0 - ab) / ab).sqrt().tolist()
+
+    def slope(x_ve: torch.Tensor, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = den.predict(scale[i] * x_ve, idx, clip_x0=clip_x0).x0
+        return (x_ve - x0) / sigma[i], x0
+
+    x = x_T / scale[-1]
+    for i, t, idx in steps:
+        d, x0 = slope(x, i, idx)
+        if i == 0:
+            x = x0
+        else:
+            euler = x + (sigma[i - 1] - sigma[i]) * d
+            d_next, _ = slope(euler, i - 1, idx - 1)
+            x = x + (sigma[i - 1] - sigma[i]) * 0.5 * (d + d_next)
+        if callback is not None:
+            callback(t, x * scale[i - 1] if i > 0 else x, x0)
+    return x
+
+
+def sampling_description(sample: SampleConfig) -> str:
+    """How ``sample`` draws, in a few words: "ddpm, 50 steps", "dpm++, 20 steps (karras)"."""
+    steps = f", {sample.steps} steps" if sample.steps else ", all steps"
+    return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({sample.spacing})")
 
 
 @dataclass(frozen=True)
@@ -204,11 +281,14 @@ def generate(
     if classes is not None:  # one label per image of the request
         count = images if isinstance(images, int) else max(wanted, default=-1) + 1
         _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
-    timesteps = sampling_timesteps(denoiser.schedule.timesteps, config.steps, config.spacing)
+    schedule = denoiser.schedule
+    timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
     sample_fn, extra = {
         "ddpm": (ancestral_sample, {"variance": config.variance}),
         "ddim": (ddim_sample, {"eta": config.eta}),
         "dpm++": (dpm_solver_sample, {}),
+        "dpm++3m": (dpm_solver_sample, {"order": 3}),
+        "heun": (heun_sample, {}),
     }[config.sampler]
     model, device, size = denoiser.network, denoiser.device, denoiser.image_size
     was_training = model.training

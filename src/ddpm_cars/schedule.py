@@ -94,6 +94,11 @@ class NoiseSchedule:
     def timesteps(self) -> int:
         return self.betas.shape[0]
 
+    @property
+    def alphas_cumprod_float64(self) -> torch.Tensor:
+        """alphabar_t from the defining betas, in float64 (exact near t = 0 and t = T - 1)."""
+        return torch.cumprod(1.0 - self.betas_float64, dim=0)
+
     def respace(self, timesteps: torch.Tensor) -> NoiseSchedule:
         """This schedule on an increasing subsequence of its steps (Nichol & Dhariwal 2021,
         Sec. 4): the same alphabar at the kept steps, betas recomputed as
@@ -102,7 +107,7 @@ class NoiseSchedule:
         ts = torch.as_tensor(timesteps, dtype=torch.long)
         if ts.ndim != 1 or len(ts) == 0 or ts[0] < 0 or ts[-1] >= self.timesteps or (ts.diff() <= 0).any():
             raise ValueError(f"timesteps must be an increasing subsequence of 0..{self.timesteps - 1}")
-        kept = torch.cumprod(1.0 - self.betas_float64, dim=0)[ts]
+        kept = self.alphas_cumprod_float64[ts]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
         return NoiseSchedule.from_betas(1.0 - kept / previous)
 
@@ -119,26 +124,79 @@ def training_betas(config: DiffusionConfig) -> torch.Tensor:
     return linear_betas(config.timesteps, config.beta_start, config.beta_end)
 
 
-def sampling_timesteps(timesteps: int, steps: int | None = None, spacing: str = "uniform") -> torch.Tensor:
-    """The increasing subsequence of ``0..timesteps-1`` a sampler visits, always from
-    ``timesteps - 1`` down to 0, so no step count or spacing skips the start or the end.
+# Where noise-level spacings start: EDM's sigma_max (Karras et al. 2022). x_T ~ N(0, I) is
+# exact only where alphabar = 0; at sigma = 80 it is off by alphabar = 1.6e-4 of the data,
+# while the cosine schedule's clipped last beta puts t = T-1 at sigma = 2e4, where an eps
+# model's x_0 estimate multiplies its error by that much.
+SIGMA_MAX = 80.0
+KARRAS_RHO = 7.0
 
-    ``uniform`` spaces them evenly (rounded); ``quadratic`` packs them towards t = 0,
-    t_i = round((i / (steps - 1))^2 (T - 1)), pushed up where rounding repeats a value.
-    ``steps=None`` means all of them.
+
+def sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The noise level of each step in the variance-exploding view, sigma_t =
+    sqrt((1 - alphabar_t) / alphabar_t) (x_t / sqrt(alphabar_t) = x_0 + sigma_t eps), float64."""
+    ab = alphas_cumprod.to(torch.float64)
+    return ((1 - ab) / ab).sqrt()
+
+
+def sampling_timesteps(
+    timesteps: int, steps: int | None = None, spacing: str = "uniform", alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The increasing subsequence of ``0..timesteps-1`` a sampler visits, from the noisiest
+    step down to 0.
+
+    ``uniform`` spaces them evenly in t (rounded) and ``quadratic`` packs them towards
+    t = 0, t_i = round((i / (steps - 1))^2 (T - 1)); both start at t = T - 1. ``karras``
+    (rho = 7, Karras et al. 2022) and ``logsnr`` (even in log sigma) place them by noise
+    level over the schedule's own steps (``alphas_cumprod`` ``[T]``, required for these),
+    from sigma_0 up to the trained sigma nearest :data:`SIGMA_MAX` (T - 1 when the schedule
+    ends below it), each at the trained step nearest in log sigma. Repeats from rounding
+    are pushed apart, so the result is strictly increasing. ``steps=None`` means all of them.
     """
     if steps is None or steps == timesteps:
         return torch.arange(timesteps)
     assert 1 <= steps <= timesteps, (steps, timesteps)
+    if spacing in ("karras", "logsnr"):
+        assert alphas_cumprod is not None and len(alphas_cumprod) == timesteps, "noise-level spacing needs the schedule"
+        return _noise_level_timesteps(sigmas(alphas_cumprod), steps, spacing)
     if steps == 1:
         return torch.tensor([timesteps - 1])
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
     if spacing == "uniform":
         return (frac * (timesteps - 1)).round().long()
     assert spacing == "quadratic", spacing
-    ts = (frac**2 * (timesteps - 1)).round().long()
-    for i in range(1, steps):  # strictly increasing: rounding repeats small values; ts[i] <= max(raw, i)
-        ts[i] = max(ts[i], ts[i - 1] + 1)  # so the last stays T - 1
+    return _strictly_increasing((frac**2 * (timesteps - 1)).round().long(), timesteps - 1)
+
+
+def _noise_level_timesteps(sigma: torch.Tensor, steps: int, spacing: str) -> torch.Tensor:
+    """``steps`` trained steps nearest (in log sigma) to Karras' or log-uniform noise levels
+    between sigma_0 and the start (see :func:`sampling_timesteps`)."""
+    log_sigma = sigma.log()
+    start = int((log_sigma - math.log(SIGMA_MAX)).abs().argmin()) if sigma[-1] > SIGMA_MAX else len(sigma) - 1
+    if steps == 1:
+        return torch.tensor([start])
+    lo, hi = sigma[0].item(), sigma[start].item()
+    frac = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "karras":
+        inv = 1 / KARRAS_RHO
+        levels = (lo**inv + frac * (hi**inv - lo**inv)) ** KARRAS_RHO
+    else:
+        levels = (math.log(lo) + frac * (math.log(hi) - math.log(lo))).exp()
+    nearest = (levels.log()[:, None] - log_sigma[None, : start + 1]).abs().argmin(dim=1)
+    nearest[0], nearest[-1] = 0, start
+    return _strictly_increasing(nearest, start)
+
+
+def _strictly_increasing(ts: torch.Tensor, last: int) -> torch.Tensor:
+    """``ts`` (non-decreasing, ``ts[-1] == last``, at most ``last + 1`` of them) with each
+    repeat pushed up past its predecessor, and pushed back down below its successor where
+    that would pass ``last``."""
+    ts = ts.clone()
+    for i in range(1, len(ts)):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = last
+    for i in range(len(ts) - 2, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
     return ts
 
 

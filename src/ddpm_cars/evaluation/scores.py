@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.config import DataConfig, RunConfig, SampleConfig
+from ddpm_cars.config import DataConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range, to_uint8
 from ddpm_cars.data.stanford_cars import find_split_dirs
@@ -21,6 +21,7 @@ from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.files import atomic_write_text
 from ddpm_cars.parallel import World, generate_across_ranks
 from ddpm_cars.run import Run
+from ddpm_cars.samplers import sampling_description
 from ddpm_cars.viz import save_distance_histogram, save_rows
 
 EVAL_DIR = "eval"
@@ -78,10 +79,6 @@ def checkpoint_samples(
     images = generate_across_ranks(trained.denoiser(ema=ema, device=device), num, trained.config.sample, world,
                                    seed=seed, batch_size=batch_size)
     return (to_uint8(images) if images is not None else None), trained.config, trained.checkpoint
-
-
-def sampling_description(sample: SampleConfig) -> str:
-    return sample.sampler + (f", {sample.steps} steps" if sample.steps else ", all steps")
 
 
 def score(
