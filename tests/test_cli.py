@@ -45,6 +45,7 @@ def test_every_option_has_help_and_a_shown_default():
         (["train", "--out", "x", "--attention-resolutions", "16,x"], "must be comma-separated integers"),
         (["train", "--out", "x", "--precision", "fp8"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
+        (["train", "--out", "x", "--zero-terminal-snr"], "needs --prediction v or x0"),
         (["sample", "--checkpoint", "x", "--out", "y", "--spacing", "cubic"], "invalid choice"),
     ],
 )

@@ -6,7 +6,7 @@ from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import SimpleUnet
 from ddpm_cars.samplers import ancestral_sample, ddim_sample, dpm_solver_sample, generate, heun_sample, image_generators, randn
-from ddpm_cars.schedule import NoiseSchedule, cosine_betas, sampling_timesteps
+from ddpm_cars.schedule import NoiseSchedule, cosine_betas, linear_betas, sampling_timesteps
 
 
 def _den(network, schedule, image_size=4, **config) -> Denoiser:
@@ -340,3 +340,27 @@ def test_noise_level_spacing_reaches_every_sampler(sampler, spacing):
                    callback=lambda t, x, x0: seen.append(t))
     expected = sampling_timesteps(200, 9, spacing, schedule.alphas_cumprod_float64).flip(0).tolist()
     assert seen == expected and expected[0] < 199 and out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++3m", "heun"])
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+@pytest.mark.parametrize("betas", [cosine_betas(1000), linear_betas(10)])  # T = 10: alphabar < 2^-24 before the end
+def test_every_sampler_runs_from_pure_noise_on_a_zero_terminal_snr_schedule(sampler, spacing, betas):
+    """alphabar_T = 0: x_T is pure noise. An oracle v model knows the one clean image, so a
+    deterministic solver must end on it, from t = T - 1 (uniform) or from sigma 80 (logsnr);
+    ancestral sampling too, since each step's mean is built from the exact x_0."""
+    from ddpm_cars.schedule import zero_terminal_snr
+    full = NoiseSchedule.from_betas(zero_terminal_snr(betas))
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+
+    class ZeroSnrOracle(Oracle):
+        def forward(self, x_t, t, y=None):
+            ab = self.schedule.alphas_cumprod_float64[t].view(-1, 1, 1, 1)
+            x0 = self.x0.double().expand_as(x_t)
+            eps = (x_t.double() - ab.sqrt() * x0) / (1 - ab).sqrt()
+            return (ab.sqrt() * eps - (1 - ab).sqrt() * x0).float()
+
+    den = _den(ZeroSnrOracle(x0, full, "v"), full, prediction="v", zero_terminal_snr=True)
+    config = SampleConfig(sampler=sampler, steps=min(12, len(betas)), spacing=spacing)
+    got = generate(den, 2, config, seed=1, batch_size=2, progress=False)
+    assert torch.allclose(got, x0, atol=1e-3), (got - x0).abs().max()

@@ -6,7 +6,7 @@ import torch
 from ddpm_cars.config import DiffusionConfig, RunConfig, SampleConfig
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.schedule import (
-    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas,
+    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas, zero_terminal_snr,
 )
 
 
@@ -271,3 +271,26 @@ def test_respacing_rejects_a_bad_subsequence():
     for bad in ([3, 3, 9], [5, 2], [0, 10], []):
         with pytest.raises(ValueError, match="increasing subsequence"):
             full.respace(torch.tensor(bad, dtype=torch.long))
+
+
+# -- zero terminal SNR ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("betas", [linear_betas(1000), cosine_betas(1000), cosine_betas(50)])
+def test_zero_terminal_snr_ends_at_alphabar_0_and_keeps_the_first_step(betas):
+    """Lin et al. (2024), Algorithm 1: sqrt(alphabar) moved by an affine map that sends the
+    last value to 0 and keeps the first."""
+    new = zero_terminal_snr(betas)
+    root, new_root = torch.cumprod(1 - betas, 0).sqrt(), torch.cumprod(1 - new, 0).sqrt()
+    assert new[-1] == 1.0 and new_root[-1] == 0.0 and torch.isclose(new_root[0], root[0], rtol=1e-12)
+    slope = (root[0] - 0.0) / (root[0] - root[-1])  # new_root = slope * (root - root[-1])
+    assert torch.allclose(new_root, slope * (root - root[-1]), rtol=1e-9, atol=1e-15)
+    assert ((new > 0) & (new <= 1)).all()
+
+
+def test_zero_terminal_snr_is_a_training_option_that_needs_v_or_x0():
+    schedule = build_schedule(DiffusionConfig(schedule="cosine", prediction="v", zero_terminal_snr=True))
+    assert schedule.alphas_cumprod_float64[-1] == 0 and torch.isfinite(schedule.posterior_log_variance_clipped).all()
+    assert torch.isfinite(schedule.posterior_mean_coef1).all() and torch.isfinite(schedule.beta_log_variance).all()
+    with pytest.raises(ValueError, match="needs --prediction v or x0"):
+        DiffusionConfig(prediction="eps", zero_terminal_snr=True)

@@ -116,11 +116,15 @@ class DiffusionConfig:
     vlb_weight: float = option(0.001, "weight of L_vlb in the hybrid loss", metavar="LAMBDA", limits=NON_NEGATIVE)
     min_snr_gamma: float = option(0.0, "weight each timestep's loss by min(SNR, GAMMA) in x_0 terms (Min-SNR, Hang et al."
                                   " 2023; 5 in the paper); 0: off", metavar="GAMMA", limits=NON_NEGATIVE)
+    zero_terminal_snr: bool = option(False, "rescale the schedule so that alphabar_T = 0: x_T is pure noise, as sampling"
+                                     " assumes (Lin et al. 2024; needs --prediction v or x0)")
 
     def __post_init__(self) -> None:
         check_fields(self, "diffusion")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise UserError("--zero-terminal-snr needs --prediction v or x0: at alphabar_T = 0 the noise says nothing about x_0")
 
     @property
     def out_channels(self) -> int:

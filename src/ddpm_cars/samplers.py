@@ -118,6 +118,21 @@ def ddim_sample(
     return x
 
 
+# The ODE solvers work in log SNR (or sigma = 1 / sqrt(SNR)), infinite where alphabar = 0, the
+# last step of a zero-terminal-SNR schedule: there they take alphabar = 2^-24 (as diffusers
+# does), or less when the step before it is already below that.
+ALPHABAR_FLOOR = 2.0**-24
+
+
+def _ode_alphabar(denoiser: Denoiser) -> torch.Tensor:
+    """alphabar of each step of ``denoiser``'s schedule for the ODE solvers, float64, with
+    a zero replaced by a small value below every other step's."""
+    ab = denoiser.schedule.alphas_cumprod_float64
+    positive = ab[ab > 0]
+    floor = min(ALPHABAR_FLOOR, positive.min().item() / 4) if len(positive) else ALPHABAR_FLOOR
+    return torch.where(ab > 0, ab, torch.full_like(ab, floor))
+
+
 # With few steps, the last steps into t = 0 are much longer in lambda than the ones before,
 # and a higher-order extrapolation overshoots: DPM-Solver++ lowers its order there
 # (Lu et al.'s "lower order final").
@@ -155,7 +170,7 @@ def dpm_solver_sample(
     assert order in (2, 3), order
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, f"Sampling (DPM-Solver++ {order}M)", progress)
-    ab = den.schedule.alphas_cumprod_float64
+    ab = _ode_alphabar(den)
     alpha, sigma = ab.sqrt().tolist(), (1.0 - ab).sqrt().tolist()
     lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
     history: list[tuple[torch.Tensor, float]] = []  # (x0, h) of the previous steps, newest first
@@ -218,7 +233,7 @@ def heun_sample(
     once, with the step's first call.
     """
     den, steps = _steps(denoiser, timesteps, x_T, "Sampling (Heun)", progress)
-    ab = den.schedule.alphas_cumprod_float64
+    ab = _ode_alphabar(den)
     scale, sigma = ab.sqrt().tolist(), ((1.0 - ab) / ab).sqrt().tolist()
 
     def slope(x_ve: torch.Tensor, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,11 +117,22 @@ class NoiseSchedule:
         return out.view(-1, *([1] * (like.ndim - 1)))
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """``betas`` rescaled so that alphabar_T = 0 (Lin et al. 2024, Algorithm 1): sqrt(alphabar)
+    shifted so its last value is 0 and scaled so its first is unchanged; the last beta is 1."""
+    root = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    ab = ((root - last) * first / (first - last)) ** 2
+    return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
 def training_betas(config: DiffusionConfig) -> torch.Tensor:
     """The float64 betas of the T training steps."""
     if config.schedule == "cosine":
-        return cosine_betas(config.timesteps)
-    return linear_betas(config.timesteps, config.beta_start, config.beta_end)
+        betas = cosine_betas(config.timesteps)
+    else:
+        betas = linear_betas(config.timesteps, config.beta_start, config.beta_end)
+    return zero_terminal_snr(betas) if config.zero_terminal_snr else betas
 
 
 # Where noise-level spacings start: EDM's sigma_max (Karras et al. 2022). x_T ~ N(0, I) is
