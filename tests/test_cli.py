@@ -45,7 +45,6 @@ def test_every_option_has_help_and_a_shown_default():
         (["train", "--out", "x", "--attention-resolutions", "16,x"], "must be comma-separated integers"),
         (["train", "--out", "x", "--precision", "fp8"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
-        (["train", "--out", "x", "--zero-terminal-snr"], "needs --prediction v or x0"),
         (["sample", "--checkpoint", "x", "--out", "y", "--spacing", "cubic"], "invalid choice"),
     ],
 )
@@ -72,6 +71,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
         (["eval", "--images", "{tmp}"], "holds no images"),
         (["train", "--out", "{tmp}/r", "--data", "{tmp}/nowhere"], "does not exist"),
         (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+        (["train", "--out", "{tmp}/r", "--zero-terminal-snr"], "needs --prediction v or x0"),
         (["sample", "--checkpoint", "{tmp}/none", "--out", "{tmp}/s"], "no run directory"),
         (["forward", "--index", "-1", "--out", "{tmp}/f.png"], "--index"),
         (["train", "--out", "{tmp}/r", "--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["train", "--out", "{tmp}/r", "--device", "tpu"], "device"),
