@@ -178,3 +178,11 @@ def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_
     assert "| loop img/s | to 1st step s |" in table and "Loop: the whole training loop" in table
     assert table.splitlines()[2].count("|") == table.splitlines()[4].count("|")  # header and row line up
     assert "loop img/s" not in format_table(run_benchmark("tiny", "fp32", device="cpu", isolate=False, **TINY_RUN))
+
+
+def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
+    from ddpm_cars.benchmarks.sampler_quality import network_calls, parse_settings
+
+    assert parse_settings("ddpm:50,dpm++:20:karras,heun:10:logsnr") == [
+        ("ddpm", 50, "uniform"), ("dpm++", 20, "karras"), ("heun", 10, "logsnr")]
+    assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "heun")] == [10, 10, 10, 10, 19]

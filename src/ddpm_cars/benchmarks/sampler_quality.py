@@ -26,8 +26,14 @@ from ddpm_cars.run import Run
 from ddpm_cars.samplers import generate
 from ddpm_cars.viz import save_grid
 
-SETTINGS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 100), ("ddpm", 50), ("ddim", 100), ("ddim", 50), ("ddim", 20),
-            ("dpm++", 50), ("dpm++", 20), ("dpm++", 10)]
+SETTINGS = [("ddpm", 1000, "uniform"), ("ddpm", 250, "uniform"), ("ddpm", 100, "uniform"), ("ddpm", 50, "uniform"),
+            ("ddim", 100, "uniform"), ("ddim", 50, "uniform"), ("ddim", 20, "uniform"), ("dpm++", 50, "uniform"),
+            ("dpm++", 20, "uniform"), ("dpm++", 10, "uniform")]
+
+
+def network_calls(sampler: str, steps: int) -> int:
+    """Network evaluations per image: one per step, except Heun's two (one on the last)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def _row(label: str, steps: str, rate: str, metrics: dict[str, float], levels: list[str]) -> str:
@@ -36,21 +42,29 @@ def _row(label: str, steps: str, rate: str, metrics: dict[str, float], levels: l
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
 
 
+def parse_settings(text: str) -> list[tuple[str, int, str]]:
+    """``sampler:steps[:spacing],...`` as (sampler, steps, spacing) triples (uniform spacing by default)."""
+    out = []
+    for item in text.split(","):
+        name, steps, *spacing = item.split(":")
+        out.append((name, int(steps), spacing[0] if spacing else "uniform"))
+    return out
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="trained run directory")
     parser.add_argument("--num", type=int, default=500, help="samples per setting (default: 500)")
     parser.add_argument("--out", type=Path, default=None, help="PNG with the first 6 samples of each setting")
-    parser.add_argument("--settings", default=None, metavar="S:N,...",
-                        help="sampler:steps pairs to run, e.g. ddim:50,dpm++:20 (default: the full list)")
+    parser.add_argument("--settings", default=None, metavar="S:N[:SPACING],...",
+                        help="sampler:steps[:spacing] to run, e.g. ddim:50,dpm++:20:karras (default: the full list)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_arguments()
-    settings = SETTINGS if args.settings is None else [
-        (name, int(steps)) for name, steps in (item.split(":") for item in args.settings.split(","))
-    ]
+    settings = SETTINGS if args.settings is None else parse_settings(args.settings)
 
     run = Run.open(args.run)
     config = run.config
@@ -60,19 +74,22 @@ def main() -> None:
     floor = sample_metrics(heldout[: args.num], train, description="")[0]
     levels = [k for k in floor if k.startswith("swd_")]
     print(f"{run.checkpoint}, {args.num} samples per setting, seed 0; against {train.shape[0]} training images\n")
-    print("| sampler | steps | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
+    print("| sampler | steps (calls) | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows = []
-    for sampler, steps in settings:
+    for sampler, steps, spacing in settings:
         if steps > denoiser.schedule.timesteps:
             continue
-        sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps)
+        sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing)
         tic = time.perf_counter()
-        images = generate(denoiser, args.num, sample, seed=0, batch_size=min(args.num, 250), progress=False)
+        images = generate(denoiser, args.num, sample, seed=0, batch_size=min(args.num, args.batch_size), progress=False)
         rate = args.num / (time.perf_counter() - tic)
         metrics = sample_metrics(to_uint8(images), train, description="")[0]
-        print(_row(sampler, str(steps), f"{rate:.2f}", metrics, levels), flush=True)
+        calls = network_calls(sampler, steps)
+        label = sampler if spacing == "uniform" else f"{sampler}, {spacing}"
+        print(_row(label, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
+              flush=True)
         rows.append(images[:6])
     if args.out is not None:
         save_grid(torch.cat(rows), args.out, nrow=6)
