@@ -220,6 +220,9 @@ def test_noise_level_spacing_runs_from_sigma_max_to_zero(spacing, schedule):
         assert len(ts) == steps and ts[0] == 0 and ts[-1] == start, (steps, ts)
         assert all(b > a for a, b in zip(ts, ts[1:])), (steps, ts)
     assert sampling_timesteps(T, 1, spacing, schedule.alphas_cumprod_float64).tolist() == [start]
+    if start < T - 2:  # more steps than lie below sigma 80: the spacing starts higher, at step `steps - 1`
+        ts = sampling_timesteps(T, start + 3, spacing, schedule.alphas_cumprod_float64).tolist()
+        assert ts == list(range(start + 3))
 
 
 def test_the_cosine_schedule_starts_at_sigma_80_not_at_its_clipped_last_step():

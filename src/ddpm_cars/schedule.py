@@ -161,7 +161,8 @@ def sampling_timesteps(
     (rho = 7, Karras et al. 2022) and ``logsnr`` (even in log sigma) place them by noise
     level over the schedule's own steps (``alphas_cumprod`` ``[T]``, required for these),
     from sigma_0 up to the trained sigma nearest :data:`SIGMA_MAX` (T - 1 when the schedule
-    ends below it), each at the trained step nearest in log sigma. Repeats from rounding
+    ends below it; step ``steps - 1`` when more steps are asked for than lie below it), each
+    at the trained step nearest in log sigma. Repeats from rounding
     are pushed apart, so the result is strictly increasing. ``steps=None`` means all of them.
     """
     if steps is None or steps == timesteps:
@@ -184,6 +185,7 @@ def _noise_level_timesteps(sigma: torch.Tensor, steps: int, spacing: str) -> tor
     between sigma_0 and the start (see :func:`sampling_timesteps`)."""
     log_sigma = sigma.log()
     start = int((log_sigma - math.log(SIGMA_MAX)).abs().argmin()) if sigma[-1] > SIGMA_MAX else len(sigma) - 1
+    start = max(start, steps - 1)  # more steps than trained steps below sigma_max: start higher
     if steps == 1:
         return torch.tensor([start])
     lo, hi = sigma[0].item(), sigma[start].item()
