@@ -19,7 +19,7 @@ from ddpm_cars import diffusion
 from ddpm_cars.config import SampleConfig, Variance
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import batchnorm_uses_batch_stats
-from ddpm_cars.schedule import sampling_timesteps
+from ddpm_cars.schedule import sampling_timesteps, sigmas
 
 # callback(t, x, x0_pred): called after each reverse step with the training timestep t the
 # network was just called at, the new state and the predicted x_0.
@@ -234,7 +234,7 @@ def heun_sample(
     """
     den, steps = _steps(denoiser, timesteps, x_T, "Sampling (Heun)", progress)
     ab = _ode_alphabar(den)
-    scale, sigma = ab.sqrt().tolist(), ((1.0 - ab) / ab).sqrt().tolist()
+    scale, sigma = ab.sqrt().tolist(), sigmas(ab).tolist()
 
     def slope(x_ve: torch.Tensor, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = den.predict(scale[i] * x_ve, idx, clip_x0=clip_x0).x0
