@@ -16,7 +16,7 @@ import pytest
 SRC = Path(__file__).parents[1] / "src" / "ddpm_cars"
 
 LAYERS = [
-    {"errors", "files", "validation", "config"},
+    {"errors", "files", "validation", "config", "presets"},
     {"schedule", "runtime", "conditioning"},
     {"diffusion", "models"},
     {"denoiser"},

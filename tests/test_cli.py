@@ -335,7 +335,7 @@ def test_flags_become_config_overrides_and_only_given_ones(argv, section, values
 def test_every_config_field_with_a_flag_is_on_train_and_sampling_ones_on_sample():
     from dataclasses import fields
 
-    from ddpm_cars.config import SEED
+    from ddpm_cars.presets import SEED
 
     def flags(name):
         sub = next(a for a in build_parser()._actions if a.dest == "command").choices[name]

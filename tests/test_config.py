@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-from ddpm_cars.config import (
-    DEFAULT_PRESET, DEMO, IMPROVED, PRESETS, SEED, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset,
-)
+from ddpm_cars.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from ddpm_cars.presets import DEFAULT_PRESET, DEMO, IMPROVED, PRESETS, SEED, preset
 
 
 def test_seed_preset_is_the_original_recipe():

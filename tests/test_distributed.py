@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_cars.config import TINY
+from ddpm_cars.presets import TINY
 from ddpm_cars import run as ckpt
 from ddpm_cars import parallel as distributed
 from ddpm_cars.training import train

@@ -28,10 +28,11 @@ from PIL import Image
 
 from ddpm_cars import commands
 from ddpm_cars.cli import main
-from ddpm_cars.config import SEED, DataConfig, ModelConfig, RunConfig
+from ddpm_cars.config import DataConfig, ModelConfig, RunConfig
 from ddpm_cars.data.dataset import DataError
 from ddpm_cars.data.folder import IMAGE_EXTENSIONS, ImageDecodeWarning, find_images, load_image, load_image_folder
 from ddpm_cars.models import build_model
+from ddpm_cars.presets import SEED
 from ddpm_cars import run as ckpt
 from ddpm_cars import parallel as distributed
 

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from ddpm_cars.config import SEED, ModelConfig
+from ddpm_cars.config import ModelConfig
 from ddpm_cars.models import SimpleUnet, batchnorm_uses_batch_stats, build_model, count_parameters
 from ddpm_cars.models.embeddings import SinusoidalPositionEmbeddings
+from ddpm_cars.presets import SEED
 
 
 def test_seed_unet_has_exactly_the_original_parameter_count():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ddpm_cars.config import preset
+from ddpm_cars.presets import preset
 from ddpm_cars.report import GALLERY_MAX, final_grid, write_report
 
 SECTIONS = [

@@ -16,10 +16,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence, get_args, get_origin
 
-from ddpm_cars.config import (
-    DEFAULT_GUIDANCE, DEFAULT_PRESET, PRESETS, SEED, Crop, DataConfig, DiffusionConfig, RunConfig, Schedule, Split,
-)
+from ddpm_cars.config import DEFAULT_GUIDANCE, Crop, DataConfig, DiffusionConfig, RunConfig, Schedule, Split
 from ddpm_cars.errors import UserError
+from ddpm_cars.presets import DEFAULT_PRESET, PRESETS, SEED
 from ddpm_cars.validation import NON_NEGATIVE, POSITIVE, Limits, describe, field_types, is_optional, problem
 
 PROG = "ddpm-cars"

@@ -13,13 +13,14 @@ import torch
 from ddpm_cars import parallel
 from ddpm_cars import run as ckpt
 from ddpm_cars.conditioning import class_labels
-from ddpm_cars.config import DEFAULT_GUIDANCE, DEMO, DataConfig, DiffusionConfig, RunConfig, preset
+from ddpm_cars.config import DEFAULT_GUIDANCE, DataConfig, DiffusionConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.evaluation import bits_per_dim
 from ddpm_cars.parallel import resolve_device
+from ddpm_cars.presets import DEMO, preset
 from ddpm_cars.report import write_report
 from ddpm_cars.run import Run
 from ddpm_cars.samplers import ClassRequest, StepCallback, sampling_description

@@ -1,4 +1,4 @@
-"""Typed configuration: one frozen dataclass per component, presets, JSON round trip.
+"""Typed configuration: one frozen dataclass per component, JSON round trip.
 
 Every field is declared once, here: its type, its default (the seed recipe), its help, the
 values it allows and its command-line flag. ``ddpm-cars train`` derives its options from
@@ -358,83 +358,3 @@ def _section(name: str, values: dict[str, Any]) -> Any:
     if unknown:
         raise UserError(f"unknown {name} options {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
     return kind(**values)
-
-
-# The original recipe: SimpleUnet 64->1024, linear betas 1e-4..0.02 over 1000 steps,
-# L1 on the noise, Adam 1e-3, batch 128, 64x64, a sample grid every 5 epochs.
-SEED = RunConfig()
-
-# Nichol & Dhariwal (2021) with the architecture of Dhariwal & Nichol (2021): a residual
-# U-Net (widths 128-512, attention at 16x16 and 8x8, BigGAN resampling, AdaGN, dropout),
-# cosine schedule, learned variance with the hybrid loss, AdamW 1e-4 with warm-up and
-# clipping, EMA 0.9999, mixed precision (``auto``). The recipe for Stanford Cars on a GPU.
-IMPROVED = RunConfig(
-    model=ModelConfig(
-        name="res_attn_unet",
-        channels=(128, 256, 384, 512),
-        num_res_blocks=2,
-        attention_resolutions=(16, 8),
-        head_channels=64,
-        dropout=0.1,
-        resblock_updown=True,
-    ),
-    diffusion=DiffusionConfig(schedule="cosine", loss="l2", prediction="eps", learn_variance=True),
-    data=DataConfig(image_size=64),
-    train=TrainConfig(
-        batch_size=128,
-        lr=1e-4,
-        epochs=500,
-        optimizer="adamw",
-        warmup_steps=500,
-        grad_clip=1.0,
-        ema_decay=0.9999,
-        channels_last=True,
-        sample_every_epochs=10,
-        checkpoint_every_steps=1000,
-    ),
-)
-
-# The improved recipe shrunk to run in seconds: for smoke tests and trying options.
-TINY = RunConfig(
-    model=ModelConfig(
-        name="res_attn_unet", channels=(32, 64), num_res_blocks=1, attention_resolutions=(8,), head_channels=32
-    ),
-    diffusion=DiffusionConfig(timesteps=100, schedule="cosine", loss="l2", learn_variance=True),
-    data=DataConfig(source="toy-cars", image_size=16, toy_count=256),
-    train=TrainConfig(
-        batch_size=16, lr=2e-4, epochs=2, optimizer="adamw", warmup_steps=10, grad_clip=1.0, ema_decay=0.99,
-        sample_every_epochs=1, checkpoint_every_steps=50,
-    ),
-    sample=SampleConfig(num_images=16),
-)
-
-# The improved recipe small enough to train on 2 CPU cores in minutes: a 4.75 M-parameter
-# residual U-Net at 32x32 (attention at 8x8; plain up- and downsampling, 17% fewer FLOPs
-# than resampling residual blocks), learned variance, cosine schedule, precision auto, 4
-# epochs (512 steps) of batch 32 at lr 1e-3 with an EMA over about the last 100 steps:
-# what a short run needs (BENCHMARKS.md, "The demo in minutes"). Contiguous layout:
-# channels-last trained slower in fp32. The demo samples and scores 144 images
-# (ancestral, 50 of the 1000 steps) when training ends, with no evaluation during it.
-DEMO = RunConfig(
-    model=ModelConfig(
-        name="res_attn_unet", channels=(64, 128, 128), num_res_blocks=1, attention_resolutions=(8,),
-        head_channels=64,
-    ),
-    diffusion=DiffusionConfig(schedule="cosine", loss="l2", learn_variance=True),
-    data=DataConfig(source="toy-cars", image_size=32, toy_count=4096),
-    train=TrainConfig(
-        batch_size=32, lr=1e-3, epochs=4, optimizer="adamw", warmup_steps=50, grad_clip=1.0,
-        ema_decay=0.99, sample_every_epochs=10, checkpoint_every_steps=200,
-    ),
-    sample=SampleConfig(num_images=16, steps=50),  # respaced ancestral sampling: as clean as 1000 steps here
-)
-
-PRESETS: dict[str, RunConfig] = {"improved": IMPROVED, "seed": SEED, "demo": DEMO, "tiny": TINY}
-DEFAULT_PRESET = "improved"
-
-
-def preset(name: str) -> RunConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UserError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None

@@ -30,7 +30,7 @@ from ddpm_cars.benchmarks.measure import (
     measure_isolated,
 )
 from ddpm_cars.benchmarks.peaks import device_peak_flops
-from ddpm_cars.config import PRESETS
+from ddpm_cars.presets import PRESETS
 from ddpm_cars.errors import UserError
 from ddpm_cars.parallel import resolve_device
 

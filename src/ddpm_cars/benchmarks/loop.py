@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ddpm_cars.config import PRESETS
+from ddpm_cars.presets import PRESETS
 from ddpm_cars.training.loop import start_session
 
 

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from ddpm_cars.benchmarks.loop import measure_loop
-from ddpm_cars.config import PRESETS, RunConfig
+from ddpm_cars.config import RunConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model, count_parameters
+from ddpm_cars.presets import PRESETS
 from ddpm_cars.runtime import prepare_model, to_layout
 from ddpm_cars.samplers import ancestral_sample, image_generators, randn
 from ddpm_cars.schedule import build_schedule

@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from ddpm_cars.config import DEMO, SEED, RunConfig
+from ddpm_cars.config import RunConfig
 from ddpm_cars.data.toy_cars import generate_toy_cars
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model, count_parameters
+from ddpm_cars.presets import DEMO, SEED
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
