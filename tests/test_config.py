@@ -3,6 +3,7 @@ import json
 import pytest
 
 from ddpm_cars.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from ddpm_cars.errors import UserError
 from ddpm_cars.presets import DEFAULT_PRESET, DEMO, IMPROVED, PRESETS, SEED, preset
 
 
@@ -35,6 +36,16 @@ def test_json_round_trip(tmp_path):
 def test_replace_overrides_one_field():
     changed = SEED.replace(train={"lr": 2e-4})
     assert changed.train.lr == 2e-4 and changed.train.batch_size == 128 and SEED.train.lr == 1e-3
+
+
+def test_improved_preset_samples_50_respaced_steps_or_all_of_a_shorter_schedule():
+    assert (IMPROVED.sample.sampler, IMPROVED.sample.steps, IMPROVED.sample.spacing) == ("ddpm", 50, "uniform")
+    assert SEED.sample.steps is None  # the seed's Algorithm 2 visits all 1,000 steps
+    assert IMPROVED.replace(diffusion={"timesteps": 20}).sample.steps is None  # 50 is a cap: all 20
+    assert IMPROVED.replace(diffusion={"timesteps": 50}).sample.steps == 50
+    assert IMPROVED.replace(diffusion={"timesteps": 20}, sample={"steps": 8}).sample.steps == 8
+    with pytest.raises(UserError, match="sample.steps \\(60\\) cannot exceed the 20"):
+        IMPROVED.replace(diffusion={"timesteps": 20}, sample={"steps": 60})  # asked for: still an error
 
 
 @pytest.mark.parametrize(

@@ -332,8 +332,14 @@ class RunConfig:
             raise UserError(f"bad config {path}: {err}") from err
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
-        """A copy with fields overridden per section: ``replace(train={"lr": 1e-4})``."""
+        """A copy with fields overridden per section: ``replace(train={"lr": 1e-4})``.
+
+        A recipe's sampling steps above a new, shorter T (``diffusion={"timesteps": 20}``
+        without ``sample={"steps": ...}``) become all T: the recipe's count is a cap."""
         changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
+        steps, timesteps = self.sample.steps, changed.get("diffusion", self.diffusion).timesteps
+        if steps is not None and steps > timesteps and "steps" not in sections.get("sample", {}):
+            changed["sample"] = dataclasses.replace(changed.get("sample", self.sample), steps=None)
         return dataclasses.replace(self, **changed)
 
 
