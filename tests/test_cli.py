@@ -116,6 +116,12 @@ def test_train_then_sample_end_to_end(tmp_path):
     heun = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "heun"), "--num", "3", "--sampler", "heun",
                 "--steps", "4", "--spacing", "karras")
     assert heun.returncode == 0 and "(heun, 4 steps (karras))" in heun.stdout, heun.stderr
+    churned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "churn"), "--num", "3", "--sampler", "heun",
+                   "--steps", "4", "--spacing", "karras", "--churn", "40")
+    assert churned.returncode == 0 and "(heun, 4 steps (karras), churn 40)" in churned.stdout, churned.stderr
+    learned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "learned"), "--num", "3", "--sampler", "ddim",
+                   "--steps", "4", "--eta", "1", "--ddim-sigma", "learned")
+    assert learned.returncode == 0 and (tmp_path / "learned" / "grid.png").is_file(), learned.stderr
     too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
     assert too_many.returncode == 2 and "cannot exceed the 20 diffusion timesteps" in too_many.stderr
     again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")

@@ -29,6 +29,7 @@ Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "heun"]
 Spacing = Literal["uniform", "quadratic", "karras", "logsnr"]
+DdimSigma = Literal["song", "learned"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
@@ -184,6 +185,14 @@ class SampleConfig:
         metavar="N", limits=POSITIVE,
     )
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
+    ddim_sigma: DdimSigma = option(
+        "song", "DDIM's noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
+        "a run trained with one)",
+    )
+    churn: float = option(
+        0.0, "heun only: EDM's S_churn, noise added back where 0.05 <= sigma <= 50, at most sqrt(2) - 1 of sigma "
+        "per step (0: deterministic)", metavar="S", limits=NON_NEGATIVE,
+    )
     spacing: Spacing = option(
         "uniform", "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
         "level from sigma 80 down (karras: rho 7; logsnr: even in log SNR)",

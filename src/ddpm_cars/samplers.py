@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_cars import diffusion
-from ddpm_cars.config import SampleConfig, Variance
+from ddpm_cars.config import DdimSigma, SampleConfig, Variance
 from ddpm_cars.denoiser import Denoiser
+from ddpm_cars.errors import UserError
 from ddpm_cars.models import batchnorm_uses_batch_stats
 from ddpm_cars.schedule import sampling_timesteps, sigmas
 
@@ -88,6 +89,7 @@ def ddim_sample(
     *,
     timesteps: torch.Tensor | None = None,
     eta: float = 0.0,
+    sigma: DdimSigma = "song",
     clip_x0: bool = True,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -95,24 +97,30 @@ def ddim_sample(
     """DDIM (Song et al. 2021, Eq. 12) from x_T, on the training steps ``timesteps``:
 
         x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
-        sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
+        sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)   (Eq. 16),
 
-    ``eta = 0`` is deterministic; ``eta = 1`` on all T steps is ancestral sampling with
-    sigma^2 = beta-tilde. A learned variance is not used. ``generators`` are only drawn
-    from when ``eta > 0``.
+    or, with ``sigma="learned"``, sigma = eta times the model's learned standard deviation
+    (Nichol & Dhariwal 2021, Eq. 15) on the steps visited. ``eta = 0`` is deterministic;
+    ``eta = 1`` on all T steps is ancestral sampling with sigma^2 = beta-tilde (Eq. 16),
+    and with the learned sigma it differs from ancestral sampling only in the mean's form.
+    ``generators`` are only drawn from when ``eta > 0``.
     """
     assert len(generators) == x_T.shape[0] and eta >= 0, "one generator per image; eta >= 0"
+    assert sigma == "song" or denoiser.config.learn_variance, "the learned sigma needs a model that learned its variance"
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, "Sampling (DDIM)", progress)
     schedule = den.schedule
     for i, t, idx in steps:
-        x0, eps, _ = den.predict(x, idx, clip_x0=clip_x0)
+        x0, eps, log_var = den.predict(x, idx, clip_x0=clip_x0)
         ab = schedule.gather(schedule.alphas_cumprod, idx, x)
         ab_prev = schedule.gather(schedule.alphas_cumprod_prev, idx, x)
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if sigma == "learned":
+            std = eta * torch.exp(0.5 * log_var)
+        else:
+            std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp(min=0).sqrt() * eps
         if eta > 0 and i > 0:
-            x = x + sigma * randn(x.shape[1:], generators, x.device)
+            x = x + std * randn(x.shape[1:], generators, x.device)
         if callback is not None:
             callback(t, x, x0)
     return x
@@ -211,6 +219,11 @@ def _dpm_update(x0: torch.Tensor, history: list[tuple[torch.Tensor, float]], h: 
     return phi_1 * x0 - phi_2 * d1 + phi_3 * d2
 
 
+# EDM's churn (Karras et al. 2022, Algorithm 2) raises the noise only between these levels
+# (their S_tmin and S_tmax for ImageNet-64), by at most a factor 1 + (sqrt(2) - 1) per step.
+CHURN_SIGMA_MIN, CHURN_SIGMA_MAX = 0.05, 50.0
+
+
 @torch.no_grad()
 def heun_sample(
     denoiser: Denoiser,
@@ -218,12 +231,13 @@ def heun_sample(
     generators: Sequence[torch.Generator] | None = None,
     *,
     timesteps: torch.Tensor | None = None,
+    churn: float = 0.0,
     clip_x0: bool = True,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1 without churn): Heun's
-    second-order method on the probability-flow ODE in the variance-exploding view.
+    """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 with ``churn=0``):
+    Heun's second-order method on the probability-flow ODE in the variance-exploding view.
 
     With x~ = x / sqrt(abar) and sigma = sqrt((1 - abar) / abar) the ODE is
     dx~/dsigma = (x~ - D(x~, sigma)) / sigma, D the predicted x_0. Each step from sigma_i
@@ -231,33 +245,68 @@ def heun_sample(
     the mean of the two slopes; the step from sigma_0 to 0 is Euler alone (it returns the
     predicted x_0). So n steps cost 2n - 1 network evaluations; the callback sees each step
     once, with the step's first call.
+
+    ``churn`` (EDM's S_churn) first raises each step's noise from sigma_i to
+    sigma_i (1 + gamma), gamma = min(churn / n, sqrt(2) - 1), where sigma_i lies in
+    [0.05, 50], by adding fresh noise of variance sigma_hat^2 - sigma_i^2 (one generator per
+    image); the step then starts from sigma_hat. A discrete-time model is only trained at
+    its T steps, so sigma_hat is the trained step nearest in log sigma (no churn where
+    that is step i itself).
     """
-    den, steps = _steps(denoiser, timesteps, x_T, "Sampling (Heun)", progress)
+    path = torch.arange(denoiser.schedule.timesteps) if timesteps is None else timesteps.long()
+    raised = _churned_steps(denoiser.schedule.alphas_cumprod_float64, path, churn)
+    assert generators is not None or bool((raised == path).all()), "churn draws noise: one generator per image"
+    visited = torch.unique(torch.cat([path, raised]))  # sorted: the steps the network is called at
+    den = denoiser if len(visited) == denoiser.schedule.timesteps else denoiser.respaced(visited)
+    index = {t: k for k, t in enumerate(visited.tolist())}
     ab = _ode_alphabar(den)
     scale, sigma = ab.sqrt().tolist(), sigmas(ab).tolist()
+    batch = torch.ones(x_T.shape[0], dtype=torch.long, device=x_T.device)
 
-    def slope(x_ve: torch.Tensor, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = den.predict(scale[i] * x_ve, idx, clip_x0=clip_x0).x0
-        return (x_ve - x0) / sigma[i], x0
+    def slope(x_ve: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = den.predict(scale[k] * x_ve, k * batch, clip_x0=clip_x0).x0
+        return (x_ve - x0) / sigma[k], x0
 
-    x = x_T / scale[-1]
-    for i, t, idx in steps:
-        d, x0 = slope(x, i, idx)
-        if i == 0:
+    steps = [(index[t], index[r]) for t, r in zip(reversed(path.tolist()), reversed(raised.tolist()))]
+    x = x_T / scale[steps[0][0]]
+    for n, (k, k_hat) in enumerate(tqdm(steps, desc="Sampling (Heun)", disable=not progress, leave=False)):
+        if k_hat != k:  # churn: back up to sigma_hat with fresh noise
+            x = x + math.sqrt(sigma[k_hat] ** 2 - sigma[k] ** 2) * randn(x.shape[1:], generators, x.device)
+        d, x0 = slope(x, k_hat)
+        if n == len(steps) - 1:
             x = x0
         else:
-            euler = x + (sigma[i - 1] - sigma[i]) * d
-            d_next, _ = slope(euler, i - 1, idx - 1)
-            x = x + (sigma[i - 1] - sigma[i]) * 0.5 * (d + d_next)
+            k_next = steps[n + 1][0]
+            euler = x + (sigma[k_next] - sigma[k_hat]) * d
+            d_next, _ = slope(euler, k_next)
+            x = x + (sigma[k_next] - sigma[k_hat]) * 0.5 * (d + d_next)
         if callback is not None:
-            callback(t, x * scale[i - 1] if i > 0 else x, x0)
+            callback(den.network_step(k_hat), x * scale[k_next] if n < len(steps) - 1 else x, x0)
     return x
+
+
+def _churned_steps(alphas_cumprod: torch.Tensor, path: torch.Tensor, churn: float) -> torch.Tensor:
+    """For each step t of ``path`` (training steps, increasing), the trained step nearest in
+    log sigma to sigma_t (1 + gamma) that Heun's churn raises it to (t itself without churn;
+    never below t)."""
+    if churn <= 0:
+        return path
+    log_sigma = sigmas(alphas_cumprod).log()
+    gamma = min(churn / len(path), math.sqrt(2) - 1)
+    raised = []
+    for t in path.tolist():
+        s = math.exp(log_sigma[t].item())
+        if CHURN_SIGMA_MIN <= s <= CHURN_SIGMA_MAX:
+            t = t + int((log_sigma[t:] - math.log(s * (1 + gamma))).abs().argmin())
+        raised.append(t)
+    return torch.tensor(raised)
 
 
 def sampling_description(sample: SampleConfig) -> str:
     """How ``sample`` draws, in a few words: "ddpm, 50 steps", "dpm++, 20 steps (karras)"."""
     steps = f", {sample.steps} steps" if sample.steps else ", all steps"
-    return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({sample.spacing})")
+    churn = f", churn {sample.churn:g}" if sample.sampler == "heun" and sample.churn else ""
+    return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({sample.spacing})") + churn
 
 
 @dataclass(frozen=True)
@@ -300,11 +349,13 @@ def generate(
     timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
     sample_fn, extra = {
         "ddpm": (ancestral_sample, {"variance": config.variance}),
-        "ddim": (ddim_sample, {"eta": config.eta}),
+        "ddim": (ddim_sample, {"eta": config.eta, "sigma": config.ddim_sigma}),
         "dpm++": (dpm_solver_sample, {}),
         "dpm++3m": (dpm_solver_sample, {"order": 3}),
-        "heun": (heun_sample, {}),
+        "heun": (heun_sample, {"churn": config.churn}),
     }[config.sampler]
+    if config.sampler == "ddim" and config.ddim_sigma == "learned" and not denoiser.config.learn_variance:
+        raise UserError("--ddim-sigma learned needs a run trained with a learned variance (--learn-variance)")
     model, device, size = denoiser.network, denoiser.device, denoiser.image_size
     was_training = model.training
     out = []

@@ -26,9 +26,7 @@ from ddpm_cars.run import Run
 from ddpm_cars.samplers import generate
 from ddpm_cars.viz import save_grid
 
-SETTINGS = [("ddpm", 1000, "uniform"), ("ddpm", 250, "uniform"), ("ddpm", 100, "uniform"), ("ddpm", 50, "uniform"),
-            ("ddim", 100, "uniform"), ("ddim", 50, "uniform"), ("ddim", 20, "uniform"), ("dpm++", 50, "uniform"),
-            ("dpm++", 20, "uniform"), ("dpm++", 10, "uniform")]
+SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"
 
 
 def network_calls(sampler: str, steps: int) -> int:
@@ -42,13 +40,23 @@ def _row(label: str, steps: str, rate: str, metrics: dict[str, float], levels: l
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
 
 
-def parse_settings(text: str) -> list[tuple[str, int, str]]:
-    """``sampler:steps[:spacing],...`` as (sampler, steps, spacing) triples (uniform spacing by default)."""
+def parse_settings(text: str) -> list[tuple[str, int, str, dict[str, float | str]]]:
+    """``sampler:steps[:spacing][:field=value...],...`` as (sampler, steps, spacing, other
+    sampling fields) (uniform spacing by default): ``heun:10:karras:churn=40``."""
     out = []
     for item in text.split(","):
-        name, steps, *spacing = item.split(":")
-        out.append((name, int(steps), spacing[0] if spacing else "uniform"))
+        name, steps, *rest = item.split(":")
+        spacing = rest.pop(0) if rest and "=" not in rest[0] else "uniform"
+        fields = dict(part.split("=", 1) for part in rest)
+        out.append((name, int(steps), spacing, {k: _number_or_text(v) for k, v in fields.items()}))
     return out
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -56,15 +64,16 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--run", type=Path, required=True, help="trained run directory")
     parser.add_argument("--num", type=int, default=500, help="samples per setting (default: 500)")
     parser.add_argument("--out", type=Path, default=None, help="PNG with the first 6 samples of each setting")
-    parser.add_argument("--settings", default=None, metavar="S:N[:SPACING],...",
-                        help="sampler:steps[:spacing] to run, e.g. ddim:50,dpm++:20:karras (default: the full list)")
+    parser.add_argument("--settings", default=None, metavar="S:N[:SPACING][:FIELD=V],...",
+                        help="sampler:steps[:spacing][:field=value] to run, e.g. ddim:50,dpm++:20:karras,heun:10:karras:churn=40 "
+                             "(default: the full list)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_arguments()
-    settings = SETTINGS if args.settings is None else parse_settings(args.settings)
+    settings = parse_settings(args.settings or SETTINGS)
 
     run = Run.open(args.run)
     config = run.config
@@ -78,16 +87,17 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows = []
-    for sampler, steps, spacing in settings:
+    for sampler, steps, spacing, extra in settings:
         if steps > denoiser.schedule.timesteps:
             continue
-        sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing)
+        sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
         tic = time.perf_counter()
         images = generate(denoiser, args.num, sample, seed=0, batch_size=min(args.num, args.batch_size), progress=False)
         rate = args.num / (time.perf_counter() - tic)
         metrics = sample_metrics(to_uint8(images), train, description="")[0]
         calls = network_calls(sampler, steps)
-        label = sampler if spacing == "uniform" else f"{sampler}, {spacing}"
+        label = ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + [f"{k} {v:g}" if isinstance(v, float)
+                                                                                     else f"{k} {v}" for k, v in extra.items()])
         print(_row(label, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
               flush=True)
         rows.append(images[:6])
