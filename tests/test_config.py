@@ -86,6 +86,14 @@ def test_configs_from_before_the_crop_choice_still_load():
         assert RunConfig.from_dict(old).data.crop == crop
 
 
+def test_configs_from_before_the_lr_schedule_name_still_load():
+    old = SEED.to_dict()
+    del old["train"]["lr_schedule"]
+    for decay, schedule in [("none", "constant"), ("cosine", "cosine")]:
+        old["train"]["lr_decay"] = decay
+        assert RunConfig.from_dict(old).train.lr_schedule == schedule
+
+
 def test_class_names_round_trip_through_json(tmp_path):
     config = SEED.replace(model={"class_conditional": True, "class_names": ("BMW M3 Coupe 2012", "Audi R8 Coupe 2012")})
     config.save(tmp_path / "c.json")

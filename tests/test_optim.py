@@ -31,7 +31,7 @@ def test_cosine_decay_follows_the_warm_up_down_to_zero_at_the_end():
     expected = [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert factors[2:] == pytest.approx(expected) and factors[-1] == pytest.approx(0.0381, abs=1e-4)
     assert lr_factor(12, 2, "cosine", 10) == 0.0  # past the end (a run continued with more steps) it stays at 0
-    assert [lr_factor(s, 2, "none", 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 2, "constant", 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_gradient_clipping_and_finiteness():
@@ -54,10 +54,44 @@ def test_warmup_sets_the_learning_rate_per_step(tmp_path, tiny_config):
 
 
 def test_a_cosine_decay_run_ends_at_the_decayed_learning_rate(tmp_path, tiny_config):
-    config = tiny_config.replace(train={"max_steps": 6, "warmup_steps": 2, "lr": 1e-3, "lr_decay": "cosine"})
+    config = tiny_config.replace(train={"max_steps": 6, "warmup_steps": 2, "lr": 1e-3, "lr_schedule": "cosine"})
     train(config, tmp_path, progress=False)
     state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))  # the last step, 5, is 3/4 of the way down
     assert state.optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_a_cosine_schedule_continues_across_an_interruption_and_resume(tmp_path, tiny_config, monkeypatch):
+    """SIGTERM during step 3 of 8, then --resume: the learning rate and the weights at the
+    end are those of the run that was never stopped (bit for bit: every step's rate agreed)."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from ddpm_cars.training.signals import TrainingInterrupted
+
+    config = tiny_config.replace(train={"max_steps": 8, "epochs": 100, "warmup_steps": 2, "lr": 1e-3,
+                                        "lr_schedule": "cosine", "sample_every_epochs": 100, "checkpoint_every_steps": 100})
+    train(config, tmp_path / "straight", progress=False)
+    real, calls = Denoiser.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes this step, saves, stops
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Denoiser, "loss", loss)
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "split", progress=False)
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "split")).step == 4
+    monkeypatch.setattr(Denoiser, "loss", real)
+    train(config, tmp_path / "split", resume=True, progress=False)
+    ends = [ckpt.latest_checkpoint(tmp_path / d) for d in ("straight", "split")]
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 6))  # step 7: 5 of the 6 steps after the warm-up
+    assert [ckpt.load_train_state(e).optimizer["param_groups"][0]["lr"] for e in ends] == [pytest.approx(expected)] * 2
+    a, b = (load_file(e / "model.safetensors") for e in ends)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _nan_on(steps: set[int], monkeypatch):

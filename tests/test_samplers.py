@@ -276,17 +276,23 @@ def test_solvers_converge_at_their_order_on_the_gaussian(spacing, sampler, kwarg
     assert errors[-1] < at_56, errors
 
 
+class Count(Shrink):
+    """Shrink, recording the step t of every call in ``calls``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append(int(t[0]))
+        return super().forward(x, t)
+
+
 def test_heun_costs_two_network_calls_per_step_but_one_at_the_last():
-    calls = []
-
-    class Count(Shrink):
-        def forward(self, x, t, y=None):
-            calls.append(int(t[0]))
-            return super().forward(x, t)
-
-    full = NoiseSchedule.from_betas(cosine_betas(100))
+    full, net = NoiseSchedule.from_betas(cosine_betas(100)), Count()
     ts = sampling_timesteps(100, 6, "karras", full.alphas_cumprod_float64)
-    heun_sample(_den(Count(), full), torch.randn(2, 3, 4, 4), timesteps=ts, clip_x0=False)
+    heun_sample(_den(net, full), torch.randn(2, 3, 4, 4), timesteps=ts, clip_x0=False)
+    calls = net.calls
     expected = [t for hi, lo in zip(ts.flip(0)[:-1].tolist(), ts.flip(0)[1:].tolist()) for t in (hi, lo)] + [0]
     assert calls == expected and len(calls) == 2 * 6 - 1
 
@@ -444,17 +450,11 @@ def test_heun_with_churn_still_samples_the_data_distribution():
 
 
 def test_heun_churn_raises_the_level_inside_its_window_at_two_calls_per_step():
-    calls = []
-
-    class Count(Shrink):
-        def forward(self, x, t, y=None):
-            calls.append(int(t[0]))
-            return super().forward(x, t)
-
-    full = NoiseSchedule.from_betas(cosine_betas(1000))
+    full, net = NoiseSchedule.from_betas(cosine_betas(1000)), Count()
     ts = sampling_timesteps(1000, 8, "karras", full.alphas_cumprod_float64)
-    heun_sample(_den(Count(), full), torch.randn(2, 3, 4, 4), image_generators(0, range(2)), timesteps=ts, churn=40,
+    heun_sample(_den(net, full), torch.randn(2, 3, 4, 4), image_generators(0, range(2)), timesteps=ts, churn=40,
                 clip_x0=False)
+    calls = net.calls
     firsts, path = calls[::2], ts.flip(0).tolist()  # each step's first call, from the noisiest
     sigma = ((1 - full.alphas_cumprod_float64) / full.alphas_cumprod_float64).sqrt()
     assert len(calls) == 2 * 8 - 1 and calls[1::2] == path[1:]  # the second call at the next step's own level

@@ -24,7 +24,7 @@ Prediction = Literal["eps", "x0", "v"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine"]
 Optimizer = Literal["adam", "adamw"]
-LrDecay = Literal["none", "cosine"]
+LrSchedule = Literal["constant", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "heun"]
@@ -233,7 +233,9 @@ class TrainConfig:
     # decoupled (AdamW) or L2 (Adam)
     weight_decay: float = option(0.0, "weight decay (decoupled with adamw)", limits=NON_NEGATIVE)
     warmup_steps: int = option(0, "linear learning-rate warm-up", metavar="STEPS", limits=NON_NEGATIVE)
-    lr_decay: LrDecay = option("none", "after the warm-up: a constant learning rate, or a cosine decay towards 0 at the last step")
+    lr_schedule: LrSchedule = option(
+        "constant", "after the warm-up: a constant learning rate, or a cosine decay towards 0 at the last step"
+    )
     # the global gradient norm
     grad_clip: float | None = option(
         None, "clip the gradient norm to this; None: off", metavar="NORM", limits=Limits(low=0, low_open=True)
@@ -368,6 +370,9 @@ def _section(name: str, values: dict[str, Any]) -> Any:
     if name == "data" and "center_crop" in values:  # config.json of runs from before data.crop
         values = {**values, "crop": "center" if values["center_crop"] else "none"}
         del values["center_crop"]
+    if name == "train" and "lr_decay" in values:  # config.json of runs from before train.lr_schedule
+        values = {**values, "lr_schedule": {"none": "constant"}.get(values["lr_decay"], values["lr_decay"])}
+        del values["lr_decay"]
     allowed = {f.name for f in fields(kind)}
     unknown = set(values) - allowed
     if unknown:

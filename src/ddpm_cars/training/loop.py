@@ -138,7 +138,7 @@ def guarded_update(
     if scaler is not None:
         scaler.unscale_(trainee.optimizer)  # the true gradients, before clipping
     applied = gradients_usable(trainee.model, loss, tcfg.grad_clip, check_gradients=scaler is not None)
-    set_lr(trainee.optimizer, tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_decay, total_steps))
+    set_lr(trainee.optimizer, tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_schedule, total_steps))
     step_unless(trainee.optimizer, applied)
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, grows it after a long good run

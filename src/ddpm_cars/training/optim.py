@@ -36,11 +36,12 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
-def lr_factor(step: int, warmup_steps: int, decay: str = "none", total_steps: int | None = None) -> float:
-    """The warm-up's multiplier, then with ``decay="cosine"`` half a cosine from 1 at the
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int | None = None) -> float:
+    """The warm-up's multiplier, then with ``schedule="cosine"`` half a cosine from 1 at the
     end of the warm-up to 0 at ``total_steps`` (the last step, ``total_steps - 1``, still
-    moves a little)."""
-    if decay == "none" or total_steps is None or step < warmup_steps:
+    moves a little). A function of the step alone, so a resumed run continues it exactly
+    with no scheduler state to save."""
+    if schedule == "constant" or total_steps is None or step < warmup_steps:
         return warmup_factor(step, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
