@@ -40,6 +40,14 @@ RESUMABLE = {
 }
 
 
+def _recipe(args: argparse.Namespace) -> RunConfig:
+    """The recipe a new run starts from: ``--config FILE`` (its classes forgotten, to be
+    read from the data again) or the preset."""
+    if args.config is None:
+        return preset(args.preset)
+    return RunConfig.load(args.config).replace(model={"class_names": ()})
+
+
 def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
     """The run's saved config; options that change what is trained must match it."""
     config_file = run_dir / ckpt.CONFIG_FILE
@@ -60,7 +68,9 @@ def _resume_config(run_dir: Path, overrides: dict[str, dict]) -> RunConfig:
 
 def train(args: argparse.Namespace) -> int:
     overrides = args.overrides
-    config = _resume_config(args.out, overrides) if args.resume else preset(args.preset).replace(**overrides)
+    if args.resume and args.config is not None:
+        raise UserError("--resume continues the run in --out with its own config.json; --config starts a new run")
+    config = _resume_config(args.out, overrides) if args.resume else _recipe(args).replace(**overrides)
     tic = time.perf_counter()
     result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
     if not parallel.current_world().is_main:

@@ -269,6 +269,11 @@ class TrainConfig:
         0.1, "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
         metavar="P", limits=PROBABILITY,
     )
+    init_from: str | None = option(
+        None, "fine-tune: start from this run's weights (its moving average when it kept one) or a checkpoint "
+        "directory's, with a fresh optimizer; same network and image size, other data and classes allowed",
+        metavar="RUN_OR_DIR",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "train")

@@ -41,6 +41,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
+CLASS_EMBEDDING = "label_embed."  # the class embedding's weights, in either network
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -188,6 +189,52 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
             f"(another architecture or image size?): {_mismatch(model, weights)}"
         ) from err
     return model
+
+
+# The fields of two runs that must agree for one to start from the other's weights.
+_NETWORK_FIELDS = ("name", "channels", "time_emb_dim", "num_res_blocks", "attention_resolutions", "head_channels",
+                   "resblock_updown")
+
+
+def init_weights(model: nn.Module, source: str | Path, config: RunConfig) -> list[str]:
+    """Load the weights of the run or checkpoint ``source`` (its moving average when it kept
+    one) into ``model``, built from ``config``, to fine-tune from them; the notes to print.
+
+    The network and the image size must be the same (else a one-line ``UserError``); the
+    class embedding is loaded only when both runs know the same classes, and otherwise
+    keeps ``model``'s fresh one (said in a note)."""
+    run_dir, checkpoint = resolve_checkpoint(source)
+    theirs = RunConfig.load(run_dir / CONFIG_FILE)
+    pairs = [(f"model.{name}", getattr(theirs.model, name), getattr(config.model, name)) for name in _NETWORK_FIELDS]
+    pairs += [("data.image_size", theirs.data.image_size, config.data.image_size),
+              ("diffusion.learn_variance", theirs.diffusion.learn_variance, config.diffusion.learn_variance)]
+    for name, was, now in pairs:
+        if was != now:
+            raise UserError(f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
+                            "(--init-from needs the same network and image size)")
+    path = checkpoint / EMA_FILE if (checkpoint / EMA_FILE).is_file() else checkpoint / MODEL_FILE
+    try:
+        weights = load_file(str(path))
+    except Exception as err:  # safetensors' own error type for truncated or corrupt files
+        raise UserError(f"cannot read weights {path}: {_first_line(err)}") from err
+    notes = [f"Starting from {path} (step {_step_of(checkpoint)})"]
+    if theirs.model.class_names != config.model.class_names:
+        weights = {k: v for k, v in weights.items() if not k.startswith(CLASS_EMBEDDING)}
+        if config.model.class_conditional:
+            notes.append(f"The class embedding starts afresh: {len(config.model.class_names)} classes here, "
+                         f"{len(theirs.model.class_names) or 'none'} in {source}")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(CLASS_EMBEDDING) for k in missing):
+        raise UserError(f"the weights in {path} do not fit this run's network: {_mismatch(model, weights)}")
+    for name, was, now in [("prediction", theirs.diffusion.prediction, config.diffusion.prediction),
+                           ("schedule", theirs.diffusion.schedule, config.diffusion.schedule)]:
+        if was != now:
+            notes.append(f"Note: {source} was trained with {name} {was!r}, this run uses {now!r}")
+    return notes
+
+
+def _step_of(checkpoint: Path) -> str:
+    return checkpoint.name.removeprefix("step_").lstrip("0") or "0"
 
 
 def load_train_state(checkpoint: Path) -> TrainState:

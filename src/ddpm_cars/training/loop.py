@@ -67,11 +67,17 @@ class Trainee:
     scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def build(cls, config: RunConfig, world: World, device: torch.device) -> Trainee:
+    def build(cls, config: RunConfig, world: World, device: torch.device, init_from: str | None = None) -> Trainee:
+        """A fresh model (from the run's seed, or fine-tuned from ``init_from``'s weights),
+        its optimizer, EMA and scaler, wrapped for the processes and compiled as asked."""
         tcfg = config.train
         with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
             torch.manual_seed(tcfg.seed)
             model = build_model(config).to(device)
+        if init_from is not None:
+            for note in ckpt.init_weights(model, init_from, config):
+                if world.is_main:
+                    print(note)
         if tcfg.channels_last:
             model.to(memory_format=torch.channels_last)
         if tcfg.activation_checkpointing:
@@ -334,7 +340,7 @@ def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, d
     config = with_class_names(config, data.class_names)
     _check_data(data, config, world)
     batches = Batches(data, config, world, dev)
-    trainee = Trainee.build(config, world, dev)
+    trainee = Trainee.build(config, world, dev, init_from=None if resume else config.train.init_from)
     rng = torch.Generator(dev).manual_seed(config.train.seed)
     position = trainee.restore(latest, rng, dev) if resume else Position()
     if world.is_main:  # after a resume has loaded: a resume that fails leaves config.json as it was
