@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ddpm_cars import cli, commands
+from ddpm_cars.training.logs import read_loss_log
 from ddpm_cars.cli import build_parser, main
 from ddpm_cars import run as ckpt
 
@@ -196,10 +197,16 @@ def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--out", str(out), "--log-with", "tensorboard"]) == 0
     for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png", "metrics.csv",
                  "metrics.png", "eval/metrics.json", "eval/nearest.png", "eval/nearest_distances.png", "report.html"]:
         assert (out / name).is_file(), name
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={SCALARS: 0, IMAGES: 0})
+    events.Reload()  # the loss of every step, the grid of the epoch and the final one, each --eval-every SWD
+    assert [e.step for e in events.Scalars("train/loss")] == [s for s, _ in read_loss_log(out / "loss.csv", 99)]
+    assert [e.step for e in events.Scalars("eval/swd")] == [2, 4] and len(events.Images("samples")) == 1
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/, samples/;" in closing
     assert len(list((out / "images").iterdir())) == commands.DEMO_EVAL_SAMPLES

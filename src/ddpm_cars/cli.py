@@ -252,6 +252,7 @@ def _report_and_demo_parsers(sub: Any) -> None:
     demo.set_defaults(func=_command("demo"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     demo.add_argument("--steps", type=value_type(int, POSITIVE), default=None, help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)")
+    demo.add_argument("--log-with", choices=["none", "tensorboard", "wandb"], default=None, help="also log the training to TensorBoard (RUN/tensorboard) or Weights & Biases (default: none)")
     _device_option(demo)
 
 

@@ -34,6 +34,7 @@ RESUMABLE = {
     "train": {
         "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps", "log_every_steps",
         "grad_accum_steps", "precision", "channels_last", "activation_checkpointing", "compile", "eval_every_steps", "eval_samples",
+        "log_with",
     },
     "data": {"cache"},
     "sample": None,
@@ -335,13 +336,16 @@ def demo(args: argparse.Namespace) -> int:
     from ddpm_cars.evaluation import scores
 
     config = DEMO if args.steps is None else DEMO.replace(train={"max_steps": args.steps})
+    if args.log_with is not None:
+        config = config.replace(train={"log_with": args.log_with})
     out = args.out
     tic = time.perf_counter()
     resume = ckpt.latest_checkpoint(out) is not None
     if resume:
         print(f"Continuing the demo run in {out}")
-        config = _resume_config(out, {"train": {"max_steps": config.train.max_steps}})
-    result = train_run(config, out, resume=resume, device=args.device, final_grid=False)
+        config = _resume_config(out, {"train": {"max_steps": config.train.max_steps, "log_with": config.train.log_with}})
+    # with a tracker, the final grid goes to it too (the demo draws no grids while it trains)
+    result = train_run(config, out, resume=resume, device=args.device, final_grid=config.train.log_with != "none")
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
     images = sample_run(out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_SAMPLE_BATCH, device=args.device, grid_count=DEMO_SAMPLES)
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")

@@ -30,6 +30,7 @@ BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "heun"]
 Spacing = Literal["uniform", "quadratic", "karras", "logsnr"]
 DdimSigma = Literal["song", "learned"]
+Tracking = Literal["none", "tensorboard", "wandb"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
@@ -268,6 +269,10 @@ class TrainConfig:
     label_dropout: float = option(
         0.1, "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
         metavar="P", limits=PROBABILITY,
+    )
+    log_with: Tracking = option(
+        "none", "also log the losses, learning rate, metrics and sample grids to TensorBoard (RUN/tensorboard) or "
+        "Weights & Biases (an optional extra each)",
     )
     init_from: str | None = option(
         None, "fine-tune: start from this run's weights (its moving average when it kept one) or a checkpoint "

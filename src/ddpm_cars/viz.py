@@ -26,15 +26,20 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     return to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
 
 
+def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1] ``[N, 3, H, W]`` tiled ``nrow`` per row (default: square) with white
+    2-pixel gaps: uint8 ``[3, H', W']`` on the CPU."""
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds
+
+    return make_grid(to_uint8(images.detach().cpu()), nrow=nrow, padding=2, pad_value=255)
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Images in [-1, 1] ``[N, 3, H, W]`` as one PNG grid, ``nrow`` per row (default: square)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    from torchvision.utils import make_grid  # here: importing torchvision takes seconds
-
-    grid = make_grid(to_uint8(images.detach().cpu()), nrow=nrow, padding=2, pad_value=255)
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    picture = Image.fromarray(grid_image(images, nrow).permute(1, 2, 0).numpy())
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     picture.save(path)

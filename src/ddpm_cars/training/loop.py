@@ -9,8 +9,9 @@
 
 The objects around the loop each have one job: :class:`Batches` draws, :class:`Trainee`
 holds what is trained, :class:`PendingSteps` keeps the losses on the device between reads,
-:class:`Checkpoints` writes, :class:`SampleGrids` draws pictures. In the steady state a
-step never waits for the device: the host reads it once every ``log_every_steps``.
+:class:`Checkpoints` writes, :class:`SampleGrids` draws pictures, a :class:`Tracker` also
+sends it all to TensorBoard or W&B. In the steady state a step never waits for the
+device: the host reads it once every ``log_every_steps``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_cars import parallel
@@ -32,17 +32,18 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
-from ddpm_cars.models import build_model
 from ddpm_cars.parallel import World
-from ddpm_cars.runtime import prepare_model, resolve_precision, to_layout, use_tf32, wants_compile
+from ddpm_cars.runtime import to_layout, use_tf32
 from ddpm_cars.samplers import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
-from ddpm_cars.training.ema import EMA
+from ddpm_cars.training.checkpoints import Checkpoints
 from ddpm_cars.training.logs import LossLog, PendingSteps
-from ddpm_cars.training.optim import NonFiniteLossError, build_optimizer, gradients_usable, lr_factor, set_lr, step_unless
+from ddpm_cars.training.optim import NonFiniteLossError, gradients_usable, lr_factor, set_lr, step_unless
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
-from ddpm_cars.viz import save_grid
+from ddpm_cars.training.trainee import Trainee
+from ddpm_cars.training.trackers import Tracker, open_tracker
+from ddpm_cars.viz import grid_image, save_grid
 
 SAMPLE_SEED = 0  # the training-time grids all start from the same noise
 
@@ -52,68 +53,6 @@ class TrainResult:
     run_dir: Path
     step: int
     last_loss: float
-
-
-@dataclass
-class Trainee:
-    """What is trained: the plain module (which the optimizer, the EMA and checkpoints
-    use), the denoiser over the network that is called (DDP and/or compiled), the
-    optimizer, the moving average and, for fp16, the gradient scaler."""
-
-    model: nn.Module
-    denoiser: Denoiser
-    optimizer: torch.optim.Optimizer
-    ema: EMA | None
-    scaler: torch.amp.GradScaler | None = None
-
-    @classmethod
-    def build(cls, config: RunConfig, world: World, device: torch.device, init_from: str | None = None) -> Trainee:
-        """A fresh model (from the run's seed, or fine-tuned from ``init_from``'s weights),
-        its optimizer, EMA and scaler, wrapped for the processes and compiled as asked."""
-        tcfg = config.train
-        with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, global RNG untouched
-            torch.manual_seed(tcfg.seed)
-            model = build_model(config).to(device)
-        if init_from is not None:
-            for note in ckpt.init_weights(model, init_from, config):
-                if world.is_main:
-                    print(note)
-        if tcfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if tcfg.activation_checkpointing:
-            model.set_activation_checkpointing(True)
-        net = prepare_model(parallel.wrap(model, world, device), compile=wants_compile(tcfg.compile, device))
-        optimizer = build_optimizer(model.parameters(), tcfg, device)
-        ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
-        precision = resolve_precision(tcfg.precision, device)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        denoiser = dataclasses.replace(Denoiser.for_run(net, config), precision=precision)
-        return cls(model, denoiser, optimizer, ema, scaler)
-
-    @property
-    def sampled(self) -> Denoiser:
-        """The denoiser samples are drawn from: the moving average when there is one."""
-        return dataclasses.replace(self.denoiser, network=self.ema.model if self.ema is not None else self.model)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Gradients of ``loss``, scaled up by the fp16 gradient scaler when there is one."""
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-
-    def restore(self, checkpoint: Path, rng: torch.Generator, device: torch.device) -> Position:
-        """Weights, optimizer, EMA, scaler and generator from ``checkpoint``; where training stood."""
-        ckpt.load_weights(self.model, checkpoint, device)
-        state = ckpt.load_train_state(checkpoint)
-        self.optimizer.load_state_dict(state.optimizer)
-        try:
-            rng.set_state(state.rng)
-        except RuntimeError:
-            raise UserError(f"{checkpoint} was trained on another kind of device than {device}; resume with that --device") from None
-        if self.ema is not None:
-            ckpt.load_weights(self.ema.model, checkpoint, device, ema=True)
-            self.ema.updates = state.ema_updates
-        if self.scaler is not None and state.scaler is not None:
-            self.scaler.load_state_dict(state.scaler)
-        return Position(state.step, state.epoch, state.batch_in_epoch, state.skipped_steps)
 
 
 def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world: World) -> torch.Tensor:
@@ -153,41 +92,12 @@ def guarded_update(
     return applied
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
-
-
-class Checkpoints:
-    """Writes the loss log, then the checkpoint (rank 0 only); a failed write stops
-    training in one line and leaves the previous checkpoint as it was."""
-
-    def __init__(self, run_dir: Path, trainee: Trainee, rng: torch.Generator, log: LossLog, enabled: bool):
-        self.run_dir, self.trainee, self.rng, self.log, self.enabled = run_dir, trainee, rng, log, enabled
-
-    def save(self, position: Position) -> None:
-        if not self.enabled:
-            return
-        ema, scaler = self.trainee.ema, self.trainee.scaler
-        state = ckpt.TrainState(position.step, position.epoch, position.consumed, self.trainee.optimizer.state_dict(),
-                                self.rng.get_state(), ema.updates if ema is not None else 0, position.skipped,
-                                scaler.state_dict() if scaler is not None else None)
-        try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
-            self.log.write()
-            ckpt.save_checkpoint(self.run_dir, self.trainee.model, state, ema.model if ema is not None else None)
-        except OSError as err:  # each write is atomic: what was there before is untouched
-            previous = ckpt.latest_checkpoint(self.run_dir)
-            kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointWriteError(
-                f"cannot write the checkpoint of step {position.step} in {self.run_dir} ({err.strerror or err}); "
-                f"training stopped and {kept}: make room, then continue with --resume"
-            ) from err
-
-
 class SampleGrids:
-    """``samples/NAME.png``: a grid from the same noise each time (rank 0 draws it)."""
+    """``samples/NAME.png``: a grid from the same noise each time (rank 0 draws it), also
+    given to the tracker."""
 
-    def __init__(self, run_dir: Path, config: RunConfig, enabled: bool):
-        self.run_dir, self.config, self.enabled = run_dir, config, enabled
+    def __init__(self, run_dir: Path, config: RunConfig, tracker: Tracker, enabled: bool):
+        self.run_dir, self.config, self.tracker, self.enabled = run_dir, config, tracker, enabled
         self.last_step = -1
 
     def draw(self, name: str, denoiser: Denoiser, step: int) -> None:
@@ -196,6 +106,7 @@ class SampleGrids:
             num = self.config.sample.num_images
             samples = generate(denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), progress=False)
             save_grid(samples, self.run_dir / "samples" / f"{name}.png")
+            self.tracker.image("samples", step, grid_image(samples))
 
 
 def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
@@ -248,6 +159,7 @@ class Session:
     checkpoints: Checkpoints
     grids: SampleGrids
     evaluate: PeriodicEval | None  # rank 0, with --eval-every
+    tracker: Tracker  # rank 0, with --log-with; logs nothing otherwise
     pending: PendingSteps = dataclasses.field(default_factory=PendingSteps)
 
     @property
@@ -282,6 +194,7 @@ class Session:
                 self._read(bar)
             if evaluate:
                 row = self.evaluate(trainee.sampled, position.step)
+                self.tracker.scalars(position.step, {f"eval/{k}": v for k, v in row.items() if k != "step"})
                 bar.write(f"step {position.step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
             if checkpoint:
                 self.checkpoints.save(position)
@@ -303,6 +216,7 @@ class Session:
         rows, rate = self.pending.read(self.config.train.batch_size)
         for step, loss, applied in rows:
             self.log.append(step, loss)
+            self.tracker.scalars(step, {"train/loss": loss})
             if applied:
                 position.bad_streak = 0
             else:
@@ -310,6 +224,8 @@ class Session:
         self._stop_if_diverged()
         if rows:  # all processes together
             bar.set_postfix(epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped)
+            self.tracker.scalars(rows[-1][0], {"train/lr": self.trainee.optimizer.param_groups[0]["lr"],
+                                               "train/skipped_steps": position.skipped, "train/images_per_s": rate})
 
     def _stop_if_diverged(self) -> None:
         """Too many non-finite losses in a row (the same on every rank: the loss is averaged)."""
@@ -350,9 +266,10 @@ def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, d
     evaluate = None
     if config.train.eval_every_steps and world.is_main:
         evaluate = PeriodicEval(config, run_dir, data.images, position.step, inception_weights, dev)
-    checkpoints = Checkpoints(run_dir, trainee, rng, log, enabled=world.is_main)
-    grids = SampleGrids(run_dir, config, enabled=world.is_main)
-    return Session(config, world, trainee, batches, rng, position, log, checkpoints, grids, evaluate)
+    tracker = open_tracker(config, run_dir, position.step, enabled=world.is_main)
+    checkpoints = Checkpoints(run_dir, trainee, rng, log, tracker, enabled=world.is_main)
+    grids = SampleGrids(run_dir, config, tracker, enabled=world.is_main)
+    return Session(config, world, trainee, batches, rng, position, log, checkpoints, grids, evaluate, tracker)
 
 
 def train(
@@ -376,15 +293,16 @@ def train(
     world, position = session.world, session.position
     bar = tqdm(total=session.total_steps, initial=position.step, desc="Training", unit="step",
                disable=not (progress and world.is_main), dynamic_ncols=True)
-    with StopRequest() as stop, contextlib.closing(bar):  # the bar ends its line before any error message
-        stopped = session.run(bar, stop)
-    session.checkpoints.save(position)
-    if stopped:
-        if world.is_main:
-            print(f"Interrupted: checkpoint saved at step {position.step}; continue with --resume")
-        parallel.barrier(world)
-        raise TrainingInterrupted(stop.signum or signal.SIGINT, position.step)
-    if final_grid and session.grids.last_step != position.step:
-        session.grids.draw("final", session.trainee.sampled, position.step)
+    with contextlib.closing(session.tracker):  # the tracker's files are closed however the run ends
+        with StopRequest() as stop, contextlib.closing(bar):  # the bar ends its line before any error message
+            stopped = session.run(bar, stop)
+        session.checkpoints.save(position)
+        if stopped:
+            if world.is_main:
+                print(f"Interrupted: checkpoint saved at step {position.step}; continue with --resume")
+            parallel.barrier(world)
+            raise TrainingInterrupted(stop.signum or signal.SIGINT, position.step)
+        if final_grid and session.grids.last_step != position.step:
+            session.grids.draw("final", session.trainee.sampled, position.step)
     parallel.barrier(world)  # the other processes wait for rank 0's last writes
     return TrainResult(run_dir, position.step, session.log.last)
