@@ -23,7 +23,7 @@ LAYERS = [
     {"samplers"},
     {"data", "viz"},
     {"run", "parallel"},
-    {"evaluation", "report"},
+    {"evaluation", "report", "export"},
     {"training"},
     {"benchmarks", "commands"},
     {"cli", "__main__", "__init__"},

@@ -256,6 +256,25 @@ def _report_and_demo_parsers(sub: Any) -> None:
     _device_option(demo)
 
 
+def _exchange_parsers(sub: Any) -> None:
+    export = sub.add_parser(
+        "export", help="write a run as a diffusers DDPMPipeline folder", description="Write a run's network and "
+        "schedule as a folder that diffusers.DDPMPipeline.from_pretrained loads, with a model card (README.md).",
+    )
+    export.set_defaults(func=_command("export"))
+    export.add_argument("run", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
+    export.add_argument("out", type=Path, metavar="OUT", help="folder to write; must not exist or be empty (required)")
+    export.add_argument("--format", choices=["diffusers"], default="diffusers", help="what to write (default: diffusers)")
+    _ema_option(export)
+    imported = sub.add_parser(
+        "import", help="bring a folder written by export back as a run", description="Turn a diffusers folder written "
+        "by `ddpm-cars export` into a run directory that sample, eval and train --init-from take.",
+    )
+    imported.set_defaults(func=_command("import_run"))
+    imported.add_argument("folder", type=Path, metavar="DIR", help="the exported folder (required)")
+    imported.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create (required)")
+
+
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
         "bench", help="measure parameters, FLOPs, training and sampling speed and memory of the presets",
@@ -288,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _classes_parser(sub)
     _guidance_parser(sub)
     _report_and_demo_parsers(sub)
+    _exchange_parsers(sub)
     _bench_parser(sub)
     return parser
 

@@ -378,3 +378,19 @@ def bench(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report(rows, ["ddpm-cars", *args.argv]), indent=2) + "\n")
         print(f"Wrote {args.json}")
     return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from ddpm_cars.export import export_run
+
+    out = export_run(args.run, args.out, ema=args.ema)
+    print(f"Wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r}); model card {out / 'README.md'}")
+    return 0
+
+
+def import_run(args: argparse.Namespace) -> int:
+    from ddpm_cars.export import import_pipeline
+
+    out = import_pipeline(args.folder, args.out)
+    print(f"Imported {args.folder} as the run {out} (sample with: ddpm-cars sample --checkpoint {out} --out DIR)")
+    return 0

@@ -72,6 +72,9 @@ class Trainee:
         """Weights, optimizer, EMA, scaler and generator from ``checkpoint``; where training stood."""
         ckpt.load_weights(self.model, checkpoint, device)
         state = ckpt.load_train_state(checkpoint)
+        if not state.optimizer:  # written by `ddpm-cars import`
+            raise UserError(f"{checkpoint} holds weights but no optimizer state (an imported run); start a new run "
+                            "from it with --init-from instead of --resume")
         self.optimizer.load_state_dict(state.optimizer)
         try:
             rng.set_state(state.rng)

@@ -1,0 +1,244 @@
+"""Runs in and out of the diffusers format (``ddpm-cars export`` and ``ddpm-cars import``).
+
+A ``res_attn_unet`` is, layer for layer, diffusers' ``UNet2DModel`` with
+``resnet_time_scale_shift="scale_shift"`` (AdaGN), sines-then-cosines time embedding
+(``flip_sin_to_cos=False, freq_shift=1``), 32-group norms, attention heads of
+``head_channels`` and BigGAN resampling as ResNet up/down blocks, so the weights map one
+to one: the only change is that a 1x1 convolution computing q, k and v together becomes
+three linear layers. The schedule, prediction and variance become a ``DDPMScheduler``
+(the run's own betas, ``variance_type="learned_range"`` for a learned variance), and the
+two a ``DDPMPipeline`` folder. The run's whole ``config.json`` travels along as
+``ddpm_cars.json``, so an export imports back exactly. diffusers is an optional
+dependency, imported here only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm_cars.config import RunConfig
+from ddpm_cars.errors import UserError
+from ddpm_cars.files import atomic_write_text
+from ddpm_cars.models import build_model
+from ddpm_cars.models.res_attn_unet import NORM_GROUPS, AttentionBlock, Downsample, ResAttnUnet, ResBlock, Upsample
+from ddpm_cars.run import CONFIG_FILE, Run, TrainState, latest_checkpoint, save_checkpoint
+from ddpm_cars.schedule import training_betas
+
+OUR_CONFIG = "ddpm_cars.json"
+PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+FIXED_VARIANCE = {"beta": "fixed_large", "beta_tilde": "fixed_small"}
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError("the diffusers format needs diffusers: pip install diffusers (the extra ddpm-cars[diffusers])") from None
+    return diffusers
+
+
+def check_exportable(config: RunConfig) -> None:
+    """A one-line ``UserError`` unless ``config``'s network has an exact diffusers twin."""
+    m = config.model
+    if m.name != "res_attn_unet":
+        raise UserError(f"only the res_attn_unet network can be exported to diffusers; this run's is {m.name} "
+                        "(SimpleUnet's BatchNorm/ReLU blocks have no UNet2DModel equivalent)")
+    if any(width % NORM_GROUPS for width in m.channels):
+        raise UserError(f"diffusers normalises every layer in {NORM_GROUPS} groups: the widths {m.channels} must be "
+                        f"multiples of {NORM_GROUPS}")
+    size = config.data.image_size
+    for level, width in enumerate(m.channels):
+        if (size // 2**level in m.attention_resolutions or level == len(m.channels) - 1) and width % m.head_channels:
+            raise UserError(f"diffusers needs every attended width to be a multiple of --head-channels "
+                            f"{m.head_channels}; {width} is not")
+
+
+def unet_config(config: RunConfig) -> dict[str, Any]:
+    """``UNet2DModel``'s arguments for ``config``'s network."""
+    m, size = config.model, config.data.image_size
+    attends = [size // 2**level in m.attention_resolutions for level in range(len(m.channels))]
+    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if m.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    return {
+        "sample_size": size, "in_channels": 3, "out_channels": config.diffusion.out_channels,
+        "block_out_channels": list(m.channels), "layers_per_block": m.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attends],
+        "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attends)],
+        "attention_head_dim": m.head_channels, "norm_num_groups": NORM_GROUPS, "attn_norm_num_groups": NORM_GROUPS,
+        "norm_eps": 1e-5, "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False,
+        "freq_shift": 1, "resnet_time_scale_shift": "scale_shift", "downsample_padding": 1, "dropout": m.dropout,
+        "downsample_type": "resnet" if m.resblock_updown else "conv",
+        "upsample_type": "resnet" if m.resblock_updown else "conv",
+        "num_class_embeds": m.num_classes + 1 if m.class_conditional else None,  # + the null class
+    }
+
+
+def scheduler_config(config: RunConfig) -> dict[str, Any]:
+    """``DDPMScheduler``'s arguments: the run's own betas, prediction and variance."""
+    d = config.diffusion
+    betas = training_betas(dataclasses.replace(d, zero_terminal_snr=False))  # diffusers rescales them itself
+    return {
+        "num_train_timesteps": d.timesteps,
+        "beta_schedule": "squaredcos_cap_v2" if d.schedule == "cosine" else "linear",
+        "beta_start": float(betas[0]), "beta_end": float(betas[-1]), "trained_betas": betas.tolist(),
+        "rescale_betas_zero_snr": d.zero_terminal_snr, "prediction_type": PREDICTION[d.prediction],
+        "variance_type": "learned_range" if d.learn_variance else FIXED_VARIANCE[config.sample.variance],
+        "clip_sample": config.sample.clip_x0, "clip_sample_range": 1.0,
+    }
+
+
+def _pairs(model: ResAttnUnet, unet: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(our module, its diffusers twin) for every module that holds weights, in order."""
+    pairs: list[tuple[nn.Module, nn.Module]] = [
+        (model.time_embed[1], unet.time_embedding.linear_1), (model.time_embed[3], unet.time_embedding.linear_2),
+        (model.input_conv, unet.conv_in), (model.out[0], unet.conv_norm_out), (model.out[2], unet.conv_out),
+    ]
+    if model.label_embed is not None:
+        pairs.append((model.label_embed.table, unet.class_embedding))
+    ours_down, ours_up = iter(model.down), iter(model.up)
+    for block in unet.down_blocks:
+        attentions = list(getattr(block, "attentions", None) or [])
+        for i, resnet in enumerate(block.resnets):
+            layers = list(next(ours_down))
+            pairs += [(layers[0], resnet)] + ([(layers[1], attentions[i])] if attentions else [])
+        if block.downsamplers is not None:
+            pairs.append((next(ours_down)[0], block.downsamplers[0]))
+    pairs += [(model.middle[0], unet.mid_block.resnets[0]), (model.middle[1], unet.mid_block.attentions[0]),
+              (model.middle[2], unet.mid_block.resnets[1])]
+    for block in unet.up_blocks:
+        attentions = list(getattr(block, "attentions", None) or [])
+        for i, resnet in enumerate(block.resnets):
+            layers = list(next(ours_up))
+            pairs += [(layers[0], resnet)] + ([(layers[1], attentions[i])] if attentions else [])
+            if i == len(block.resnets) - 1 and block.upsamplers is not None:
+                pairs.append((layers[-1], block.upsamplers[0]))
+    return pairs
+
+
+def _copy(ours: nn.Module, theirs: nn.Module, to_diffusers: bool) -> None:
+    """Copy the weights of one module into its twin, either way."""
+    if isinstance(ours, ResBlock):
+        names = [("norm1", "norm1"), ("conv1", "conv1"), ("emb", "time_emb_proj"), ("norm2", "norm2"), ("conv2", "conv2")]
+        if isinstance(ours.skip, nn.Conv2d):
+            names.append(("skip", "conv_shortcut"))
+        for a, b in names:
+            _copy(getattr(ours, a), getattr(theirs, b), to_diffusers)
+    elif isinstance(ours, AttentionBlock):
+        _copy(ours.norm, theirs.group_norm, to_diffusers)
+        c = ours.proj.weight.shape[0]
+        linears = [theirs.to_q, theirs.to_k, theirs.to_v]
+        if to_diffusers:  # the 1x1 conv's output channels are q, k, v, each head after head
+            for i, linear in enumerate(linears):
+                linear.weight.copy_(ours.qkv.weight[i * c:(i + 1) * c, :, 0, 0])
+                linear.bias.copy_(ours.qkv.bias[i * c:(i + 1) * c])
+            theirs.to_out[0].weight.copy_(ours.proj.weight[:, :, 0, 0])
+            theirs.to_out[0].bias.copy_(ours.proj.bias)
+        else:
+            ours.qkv.weight.copy_(torch.cat([lin.weight for lin in linears])[:, :, None, None])
+            ours.qkv.bias.copy_(torch.cat([lin.bias for lin in linears]))
+            ours.proj.weight.copy_(theirs.to_out[0].weight[:, :, None, None])
+            ours.proj.bias.copy_(theirs.to_out[0].bias)
+    elif isinstance(ours, (Downsample, Upsample)):
+        _copy(ours.conv, theirs.conv, to_diffusers)
+    else:  # a plain layer of the same type and shape
+        source, target = (ours, theirs) if to_diffusers else (theirs, ours)
+        for name, tensor in source.state_dict().items():
+            target.state_dict()[name].copy_(tensor)
+
+
+@torch.no_grad()
+def to_unet(model: ResAttnUnet, config: RunConfig) -> nn.Module:
+    """A diffusers ``UNet2DModel`` computing what ``model`` computes."""
+    unet = _diffusers().UNet2DModel(**unet_config(config)).eval()
+    for ours, theirs in _pairs(model, unet):
+        _copy(ours, theirs, to_diffusers=True)
+    return unet
+
+
+@torch.no_grad()
+def from_unet(unet: nn.Module, config: RunConfig) -> nn.Module:
+    """Our network for ``config`` with the weights of diffusers ``unet`` (its twin)."""
+    model = build_model(config)
+    for ours, theirs in _pairs(model, unet):
+        _copy(ours, theirs, to_diffusers=False)
+    return model
+
+
+def export_run(source: str | Path, out: Path, *, ema: bool = True) -> Path:
+    """Write run ``source`` as a ``DDPMPipeline`` folder ``out`` (with a model card)."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; pick another folder")
+    run = Run.open(source)
+    check_exportable(run.config)
+    diffusers = _diffusers()
+    unet = to_unet(run.network(ema=ema), run.config)
+    scheduler = diffusers.DDPMScheduler(**scheduler_config(run.config))
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out))
+    atomic_write_text(out / OUR_CONFIG, json.dumps({"config": run.config.to_dict(), "step": _step(run.checkpoint),
+                                                    "ema": ema}, indent=2) + "\n")
+    _write_card(run, out, ema)
+    return out
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
+
+
+def _write_card(run: Run, out: Path, ema: bool) -> None:
+    """``README.md``: what the model is, how it was trained, its scores and a grid of samples."""
+    c = run.config
+    lines = [
+        "---", "library_name: diffusers", "tags: [ddpm, unconditional-image-generation, ddpm-cars]", "---", "",
+        f"# {run.dir.name}: a DDPM trained with ddpm-cars", "",
+        f"A denoising diffusion model of {c.data.image_size}x{c.data.image_size} images, trained with "
+        f"[ddpm-cars](https://github.com/) on `{c.data.source}` for {_step(run.checkpoint)} steps "
+        f"({'moving-average' if ema else 'raw'} weights).", "",
+        "```python", "from diffusers import DDPMPipeline", "", "pipeline = DDPMPipeline.from_pretrained(\"PATH\")",
+        f"images = pipeline(batch_size=16, num_inference_steps={c.diffusion.timesteps}).images", "```", "",
+        "## Recipe", "",
+        f"- network: residual U-Net, widths {list(c.model.channels)}, {c.model.num_res_blocks} blocks per level, "
+        f"attention at {list(c.model.attention_resolutions)} px, {c.model.head_channels} channels per head, "
+        f"dropout {c.model.dropout}" + (f", {c.model.num_classes} classes (+ a null class)" if c.model.class_conditional else ""),
+        f"- diffusion: {c.diffusion.timesteps} steps, {c.diffusion.schedule} schedule, predicts {c.diffusion.prediction}, "
+        + ("learned variance (hybrid loss)" if c.diffusion.learn_variance else f"fixed variance ({c.sample.variance})"),
+        f"- training: {c.train.optimizer} at lr {c.train.lr:g}, batch {c.train.batch_size}, EMA {c.train.ema_decay}",
+    ]
+    metrics = run.dir / "eval" / "metrics.json"
+    if metrics.is_file():
+        scores = json.loads(metrics.read_text())
+        shown = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines += ["", "## Scores (`ddpm-cars eval`)", "", "| metric | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in shown.items()]
+    grids = sorted((run.dir / "samples").glob("*.png")) + [p for p in (run.dir / "grid.png",) if p.is_file()]
+    if grids:
+        shutil.copyfile(grids[-1], out / "samples.png")
+        lines += ["", "## Samples", "", "![samples](samples.png)"]
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+
+
+def import_pipeline(folder: Path, out: Path) -> Path:
+    """Bring a diffusers ``UNet2DModel`` + ``DDPMScheduler`` folder in as run ``out``."""
+    if latest_checkpoint(out) is not None:
+        raise UserError(f"{out} already holds checkpoints; pick another --out")
+    diffusers = _diffusers()
+    ours = folder / OUR_CONFIG
+    if not ours.is_file():
+        raise UserError(f"{folder} holds no {OUR_CONFIG}: only folders written by ddpm-cars export can be imported")
+    saved = json.loads(ours.read_text())
+    config = RunConfig.from_dict(saved["config"])
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder="unet")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the diffusers UNet in {folder}: {str(err).splitlines()[0]}") from err
+    model = from_unet(unet, config)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / CONFIG_FILE)
+    state = TrainState(step=int(saved.get("step", 0)), epoch=0, batch_in_epoch=0, optimizer={}, rng=torch.ByteTensor())
+    save_checkpoint(out, model, state, model if config.train.ema_decay else None)
+    return out

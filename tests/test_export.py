@@ -1,0 +1,113 @@
+"""The diffusers format: our network as UNet2DModel, a run as a DDPMPipeline, and back."""
+
+import json
+
+import pytest
+import torch
+
+from ddpm_cars import run as ckpt
+from ddpm_cars.cli import main
+from ddpm_cars.errors import UserError
+from ddpm_cars.models import build_model
+from ddpm_cars.presets import TINY
+from ddpm_cars.run import Run
+from ddpm_cars.samplers import generate
+from ddpm_cars.training import train
+
+diffusers = pytest.importorskip("diffusers")
+from ddpm_cars.export import check_exportable, export_run, from_unet, import_pipeline, to_unet  # noqa: E402
+
+VARIANTS = {
+    "plain": {},
+    "biggan resampling, v": {"model": {"resblock_updown": True}, "diffusion": {"prediction": "v"}},
+    "class-conditional": {"model": {"class_conditional": True, "class_names": ("coupe", "sedan", "suv")}},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_unet2dmodel_twin_computes_what_ours_computes(variant):
+    """Random weights everywhere (the zero-initialised layers would hide a wrong mapping)."""
+    config = TINY.replace(**VARIANTS[variant])
+    torch.manual_seed(0)
+    ours = build_model(config).eval()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    unet = to_unet(ours, config)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 41, 99])
+    y = torch.tensor([0, 2, 3]) if config.model.class_conditional else None  # 3: the null class
+    expected = ours(x, t, y)
+    got = unet(x, t, class_labels=y).sample
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-5
+    back = from_unet(unet, config)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.fixture(scope="module", params=["plain", "biggan resampling, v"])
+def trained(request, tmp_path_factory):
+    """A tiny improved-recipe run of 4 steps (learned variance, cosine schedule, EMA)."""
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    config = TINY.replace(**VARIANTS[request.param], data={"toy_count": 64}, train={"max_steps": 4, "sample_every_epochs": 100})
+    train(config, run, progress=False)
+    return run
+
+
+def test_ddpm_pipeline_draws_what_sample_draws(trained, tmp_path):
+    """An independent implementation agreeing with ours: diffusers' DDPMPipeline on the
+    export, from the same x_T and the same noise at every step (one generator, one image),
+    ends within 1e-4 of generate() on all 100 steps with the learned variance."""
+    out = export_run(trained, tmp_path / "export")
+    pipeline = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert pipeline.scheduler.config.variance_type == "learned_range"
+    theirs = pipeline(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=100,
+                      output_type="np").images  # [1, H, W, 3] in [0, 1]
+    run = Run.open(trained)
+    ours = generate(run.denoiser(ema=True), 1, run.config.sample, seed=0, progress=False)  # image 0: seed 0's generator
+    assert run.config.sample.steps is None  # all T: the pipeline's 100 steps
+    theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
+    assert (theirs - ours).abs().max() < 1e-4, (theirs - ours).abs().max()
+
+
+def test_an_import_of_the_export_samples_the_same_images(trained, tmp_path):
+    out = export_run(trained, tmp_path / "export")
+    imported = import_pipeline(out, tmp_path / "back")
+    a, b = Run.open(trained), Run.open(imported)
+    assert a.config == b.config
+    cfg = a.config.sample
+    assert torch.equal(generate(a.denoiser(), 3, cfg, seed=5, progress=False), generate(b.denoiser(), 3, cfg, seed=5, progress=False))
+    notes = ckpt.init_weights(build_model(a.config), imported, a.config)  # train --init-from takes it
+    assert notes[0].startswith("Starting from")
+
+
+def test_the_model_card_says_what_was_trained(trained, tmp_path):
+    out = export_run(trained, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "trained with" in card and "for 4 steps" in card and "cosine schedule" in card
+    assert (out / "samples.png").is_file() and "![samples](samples.png)" in card
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+
+
+def test_the_command_line_exports_and_imports_and_refuses_in_one_line(trained, tmp_path, capsys, tiny_config):
+    assert main(["export", str(trained), str(tmp_path / "out")]) == 0
+    assert "DDPMPipeline.from_pretrained" in capsys.readouterr().out
+    assert main(["export", str(trained), str(tmp_path / "out")]) == 2  # not empty
+    assert main(["import", str(tmp_path / "out"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num", "2",
+                 "--steps", "5"]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "9"]) == 2
+    assert "no optimizer state (an imported run)" in capsys.readouterr().err
+    seed_run = tmp_path / "seed"
+    train(tiny_config.replace(train={"max_steps": 1}), seed_run, progress=False, final_grid=False)
+    capsys.readouterr()
+    assert main(["export", str(seed_run), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only the res_attn_unet network can be exported" in err[0]
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "only folders written by ddpm-cars export can be imported" in capsys.readouterr().err
+
+
+def test_networks_without_an_exact_twin_are_refused():
+    with pytest.raises(UserError, match="multiples of 32"):
+        check_exportable(TINY.replace(model={"channels": (16, 32)}))
+    with pytest.raises(UserError, match="multiple of --head-channels 64"):
+        check_exportable(TINY.replace(model={"channels": (32, 96), "head_channels": 64}))
