@@ -137,7 +137,7 @@ def _train_parser(sub: Any) -> None:
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
     recipe = train.add_mutually_exclusive_group()
     recipe.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe the options below modify (default: {DEFAULT_PRESET})")
-    recipe.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON", help="start from a saved recipe instead, e.g. another run's config.json; the options below still override single fields")
+    recipe.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON", help="start from a saved recipe instead, e.g. another run's config.json; the options below still override single fields (default: the preset)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="Inception weights for FID during training (default: torch's hub cache, when the file is there)")
     _device_option(train)
