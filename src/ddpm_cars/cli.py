@@ -147,8 +147,9 @@ def _train_parser(sub: Any) -> None:
 
 SAMPLER_ADVICE = """\
 Picking a sampler (SWD x1e3 on toy cars, lower is better; BENCHMARKS.md, "Spacing by noise level"):
-  eps models: ddpm, 50 steps, as good as 1,000 (44.6 against 56.0); DDIM/DPM-Solver++ leave noise (123-133).
-  v models: dpm++ --steps 20 --spacing karras scored 60 against ddpm-50's 79, but its samples look smoother."""
+  eps models: ddpm, 50 steps, as good as 1,000 (44.6 against 56.0); deterministic DDIM/DPM-Solver++ leave noise
+  (123-133); ddim --steps 20 --eta 1 (79) or heun --churn 20 (92, 19 calls) do not. v models: dpm++ --steps 20
+  --spacing karras scored 60 against ddpm-50's 79, but its samples look smoother. Young models: see BENCHMARKS.md."""
 
 
 def _sample_parser(sub: Any) -> None:
