@@ -79,8 +79,12 @@ def test_an_import_of_the_export_samples_the_same_images(trained, tmp_path):
 
 
 def test_the_model_card_says_what_was_trained(trained, tmp_path):
+    scores = {"sampler": "ddpm", "steps": 50, "num_samples": 144, "reference": "64 images", "metrics": {"swd": 71.8}}
+    (trained / "eval").mkdir(exist_ok=True)
+    (trained / "eval" / "metrics.json").write_text(json.dumps(scores))
     out = export_run(trained, tmp_path / "export")
     card = (out / "README.md").read_text()
+    assert "144 samples, ddpm on 50 steps, against 64 images" in card and "| swd | 71.8 |" in card
     assert "library_name: diffusers" in card and "trained with" in card and "for 4 steps" in card and "cosine schedule" in card
     assert (out / "samples.png").is_file() and "![samples](samples.png)" in card
     index = json.loads((out / "model_index.json").read_text())

@@ -197,7 +197,7 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
         "---", "library_name: diffusers", "tags: [ddpm, unconditional-image-generation, ddpm-cars]", "---", "",
         f"# {run.dir.name}: a DDPM trained with ddpm-cars", "",
         f"A denoising diffusion model of {c.data.image_size}x{c.data.image_size} images, trained with "
-        f"[ddpm-cars](https://github.com/) on `{c.data.source}` for {_step(run.checkpoint)} steps "
+        f"ddpm-cars on `{c.data.source}` for {_step(run.checkpoint)} steps "
         f"({'moving-average' if ema else 'raw'} weights).", "",
         "```python", "from diffusers import DDPMPipeline", "", "pipeline = DDPMPipeline.from_pretrained(\"PATH\")",
         f"images = pipeline(batch_size=16, num_inference_steps={c.diffusion.timesteps}).images", "```", "",
@@ -212,9 +212,10 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
     metrics = run.dir / "eval" / "metrics.json"
     if metrics.is_file():
         scores = json.loads(metrics.read_text())
-        shown = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        lines += ["", "## Scores (`ddpm-cars eval`)", "", "| metric | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in shown.items()]
+        how = f"{scores.get('num_samples')} samples, {scores.get('sampler')} on {scores.get('steps') or 'all'} steps"
+        lines += ["", f"## Scores (`ddpm-cars eval`: {how}, against {scores.get('reference')})", "",
+                  "| metric | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in scores.get("metrics", {}).items()]
     grids = sorted((run.dir / "samples").glob("*.png")) + [p for p in (run.dir / "grid.png",) if p.is_file()]
     if grids:
         shutil.copyfile(grids[-1], out / "samples.png")
