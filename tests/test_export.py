@@ -15,7 +15,9 @@ from ddpm_cars.samplers import generate
 from ddpm_cars.training import train
 
 diffusers = pytest.importorskip("diffusers")
-from ddpm_cars.export import check_exportable, export_run, from_unet, import_pipeline, to_unet  # noqa: E402
+from ddpm_cars.export import (  # noqa: E402
+    check_exportable, config_from_diffusers, export_run, from_unet, import_pipeline, to_unet, unet_config,
+)
 
 VARIANTS = {
     "plain": {},
@@ -115,3 +117,41 @@ def test_networks_without_an_exact_twin_are_refused():
         check_exportable(TINY.replace(model={"channels": (16, 32)}))
     with pytest.raises(UserError, match="multiple of --head-channels 64"):
         check_exportable(TINY.replace(model={"channels": (32, 96), "head_channels": 64}))
+
+
+def _pipeline_and_ours(folder, run):
+    """Image 0 of seed 0 from diffusers' DDPMPipeline and from generate(), both in [-1, 1]."""
+    pipeline = diffusers.DDPMPipeline.from_pretrained(str(folder))
+    steps = pipeline.scheduler.config.num_train_timesteps
+    theirs = pipeline(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np").images
+    opened = Run.open(run)
+    ours = generate(opened.denoiser(ema=True), 1, opened.config.sample, seed=0, progress=False)
+    return torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1, ours
+
+
+def test_a_diffusers_model_made_elsewhere_imports_when_it_has_a_twin(tmp_path):
+    """A UNet2DModel and a DDPMScheduler built by diffusers alone (their own initialisation,
+    the squaredcos_cap_v2 betas diffusers computes, no ddpm_cars.json): the imported run
+    samples what the pipeline samples."""
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DModel(**unet_config(TINY))
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2",
+                                        variance_type="learned_range", prediction_type="v_prediction")
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp_path / "theirs"))
+    run = import_pipeline(tmp_path / "theirs", tmp_path / "run")
+    config = Run.open(run).config
+    assert (config.diffusion.timesteps, config.diffusion.schedule, config.diffusion.prediction) == (50, "cosine", "v")
+    theirs, ours = _pipeline_and_ours(tmp_path / "theirs", run)
+    assert (theirs - ours).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"resnet_time_scale_shift": "default"}, "resnet_time_scale_shift='default'; ddpm-cars needs 'scale_shift'"),
+    ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
+    ({"down_block_types": ["DownBlock2D", "AttnSkipDownBlock2D"]}, "down_block_types"),
+    ({"num_class_embeds": 10}, "only exports of ddpm-cars carry class names"),
+])
+def test_a_diffusers_model_without_a_twin_is_refused_naming_the_setting(change, message):
+    scheduler = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon", "variance_type": "learned_range"}
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        config_from_diffusers({**unet_config(TINY), **change}, scheduler)

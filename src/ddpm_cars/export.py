@@ -224,22 +224,81 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
 
 
 def import_pipeline(folder: Path, out: Path) -> Path:
-    """Bring a diffusers ``UNet2DModel`` + ``DDPMScheduler`` folder in as run ``out``."""
+    """Bring a diffusers ``UNet2DModel`` + ``DDPMScheduler`` folder in as run ``out``: an
+    export of ours exactly (its ``ddpm_cars.json``), any other folder when its network has
+    an exact twin here (else a one-line ``UserError`` naming the setting)."""
     if latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints; pick another --out")
     diffusers = _diffusers()
-    ours = folder / OUR_CONFIG
-    if not ours.is_file():
-        raise UserError(f"{folder} holds no {OUR_CONFIG}: only folders written by ddpm-cars export can be imported")
-    saved = json.loads(ours.read_text())
-    config = RunConfig.from_dict(saved["config"])
     try:
         unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder="unet")
+        scheduler = dict(diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler"))
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the diffusers UNet in {folder}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"cannot read a diffusers UNet2DModel and scheduler in {folder}: {str(err).splitlines()[0]}") from err
+    ours = folder / OUR_CONFIG
+    if ours.is_file():
+        saved = json.loads(ours.read_text())
+        config, step = RunConfig.from_dict(saved["config"]), int(saved.get("step", 0))
+    else:
+        config, step = config_from_diffusers(dict(unet.config), scheduler), 0
     model = from_unet(unet, config)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / CONFIG_FILE)
-    state = TrainState(step=int(saved.get("step", 0)), epoch=0, batch_in_epoch=0, optimizer={}, rng=torch.ByteTensor())
+    state = TrainState(step=step, epoch=0, batch_in_epoch=0, optimizer={}, rng=torch.ByteTensor())
     save_checkpoint(out, model, state, model if config.train.ema_decay else None)
     return out
+
+
+# What a UNet2DModel must say to be our residual U-Net, and why.
+_REQUIRED = {
+    "time_embedding_type": ("positional", "a sinusoidal time embedding"), "flip_sin_to_cos": (False, "sines before cosines"),
+    "freq_shift": (1, "frequencies exp(-log(10000) i / (d/2 - 1))"), "act_fn": ("silu", "SiLU"),
+    "resnet_time_scale_shift": ("scale_shift", "adaptive group norm"), "norm_num_groups": (NORM_GROUPS, "32-group norms"),
+    "attn_norm_num_groups": (NORM_GROUPS, "32-group norms in every attention block"), "in_channels": (3, "RGB input"),
+    "center_input_sample": (False, "inputs as they are"), "class_embed_type": (None, "no class embedding but a table"),
+    "num_class_embeds": (None, "no classes (only exports of ddpm-cars carry class names and the null class)"),
+    "add_attention": (True, "attention in the middle block"),
+}
+_SCHEDULES = {"squaredcos_cap_v2": "cosine", "linear": "linear"}
+_PREDICTIONS = {theirs: ours for ours, theirs in PREDICTION.items()}
+_VARIANCES = {"learned_range": None, "fixed_small": "beta_tilde", "fixed_large": "beta"}
+
+
+def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> RunConfig:
+    """Our config for a UNet2DModel and DDPMScheduler configuration with an exact twin here."""
+    def refuse(name: str, value: Any, wanted: str) -> UserError:
+        return UserError(f"cannot import: the diffusers config has {name}={value!r}; ddpm-cars needs {wanted}")
+
+    for name, (wanted, why) in _REQUIRED.items():
+        if unet.get(name, wanted) != wanted:
+            raise refuse(name, unet.get(name), f"{wanted!r} ({why})")
+    updown = unet.get("downsample_type", "conv") == "resnet"
+    plain = {"ResnetDownsampleBlock2D", "AttnDownBlock2D"} if updown else {"DownBlock2D", "AttnDownBlock2D"}
+    if not set(unet["down_block_types"]) <= plain:
+        raise refuse("down_block_types", unet["down_block_types"], f"blocks of {sorted(plain)}")
+    size, learned = int(unet["sample_size"]), unet["out_channels"] == 6
+    if unet["out_channels"] not in (3, 6) or learned != (scheduler.get("variance_type") == "learned_range"):
+        raise refuse("out_channels", unet["out_channels"], "3, or 6 with variance_type 'learned_range'")
+    for name, table in [("beta_schedule", _SCHEDULES), ("prediction_type", _PREDICTIONS), ("variance_type", _VARIANCES)]:
+        if scheduler.get(name) not in table:
+            raise refuse(name, scheduler.get(name), f"one of {sorted(table)}")
+    timesteps = int(scheduler["num_train_timesteps"])
+    attention = tuple(size // 2**level for level, kind in enumerate(unet["down_block_types"]) if kind.startswith("Attn"))
+    config = RunConfig.from_dict({
+        "model": {"name": "res_attn_unet", "channels": list(unet["block_out_channels"]), "num_res_blocks": unet["layers_per_block"],
+                  "attention_resolutions": list(attention), "head_channels": unet["attention_head_dim"],
+                  "dropout": unet.get("dropout", 0.0), "resblock_updown": updown},
+        "diffusion": {"timesteps": timesteps, "schedule": _SCHEDULES[scheduler["beta_schedule"]], "learn_variance": learned,
+                      "prediction": _PREDICTIONS[scheduler["prediction_type"]], "loss": "l2",
+                      # our linear betas are given for T = 1000 and scaled by 1000 / T
+                      "beta_start": scheduler.get("beta_start", 1e-4) * timesteps / 1000,
+                      "beta_end": scheduler.get("beta_end", 0.02) * timesteps / 1000,
+                      "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False))},
+        "data": {"image_size": size},
+        "sample": {"variance": _VARIANCES[scheduler["variance_type"]] or "beta", "clip_x0": bool(scheduler.get("clip_sample", True))},
+    })
+    theirs = scheduler.get("trained_betas")
+    ours = training_betas(dataclasses.replace(config.diffusion, zero_terminal_snr=False))
+    if theirs is not None and (len(theirs) != timesteps or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6):
+        raise UserError("cannot import: the scheduler's trained_betas are neither a linear nor a cosine schedule")
+    return config
