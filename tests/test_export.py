@@ -150,6 +150,8 @@ def test_a_diffusers_model_made_elsewhere_imports_when_it_has_a_twin(tmp_path):
     ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
     ({"down_block_types": ["DownBlock2D", "AttnSkipDownBlock2D"]}, "down_block_types"),
     ({"num_class_embeds": 10}, "only exports of ddpm-cars carry class names"),
+    ({"up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"]}, "up_block_types"),
+    ({"norm_eps": 1e-6}, "norm_eps=1e-06; ddpm-cars needs 1e-05"),
 ])
 def test_a_diffusers_model_without_a_twin_is_refused_naming_the_setting(change, message):
     scheduler = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon", "variance_type": "learned_range"}

@@ -297,6 +297,9 @@ def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> Ru
         "data": {"image_size": size},
         "sample": {"variance": _VARIANCES[scheduler["variance_type"]] or "beta", "clip_x0": bool(scheduler.get("clip_sample", True))},
     })
+    for name, wanted in unet_config(config).items():  # whatever the checks above did not name
+        if name in unet and unet[name] != wanted and not (isinstance(wanted, list) and list(unet[name]) == wanted):
+            raise refuse(name, unet[name], repr(wanted))
     theirs = scheduler.get("trained_betas")
     ours = training_betas(dataclasses.replace(config.diffusion, zero_terminal_snr=False))
     if theirs is not None and (len(theirs) != timesteps or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6):
