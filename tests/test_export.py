@@ -97,6 +97,9 @@ def test_the_command_line_exports_and_imports_and_refuses_in_one_line(trained, t
     assert main(["export", str(trained), str(tmp_path / "out")]) == 0
     assert "DDPMPipeline.from_pretrained" in capsys.readouterr().out
     assert main(["export", str(trained), str(tmp_path / "out")]) == 2  # not empty
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(trained), str(tmp_path / "file")]) == 2  # not a folder
+    assert "exists and is not an empty folder" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "out"), "--out", str(tmp_path / "run")]) == 0
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num", "2",
                  "--steps", "5"]) == 0

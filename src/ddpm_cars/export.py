@@ -172,8 +172,8 @@ def from_unet(unet: nn.Module, config: RunConfig) -> nn.Module:
 
 def export_run(source: str | Path, out: Path, *, ema: bool = True) -> Path:
     """Write run ``source`` as a ``DDPMPipeline`` folder ``out`` (with a model card)."""
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; pick another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; pick another one")
     run = Run.open(source)
     check_exportable(run.config)
     diffusers = _diffusers()
