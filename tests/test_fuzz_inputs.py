@@ -228,8 +228,13 @@ JSON = st.recursive(
 FIELDS = [(section, name) for section, values in SEED.to_dict().items() for name in values]
 
 
-def clearly_wrong(value, default) -> bool:
+OPTIONAL_NON_NUMBERS = {("train", "compile"): False, ("train", "init_from"): ""}  # fields whose default is None
+
+
+def clearly_wrong(value, default, field=None) -> bool:
     """A value no reading of the field's type accepts (independent of config.py's own check)."""
+    if default is None and field in OPTIONAL_NON_NUMBERS:
+        return value is not None and clearly_wrong(value, OPTIONAL_NON_NUMBERS[field])
     if isinstance(default, bool):
         return not isinstance(value, bool)
     if isinstance(default, (int, float)):
@@ -250,6 +255,10 @@ def clearly_wrong(value, default) -> bool:
 @example(field=("diffusion", "timesteps"), value=[1000])
 @example(field=("data", "image_size"), value={"px": 64})
 @example(field=("sample", "steps"), value=2.5)
+@example(field=("train", "compile"), value=False)
+@example(field=("train", "compile"), value="yes")
+@example(field=("train", "init_from"), value="runs/a")
+@example(field=("train", "init_from"), value=3)
 def test_fuzzed_config_values_give_a_value_error_naming_the_field(field, value):
     section, name = field
     data = SEED.to_dict()
@@ -260,10 +269,10 @@ def test_fuzzed_config_values_give_a_value_error_naming_the_field(field, value):
     except ValueError as err:
         message = str(err)
         assert len(message.splitlines()) == 1
-        if clearly_wrong(value, default):
+        if clearly_wrong(value, default, field):
             assert f"{section}.{name}" in message, message
     else:
-        assert not clearly_wrong(value, default), config
+        assert not clearly_wrong(value, default, field), config
         assert RunConfig.from_dict(config.to_dict()) == config
 
 
