@@ -21,11 +21,12 @@ LAYERS = [
     {"diffusion", "models"},
     {"denoiser"},
     {"samplers"},
+    {"editing", "generation"},
     {"data", "viz"},
     {"run", "parallel"},
     {"evaluation", "report", "export"},
     {"training"},
-    {"benchmarks", "commands"},
+    {"benchmarks", "commands", "image_edits"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -85,7 +86,7 @@ def test_imports_go_down_the_layers():
 
 def test_no_lower_module_imports_training():
     for module, targets in _graph().items():
-        if _unit(module) in ("evaluation", "models", "samplers", "report", "run", "parallel"):
+        if _unit(module) in ("evaluation", "models", "samplers", "editing", "generation", "report", "run", "parallel"):
             assert not [t for t in targets if _unit(t) == "training"], module
 
 
@@ -110,7 +111,7 @@ def test_the_package_has_no_import_cycle():
 def test_the_walk_sees_nested_and_aliased_imports():
     graph = _graph()
     assert "run" in graph["commands"] and "parallel" in graph["commands"]  # `from ddpm_cars import run as ckpt`
-    assert "samplers" in graph["parallel"]  # imported inside generate_across_ranks
+    assert "generation" in graph["parallel"]  # imported inside generate_across_ranks
 
 
 def test_no_function_is_longer_than_60_lines():
@@ -123,12 +124,17 @@ def test_no_function_is_longer_than_60_lines():
 
 
 def test_samplers_and_generate_take_at_most_8_parameters():
-    """DDIM alone takes 9: its eta and the sigma that eta scales (Song et al.'s or the learned one)."""
-    from ddpm_cars import samplers
+    """DDIM alone takes 9: its eta and the sigma that eta scales (Song et al.'s or the learned one);
+    generate 8 besides the three of an edit (init, strength, mask: the README's Python API)."""
+    from ddpm_cars import editing, generation, samplers
 
-    for fn in (samplers.generate, samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.heun_sample):
+    for fn in (samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.heun_sample, editing.edit_sample,
+               editing.repaint_sample, generation.decode):
         assert len(inspect.signature(fn).parameters) <= 8, fn.__name__
     assert len(inspect.signature(samplers.ddim_sample).parameters) <= 9
+    edit = {"init", "strength", "mask"}
+    assert edit <= set(inspect.signature(generation.generate).parameters)
+    assert len(set(inspect.signature(generation.generate).parameters) - edit) <= 8
 
 
 def test_the_checkpoint_loading_sequence_exists_once():

@@ -10,7 +10,7 @@ from ddpm_cars.conditioning import ClassifierFreeGuidance, class_labels, closest
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
-from ddpm_cars.samplers import ClassRequest, generate
+from ddpm_cars.generation import ClassRequest, generate
 from ddpm_cars.schedule import build_schedule
 
 

@@ -11,7 +11,7 @@ from ddpm_cars.errors import UserError
 from ddpm_cars.models import build_model
 from ddpm_cars.presets import TINY
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import generate
+from ddpm_cars.generation import generate
 from ddpm_cars.training import train
 
 diffusers = pytest.importorskip("diffusers")

@@ -7,7 +7,8 @@ from ddpm_cars import diffusion
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import SimpleUnet
-from ddpm_cars.samplers import ancestral_sample, ddim_sample, dpm_solver_sample, generate, heun_sample, image_generators, randn
+from ddpm_cars.generation import generate
+from ddpm_cars.samplers import ancestral_sample, ddim_sample, dpm_solver_sample, heun_sample, image_generators, randn
 from ddpm_cars.schedule import NoiseSchedule, cosine_betas, linear_betas, sampling_timesteps
 
 

@@ -168,7 +168,21 @@ def _sample_parser(sub: Any) -> None:
     _ema_option(sample)
     sample.add_argument("--class", dest="classes", action="append", default=None, metavar="NAME", help="draw --num images of this class: its name (any case) or index; repeat for several, one grid row each (class-conditional runs; list them with `ddpm-cars classes RUN`; default: unconditional)")
     sample.add_argument("--guidance", type=value_type(float, NON_NEGATIVE), default=None, metavar="SCALE", help=f"classifier-free guidance with --class: 0 unconditional, 1 conditional, more for stronger class likeness (default: {DEFAULT_GUIDANCE:g})")
+    _own_image_options(sample)
     _sampling_options(sample)
+
+
+def _own_image_options(sample: argparse.ArgumentParser) -> None:
+    own = sample.add_argument_group("variations, inpainting and interpolation", "Use the model on an image of your own, or between two seeds.")
+    own.add_argument("--init-image", type=Path, metavar="IMG", help="draw --num variations of this image (SDEdit): it is cropped and resized like the run's training images, noised to step strength x T and denoised (default: none)")
+    own.add_argument("--strength", type=value_type(float, Limits(low=0, high=1)), default=None, metavar="S", help="how far --init-image is noised, in [0, 1]: 0 returns it, 1 ignores it (default: 0.5; 1 with --mask)")
+    own.add_argument("--mask", type=Path, metavar="MASK", help="with --init-image: redraw its pixels where this image (of the same size) is white, keep the rest (RePaint; --sampler ddpm or ddim) (default: none)")
+    own.add_argument("--resample-jumps", type=value_type(int, NON_NEGATIVE), default=0, metavar="J", help="with --mask: after every --resample-every steps, go back up that many steps and down again, J times, so the fill agrees with the kept pixels (RePaint's resampling; costs about J+1 times the steps) (default: 0, off)")
+    own.add_argument("--resample-every", type=value_type(int, POSITIVE), default=10, metavar="R", help="steps between RePaint's jumps back, and their length (default: 10)")
+    ends = own.add_mutually_exclusive_group()
+    ends.add_argument("--interpolate", type=int, nargs=2, metavar=("SEED_A", "SEED_B"), help="draw --frames images along the sphere between image 0 of two seeds' starting noise, decoded deterministically (DDIM with eta 0 unless --sampler names another deterministic one): interpolation.png, interpolation.gif (default: off)")
+    ends.add_argument("--interpolate-images", type=Path, nargs=2, metavar=("IMG_A", "IMG_B"), help="the same between two images, each first inverted to its x_T with DDIM (default: off)")
+    own.add_argument("--frames", type=value_type(int, Limits(low=2)), default=9, metavar="N", help="frames of an interpolation, both ends included (default: 9)")
 
 
 def _forward_parser(sub: Any) -> None:

@@ -10,20 +10,22 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars import parallel
+from ddpm_cars import image_edits, parallel
 from ddpm_cars import run as ckpt
 from ddpm_cars.conditioning import class_labels
 from ddpm_cars.config import DEFAULT_GUIDANCE, DataConfig, DiffusionConfig, RunConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.diffusion import q_sample
+from ddpm_cars.editing import strength_timesteps
 from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.evaluation import bits_per_dim
+from ddpm_cars.generation import ClassRequest
 from ddpm_cars.parallel import resolve_device
 from ddpm_cars.presets import DEMO, preset
 from ddpm_cars.report import write_report
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import ClassRequest, StepCallback, sampling_description
+from ddpm_cars.samplers import StepCallback, sampling_description
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
@@ -104,24 +106,28 @@ GRID_ROW_PER_CLASS_UP_TO = 16  # images per class that still fit on one grid row
 def sample_run(
     run: Path, out: Path, num: int, *, seed: int = 0, batch_size: int = 64, device: str = "auto",
     sample_overrides: dict | None = None, ema: bool = True, trajectory: bool = False, grid_count: int | None = None,
-    classes: list[str] | None = None, guidance: float = 1.0,
+    classes: list[str] | None = None, guidance: float = 1.0, edit: argparse.Namespace | None = None,
 ) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
     all by default), images/NNNN.png and denoising.png. With ``classes`` (names or indices)
-    ``num`` images of each, guided by ``guidance``, one grid row per class. Under torchrun the
-    images are shared out over the processes and rank 0 writes them (the others return None)."""
+    ``num`` images of each, guided by ``guidance``, one grid row per class; with ``edit`` (the
+    sample command's ``--init-image``/``--mask`` options), variations or inpaintings of an
+    image. Under torchrun the images are shared out over the processes and rank 0 writes
+    them (the others return None)."""
     trained = Run.open(run, sample=sample_overrides)
     config = trained.config
     labels = class_labels(classes, config.model.class_names, num) if classes else None
     num = num if labels is None else len(labels)
+    request = {} if edit is None else image_edits.edit_request(edit, config.data.crop, config.data.image_size)
     world, dev = parallel.init_from_env(resolve_device(device))
     schedule = build_schedule(config.diffusion)
     visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing,
-                                 schedule.alphas_cumprod_float64).tolist()
+                                 schedule.alphas_cumprod_float64)
+    visited = strength_timesteps(visited, request.get("strength", 1.0), schedule.timesteps).tolist()
     frames, predictions, callback = denoising_frames(visited)
     images = parallel.generate_across_ranks(
         trained.denoiser(ema=ema, device=dev), num, config.sample, world, seed=seed, batch_size=batch_size,
-        classes=None if labels is None else ClassRequest(labels, guidance), callback=callback,
+        classes=None if labels is None else ClassRequest(labels, guidance), callback=callback, **request,
     )
     if images is None:  # not rank 0
         return None
@@ -136,6 +142,11 @@ def sample_run(
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
     files = "grid.png, images/, denoising.png" + (", trajectory.png" if trajectory else "")
+    if request:
+        image_edits.write_inputs(out, request)
+        what = f"inpainting the white of {edit.mask} in" if "mask" in request else "variations of"
+        how += f"; {what} {edit.init_image}, strength {request['strength']:g}"
+        files += ", input.png" + (", masked.png" if "mask" in request else "")
     print(f"Wrote {num} images ({how}) from {trained.checkpoint} to {out}/ ({files})")
     return images
 
@@ -152,10 +163,14 @@ def sample(args: argparse.Namespace) -> int:
     overrides = args.overrides.get("sample", {})
     if args.guidance is not None and not args.classes:
         raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
+    image_edits.check_edit_options(args, overrides.get("sampler") or Run.open(args.checkpoint).config.sample.sampler)
+    if args.interpolate is not None or args.interpolate_images is not None:
+        return image_edits.interpolate(args)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sample_run(
         args.checkpoint, args.out, args.num, seed=args.seed, batch_size=args.batch_size, device=args.device,
         sample_overrides=overrides, ema=args.ema, trajectory=args.trajectory, classes=args.classes, guidance=guidance,
+        edit=args if args.init_image is not None else None,
     )
     return 0
 

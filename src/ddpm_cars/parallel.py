@@ -157,10 +157,10 @@ def gather_images(images: torch.Tensor, indices: Sequence[int], count: int, worl
 
 
 def generate_across_ranks(denoiser, num_images: int, config, world: World, **kwargs) -> torch.Tensor | None:
-    """``samplers.generate`` with the images of the request shared out over the ranks
+    """``generation.generate`` with the images of the request shared out over the ranks
     (rank r draws images r, r + size, ...) and gathered on rank 0, in order; per-image
     seeds make them the images one process would draw. None on the other ranks."""
-    from ddpm_cars.samplers import generate
+    from ddpm_cars.generation import generate
 
     indices = shard_indices(num_images, world)
     if not world.is_main:

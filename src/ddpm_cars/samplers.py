@@ -3,13 +3,13 @@
 Each is a function of a :class:`~ddpm_cars.denoiser.Denoiser`, the starting noise x_T,
 one ``torch.Generator`` per image and the training timesteps to visit, so image ``i``
 of a request with seed ``s`` is the same whatever batch it is drawn in, and no sampler
-knows how the network is parameterised. :func:`generate` draws a whole request.
+knows how the network is parameterised. :func:`run_sampler` runs the one a
+:class:`~ddpm_cars.config.SampleConfig` names; :mod:`ddpm_cars.generation` draws whole requests.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -18,9 +18,7 @@ from tqdm.auto import tqdm
 from ddpm_cars import diffusion
 from ddpm_cars.config import DdimSigma, SampleConfig, Variance
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.errors import UserError
-from ddpm_cars.models import batchnorm_uses_batch_stats
-from ddpm_cars.schedule import sampling_timesteps, sigmas
+from ddpm_cars.schedule import sigmas
 
 # callback(t, x, x0_pred): called after each reverse step with the training timestep t the
 # network was just called at, the new state and the predicted x_0.
@@ -69,16 +67,25 @@ def ancestral_sample(
     assert len(generators) == x_T.shape[0], "one generator per image"
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, "Sampling (DDPM)", progress)
-    for i, t, idx in steps:
-        pred = den.predict(x, idx, clip_x0=clip_x0, variance=variance)
-        mean = diffusion.posterior_mean(den.schedule, pred.x0, x, idx)
-        if i > 0:  # no noise on the last step
-            x = mean + torch.exp(0.5 * pred.log_var) * randn(x.shape[1:], generators, x.device)
-        else:
-            x = mean
+    for i, t, _ in steps:
+        x, x0 = ancestral_step(den, x, i, generators, clip_x0=clip_x0, variance=variance)
         if callback is not None:
-            callback(t, x, pred.x0)
+            callback(t, x, x0)
     return x
+
+
+def ancestral_step(
+    den: Denoiser, x: torch.Tensor, i: int, generators: Sequence[torch.Generator], *,
+    clip_x0: bool = True, variance: Variance = "beta",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`ancestral_sample` from x_i, at step ``i`` of ``den``'s schedule:
+    (x_{i-1}, the predicted x_0); the step from i = 0 adds no noise."""
+    idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    pred = den.predict(x, idx, clip_x0=clip_x0, variance=variance)
+    mean = diffusion.posterior_mean(den.schedule, pred.x0, x, idx)
+    if i > 0:
+        return mean + torch.exp(0.5 * pred.log_var) * randn(x.shape[1:], generators, x.device), pred.x0
+    return mean, pred.x0
 
 
 @torch.no_grad()
@@ -109,21 +116,32 @@ def ddim_sample(
     assert sigma == "song" or denoiser.config.learn_variance, "the learned sigma needs a model that learned its variance"
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, "Sampling (DDIM)", progress)
-    schedule = den.schedule
-    for i, t, idx in steps:
-        x0, eps, log_var = den.predict(x, idx, clip_x0=clip_x0)
-        ab = schedule.gather(schedule.alphas_cumprod, idx, x)
-        ab_prev = schedule.gather(schedule.alphas_cumprod_prev, idx, x)
-        if sigma == "learned":
-            std = eta * torch.exp(0.5 * log_var)
-        else:
-            std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i > 0:
-            x = x + std * randn(x.shape[1:], generators, x.device)
+    for i, t, _ in steps:
+        x, x0 = ddim_step(den, x, i, generators, eta=eta, sigma=sigma, clip_x0=clip_x0)
         if callback is not None:
             callback(t, x, x0)
     return x
+
+
+def ddim_step(
+    den: Denoiser, x: torch.Tensor, i: int, generators: Sequence[torch.Generator], *,
+    eta: float = 0.0, sigma: DdimSigma = "song", clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`ddim_sample` from x_i, at step ``i`` of ``den``'s schedule:
+    (x_{i-1}, the predicted x_0)."""
+    schedule = den.schedule
+    idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    x0, eps, log_var = den.predict(x, idx, clip_x0=clip_x0)
+    ab = schedule.gather(schedule.alphas_cumprod, idx, x)
+    ab_prev = schedule.gather(schedule.alphas_cumprod_prev, idx, x)
+    if sigma == "learned":
+        std = eta * torch.exp(0.5 * log_var)
+    else:
+        std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and i > 0:
+        x_prev = x_prev + std * randn(x.shape[1:], generators, x.device)
+    return x_prev, x0
 
 
 # The ODE solvers work in log SNR (or sigma = 1 / sqrt(SNR)), infinite where alphabar = 0, the
@@ -309,44 +327,12 @@ def sampling_description(sample: SampleConfig) -> str:
     return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({sample.spacing})") + churn
 
 
-@dataclass(frozen=True)
-class ClassRequest:
-    """Class ``labels[i]`` for image ``i`` of a request (``[N]``), drawn with classifier-free
-    guidance ``scale`` (0: unconditional, 1: conditional, more: stronger)."""
-
-    labels: torch.Tensor
-    scale: float = 1.0
-
-
-def generate(
-    denoiser: Denoiser,
-    images: int | Sequence[int],
-    config: SampleConfig,
-    *,
-    seed: int = 0,
-    batch_size: int = 64,
-    classes: ClassRequest | None = None,
-    callback: StepCallback | None = None,
-    progress: bool = True,
+def run_sampler(
+    denoiser: Denoiser, x_T: torch.Tensor, generators: Sequence[torch.Generator], config: SampleConfig, *,
+    timesteps: torch.Tensor | None = None, callback: StepCallback | None = None, progress: bool = False,
 ) -> torch.Tensor:
-    """Samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with ``config``'s
-    sampler on ``config.steps`` of the T steps (all by default). ``images`` is how many
-    to draw, or which images of a request (a share of one spread over processes): image
-    ``i`` is the same either way.
-
-    ``classes`` (a class-conditional model only) asks for a class per image, with
-    guidance; without it a conditional model samples unconditionally.
-
-    The network is put in eval mode; with ``config.batchnorm == "batch"`` BatchNorm layers
-    normalise with each sampling batch's statistics instead (running stats untouched).
-    ``callback`` sees the first batch only.
-    """
-    wanted = list(range(images)) if isinstance(images, int) else list(images)
-    if classes is not None:  # one label per image of the request
-        count = images if isinstance(images, int) else max(wanted, default=-1) + 1
-        _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
-    schedule = denoiser.schedule
-    timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
+    """Draw from x_T ``[B, C, H, W]`` with ``config``'s sampler and its settings (eta, sigma,
+    churn, variance, clipping) on the training steps ``timesteps`` (all by default)."""
     sample_fn, extra = {
         "ddpm": (ancestral_sample, {"variance": config.variance}),
         "ddim": (ddim_sample, {"eta": config.eta, "sigma": config.ddim_sigma}),
@@ -354,38 +340,11 @@ def generate(
         "dpm++3m": (dpm_solver_sample, {"order": 3}),
         "heun": (heun_sample, {"churn": config.churn}),
     }[config.sampler]
-    if config.sampler == "ddim" and config.ddim_sigma == "learned" and not denoiser.config.learn_variance:
-        raise UserError("--ddim-sigma learned needs a run trained with a learned variance (--learn-variance)")
-    model, device, size = denoiser.network, denoiser.device, denoiser.image_size
-    was_training = model.training
-    out = []
-    starts = range(0, len(wanted), batch_size)
-    try:
-        for start in tqdm(starts, desc="Sampling batches", disable=not progress or len(starts) == 1):
-            batch = wanted[start:start + batch_size]
-            gens = image_generators(seed, batch, device)
-            x_T = randn((3, size, size), gens, device)
-            if config.batchnorm == "batch":
-                ctx = batchnorm_uses_batch_stats(model)
-            else:
-                model.eval()
-                ctx = torch.no_grad()
-            den = denoiser if classes is None else denoiser.guided(classes.labels[batch].to(device), classes.scale)
-            with ctx:
-                x = sample_fn(den, x_T, gens, timesteps=timesteps, clip_x0=config.clip_x0,
-                              callback=callback if start == 0 else None, progress=progress, **extra)
-            out.append(x.clamp(-1, 1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 3, size, size)
+    return sample_fn(denoiser, x_T, generators, timesteps=timesteps, clip_x0=config.clip_x0, callback=callback,
+                     progress=progress, **extra)
 
 
-def _check_labels(labels: torch.Tensor, count: int, exact: bool, classes: int) -> None:
-    """Labels fit the request (``count`` images, or at least so many when a share of a
-    larger request is drawn) and the model, checked once rather than in every step."""
-    if not classes:
-        raise ValueError("class labels given, but the model is not class-conditional")
-    if labels.ndim != 1 or labels.shape[0] < count or (exact and labels.shape[0] != count):
-        raise ValueError(f"need one label per image: labels of shape {tuple(labels.shape)} for {count} images")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(f"labels must be classes 0..{classes - 1} of the model")
+def is_deterministic(config: SampleConfig) -> bool:
+    """Whether ``config``'s sampler draws no noise after x_T (DDIM with eta 0, the ODE solvers,
+    Heun without churn): the same x_T always gives the same image."""
+    return {"ddpm": False, "ddim": config.eta == 0, "dpm++": True, "dpm++3m": True, "heun": config.churn == 0}[config.sampler]

@@ -25,7 +25,7 @@ from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.evaluation.memorization import memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import generate
+from ddpm_cars.generation import generate
 
 COLUMNS = ["swd", "swd_32", "swd_16", "precision_pixels", "recall_pixels"]
 

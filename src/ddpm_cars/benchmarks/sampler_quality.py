@@ -23,7 +23,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import generate
+from ddpm_cars.generation import generate
 from ddpm_cars.viz import save_grid
 
 SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"

@@ -22,7 +22,7 @@ from ddpm_cars.evaluation.class_accuracy import predict, requested_class_share, 
 from ddpm_cars.evaluation.scores import has_heldout, sampling_description
 from ddpm_cars.files import atomic_write_text
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import ClassRequest, generate
+from ddpm_cars.generation import ClassRequest, generate
 from ddpm_cars.viz import save_rows
 
 RESULT_FILE = "guidance.json"

@@ -34,7 +34,7 @@ from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
 from ddpm_cars.parallel import World
 from ddpm_cars.runtime import to_layout, use_tf32
-from ddpm_cars.samplers import generate
+from ddpm_cars.generation import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.checkpoints import Checkpoints
 from ddpm_cars.training.logs import LossLog, PendingSteps

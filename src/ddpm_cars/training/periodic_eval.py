@@ -21,7 +21,7 @@ from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.evaluation.scores import ReferenceData, describe, load_inception, score
 from ddpm_cars.evaluation.swd import pyramid_resolutions
 from ddpm_cars.files import atomic_write_text
-from ddpm_cars.samplers import generate
+from ddpm_cars.generation import generate
 from ddpm_cars.viz import save_metric_curves
 
 METRICS_CSV = "metrics.csv"

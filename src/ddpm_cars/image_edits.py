@@ -1,0 +1,154 @@
+"""``ddpm-cars sample`` on given images and seeds: variations (``--init-image``), inpainting
+(``--mask``) and interpolation (``--interpolate``, ``--interpolate-images``).
+
+This module reads the user's files (prepared like the run's training images), checks them
+once, and writes the pictures; the diffusion work is :mod:`ddpm_cars.editing`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ddpm_cars import parallel
+from ddpm_cars.config import SampleConfig
+from ddpm_cars.data.folder import DataError, load_image
+from ddpm_cars.editing import INPAINTING_SAMPLERS, ddim_invert, interpolation_weights, slerp
+from ddpm_cars.errors import MissingFileError, UserError
+from ddpm_cars.generation import decode
+from ddpm_cars.run import Run
+from ddpm_cars.samplers import image_generators, is_deterministic, randn, sampling_description
+from ddpm_cars.schedule import sampling_timesteps
+from ddpm_cars.viz import save_grid, save_image, save_strip
+
+VARIATION_STRENGTH = 0.5  # --strength without --mask
+GIF_SCALE = 4  # the animation's pixels per image pixel
+GIF_FRAME_MS = 150
+
+
+def _size_of(path: Path, flag: str) -> tuple[int, int]:
+    from PIL import Image
+
+    if not path.exists():
+        raise MissingFileError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {path} is not an image this tool can read ({type(err).__name__}: {err})") from None
+
+
+def read_image(path: Path, size: int, crop: str, flag: str = "--init-image") -> torch.Tensor:
+    """The image at ``path`` as ``[3, S, S]`` in [-1, 1], cropped and resized like training images."""
+    _size_of(path, flag)
+    try:
+        return load_image(path, size, crop if crop != "bbox" else "none").float() / 127.5 - 1
+    except (OSError, ValueError, DataError) as err:
+        raise UserError(f"{flag} {path} could not be decoded ({err})") from None
+
+
+def read_mask(path: Path, image: Path, size: int, crop: str) -> torch.Tensor:
+    """``[1, S, S]``: 1 where the mask at ``path`` is light (redraw), 0 where it is dark (keep);
+    it must have the pixel size of ``image`` and is cropped and resized like it."""
+    mask_size, image_size = _size_of(path, "--mask"), _size_of(image, "--init-image")
+    if mask_size != image_size:
+        raise UserError(f"--mask {path} is {mask_size[0]}x{mask_size[1]} pixels but --init-image {image} is "
+                        f"{image_size[0]}x{image_size[1]}: the mask must have the image's size")
+    grey = (read_image(path, size, crop, "--mask") + 1).mean(0, keepdim=True) / 2
+    return (grey > 0.5).float()
+
+
+def edit_request(args: argparse.Namespace, crop: str, size: int) -> dict:
+    """The ``generate`` keywords (init, strength, mask) of ``--init-image``/``--mask``."""
+    from ddpm_cars.editing import Inpainting
+
+    init = read_image(args.init_image, size, crop)
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else VARIATION_STRENGTH)
+    if args.mask is None:
+        return {"init": init, "strength": strength}
+    mask = Inpainting(read_mask(args.mask, args.init_image, size, crop), args.resample_jumps, args.resample_every)
+    return {"init": init, "strength": strength, "mask": mask}
+
+
+def check_edit_options(args: argparse.Namespace, sampler: str) -> None:
+    """One line for each combination of the editing options that cannot work."""
+    interpolating = args.interpolate is not None or args.interpolate_images is not None
+    if interpolating and args.init_image is not None:
+        raise UserError("--init-image and --interpolate/--interpolate-images are separate uses of sample: give one")
+    if interpolating and args.classes:
+        raise UserError("--class does not combine with --interpolate/--interpolate-images")
+    if args.init_image is None and (args.mask is not None or args.strength is not None):
+        raise UserError(f"{'--mask' if args.mask is not None else '--strength'} needs --init-image, the image it applies to")
+    if args.mask is None and (args.resample_jumps or args.resample_every != 10):
+        raise UserError("--resample-jumps/--resample-every are RePaint's resampling: they need --mask")
+    if args.mask is not None and sampler not in INPAINTING_SAMPLERS:
+        raise UserError(f"--mask replaces the known pixels after every step, which needs --sampler ddpm or ddim (one "
+                        f"step at a time), not {sampler}")
+
+
+def write_inputs(out: Path, request: dict) -> None:
+    """input.png (the prepared image) and, when inpainting, masked.png (the redrawn part grey)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(request["init"], out / "input.png")
+    if "mask" in request:
+        save_image(request["init"] * (1 - request["mask"].mask[0]), out / "masked.png")
+
+
+def deterministic_config(sample: SampleConfig, overrides: dict) -> tuple[SampleConfig, str]:
+    """``sample`` if it is deterministic; DDIM (eta 0) on its steps if no sampler was asked
+    for; else a one-line error. Also a note on what was chosen."""
+    if is_deterministic(sample):
+        return sample, ""
+    if "sampler" in overrides or "eta" in overrides or "churn" in overrides:
+        raise UserError(f"interpolation decodes each frame deterministically: use --sampler ddim (eta 0), dpm++, dpm++3m "
+                        f"or heun (no churn), not {sampling_description(sample)}" + (f" with eta {sample.eta:g}" if sample.sampler == "ddim" else ""))
+    chosen = dataclasses.replace(sample, sampler="ddim", eta=0.0)
+    return chosen, f" (the run samples with {sample.sampler}; frames need a deterministic sampler)"
+
+
+def interpolate(args: argparse.Namespace) -> int:
+    """--interpolate SEED_A SEED_B or --interpolate-images A B: frames, strip and GIF."""
+    overrides = args.overrides.get("sample", {})
+    trained = Run.open(args.checkpoint, sample=overrides)
+    config = trained.config
+    sample, note = deterministic_config(config.sample, overrides)
+    world, dev = parallel.init_from_env(parallel.resolve_device(args.device))  # under torchrun: rank 0 writes
+    den = trained.denoiser(ema=args.ema, device=dev)
+    size = config.data.image_size
+    if args.interpolate is not None:
+        ends = torch.cat([randn((3, size, size), image_generators(seed, [0], dev), dev) for seed in args.interpolate])
+        what = f"seeds {args.interpolate[0]} and {args.interpolate[1]}"
+    else:
+        images = torch.stack([read_image(Path(p), size, config.data.crop, "--interpolate-images") for p in args.interpolate_images])
+        schedule = den.schedule
+        timesteps = sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64)
+        ends = ddim_invert(den, images.to(dev), timesteps=timesteps, progress=True)
+        what = f"{args.interpolate_images[0]} and {args.interpolate_images[1]} (inverted with DDIM)"
+    weights = interpolation_weights(args.frames)
+    x_T = torch.stack([slerp(ends[0], ends[1], w) for w in weights])
+    frames = decode(den, x_T, sample, batch_size=args.batch_size)
+    if not world.is_main:
+        return 0
+    write_interpolation(args.out, frames, weights, f"Interpolating {what}: {sampling_description(sample)}")
+    print(f"Wrote {args.frames} frames between {what} ({sampling_description(sample)}{note}) from {trained.checkpoint} "
+          f"to {args.out}/ (interpolation.png, interpolation.gif, images/)")
+    return 0
+
+
+def write_interpolation(out: Path, frames: torch.Tensor, weights: list[float], title: str) -> None:
+    """images/NNNN.png, interpolation.png (the strip) and interpolation.gif (there and back)."""
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        save_image(frame, out / "images" / f"{i:04d}.png")
+    save_strip([(f"{w:.2f}", f) for w, f in zip(weights, frames)], out / "interpolation.png", title)
+    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    size = frames.shape[-1] * GIF_SCALE
+    pictures = [Image.fromarray(p).resize((size, size), Image.NEAREST) for p in pixels]
+    loop = pictures + pictures[-2:0:-1]
+    loop[0].save(out / "interpolation.gif", save_all=True, append_images=loop[1:], duration=GIF_FRAME_MS, loop=0)
+    save_grid(frames, out / "grid.png", nrow=len(frames))
