@@ -311,12 +311,12 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
 
     code, out = _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--out", tmp_path / "lerp",
                           "--interpolate", 1, 2, "--frames", 4], capsys)
-    assert code == 0 and "ddim" in out.out
+    assert code == 0 and "ddim, 10 steps (karras)" in out.out  # the tiny recipe samples with ddpm
     gif = Image.open(tmp_path / "lerp" / "interpolation.gif")
     assert gif.n_frames == 4 + 2  # there and back
     plain = tmp_path / "plain"
-    assert _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--sampler", "ddim", "--num-images", 1,
-                     "--seed", 2, "--out", plain], capsys)[0] == 0
+    assert _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--sampler", "ddim", "--spacing", "karras",
+                     "--num-images", 1, "--seed", 2, "--out", plain], capsys)[0] == 0
     last = torch.from_numpy(np.array(Image.open(tmp_path / "lerp" / "images" / "0003.png"))).float()
     seed_2 = torch.from_numpy(np.array(Image.open(plain / "images" / "0000.png"))).float()
     assert (last - seed_2).abs().max() <= 1
@@ -350,3 +350,13 @@ def test_bad_editing_input_is_one_error_line(tiny_run, tmp_path, capsys, extra, 
     lines = [line for line in out.err.splitlines() if "error:" in line]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.err, out.err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_benchmark_scores_the_redrawn_half_alone():
+    from ddpm_cars.benchmarks.editing_quality import lower_half_mask, lower_halves
+
+    images = torch.arange(2 * 3 * 4 * 4).view(2, 3, 4, 4)
+    halves = lower_halves(images)
+    assert halves.shape == images.shape
+    assert torch.equal(halves[..., :2, :], images[..., 2:, :]) and torch.equal(halves[..., 2:, :], images[..., 2:, :])
+    assert lower_half_mask(4)[0].tolist() == [[0] * 4, [0] * 4, [1] * 4, [1] * 4]

@@ -25,6 +25,7 @@ from ddpm_cars.schedule import sampling_timesteps
 from ddpm_cars.viz import save_grid, save_image, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
+INTERPOLATION_SPACING = "karras"  # of the DDIM chosen for interpolation when no sampler is named
 GIF_SCALE = 4  # the animation's pixels per image pixel
 GIF_FRAME_MS = 150
 
@@ -98,15 +99,18 @@ def write_inputs(out: Path, request: dict) -> None:
 
 
 def deterministic_config(sample: SampleConfig, overrides: dict) -> tuple[SampleConfig, str]:
-    """``sample`` if it is deterministic; DDIM (eta 0) on its steps if no sampler was asked
-    for; else a one-line error. Also a note on what was chosen."""
+    """``sample`` if it is deterministic; else, when no sampler was asked for, DDIM with eta 0
+    on its number of steps, spaced by noise level (karras) unless a spacing was asked for --
+    on the demo model that halves DDIM inversion's reconstruction error against uniform
+    spacing (BENCHMARKS.md); else a one-line error. Also a note on what was chosen."""
     if is_deterministic(sample):
         return sample, ""
     if "sampler" in overrides or "eta" in overrides or "churn" in overrides:
         raise UserError(f"interpolation decodes each frame deterministically: use --sampler ddim (eta 0), dpm++, dpm++3m "
                         f"or heun (no churn), not {sampling_description(sample)}" + (f" with eta {sample.eta:g}" if sample.sampler == "ddim" else ""))
-    chosen = dataclasses.replace(sample, sampler="ddim", eta=0.0)
-    return chosen, f" (the run samples with {sample.sampler}; frames need a deterministic sampler)"
+    spacing = overrides.get("spacing", INTERPOLATION_SPACING)
+    chosen = dataclasses.replace(sample, sampler="ddim", eta=0.0, spacing=spacing)
+    return chosen, f"; the run samples with {sample.sampler}, frames need a deterministic sampler"
 
 
 def interpolate(args: argparse.Namespace) -> int:
@@ -126,7 +130,7 @@ def interpolate(args: argparse.Namespace) -> int:
         schedule = den.schedule
         timesteps = sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64)
         ends = ddim_invert(den, images.to(dev), timesteps=timesteps, progress=True)
-        what = f"{args.interpolate_images[0]} and {args.interpolate_images[1]} (inverted with DDIM)"
+        what = f"{Path(args.interpolate_images[0]).name} and {Path(args.interpolate_images[1]).name} (inverted with DDIM)"
     weights = interpolation_weights(args.frames)
     x_T = torch.stack([slerp(ends[0], ends[1], w) for w in weights])
     frames = decode(den, x_T, sample, batch_size=args.batch_size)
