@@ -300,6 +300,11 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
     assert code == 0 and "variations of" in out.out
     assert {p.name for p in (tmp_path / "var").iterdir()} >= {"grid.png", "input.png", "images", "denoising.png"}
 
+    code, out = _run_cli(["sample", *common, "--out", tmp_path / "same", "--init-image", car, "--strength", 0], capsys)
+    assert code == 0 and not (tmp_path / "same" / "denoising.png").exists()  # nothing was denoised
+    same = np.array(Image.open(tmp_path / "same" / "images" / "0001.png")).astype(int)
+    assert np.abs(same - np.array(Image.open(tmp_path / "same" / "input.png")).astype(int)).max() <= 1
+
     code, out = _run_cli(["sample", *common, "--out", tmp_path / "fill", "--init-image", car, "--mask", tmp_path / "mask.png",
                           "--resample-jumps", 1, "--resample-every", 3], capsys)
     assert code == 0 and (tmp_path / "fill" / "masked.png").exists()

@@ -133,15 +133,16 @@ def sample_run(
         return None
     per_row = num // len(classes) if classes and num // len(classes) <= GRID_ROW_PER_CLASS_UP_TO else None
     _write_samples(images, out, grid_count, per_row)
-    save_strip(frames, out / "denoising.png", f"Denoising image 0 ({trained.checkpoint.name})")
-    if trajectory:
+    if frames:  # none at strength 0, where nothing is denoised
+        save_strip(frames, out / "denoising.png", f"Denoising image 0 ({trained.checkpoint.name})")
+    if trajectory and frames:
         save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
                   f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})")
     how = sampling_description(config.sample)
     if labels is not None:
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
-    files = "grid.png, images/, denoising.png" + (", trajectory.png" if trajectory else "")
+    files = "grid.png, images/" + (", denoising.png" if frames else "") + (", trajectory.png" if trajectory and frames else "")
     if request:
         image_edits.write_inputs(out, request)
         what = f"inpainting the white of {edit.mask} in" if "mask" in request else "variations of"
