@@ -21,11 +21,13 @@ from ddpm_cars import parallel as distributed
 from ddpm_cars.training import train
 
 # the improved recipe, tiny; GroupNorm (no batch statistics), no dropout: the gradient of
-# a batch does not depend on how it is split. Micro-batches exercise no_sync.
+# a batch does not depend on how it is split. Micro-batches exercise no_sync. fp32 named,
+# not "auto": the spawned processes do not see conftest's in-process fp32, and on a CPU
+# with bf16 instructions they would train and sample in bf16.
 CONFIG = TINY.replace(
     data={"toy_count": 48, "flip": True},
     train={"batch_size": 8, "grad_accum_steps": 2, "max_steps": 4, "checkpoint_every_steps": 2, "ema_decay": 0.9,
-           "sample_every_epochs": 100, "warmup_steps": 2},
+           "sample_every_epochs": 100, "warmup_steps": 2, "precision": "fp32"},
 )
 
 
