@@ -28,7 +28,7 @@ from ddpm_cars.run import Run
 from ddpm_cars.samplers import StepCallback, sampling_description
 from ddpm_cars.schedule import build_schedule, sampling_timesteps
 from ddpm_cars.training import train as train_run
-from ddpm_cars.viz import evenly_spaced_steps, save_grid, save_image, save_rows, save_strip
+from ddpm_cars.viz import evenly_spaced_steps, save_rows, save_samples, save_strip
 
 # What may change when a run is resumed: how long it goes on, how it reports, and how the
 # same computation is carried out (precision, memory layout, compilation, micro-batches).
@@ -132,7 +132,7 @@ def sample_run(
     if images is None:  # not rank 0
         return None
     per_row = num // len(classes) if classes and num // len(classes) <= GRID_ROW_PER_CLASS_UP_TO else None
-    _write_samples(images, out, grid_count, per_row)
+    save_samples(images, out, grid_count, per_row)
     if frames:  # none at strength 0, where nothing is denoised
         save_strip(frames, out / "denoising.png", f"Denoising image 0 ({trained.checkpoint.name})")
     if trajectory and frames:
@@ -144,20 +144,10 @@ def sample_run(
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
     files = "grid.png, images/" + (", denoising.png" if frames else "") + (", trajectory.png" if trajectory and frames else "")
     if request:
-        image_edits.write_inputs(out, request)
-        what = f"inpainting the white of {edit.mask} in" if "mask" in request else "variations of"
-        how += f"; {what} {edit.init_image}, strength {request['strength']:g}"
-        files += ", input.png" + (", masked.png" if "mask" in request else "")
+        edit_how, edit_files = image_edits.write_inputs(out, request, edit)
+        how, files = how + edit_how, files + edit_files
     print(f"Wrote {num} images ({how}) from {trained.checkpoint} to {out}/ ({files})")
     return images
-
-
-def _write_samples(images: torch.Tensor, out: Path, grid_count: int | None, per_row: int | None) -> None:
-    """grid.png of the first ``grid_count`` images (``per_row`` a row) and images/NNNN.png."""
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    save_grid(images[:grid_count], out / "grid.png", nrow=per_row)
-    for i, image in enumerate(images):
-        save_image(image, out / "images" / f"{i:04d}.png")
 
 
 def sample(args: argparse.Namespace) -> int:

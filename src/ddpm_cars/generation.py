@@ -99,9 +99,7 @@ def decode(
     ``x_T`` ``[N, 3, S, S]`` with ``config``'s sampler, which must be deterministic (see
     :func:`~ddpm_cars.samplers.is_deterministic`): from the noise of image ``i`` of seed ``s``
     it draws image ``i`` of ``generate(..., seed=s)``."""
-    if not is_deterministic(config):
-        raise ValueError(f"decoding given noise needs a deterministic sampler (ddim with eta 0, dpm++, dpm++3m, "
-                         f"heun without churn), not {config.sampler}" + (f" with eta {config.eta:g}" if config.sampler == "ddim" else ""))
+    require_deterministic(config)
     _check_sampler(denoiser, config)
     schedule = denoiser.schedule
     timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
@@ -114,6 +112,14 @@ def decode(
             with ctx():
                 out.append(run_sampler(denoiser, x, gens, config, timesteps=timesteps, progress=progress).clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, *x_T.shape[1:])
+
+
+def require_deterministic(config: SampleConfig) -> None:
+    """A one-line ValueError unless ``config``'s sampler draws no noise after x_T."""
+    if not is_deterministic(config):
+        noise = {"ddim": f" with eta {config.eta:g}", "heun": f" with churn {config.churn:g}"}.get(config.sampler, "")
+        raise ValueError(f"decoding given noise needs a deterministic sampler (ddim with eta 0, dpm++, dpm++3m, "
+                         f"heun without churn), not {config.sampler}{noise}")
 
 
 @contextmanager

@@ -15,14 +15,15 @@ import torch
 
 from ddpm_cars import parallel
 from ddpm_cars.config import SampleConfig
+from ddpm_cars.data.dataset import to_model_range, to_uint8
 from ddpm_cars.data.folder import DataError, load_image
-from ddpm_cars.editing import INPAINTING_SAMPLERS, ddim_invert, interpolation_weights, slerp
+from ddpm_cars.editing import INPAINTING_SAMPLERS, Inpainting, ddim_invert, interpolation_weights, slerp
 from ddpm_cars.errors import MissingFileError, UserError
-from ddpm_cars.generation import decode
+from ddpm_cars.generation import decode, require_deterministic
 from ddpm_cars.run import Run
 from ddpm_cars.samplers import image_generators, is_deterministic, randn, sampling_description
 from ddpm_cars.schedule import sampling_timesteps
-from ddpm_cars.viz import save_grid, save_image, save_strip
+from ddpm_cars.viz import save_image, save_samples, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
 INTERPOLATION_SPACING = "karras"  # of the DDIM chosen for interpolation when no sampler is named
@@ -46,7 +47,7 @@ def read_image(path: Path, size: int, crop: str, flag: str = "--init-image") -> 
     """The image at ``path`` as ``[3, S, S]`` in [-1, 1], cropped and resized like training images."""
     _size_of(path, flag)
     try:
-        return load_image(path, size, crop if crop != "bbox" else "none").float() / 127.5 - 1
+        return to_model_range(load_image(path, size, crop))  # "bbox" without a box: squashed, as "none"
     except (OSError, ValueError, DataError) as err:
         raise UserError(f"{flag} {path} could not be decoded ({err})") from None
 
@@ -64,8 +65,6 @@ def read_mask(path: Path, image: Path, size: int, crop: str) -> torch.Tensor:
 
 def edit_request(args: argparse.Namespace, crop: str, size: int) -> dict:
     """The ``generate`` keywords (init, strength, mask) of ``--init-image``/``--mask``."""
-    from ddpm_cars.editing import Inpainting
-
     init = read_image(args.init_image, size, crop)
     strength = args.strength if args.strength is not None else (1.0 if args.mask else VARIATION_STRENGTH)
     if args.mask is None:
@@ -90,12 +89,16 @@ def check_edit_options(args: argparse.Namespace, sampler: str) -> None:
                         f"step at a time), not {sampler}")
 
 
-def write_inputs(out: Path, request: dict) -> None:
-    """input.png (the prepared image) and, when inpainting, masked.png (the redrawn part grey)."""
+def write_inputs(out: Path, request: dict, args: argparse.Namespace) -> tuple[str, str]:
+    """input.png (the prepared image) and, when inpainting, masked.png (the redrawn part grey);
+    returns what was drawn and the files written, for the command's closing line."""
     out.mkdir(parents=True, exist_ok=True)
     save_image(request["init"], out / "input.png")
-    if "mask" in request:
-        save_image(request["init"] * (1 - request["mask"].mask[0]), out / "masked.png")
+    if "mask" not in request:
+        return f"; variations of {args.init_image}, strength {request['strength']:g}", ", input.png"
+    save_image(request["init"] * (1 - request["mask"].mask[0]), out / "masked.png")
+    how = f"; inpainting the white of {args.mask} in {args.init_image}, strength {request['strength']:g}"
+    return how, ", input.png, masked.png"
 
 
 def deterministic_config(sample: SampleConfig, overrides: dict) -> tuple[SampleConfig, str]:
@@ -106,8 +109,10 @@ def deterministic_config(sample: SampleConfig, overrides: dict) -> tuple[SampleC
     if is_deterministic(sample):
         return sample, ""
     if "sampler" in overrides or "eta" in overrides or "churn" in overrides:
-        raise UserError(f"interpolation decodes each frame deterministically: use --sampler ddim (eta 0), dpm++, dpm++3m "
-                        f"or heun (no churn), not {sampling_description(sample)}" + (f" with eta {sample.eta:g}" if sample.sampler == "ddim" else ""))
+        try:
+            require_deterministic(sample)
+        except ValueError as err:
+            raise UserError(f"interpolation: {err}") from None
     spacing = overrides.get("spacing", INTERPOLATION_SPACING)
     chosen = dataclasses.replace(sample, sampler="ddim", eta=0.0, spacing=spacing)
     return chosen, f"; the run samples with {sample.sampler}, frames need a deterministic sampler"
@@ -126,7 +131,7 @@ def interpolate(args: argparse.Namespace) -> int:
         ends = torch.cat([randn((3, size, size), image_generators(seed, [0], dev), dev) for seed in args.interpolate])
         what = f"seeds {args.interpolate[0]} and {args.interpolate[1]}"
     else:
-        images = torch.stack([read_image(Path(p), size, config.data.crop, "--interpolate-images") for p in args.interpolate_images])
+        images = torch.stack([read_image(p, size, config.data.crop, "--interpolate-images") for p in args.interpolate_images])
         schedule = den.schedule
         timesteps = sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64)
         ends = ddim_invert(den, images.to(dev), timesteps=timesteps, progress=True)
@@ -146,13 +151,10 @@ def write_interpolation(out: Path, frames: torch.Tensor, weights: list[float], t
     """images/NNNN.png, interpolation.png (the strip) and interpolation.gif (there and back)."""
     from PIL import Image
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        save_image(frame, out / "images" / f"{i:04d}.png")
+    save_samples(frames, out, nrow=len(frames))
     save_strip([(f"{w:.2f}", f) for w, f in zip(weights, frames)], out / "interpolation.png", title)
-    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8(frames).permute(0, 2, 3, 1).numpy()
     size = frames.shape[-1] * GIF_SCALE
     pictures = [Image.fromarray(p).resize((size, size), Image.NEAREST) for p in pixels]
     loop = pictures + pictures[-2:0:-1]
     loop[0].save(out / "interpolation.gif", save_all=True, append_images=loop[1:], duration=GIF_FRAME_MS, loop=0)
-    save_grid(frames, out / "grid.png", nrow=len(frames))

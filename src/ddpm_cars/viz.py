@@ -52,6 +52,15 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_samples(images: torch.Tensor, out: str | Path, grid_count: int | None = None, nrow: int | None = None) -> None:
+    """``out``/grid.png of the first ``grid_count`` images (all by default; ``nrow`` a row) and
+    ``out``/images/NNNN.png, one per image."""
+    (Path(out) / "images").mkdir(parents=True, exist_ok=True)
+    save_grid(images[:grid_count], Path(out) / "grid.png", nrow=nrow)
+    for i, image in enumerate(images):
+        save_image(image, Path(out) / "images" / f"{i:04d}.png")
+
+
 def save_strip(frames: Sequence[tuple[str, torch.Tensor]], path: str | Path, title: str) -> Path:
     """A row of labelled images in [-1, 1] (each ``[3, H, W]``), e.g. one image across t."""
     return save_rows([("", frames)], path, title)
