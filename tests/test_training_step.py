@@ -218,3 +218,44 @@ def test_compiled_network_runs_without_warning_and_model_errors_stay_raised(monk
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         net(torch.randn(3, 5))  # wrong input: the model's own error, from the uncompiled retry
     assert not [w for w in recwarn if w.category is runtime.CompileWarning]
+
+
+def test_images_per_second_count_training_steps_only(tmp_path, tiny_config, monkeypatch):
+    """Checkpoints, grids and epoch ends between steps take time that the images/s of the
+    progress bar and the trackers leave out: on a clock where a step takes 1 s and
+    everything else 100 s, every rate is one batch per second."""
+    import types
+
+    from ddpm_cars.training import logs
+
+    clock = [0.0]
+    monkeypatch.setattr(logs, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_step = loop.loss_and_gradients
+
+    def step(*args, **kwargs):
+        clock[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    def slow(real):
+        def method(*args, **kwargs):
+            clock[0] += 100.0
+            return real(*args, **kwargs)
+        return method
+
+    monkeypatch.setattr(loop, "loss_and_gradients", step)
+    monkeypatch.setattr(loop.Session, "_end_epoch", slow(loop.Session._end_epoch))  # a grid and a checkpoint
+    monkeypatch.setattr(loop.Checkpoints, "save", slow(loop.Checkpoints.save))
+    rates = []
+    real_read = logs.PendingSteps.read
+
+    def read(self, batch_size):
+        rows, rate = real_read(self, batch_size)
+        rates.append((len(rows), rate))
+        return rows, rate
+
+    monkeypatch.setattr(logs.PendingSteps, "read", read)
+    config = tiny_config.replace(train={"max_steps": 10, "log_every_steps": 2, "checkpoint_every_steps": 3})
+    clock[0] = 0.0
+    train(config, tmp_path / "run", progress=False, final_grid=False)
+    rates = [rate for rows, rate in rates if rows]
+    assert len(rates) >= 5 and all(rate == pytest.approx(config.train.batch_size) for rate in rates), rates

@@ -92,3 +92,8 @@ class PendingSteps:
         rows = [(step, loss, applied > 0.5) for step, (loss, applied) in zip(self.steps, values)]
         self.steps, self.records, self.since = [], [], now
         return rows, rate
+
+    def restart_clock(self) -> None:
+        """Start the images/s clock afresh: after work between steps (an evaluation, a
+        checkpoint, a grid) that the next rate should not count as training."""
+        self.since = time.perf_counter()

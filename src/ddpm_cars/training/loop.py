@@ -200,6 +200,8 @@ class Session:
                 self.checkpoints.save(position)
             if epoch_end:
                 self._end_epoch()
+            if evaluate or checkpoint or epoch_end:
+                self.pending.restart_clock()
         return False
 
     def _stop_requested(self, stop: StopRequest) -> bool:
