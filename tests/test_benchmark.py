@@ -187,3 +187,23 @@ def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
         ("ddpm", 50, "uniform", {}), ("dpm++", 20, "karras", {}), ("heun", 10, "logsnr", {"churn": 40.0}),
         ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"})]
     assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "heun")] == [10, 10, 10, 10, 19]
+
+
+def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
+    from ddpm_cars.benchmarks.sampler_quality import _row, score_groups
+    from ddpm_cars.evaluation.sample_metrics import sample_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    dark = torch.randint(0, 64, (20, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    images = torch.cat([train[:20], dark])  # real, then unlike the training images
+    groups = score_groups(images, train, 2)
+    assert groups == [sample_metrics(images[:20], train, description="")[0],
+                      sample_metrics(images[20:], train, description="")[0]]
+    low, high = sorted(g["swd"] for g in groups)
+    assert low < high
+    levels = [k for k in groups[0] if k.startswith("swd_")]
+    cells = _row("x", "1", "", groups, levels).split(" | ")
+    assert cells[3] == f"{(low + high) / 2:.2f} ({low:.1f}-{high:.1f})"
+    assert cells[4] == f"{(groups[0][levels[0]] + groups[1][levels[0]]) / 2:.2f}"
+    assert _row("x", "1", "", groups[:1], levels).split(" | ")[3] == f"{groups[0]['swd']:.2f}"

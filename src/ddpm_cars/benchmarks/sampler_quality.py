@@ -7,13 +7,17 @@ failure of a sampler with too few steps, shows at the finest level. The first ro
 held-out real images the same way: the floor a perfect sampler would reach.
 
 Usage:
-    python -m ddpm_cars.benchmarks.sampler_quality --run runs/demo --num 500 --out docs/benchmarks/samplers.png
+    python -m ddpm_cars.benchmarks.sampler_quality --run runs/demo --num 500 --groups 3 --out docs/benchmarks/samplers.png
+
+With ``--groups G`` each setting draws G x NUM samples (seeds 0 to G x NUM - 1) and scores
+them as G groups: the table gives the mean and, for SWD, the range of the groups.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 
@@ -34,10 +38,22 @@ def network_calls(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
-def _row(label: str, steps: str, rate: str, metrics: dict[str, float], levels: list[str]) -> str:
-    cells = [f"{metrics['swd']:.2f}", *(f"{metrics[k]:.2f}" for k in levels),
-             f"{metrics['precision_pixels']:.2f} / {metrics['recall_pixels']:.2f}"]
+def _row(label: str, steps: str, rate: str, groups: list[dict[str, float]], levels: list[str]) -> str:
+    """One table row: each score's mean over the groups, SWD with its spread (the range
+    of the group scores) when there is more than one group."""
+    mean = {k: statistics.fmean(g[k] for g in groups) for k in groups[0]}
+    swd = f"{mean['swd']:.2f}"
+    if len(groups) > 1:
+        swd += f" ({min(g['swd'] for g in groups):.1f}-{max(g['swd'] for g in groups):.1f})"
+    cells = [swd, *(f"{mean[k]:.2f}" for k in levels),
+             f"{mean['precision_pixels']:.2f} / {mean['recall_pixels']:.2f}"]
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
+
+
+def score_groups(images: torch.Tensor, train: torch.Tensor, groups: int) -> list[dict[str, float]]:
+    """The offline metric of each of ``groups`` equal, consecutive parts of ``images``."""
+    size = images.shape[0] // groups
+    return [sample_metrics(images[i * size:(i + 1) * size], train, description="")[0] for i in range(groups)]
 
 
 def parse_settings(text: str) -> list[tuple[str, int, str, dict[str, float | str]]]:
@@ -67,6 +83,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--settings", default=None, metavar="S:N[:SPACING][:FIELD=V],...",
                         help="sampler:steps[:spacing][:field=value] to run, e.g. ddim:50,dpm++:20:karras,heun:10:karras:churn=40 "
                              "(default: the full list)")
+    parser.add_argument("--groups", type=int, default=1,
+                        help="score GROUPS x NUM samples as GROUPS groups of NUM and report the mean and the range (default: 1)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     return parser.parse_args()
 
@@ -79,10 +97,12 @@ def main() -> None:
     config = run.config
     denoiser = run.denoiser(ema=True)
     train = build_dataset(config.data, progress=False).images
-    heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=args.num), progress=False).images
-    floor = sample_metrics(heldout[: args.num], train, description="")[0]
-    levels = [k for k in floor if k.startswith("swd_")]
-    print(f"{run.checkpoint}, {args.num} samples per setting, seed 0; against {train.shape[0]} training images\n")
+    total = args.num * args.groups
+    heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=total), progress=False).images
+    floor = score_groups(heldout[:total], train, args.groups)
+    levels = [k for k in floor[0] if k.startswith("swd_")]
+    what = f"{args.groups} groups of {args.num}" if args.groups > 1 else f"{args.num}"
+    print(f"{run.checkpoint}, {what} samples per setting, seed 0; against {train.shape[0]} training images\n")
     print("| sampler | steps (calls) | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
@@ -92,9 +112,9 @@ def main() -> None:
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
         tic = time.perf_counter()
-        images = generate(denoiser, args.num, sample, seed=0, batch_size=min(args.num, args.batch_size), progress=False)
-        rate = args.num / (time.perf_counter() - tic)
-        metrics = sample_metrics(to_uint8(images), train, description="")[0]
+        images = generate(denoiser, total, sample, seed=0, batch_size=min(total, args.batch_size), progress=False)
+        rate = total / (time.perf_counter() - tic)
+        metrics = score_groups(to_uint8(images), train, args.groups)
         calls = network_calls(sampler, steps)
         label = ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + [f"{k} {v:g}" if isinstance(v, float)
                                                                                      else f"{k} {v}" for k, v in extra.items()])
