@@ -247,10 +247,12 @@ def test_folder_without_images_is_an_error_listing_extensions(tmp_path, contents
     assert all(ext in str(excinfo.value) for ext in IMAGE_EXTENSIONS)
 
 
-def test_progress_bar_is_labelled(tmp_path, capsys):
-    save(tmp_path / "a.png")
+def test_progress_bar_is_labelled_and_ends_at_every_file(tmp_path, capsys):
+    for name in ("a.png", "b.png", "c.png"):
+        save(tmp_path / name)
     load_image_folder(tmp_path, SIZE, progress=True)
-    assert "Loading images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Loading images" in err and "3/3" in err
 
 
 def test_listing_orders_and_labels_like_sorted_paths(tmp_path):

@@ -230,7 +230,7 @@ def decode_listing(listing: ImageListing, write: Callable[[torch.Tensor], None],
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
-        for path, label, box, result in zip(paths, listing.labels, boxes, bar):
+        for result, path, label, box in zip(bar, paths, listing.labels, boxes):  # the bar first: zip stops at it, so it ends at 100%
             if isinstance(result, Exception):
                 done.skipped.append((str(path), str(result)))
                 continue
