@@ -38,14 +38,14 @@ def test_replace_overrides_one_field():
     assert changed.train.lr == 2e-4 and changed.train.batch_size == 128 and SEED.train.lr == 1e-3
 
 
-def test_improved_preset_samples_50_respaced_steps_or_all_of_a_shorter_schedule():
-    assert (IMPROVED.sample.sampler, IMPROVED.sample.steps, IMPROVED.sample.spacing) == ("ddpm", 50, "uniform")
+def test_improved_preset_samples_20_respaced_steps_or_all_of_a_shorter_schedule():
+    assert (IMPROVED.sample.sampler, IMPROVED.sample.steps, IMPROVED.sample.spacing) == ("ddpm", 20, "uniform")
     assert SEED.sample.steps is None  # the seed's Algorithm 2 visits all 1,000 steps
-    assert IMPROVED.replace(diffusion={"timesteps": 20}).sample.steps is None  # 50 is a cap: all 20
-    assert IMPROVED.replace(diffusion={"timesteps": 50}).sample.steps == 50
-    assert IMPROVED.replace(diffusion={"timesteps": 20}, sample={"steps": 8}).sample.steps == 8
-    with pytest.raises(UserError, match="sample.steps \\(60\\) cannot exceed the 20"):
-        IMPROVED.replace(diffusion={"timesteps": 20}, sample={"steps": 60})  # asked for: still an error
+    assert IMPROVED.replace(diffusion={"timesteps": 12}).sample.steps is None  # 20 is a cap: all 12
+    assert IMPROVED.replace(diffusion={"timesteps": 20}).sample.steps == 20
+    assert IMPROVED.replace(diffusion={"timesteps": 12}, sample={"steps": 8}).sample.steps == 8
+    with pytest.raises(UserError, match="sample.steps \\(60\\) cannot exceed the 12"):
+        IMPROVED.replace(diffusion={"timesteps": 12}, sample={"steps": 60})  # asked for: still an error
 
 
 @pytest.mark.parametrize(
