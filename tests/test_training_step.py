@@ -255,7 +255,6 @@ def test_images_per_second_count_training_steps_only(tmp_path, tiny_config, monk
 
     monkeypatch.setattr(logs.PendingSteps, "read", read)
     config = tiny_config.replace(train={"max_steps": 10, "log_every_steps": 2, "checkpoint_every_steps": 3})
-    clock[0] = 0.0
     train(config, tmp_path / "run", progress=False, final_grid=False)
     rates = [rate for rows, rate in rates if rows]
     assert len(rates) >= 5 and all(rate == pytest.approx(config.train.batch_size) for rate in rates), rates
