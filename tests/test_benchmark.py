@@ -207,3 +207,17 @@ def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
     assert cells[3] == f"{(low + high) / 2:.2f} ({low:.1f}-{high:.1f})"
     assert cells[4] == f"{(groups[0][levels[0]] + groups[1][levels[0]]) / 2:.2f}"
     assert _row("x", "1", "", groups[:1], levels).split(" | ")[3] == f"{groups[0]['swd']:.2f}"
+
+
+def test_offline_metric_table_has_the_levels_of_the_image_size(capsys):
+    from ddpm_cars.benchmarks.offline_metric import print_scores
+    from ddpm_cars.evaluation.sample_metrics import sample_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    print_scores([("real", train[:20])], train, 10, 2)
+    header, _, row = capsys.readouterr().out.splitlines()
+    assert header.split(" | ")[1:-1] == ["swd", "swd_16", "precision_pixels"]  # one pyramid level at 16 px
+    first = sample_metrics(train[:10], train, description="", seed=0)[0]["swd"]
+    second = sample_metrics(train[10:20], train, description="", seed=1)[0]["swd"]
+    assert row.split(" | ")[1].startswith(f"{(first + second) / 2:.3g} +- ")

@@ -27,8 +27,6 @@ from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.run import Run
 from ddpm_cars.generation import generate
 
-COLUMNS = ["swd", "swd_32", "swd_16", "precision_pixels", "recall_pixels"]
-
 
 def checkpoint_images(path: Path, num: int) -> tuple[torch.Tensor, str]:
     """``num`` samples (uint8) of the run's EMA weights with its sampling settings, seed 0,
@@ -39,14 +37,19 @@ def checkpoint_images(path: Path, num: int) -> tuple[torch.Tensor, str]:
 
 
 def print_scores(rows: list[tuple[str, torch.Tensor]], train: torch.Tensor, num: int, groups: int) -> None:
-    """One table row per image set: mean +- std of each metric over its ``groups`` groups."""
-    print("| images | " + " | ".join(COLUMNS) + " |")
-    print("| --- |" + " ---: |" * len(COLUMNS))
+    """One table row per image set: mean +- std of each metric over its ``groups`` groups.
+    The SWD columns are the pyramid levels the image size has (one at 16 px, two at 32)."""
+    columns: list[str] = []
     for label, images in rows:
         per_group = [sample_metrics(images[g * num:(g + 1) * num], train, description="", seed=g)[0]
                      for g in range(groups)]
+        if not columns:
+            levels = [key for key in per_group[0] if key.startswith("swd_")]
+            columns = ["swd", *levels, "precision_pixels", "recall_pixels"]
+            print("| images | " + " | ".join(columns) + " |")
+            print("| --- |" + " ---: |" * len(columns))
         cells = []
-        for column in COLUMNS:
+        for column in columns:
             values = [m[column] for m in per_group]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3g} +- {spread:.2g}")
