@@ -81,8 +81,13 @@ def test_the_starting_weights_are_the_sources_moving_average(tmp_path, pretraine
     ({"model": {"name": "res_attn_unet", "channels": (8, 16)}}, "model.name"),
     ({"diffusion": {"learn_variance": True}}, "diffusion.learn_variance"),
 ])
-def test_another_network_or_image_size_is_refused_in_one_line(tmp_path, pretrained, change, field):
+def test_another_network_or_image_size_is_refused_in_one_line(tmp_path, pretrained, change, field, monkeypatch):
     source, config = pretrained
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the network was checked")
+
+    monkeypatch.setattr("ddpm_cars.training.loop.build_dataset", read_data)
     with pytest.raises(UserError, match=f"its {field} is .*--init-from needs the same network and image size") as err:
         train(config.replace(**change, train={"init_from": str(source), "max_steps": 1}), tmp_path / "x", progress=False)
     assert "\n" not in str(err.value) and not (tmp_path / "x" / "checkpoints").exists()

@@ -196,13 +196,10 @@ _NETWORK_FIELDS = ("name", "channels", "time_emb_dim", "num_res_blocks", "attent
                    "resblock_updown")
 
 
-def init_weights(model: nn.Module, source: str | Path, config: RunConfig) -> list[str]:
-    """Load the weights of the run or checkpoint ``source`` (its moving average when it kept
-    one) into ``model``, built from ``config``, to fine-tune from them; the notes to print.
-
-    The network and the image size must be the same (else a one-line ``UserError``); the
-    class embedding is loaded only when both runs know the same classes, and otherwise
-    keeps ``model``'s fresh one (said in a note)."""
+def check_init_source(source: str | Path, config: RunConfig) -> tuple[Path, RunConfig]:
+    """The checkpoint directory and config of ``source``, a run or checkpoint to fine-tune
+    from; a one-line ``UserError`` unless its network and image size are ``config``'s.
+    Cheap: training checks it before it reads the data."""
     run_dir, checkpoint = resolve_checkpoint(source)
     theirs = RunConfig.load(run_dir / CONFIG_FILE)
     pairs = [(f"model.{name}", getattr(theirs.model, name), getattr(config.model, name)) for name in _NETWORK_FIELDS]
@@ -212,6 +209,17 @@ def init_weights(model: nn.Module, source: str | Path, config: RunConfig) -> lis
         if was != now:
             raise UserError(f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
                             "(--init-from needs the same network and image size)")
+    return checkpoint, theirs
+
+
+def init_weights(model: nn.Module, source: str | Path, config: RunConfig) -> list[str]:
+    """Load the weights of the run or checkpoint ``source`` (its moving average when it kept
+    one) into ``model``, built from ``config``, to fine-tune from them; the notes to print.
+
+    The network and the image size must be the same (else a one-line ``UserError``); the
+    class embedding is loaded only when both runs know the same classes, and otherwise
+    keeps ``model``'s fresh one (said in a note)."""
+    checkpoint, theirs = check_init_source(source, config)
     path = checkpoint / EMA_FILE if (checkpoint / EMA_FILE).is_file() else checkpoint / MODEL_FILE
     try:
         weights = load_file(str(path))

@@ -254,6 +254,8 @@ def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, d
     world, dev = parallel.init_from_env(parallel.resolve_device(device))
     use_tf32(dev)
     latest = _check_start(run_dir, resume)
+    if not resume and config.train.init_from is not None:
+        ckpt.check_init_source(config.train.init_from, config)  # a wrong network is refused before the data is read
     data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
     config = with_class_names(config, data.class_names)
     _check_data(data, config, world)
