@@ -277,6 +277,57 @@ def test_solvers_converge_at_their_order_on_the_gaussian(spacing, sampler, kwarg
     assert errors[-1] < at_56, errors
 
 
+class MixtureDenoiser(torch.nn.Module):
+    """The exact x_0 denoiser of data drawn from three Gaussian blobs N(mu_k, s^2 I) of whole
+    images: the posterior mean over the blobs, weighted by each blob's likelihood of x_t.
+    Nonlinear in x_t, so the probability-flow ODE has no closed form."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.ab, self.s2 = alphas_cumprod, 0.04
+        self.mu = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8
+
+    def forward(self, x_t, t, y=None):
+        a, var = self.ab[t].sqrt().view(-1, 1, 1, 1, 1), (1 - self.ab[t]).view(-1, 1, 1, 1, 1)
+        x, spread = x_t.double()[:, None], a**2 * self.s2 + var  # x_t given blob k: N(a mu_k, spread I)
+        weight = torch.softmax(-((x - a * self.mu) ** 2).sum((2, 3, 4), keepdim=True) / (2 * spread), dim=1)
+        return (weight * (self.mu + a * self.s2 * (x - a * self.mu) / spread)).sum(1).float()
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_respaced_ode_solves_match_a_solve_on_every_step_on_an_oracle(spacing):
+    """From the same x_T, DDIM (eta 0), DPM-Solver++(2M, 3M) and Heun on 10, 20, 35 steps
+    placed by noise level approach the ODE solved on every trained step below the start.
+    Measured (max abs, 4 images): at 35 steps 2M 1.0e-2 / 3.5e-3 (karras / logsnr), 3M
+    2.7e-3 / 8.4e-4, Heun 9.5e-3 / 6.9e-3, DDIM 5.5e-2 / 4.4e-2; on uniform steps from
+    t = T - 1 the three are 3-130x further off at 20 steps than on either noise-level spacing."""
+    full = NoiseSchedule.from_betas(cosine_betas(1000))
+    ab = full.alphas_cumprod_float64
+    den = _den(MixtureDenoiser(ab), full, prediction="x0")
+    x_T = randn((3, 4, 4), image_generators(3, range(4)), "cpu")
+    start = int(sampling_timesteps(1000, 20, spacing, ab)[-1])
+    every = torch.arange(start + 1)
+
+    def solve(sampler, timesteps, **kwargs):
+        return sampler(den, x_T, image_generators(0, range(4)), timesteps=timesteps, clip_x0=False, **kwargs).double()
+
+    reference = solve(dpm_solver_sample, every)
+    assert (solve(heun_sample, every) - reference).abs().max() < 5e-4  # two second-order solvers agree on it
+    from_the_top = solve(dpm_solver_sample, torch.arange(1000))
+    solvers = {"ddim": (ddim_sample, {"eta": 0.0}, 0.1), "dpm++": (dpm_solver_sample, {}, 0.03),
+               "dpm++3m": (dpm_solver_sample, {"order": 3}, 0.01), "heun": (heun_sample, {}, 0.03)}
+    for name, (sampler, kwargs, at_35) in solvers.items():
+        errors = []
+        for steps in (10, 20, 35):
+            ts = sampling_timesteps(1000, steps, spacing, ab)
+            assert int(ts[-1]) == start  # every step count starts at the same capped sigma
+            errors.append((solve(sampler, ts, **kwargs) - reference).abs().max().item())
+        assert errors == sorted(errors, reverse=True) and errors[-1] < at_35, (name, errors)
+        if name != "ddim":  # uniform steps start at t = T - 1: measured against the ODE solved from there
+            uniform = (solve(sampler, sampling_timesteps(1000, 20), **kwargs) - from_the_top).abs().max().item()
+            assert uniform > 2 * errors[1], (name, uniform, errors)
+
+
 class Count(Shrink):
     """Shrink, recording the step t of every call in ``calls``."""
 
