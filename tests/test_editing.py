@@ -1,6 +1,8 @@
 """Variations (SDEdit), inpainting (RePaint), DDIM inversion and interpolation, checked
 against what each must do by construction and against independent computations."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +331,27 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
     code, out = _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--out", tmp_path / "pair",
                           "--interpolate-images", car, _png(tmp_path / "blue.png", colour=(30, 60, 200)), "--frames", 3], capsys)
     assert code == 0 and (tmp_path / "pair" / "interpolation.png").exists()
+
+
+def test_inpainting_a_run_that_samples_with_a_solver_falls_back_to_ancestral_sampling(tiny_run, tmp_path, capsys):
+    """Heun cannot replace the known pixels after each step: with no sampler named, --mask
+    draws what --sampler ddpm on 50 uniform steps draws, and says so."""
+    run = tmp_path / "heun"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["sample"].update(sampler="heun", steps=10, spacing="karras")
+    (run / "config.json").write_text(json.dumps(config))
+    car, mask = _png(tmp_path / "car.png"), _png(tmp_path / "mask.png", colour=(255, 255, 255))
+    edit = ["--checkpoint", run, "--num-images", 2, "--init-image", car, "--mask", mask]
+    code, out = _run_cli(["sample", *edit, "--out", tmp_path / "fill"], capsys)
+    assert code == 0 and "Note: the run samples with heun" in out.out and "ddpm, 50 steps;" in out.out, out
+    code, named = _run_cli(["sample", *edit, "--out", tmp_path / "named", "--sampler", "ddpm", "--steps", 50,
+                            "--spacing", "uniform"], capsys)
+    assert code == 0 and "Note" not in named.out
+    for name in ("0000.png", "0001.png"):
+        assert (tmp_path / "fill" / "images" / name).read_bytes() == (tmp_path / "named" / "images" / name).read_bytes()
+    code, out = _run_cli(["sample", *edit, "--out", tmp_path / "ten", "--steps", 10], capsys)
+    assert code == 0 and "ancestral sampling on 10 steps" in out.out and "ddpm, 10 steps;" in out.out
 
 
 @pytest.mark.parametrize("extra, needle", [

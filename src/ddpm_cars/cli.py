@@ -176,7 +176,7 @@ def _own_image_options(sample: argparse.ArgumentParser) -> None:
     own = sample.add_argument_group("variations, inpainting and interpolation", "Use the model on an image of your own, or between two seeds.")
     own.add_argument("--init-image", type=Path, metavar="IMG", help="draw --num variations of this image (SDEdit): it is cropped and resized like the run's training images, noised to step strength x T and denoised (default: none)")
     own.add_argument("--strength", type=value_type(float, Limits(low=0, high=1)), default=None, metavar="S", help="how far --init-image is noised, in [0, 1]: 0 returns it, 1 ignores it (default: 0.5; 1 with --mask)")
-    own.add_argument("--mask", type=Path, metavar="MASK", help="with --init-image: redraw its pixels where this image (of the same size) is white, keep the rest (RePaint; --sampler ddpm or ddim) (default: none)")
+    own.add_argument("--mask", type=Path, metavar="MASK", help="with --init-image: redraw its pixels where this image (of the same size) is white, keep the rest (RePaint; needs --sampler ddpm or ddim, ancestral on 50 steps if the run samples with a multistep solver) (default: none)")
     own.add_argument("--resample-jumps", type=value_type(int, NON_NEGATIVE), default=0, metavar="J", help="with --mask: after every --resample-every steps, go back up that many steps and down again, J times, so the fill agrees with the kept pixels (RePaint's resampling; costs about J+1 times the steps) (default: 0, off)")
     own.add_argument("--resample-every", type=value_type(int, POSITIVE), default=10, metavar="R", help="steps between RePaint's jumps back, and their length (default: 10)")
     ends = own.add_mutually_exclusive_group()

@@ -154,7 +154,8 @@ def sample(args: argparse.Namespace) -> int:
     overrides = args.overrides.get("sample", {})
     if args.guidance is not None and not args.classes:
         raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
-    image_edits.check_edit_options(args, overrides.get("sampler") or Run.open(args.checkpoint).config.sample.sampler)
+    image_edits.check_edit_options(args, overrides.get("sampler"))
+    overrides = image_edits.inpainting_overrides(args, overrides, Run.open(args.checkpoint).config.sample.sampler)
     if args.interpolate is not None or args.interpolate_images is not None:
         return image_edits.interpolate(args)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance

@@ -27,6 +27,7 @@ from ddpm_cars.viz import save_image, save_samples, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
 INTERPOLATION_SPACING = "karras"  # of the DDIM chosen for interpolation when no sampler is named
+INPAINTING_STEPS = 50  # of the ancestral sampler chosen for --mask when no sampler is named (BENCHMARKS.md's setting)
 GIF_SCALE = 4  # the animation's pixels per image pixel
 GIF_FRAME_MS = 150
 
@@ -73,8 +74,9 @@ def edit_request(args: argparse.Namespace, crop: str, size: int) -> dict:
     return {"init": init, "strength": strength, "mask": mask}
 
 
-def check_edit_options(args: argparse.Namespace, sampler: str) -> None:
-    """One line for each combination of the editing options that cannot work."""
+def check_edit_options(args: argparse.Namespace, sampler: str | None) -> None:
+    """One line for each combination of the editing options that cannot work (``sampler``:
+    the one asked for, if any)."""
     interpolating = args.interpolate is not None or args.interpolate_images is not None
     if interpolating and args.init_image is not None:
         raise UserError("--init-image and --interpolate/--interpolate-images are separate uses of sample: give one")
@@ -84,9 +86,22 @@ def check_edit_options(args: argparse.Namespace, sampler: str) -> None:
         raise UserError(f"{'--mask' if args.mask is not None else '--strength'} needs --init-image, the image it applies to")
     if args.mask is None and (args.resample_jumps or args.resample_every != 10):
         raise UserError("--resample-jumps/--resample-every are RePaint's resampling: they need --mask")
-    if args.mask is not None and sampler not in INPAINTING_SAMPLERS:
+    if args.mask is not None and sampler is not None and sampler not in INPAINTING_SAMPLERS:
         raise UserError(f"--mask replaces the known pixels after every step, which needs --sampler ddpm or ddim (one "
                         f"step at a time), not {sampler}")
+
+
+def inpainting_overrides(args: argparse.Namespace, overrides: dict, run_sampler: str) -> dict:
+    """The sample overrides for ``--mask``: as given, unless no sampler was asked for and the
+    run samples with a multistep solver, which cannot replace the known pixels after each
+    step; then ancestral sampling on 50 uniform steps (or the ``--steps``/``--spacing``
+    given), with a note saying so."""
+    if args.mask is None or "sampler" in overrides or run_sampler in INPAINTING_SAMPLERS:
+        return overrides
+    chosen = {"steps": INPAINTING_STEPS, "spacing": "uniform", **overrides, "sampler": "ddpm"}
+    print(f"Note: the run samples with {run_sampler}, which cannot inpaint (--mask needs one step at a time): "
+          f"ancestral sampling on {chosen['steps']} steps instead (--sampler ddpm or ddim to choose)")
+    return chosen
 
 
 def write_inputs(out: Path, request: dict, args: argparse.Namespace) -> tuple[str, str]:
