@@ -189,6 +189,58 @@ def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
     assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "heun")] == [10, 10, 10, 10, 19]
 
 
+def test_sampler_quality_grid_fits_each_sampler_into_each_budget_of_calls():
+    from ddpm_cars.benchmarks.sampler_quality import calls_table, grid_settings, network_calls
+
+    grid = grid_settings("ddpm,heun:karras:churn=20", [10, 20, 35])
+    assert [(budget, sampler, steps) for budget, (sampler, steps, _, _) in grid] == [
+        (10, "ddpm", 10), (20, "ddpm", 20), (35, "ddpm", 35), (10, "heun", 5), (20, "heun", 10), (35, "heun", 18)]
+    assert all(network_calls(s, n) <= budget and network_calls(s, n + 1) > budget
+               for budget, (s, n, _, _) in grid if s == "heun")  # the most Heun steps that fit
+    assert grid[3][1][2:] == ("karras", {"churn": 20.0})
+
+    def scores(*swd):
+        return [{"swd": v} for v in swd]
+
+    table = calls_table({"ddpm": {10: (10, scores(30.0, 40.0)), 1000: (1000, scores(20.0, 22.0))},
+                         "heun, karras": {10: (9, scores(25.0, 27.0))}}, scores(16.0, 18.0)).splitlines()
+    assert table[0] == "| sampler | 10 calls | 1000 calls |"
+    assert table[2].startswith("| held-out real images | 17.00 (16.0-18.0) |")
+    assert table[3] == "| ddpm | 35.00 (30.0-40.0) | 21.00 (20.0-22.0) |"
+    assert table[4] == "| heun, karras | 26.00 (25.0-27.0) [9] |  |"  # 9 calls within the budget of 10
+    assert {line.count("|") for line in table} == {4}
+
+
+def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path, tiny_config, monkeypatch, capsys):
+    """--first-group 1 scores images NUM..2 NUM - 1, the second group of --groups 2, and the
+    grid of samplers ends with the table against calls."""
+    from ddpm_cars.benchmarks import sampler_quality
+    from ddpm_cars.training import train
+
+    train(tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False)
+
+    def table(*extra):
+        monkeypatch.setattr(sys, "argv", ["sampler_quality", "--run", str(tmp_path / "run"), "--num", "6",
+                                          "--batch-size", "4", "--nfe", "4", "--samplers", "ddpm,heun:karras", *extra])
+        sampler_quality.main()
+        return capsys.readouterr().out
+
+    both, first, second = table("--groups", "2"), table(), table("--first-group", "1")
+    assert "images 0-11 of seed 0" in both and "images 6-11 of seed 0" in second
+
+    def swd(out):  # the floor's, ddpm's and heun's SWD cells of the first table
+        rows = [line for line in out.splitlines() if line.startswith("| ")][2:5]
+        return [row.split(" | ")[3] for row in rows]
+
+    assert [row.split(" | ")[:2] for row in second.splitlines() if row.startswith("| ")][3:5] == [
+        ["| ddpm", "4"], ["| heun, karras", "2 (3)"]]
+    for whole, one, two in zip(swd(both), swd(first), swd(second)):  # "mean (low-high)" of two groups; each group's
+        low, high = map(float, whole.split("(")[1].rstrip(")").split("-"))
+        one, two = sorted([float(one), float(two)])
+        assert abs(one - low) <= 0.051 and abs(two - high) <= 0.051 and two - one > 0.1, (whole, one, two)  # printed to 0.1
+    assert second.splitlines()[-1].startswith("| heun, karras | ") and second.splitlines()[-1].endswith(" [3] |")
+
+
 def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
     from ddpm_cars.benchmarks.sampler_quality import _row, score_groups
     from ddpm_cars.evaluation.sample_metrics import sample_metrics

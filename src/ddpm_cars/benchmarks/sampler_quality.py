@@ -11,6 +11,14 @@ Usage:
 
 With ``--groups G`` each setting draws G x NUM samples (seeds 0 to G x NUM - 1) and scores
 them as G groups: the table gives the mean and, for SWD, the range of the groups.
+``--first-group K`` starts at group K instead (images K x NUM on), so that a long setting
+(1,000 steps) can be drawn one group at a time; held-out images are taken the same way.
+
+``--samplers`` with ``--nfe`` measures each sampler at each number of network calls (Heun
+on the most steps whose 2n - 1 calls fit) and ends with a table of SWD against calls:
+
+    python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --groups 3 --nfe 10,20,35,50,100 \
+        --samplers ddpm,dpm++:karras,heun:karras:churn=20 --settings ddpm:1000
 """
 
 from __future__ import annotations
@@ -26,16 +34,23 @@ import torch
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.run import Run
 from ddpm_cars.generation import generate
+from ddpm_cars.parallel import resolve_device
+from ddpm_cars.run import Run
 from ddpm_cars.viz import save_grid
 
 SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"
+Setting = tuple[str, int, str, dict[str, float | str]]  # sampler, steps, spacing, other sampling fields
 
 
 def network_calls(sampler: str, steps: int) -> int:
     """Network evaluations per image: one per step, except Heun's two (one on the last)."""
     return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def steps_for_calls(sampler: str, calls: int) -> int:
+    """The most steps of ``sampler`` that cost at most ``calls`` network evaluations."""
+    return max(1, (calls + 1) // 2) if sampler == "heun" else calls
 
 
 def _row(label: str, steps: str, rate: str, groups: list[dict[str, float]], levels: list[str]) -> str:
@@ -56,7 +71,7 @@ def score_groups(images: torch.Tensor, train: torch.Tensor, groups: int) -> list
     return [sample_metrics(images[i * size:(i + 1) * size], train, description="")[0] for i in range(groups)]
 
 
-def parse_settings(text: str) -> list[tuple[str, int, str, dict[str, float | str]]]:
+def parse_settings(text: str) -> list[Setting]:
     """``sampler:steps[:spacing][:field=value...],...`` as (sampler, steps, spacing, other
     sampling fields) (uniform spacing by default): ``heun:10:karras:churn=40``."""
     out = []
@@ -66,6 +81,46 @@ def parse_settings(text: str) -> list[tuple[str, int, str, dict[str, float | str
         fields = dict(part.split("=", 1) for part in rest)
         out.append((name, int(steps), spacing, {k: _number_or_text(v) for k, v in fields.items()}))
     return out
+
+
+def grid_settings(samplers: str, calls: list[int]) -> list[tuple[int, Setting]]:
+    """``sampler[:spacing][:field=value...],...`` at each budget of network calls, as (budget,
+    setting as :func:`parse_settings` gives it): ``("dpm++:karras", [10, 20])`` is dpm++:10:karras
+    and dpm++:20:karras, ``("heun", [10])`` heun:5 (9 calls)."""
+    out = []
+    for item in samplers.split(","):
+        name, *rest = item.split(":")
+        for n in calls:
+            out += [(n, setting) for setting in parse_settings(":".join([name, str(steps_for_calls(name, n)), *rest]))]
+    return out
+
+
+def label(sampler: str, spacing: str, extra: dict[str, float | str]) -> str:
+    """A setting's name without its steps: "heun, karras, churn 20"."""
+    fields = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()]
+    return ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + fields)
+
+
+def calls_table(results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]], floor: list[dict[str, float]]) -> str:
+    """SWD (mean, and the range of the groups when there are several) with one row per
+    sampler and one column per budget of network calls, after the held-out floor.
+    ``results[sampler][budget]`` is (the calls made, the group scores); a setting that made
+    fewer calls than its column's budget (Heun's 2n - 1) says how many in brackets."""
+    columns = sorted({n for row in results.values() for n in row})
+
+    def cell(groups: list[dict[str, float]] | None, calls: int | None = None, budget: int | None = None) -> str:
+        if not groups:
+            return ""
+        swd = [g["swd"] for g in groups]
+        text = f"{statistics.fmean(swd):.2f}" + (f" ({min(swd):.1f}-{max(swd):.1f})" if len(swd) > 1 else "")
+        return text + (f" [{calls}]" if calls != budget else "")
+
+    lines = ["| sampler | " + " | ".join(f"{n} calls" for n in columns) + " |",
+             "| --- |" + " ---: |" * len(columns),
+             f"| held-out real images | {cell(floor)} |" + " |" * (len(columns) - 1)]
+    lines += [f"| {name} | " + " | ".join(cell(row[n][1], row[n][0], n) if n in row else "" for n in columns) + " |"
+              for name, row in results.items()]
+    return "\n".join(lines)
 
 
 def _number_or_text(text: str) -> float | str:
@@ -83,44 +138,58 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--settings", default=None, metavar="S:N[:SPACING][:FIELD=V],...",
                         help="sampler:steps[:spacing][:field=value] to run, e.g. ddim:50,dpm++:20:karras,heun:10:karras:churn=40 "
                              "(default: the full list)")
+    parser.add_argument("--samplers", default=None, metavar="S[:SPACING][:FIELD=V],...",
+                        help="samplers to run at each --nfe, e.g. ddpm,dpm++:karras,heun:karras:churn=20 (default: none)")
+    parser.add_argument("--nfe", default="10,20,35,50,100", metavar="N,...",
+                        help="network calls per image for --samplers (default: 10,20,35,50,100)")
     parser.add_argument("--groups", type=int, default=1,
                         help="score GROUPS x NUM samples as GROUPS groups of NUM and report the mean and the range (default: 1)")
+    parser.add_argument("--first-group", type=int, default=0, metavar="K",
+                        help="start at group K: images K x NUM on, to draw a long setting a group at a time (default: 0)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_arguments()
-    settings = parse_settings(args.settings or SETTINGS)
+    grid = grid_settings(args.samplers, [int(n) for n in args.nfe.split(",")]) if args.samplers else []
+    listed = args.settings or ("" if grid else SETTINGS)  # the full list only when nothing is asked for
+    settings = [(network_calls(s[0], s[1]), s) for s in (parse_settings(listed) if listed else [])] + grid
 
     run = Run.open(args.run)
     config = run.config
-    denoiser = run.denoiser(ema=True)
+    denoiser = run.denoiser(ema=True, device=resolve_device(args.device))
     train = build_dataset(config.data, progress=False).images
     total = args.num * args.groups
-    heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=total), progress=False).images
-    floor = score_groups(heldout[:total], train, args.groups)
+    first, end = args.first_group * args.num, (args.first_group + args.groups) * args.num
+    heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=end), progress=False).images
+    floor = score_groups(heldout[first:end], train, args.groups)
     levels = [k for k in floor[0] if k.startswith("swd_")]
     what = f"{args.groups} groups of {args.num}" if args.groups > 1 else f"{args.num}"
-    print(f"{run.checkpoint}, {what} samples per setting, seed 0; against {train.shape[0]} training images\n")
+    print(f"{run.checkpoint}, {what} samples per setting, images {first}-{end - 1} of seed 0; "
+          f"against {train.shape[0]} training images\n")
     print("| sampler | steps (calls) | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
-    rows = []
-    for sampler, steps, spacing, extra in settings:
+    rows, results = [], {}
+    for budget, (sampler, steps, spacing, extra) in settings:
         if steps > denoiser.schedule.timesteps:
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
         tic = time.perf_counter()
-        images = generate(denoiser, total, sample, seed=0, batch_size=min(total, args.batch_size), progress=False)
+        images = generate(denoiser, range(first, end), sample, seed=0, batch_size=min(total, args.batch_size),
+                          progress=False)
         rate = total / (time.perf_counter() - tic)
         metrics = score_groups(to_uint8(images), train, args.groups)
         calls = network_calls(sampler, steps)
-        label = ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + [f"{k} {v:g}" if isinstance(v, float)
-                                                                                     else f"{k} {v}" for k, v in extra.items()])
-        print(_row(label, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
+        name = label(sampler, spacing, extra)
+        print(_row(name, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
               flush=True)
+        results.setdefault(name, {})[budget] = (calls, metrics)
         rows.append(images[:6])
+    if grid:
+        print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))
     if args.out is not None:
         save_grid(torch.cat(rows), args.out, nrow=6)
         print(f"\nWrote {args.out}: one row per setting, in the table's order")
