@@ -333,25 +333,41 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
     assert code == 0 and (tmp_path / "pair" / "interpolation.png").exists()
 
 
+def _sampling_with(run: Path, copy: Path, **sample) -> Path:
+    """A copy of ``run`` whose config.json samples with ``sample``."""
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["sample"].update(sample)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 def test_inpainting_a_run_that_samples_with_a_solver_falls_back_to_ancestral_sampling(tiny_run, tmp_path, capsys):
     """Heun cannot replace the known pixels after each step: with no sampler named, --mask
-    draws what --sampler ddpm on 50 uniform steps draws, and says so."""
-    run = tmp_path / "heun"
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / "config.json").read_text())
-    config["sample"].update(sampler="heun", steps=10, spacing="karras")
-    (run / "config.json").write_text(json.dumps(config))
+    draws what --sampler ddpm on 50 uniform steps draws, and says so; with --eta, DDIM."""
+    run = _sampling_with(tiny_run, tmp_path / "heun", sampler="heun", steps=10, spacing="karras")
     car, mask = _png(tmp_path / "car.png"), _png(tmp_path / "mask.png", colour=(255, 255, 255))
     edit = ["--checkpoint", run, "--num-images", 2, "--init-image", car, "--mask", mask]
     code, out = _run_cli(["sample", *edit, "--out", tmp_path / "fill"], capsys)
-    assert code == 0 and "Note: the run samples with heun" in out.out and "ddpm, 50 steps;" in out.out, out
+    assert code == 0 and "(ddpm, 50 steps; the run samples with heun, which cannot inpaint;" in out.out, out
     code, named = _run_cli(["sample", *edit, "--out", tmp_path / "named", "--sampler", "ddpm", "--steps", 50,
                             "--spacing", "uniform"], capsys)
-    assert code == 0 and "Note" not in named.out
+    assert code == 0 and "cannot inpaint" not in named.out
     for name in ("0000.png", "0001.png"):
         assert (tmp_path / "fill" / "images" / name).read_bytes() == (tmp_path / "named" / "images" / name).read_bytes()
-    code, out = _run_cli(["sample", *edit, "--out", tmp_path / "ten", "--steps", 10], capsys)
-    assert code == 0 and "ancestral sampling on 10 steps" in out.out and "ddpm, 10 steps;" in out.out
+    code, out = _run_cli(["sample", *edit, "--out", tmp_path / "ten", "--steps", 10, "--eta", 0.5], capsys)
+    assert code == 0 and "(ddim, 10 steps; the run samples with heun" in out.out, out
+    code, out = _run_cli(["sample", *edit, "--out", tmp_path / "churn", "--churn", 20], capsys)
+    assert code == 2 and "--churn is Heun's" in out.err and not (tmp_path / "churn").exists()
+
+
+def test_inpainting_falls_back_to_every_step_of_a_schedule_shorter_than_50(tmp_path, tiny_config, capsys):
+    train(tiny_config.replace(train={"max_steps": 1}, data={"toy_count": 16}), tmp_path / "run", progress=False)
+    run = _sampling_with(tmp_path / "run", tmp_path / "dpm", sampler="dpm++", steps=5)  # T = 20
+    car, mask = _png(tmp_path / "car.png"), _png(tmp_path / "mask.png", colour=(255, 255, 255))
+    code, out = _run_cli(["sample", "--checkpoint", run, "--num-images", 1, "--init-image", car, "--mask", mask,
+                          "--out", tmp_path / "fill"], capsys)
+    assert code == 0 and "(ddpm, 20 steps; the run samples with dpm++" in out.out, out
 
 
 @pytest.mark.parametrize("extra, needle", [

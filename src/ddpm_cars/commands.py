@@ -106,14 +106,14 @@ GRID_ROW_PER_CLASS_UP_TO = 16  # images per class that still fit on one grid row
 def sample_run(
     run: Path, out: Path, num: int, *, seed: int = 0, batch_size: int = 64, device: str = "auto",
     sample_overrides: dict | None = None, ema: bool = True, trajectory: bool = False, grid_count: int | None = None,
-    classes: list[str] | None = None, guidance: float = 1.0, edit: argparse.Namespace | None = None,
+    classes: list[str] | None = None, guidance: float = 1.0, edit: argparse.Namespace | None = None, note: str = "",
 ) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
     all by default), images/NNNN.png and denoising.png. With ``classes`` (names or indices)
     ``num`` images of each, guided by ``guidance``, one grid row per class; with ``edit`` (the
     sample command's ``--init-image``/``--mask`` options), variations or inpaintings of an
-    image. Under torchrun the images are shared out over the processes and rank 0 writes
-    them (the others return None)."""
+    image; ``note`` goes into the closing line after the sampler. Under torchrun the images
+    are shared out over the processes and rank 0 writes them (the others return None)."""
     trained = Run.open(run, sample=sample_overrides)
     config = trained.config
     labels = class_labels(classes, config.model.class_names, num) if classes else None
@@ -138,7 +138,7 @@ def sample_run(
     if trajectory and frames:
         save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
                   f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})")
-    how = sampling_description(config.sample)
+    how = sampling_description(config.sample) + note
     if labels is not None:
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
@@ -155,14 +155,15 @@ def sample(args: argparse.Namespace) -> int:
     if args.guidance is not None and not args.classes:
         raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
     image_edits.check_edit_options(args, overrides.get("sampler"))
-    overrides = image_edits.inpainting_overrides(args, overrides, Run.open(args.checkpoint).config.sample.sampler)
+    run_config = Run.open(args.checkpoint).config
+    overrides, note = image_edits.inpainting_overrides(args, overrides, run_config.sample, run_config.diffusion.timesteps)
     if args.interpolate is not None or args.interpolate_images is not None:
         return image_edits.interpolate(args)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sample_run(
         args.checkpoint, args.out, args.num, seed=args.seed, batch_size=args.batch_size, device=args.device,
         sample_overrides=overrides, ema=args.ema, trajectory=args.trajectory, classes=args.classes, guidance=guidance,
-        edit=args if args.init_image is not None else None,
+        edit=args if args.init_image is not None else None, note=note,
     )
     return 0
 

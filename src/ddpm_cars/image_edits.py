@@ -91,17 +91,20 @@ def check_edit_options(args: argparse.Namespace, sampler: str | None) -> None:
                         f"step at a time), not {sampler}")
 
 
-def inpainting_overrides(args: argparse.Namespace, overrides: dict, run_sampler: str) -> dict:
-    """The sample overrides for ``--mask``: as given, unless no sampler was asked for and the
-    run samples with a multistep solver, which cannot replace the known pixels after each
-    step; then ancestral sampling on 50 uniform steps (or the ``--steps``/``--spacing``
-    given), with a note saying so."""
-    if args.mask is None or "sampler" in overrides or run_sampler in INPAINTING_SAMPLERS:
-        return overrides
-    chosen = {"steps": INPAINTING_STEPS, "spacing": "uniform", **overrides, "sampler": "ddpm"}
-    print(f"Note: the run samples with {run_sampler}, which cannot inpaint (--mask needs one step at a time): "
-          f"ancestral sampling on {chosen['steps']} steps instead (--sampler ddpm or ddim to choose)")
-    return chosen
+def inpainting_overrides(args: argparse.Namespace, overrides: dict, run_sample: SampleConfig, timesteps: int) -> tuple[dict, str]:
+    """The sample overrides for ``--mask``, and a note for the closing line: as given, unless
+    no sampler was asked for and the run samples with a multistep solver, which cannot
+    replace the known pixels after each step; then ancestral sampling on 50 uniform steps
+    (at most T; or the ``--steps``/``--spacing`` given), DDIM if ``--eta`` was given, and a
+    one-line error for ``--churn``, which is Heun's."""
+    if args.mask is None or "sampler" in overrides or run_sample.sampler in INPAINTING_SAMPLERS:
+        return overrides, ""
+    if "churn" in overrides:
+        raise UserError("--churn is Heun's, which cannot inpaint (--mask needs one step at a time): "
+                        "drop it, or name --sampler ddpm or ddim")
+    sampler = "ddim" if "eta" in overrides else "ddpm"
+    chosen = {"steps": min(INPAINTING_STEPS, timesteps), "spacing": "uniform", **overrides, "sampler": sampler}
+    return chosen, f"; the run samples with {run_sample.sampler}, which cannot inpaint"
 
 
 def write_inputs(out: Path, request: dict, args: argparse.Namespace) -> tuple[str, str]:
