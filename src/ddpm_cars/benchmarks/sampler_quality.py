@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -153,7 +154,10 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()
-    grid = grid_settings(args.samplers, [int(n) for n in args.nfe.split(",")]) if args.samplers else []
+    budgets = [int(n) for n in args.nfe.split(",")]
+    if min(budgets) < 1:
+        raise SystemExit(f"--nfe: every budget must be at least 1 network call; got {args.nfe}")
+    grid = grid_settings(args.samplers, budgets) if args.samplers else []
     listed = args.settings or ("" if grid else SETTINGS)  # the full list only when nothing is asked for
     settings = [(network_calls(s[0], s[1]), s) for s in (parse_settings(listed) if listed else [])] + grid
 
@@ -164,6 +168,9 @@ def main() -> None:
     total = args.num * args.groups
     first, end = args.first_group * args.num, (args.first_group + args.groups) * args.num
     heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=end), progress=False).images
+    if heldout.shape[0] < end:
+        raise SystemExit(f"the held-out split has {heldout.shape[0]} images, fewer than the {end} that groups "
+                         f"{args.first_group}-{args.first_group + args.groups - 1} of {args.num} need")
     floor = score_groups(heldout[first:end], train, args.groups)
     levels = [k for k in floor[0] if k.startswith("swd_")]
     what = f"{args.groups} groups of {args.num}" if args.groups > 1 else f"{args.num}"
@@ -174,7 +181,10 @@ def main() -> None:
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows, results = [], {}
     for budget, (sampler, steps, spacing, extra) in settings:
-        if steps > denoiser.schedule.timesteps:
+        name, trained = label(sampler, spacing, extra), denoiser.schedule.timesteps
+        if steps > trained or budget in results.get(name, {}):  # said aside, so that the table stays whole
+            why = f"more than the {trained} trained" if steps > trained else "run already"
+            print(f"skipped {name} on {steps} steps: {why}", file=sys.stderr)
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
         tic = time.perf_counter()
@@ -183,14 +193,13 @@ def main() -> None:
         rate = total / (time.perf_counter() - tic)
         metrics = score_groups(to_uint8(images), train, args.groups)
         calls = network_calls(sampler, steps)
-        name = label(sampler, spacing, extra)
         print(_row(name, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
               flush=True)
         results.setdefault(name, {})[budget] = (calls, metrics)
         rows.append(images[:6])
-    if grid:
+    if grid and results:
         print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))
-    if args.out is not None:
+    if args.out is not None and rows:
         save_grid(torch.cat(rows), args.out, nrow=6)
         print(f"\nWrote {args.out}: one row per setting, in the table's order")
 
