@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ddpm-cars demo
 
+# one test worker per core (at most 4), each test file on one worker (its trained fixtures built once)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 kill-campaign: $(STAMP)
 	$(BIN)/python -m ddpm_cars.benchmarks.kill_campaign --kills 20

@@ -1,12 +1,20 @@
+import os
+
 import pytest
 import torch
 
 from ddpm_cars.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
+# `make test` runs the tests in as many worker processes as there are cores (pytest-xdist):
+# each worker, and every command a test starts, then computes on its share of the cores,
+# so that no two compete for one (OpenMP threads fighting for a core can be many times slower)
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
