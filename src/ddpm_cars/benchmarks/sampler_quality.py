@@ -13,6 +13,8 @@ With ``--groups G`` each setting draws G x NUM samples (seeds 0 to G x NUM - 1) 
 them as G groups: the table gives the mean and, for SWD, the range of the groups.
 ``--first-group K`` starts at group K instead (images K x NUM on), so that a long setting
 (1,000 steps) can be drawn one group at a time; held-out images are taken the same way.
+Groups put together must come from one kind of device: CPU and CUDA generators draw
+different noise from the same seed.
 
 ``--samplers`` with ``--nfe`` measures each sampler at each number of network calls (Heun
 on the most steps whose 2n - 1 calls fit) and ends with a table of SWD against calls:
