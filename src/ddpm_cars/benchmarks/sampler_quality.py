@@ -1,4 +1,4 @@
-"""Quality and speed of each sampler against its step count, on a trained run.
+r"""Quality and speed of each sampler against its step count, on a trained run.
 
 Quality is the offline sample metric of ``ddpm-cars eval``: the sliced Wasserstein
 distance on Laplacian-pyramid patches (x1e3; lower is better) against the run's training
