@@ -22,14 +22,8 @@ else  # the same steps, at sizes a CPU does in seconds
     TRAIN=(--preset tiny --toy-count 256 --batch-size 16 --num-sample-images 4)
 fi
 
-step() {  # step TITLE COMMAND...: run it, time it, keep its output
-    local title=$1; shift
-    echo "== $title" | tee -a "$SUMMARY"
-    local tic=$SECONDS
-    "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v '^\s*$' | grep -E '^\|' >> "$SUMMARY" || true
-    echo "($((SECONDS - tic)) s: $*)" | tee -a "$SUMMARY"
-    echo >> "$SUMMARY"
-}
+source tools/step.sh
+check() { step "$@" || true; }  # a failed check is noted in the summary, and the others still run
 
 {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -40,18 +34,18 @@ step() {  # step TITLE COMMAND...: run it, time it, keep its output
 BENCH=(-m ddpm_cars bench --presets "$PRESET" --precisions "$PRECISION" --image-size "$SIZE" --batch-size "$BATCH"
        --repeats 5 --warmup 3 --sample-steps 5 --device "$DEVICE")
 export DDPM_CARS_CACHE="$OUT/cache"  # the data cache starts empty: the first training run builds it
-step "bench, eager, and the whole training loop" "$PY" "${BENCH[@]}" --loop --json "$OUT/bench.json"
+check "bench, eager, and the whole training loop" "$PY" "${BENCH[@]}" --loop --json "$OUT/bench.json"
 if [ "$DEVICE" = cuda ]; then
-    step "bench, compiled" "$PY" "${BENCH[@]}" --compile --json "$OUT/bench_compiled.json"
+    check "bench, compiled" "$PY" "${BENCH[@]}" --compile --json "$OUT/bench_compiled.json"
 else
     echo "== bench, compiled: skipped on the CPU (compiling takes minutes there)" | tee -a "$SUMMARY"
 fi
-step "bench, activation checkpointing (peak memory)" "$PY" "${BENCH[@]}" --activation-checkpointing --json "$OUT/bench_checkpointing.json"
-step "train $STEPS steps on toy cars" "$PY" -m ddpm_cars train "${TRAIN[@]}" --steps "$STEPS" --checkpoint-every "$STEPS" \
+check "bench, activation checkpointing (peak memory)" "$PY" "${BENCH[@]}" --activation-checkpointing --json "$OUT/bench_checkpointing.json"
+check "train $STEPS steps on toy cars" "$PY" -m ddpm_cars train "${TRAIN[@]}" --steps "$STEPS" --checkpoint-every "$STEPS" \
     --sample-every 1000 --sample-steps 50 --device "$DEVICE" --out "$OUT/train"
 tail -n 1 "$OUT/train/loss.csv" | sed 's/^/last loss row (step,loss): /' | tee -a "$SUMMARY"
-step "$SAMPLES samples, DPM-Solver++ 20 steps" "$PY" -m ddpm_cars sample --checkpoint "$OUT/train" --sampler dpm++ --steps 20 \
+check "$SAMPLES samples, DPM-Solver++ 20 steps" "$PY" -m ddpm_cars sample --checkpoint "$OUT/train" --sampler dpm++ --steps 20 \
     --num-images "$SAMPLES" --batch-size "$SAMPLES" --device "$DEVICE" --out "$OUT/samples"
-step "one-process torchrun ($BACKEND)" "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ddpm_cars train \
+check "one-process torchrun ($BACKEND)" "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ddpm_cars train \
     --preset tiny --toy-count 256 --steps 5 --num-sample-images 4 --no-compile --device "$DEVICE" --out "$OUT/torchrun"
 echo "done: $SUMMARY"

@@ -33,14 +33,7 @@ else  # the same steps, at sizes a CPU does in minutes
 fi
 "$PY" -c 'import torch_fidelity' 2>/dev/null || { echo "torch-fidelity is missing: pip install torch-fidelity, or copy it to $OUT/vendor" >&2; exit 1; }
 
-step() {  # step TITLE COMMAND...: run it, time it, keep its tables
-    local title=$1; shift
-    echo "== $title" | tee -a "$SUMMARY"
-    local tic=$SECONDS
-    "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/log.txt" | grep -E '^\|' >> "$SUMMARY" || true
-    echo "($((SECONDS - tic)) s: $*)" | tee -a "$SUMMARY"
-    echo >> "$SUMMARY"
-}
+source tools/step.sh  # a failed step stops the study: run it again to go on from there
 
 "$PY" -c 'import torch; print("#", "sampler study", "| torch", torch.__version__, "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' | tee -a "$SUMMARY"
 date -u +%Y-%m-%dT%H:%M:%SZ | tee -a "$SUMMARY"
