@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import sys
@@ -221,7 +222,8 @@ def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path,
 
     def table(*extra):
         monkeypatch.setattr(sys, "argv", ["sampler_quality", "--run", str(tmp_path / "run"), "--num", "6",
-                                          "--batch-size", "4", "--nfe", "4", "--samplers", "ddpm,heun:karras", *extra])
+                                          "--batch-size", "4", "--nfe", "4", "--samplers", "ddpm,heun:karras", "--redraw",
+                                          *extra])
         sampler_quality.main()
         return capsys.readouterr().out
 
@@ -239,6 +241,58 @@ def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path,
         one, two = sorted([float(one), float(two)])
         assert abs(one - low) <= 0.051 and abs(two - high) <= 0.051 and two - one > 0.1, (whole, one, two)  # printed to 0.1
     assert second.splitlines()[-1].startswith("| heun, karras | ") and second.splitlines()[-1].endswith(" [3] |")
+
+
+def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(tmp_path, tiny_config, monkeypatch, capsys):
+    """Scores go to the run's record group by group; a later call draws only the groups the
+    record lacks and tables the same numbers as drawing everything at once; the picture's
+    row of a recorded group is drawn again, the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_cars.benchmarks import sampler_quality
+    from ddpm_cars.training import train
+
+    train(tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False)
+    drawn = []
+    real_generate = sampler_quality.generate
+
+    def counting_generate(denoiser, images, *args, **kwargs):
+        drawn.append(list(images))
+        return real_generate(denoiser, images, *args, **kwargs)
+
+    monkeypatch.setattr(sampler_quality, "generate", counting_generate)
+
+    def table(*extra):
+        drawn.clear()
+        monkeypatch.setattr(sys, "argv", ["sampler_quality", "--run", str(tmp_path / "run"), "--num", "6",
+                                          "--batch-size", "4", "--settings", "ddpm:4", *extra])
+        sampler_quality.main()
+        out, err = capsys.readouterr()
+        row = [line for line in out.splitlines() if line.startswith("| ddpm |")][0].split(" | ")
+        return row[:2] + row[3:], err, list(drawn)  # all but the img/s cell
+
+    record = tmp_path / "run" / sampler_quality.RECORD_FILE
+    _, _, first = table("--first-group", "1")
+    assert first == [list(range(6, 12))] and len(record.read_text().splitlines()) == 1
+    merged, _, second = table("--groups", "2")
+    assert second == [list(range(6))] and len(record.read_text().splitlines()) == 2
+    whole, _, everything = table("--groups", "2", "--redraw", "--record", str(tmp_path / "other.jsonl"),
+                                 "--out", str(tmp_path / "whole.png"))
+    assert everything == [list(range(12))] and merged == whole and "(" in whole[2]  # "mean (low-high)"
+
+    with record.open("a") as f:
+        f.write('{"identity": {"weights": "cut short by a cra')  # a crash mid-line
+    again, err, third = table("--groups", "2", "--out", str(tmp_path / "again.png"))
+    assert again == whole and "groups 0-1 taken from" in err
+    assert third == [list(range(6))]  # only the picture's six images
+    assert (np.asarray(Image.open(tmp_path / "again.png")) == np.asarray(Image.open(tmp_path / "whole.png"))).all()
+
+    ours = json.loads(record.read_text().splitlines()[0])["identity"]
+    assert ours["device"] == "cpu" and ours["precision"] == "fp32" and ours["num"] == 6 and len(ours["weights"]) == 16
+    sample = dataclasses.replace(tiny_config.sample, sampler="ddpm", steps=4)
+    assert sampler_quality.ScoreRecord(record, ours).get(sample, 0) is not None
+    assert sampler_quality.ScoreRecord(record, {**ours, "weights": "0" * 16}).get(sample, 0) is None  # another model
 
 
 def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():

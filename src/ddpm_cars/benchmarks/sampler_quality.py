@@ -16,6 +16,18 @@ them as G groups: the table gives the mean and, for SWD, the range of the groups
 Groups put together must come from one kind of device: CPU and CUDA generators draw
 different noise from the same seed.
 
+Each group's scores are appended to a record (``RUN/sampler_scores.jsonl`` unless
+``--record`` says otherwise) as soon as they are known, and a group the record already holds
+-- same weights, device, precision, sampling settings, group size and seed -- is taken from
+it instead of drawn again (its img/s is then the mean of the groups' rates when drawn). So a
+campaign stopped halfway loses at most the setting it was drawing, and the 1,000-step row
+can be drawn one group per call and then tabled whole:
+
+    for k in 0 1 2; do python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --first-group $k --settings ddpm:1000; done
+    python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --groups 3 --settings ddpm:1000   # draws nothing
+
+``--redraw`` draws every group anew (its scores then replace the recorded ones).
+
 ``--samplers`` with ``--nfe`` measures each sampler at each number of network calls (Heun
 on the most steps whose 2n - 1 calls fit) and ends with a table of SWD against calls:
 
@@ -27,6 +39,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
+import os
 import statistics
 import sys
 import time
@@ -34,12 +49,15 @@ from pathlib import Path
 
 import torch
 
+from ddpm_cars.config import SampleConfig
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_uint8
+from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.generation import generate
 from ddpm_cars.parallel import resolve_device
-from ddpm_cars.run import Run
+from ddpm_cars.run import EMA_FILE, MODEL_FILE, Run
+from ddpm_cars.runtime import resolve_precision
 from ddpm_cars.viz import save_grid
 
 SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"
@@ -126,11 +144,89 @@ def calls_table(results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]
     return "\n".join(lines)
 
 
+RECORD_FILE = "sampler_scores.jsonl"
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the weights a checkpoint samples with
+    (its moving average when it kept one): what tells one trained model from another."""
+    path = checkpoint / EMA_FILE if (checkpoint / EMA_FILE).is_file() else checkpoint / MODEL_FILE
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class ScoreRecord:
+    """Group scores kept in a JSON-lines file, one line per (setting, group), so that
+    nothing measured is lost when a long campaign stops. ``identity`` (weights, device,
+    precision, group size, seed) must match for a line to count; of two lines for one
+    group the later wins; a line cut short by a crash is ignored."""
+
+    def __init__(self, path: Path, identity: dict[str, object]):
+        self.path, self.identity = path, identity
+        self.groups: dict[tuple[str, int], dict] = {}
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("identity") == identity:
+                self.groups[(json.dumps(entry["sample"], sort_keys=True), entry["group"])] = entry
+
+    @staticmethod
+    def _sample(sample: SampleConfig) -> dict[str, object]:
+        fields = dataclasses.asdict(sample)
+        fields.pop("num_images")  # the size of training-time grids: nothing to do with drawing
+        return fields
+
+    def get(self, sample: SampleConfig, group: int) -> dict | None:
+        """The recorded entry of ``group`` drawn with ``sample``, or None."""
+        return self.groups.get((json.dumps(self._sample(sample), sort_keys=True), group))
+
+    def add(self, sample: SampleConfig, group: int, rate: float, scores: dict[str, float]) -> dict:
+        """Record ``group``'s ``scores`` (drawn at ``rate`` images per second) and return the entry."""
+        entry = {"identity": self.identity, "sample": self._sample(sample), "group": group, "img_s": rate,
+                 "scores": scores, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.groups[(json.dumps(entry["sample"], sort_keys=True), group)] = entry
+        return entry
+
+
 def _number_or_text(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
         return text
+
+
+def draw_groups(
+    denoiser: Denoiser, sample: SampleConfig, record: ScoreRecord, groups: range, num: int, batch_size: int,
+    train: torch.Tensor, redraw: bool = False, name: str = "",
+) -> tuple[list[dict], torch.Tensor | None]:
+    """The record's entry of each group of ``num`` images (group k: images k x num to
+    (k + 1) x num - 1 of seed 0) drawn with ``sample``: the groups the record lacks (all of
+    them with ``redraw``) are drawn in one pass, scored and recorded. Also the first group's
+    images when this call drew them (else None)."""
+    entries = {} if redraw else {k: e for k in groups if (e := record.get(sample, k)) is not None}
+    missing = [k for k in groups if k not in entries]
+    if not missing:
+        print(f"{name or sample.sampler} on {sample.steps} steps: groups {groups[0]}-{groups[-1]} taken from {record.path}",
+              file=sys.stderr)
+        return [entries[k] for k in groups], None
+    indices = [i for k in missing for i in range(k * num, (k + 1) * num)]
+    tic = time.perf_counter()
+    images = generate(denoiser, indices, sample, seed=0, batch_size=min(len(indices), batch_size), progress=False)
+    rate = len(indices) / (time.perf_counter() - tic)
+    for k, scores in zip(missing, score_groups(to_uint8(images), train, len(missing))):
+        entries[k] = record.add(sample, k, rate, scores)
+    return [entries[k] for k in groups], images if missing[0] == groups[0] else None
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -151,6 +247,10 @@ def parse_arguments() -> argparse.Namespace:
                         help="start at group K: images K x NUM on, to draw a long setting a group at a time (default: 0)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--record", type=Path, default=None, metavar="FILE",
+                        help=f"JSON-lines record of the group scores, read and appended to (default: RUN/{RECORD_FILE})")
+    parser.add_argument("--redraw", action="store_true",
+                        help="draw every group again instead of taking the ones the record holds")
     return parser.parse_args()
 
 
@@ -165,9 +265,13 @@ def main() -> None:
 
     run = Run.open(args.run)
     config = run.config
-    denoiser = run.denoiser(ema=True, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    denoiser = run.denoiser(ema=True, device=device)
+    record = ScoreRecord(args.record or run.dir / RECORD_FILE, {
+        "weights": weights_digest(run.checkpoint), "device": device.type,
+        "precision": resolve_precision(denoiser.precision, device), "num": args.num, "seed": 0})
     train = build_dataset(config.data, progress=False).images
-    total = args.num * args.groups
+    groups = range(args.first_group, args.first_group + args.groups)
     first, end = args.first_group * args.num, (args.first_group + args.groups) * args.num
     heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=end), progress=False).images
     if heldout.shape[0] < end:
@@ -189,16 +293,18 @@ def main() -> None:
             print(f"skipped {name} on {steps} steps: {why}", file=sys.stderr)
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
-        tic = time.perf_counter()
-        images = generate(denoiser, range(first, end), sample, seed=0, batch_size=min(total, args.batch_size),
-                          progress=False)
-        rate = total / (time.perf_counter() - tic)
-        metrics = score_groups(to_uint8(images), train, args.groups)
+        entries, shown = draw_groups(denoiser, sample, record, groups, args.num, args.batch_size, train,
+                                      args.redraw, name)
+        metrics = [entry["scores"] for entry in entries]
+        rate = statistics.fmean(entry["img_s"] for entry in entries)
         calls = network_calls(sampler, steps)
         print(_row(name, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
               flush=True)
         results.setdefault(name, {})[budget] = (calls, metrics)
-        rows.append(images[:6])
+        if args.out is not None:  # the first images of the first group, drawn again if the record held it
+            shown = shown if shown is not None else generate(
+                denoiser, range(first, first + min(6, args.num)), sample, seed=0, batch_size=6, progress=False)
+            rows.append(shown[:6])
     if grid and results:
         print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))
     if args.out is not None and rows:
