@@ -184,9 +184,10 @@ def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_
 def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
     from ddpm_cars.benchmarks.sampler_quality import network_calls, parse_settings
 
-    assert parse_settings("ddpm:50,dpm++:20:karras,heun:10:logsnr:churn=40,ddim:20:eta=1:ddim_sigma=learned") == [
+    assert parse_settings("ddpm:50,dpm++:20:karras,heun:10:logsnr:churn=40,ddim:20:eta=1:ddim_sigma=learned,"
+                          "dpm++:20:karras:clip_x0=false") == [
         ("ddpm", 50, "uniform", {}), ("dpm++", 20, "karras", {}), ("heun", 10, "logsnr", {"churn": 40.0}),
-        ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"})]
+        ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"}), ("dpm++", 20, "karras", {"clip_x0": False})]
     assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "heun")] == [10, 10, 10, 10, 19]
 
 

@@ -61,7 +61,7 @@ from ddpm_cars.runtime import resolve_precision
 from ddpm_cars.viz import save_grid
 
 SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"
-Setting = tuple[str, int, str, dict[str, float | str]]  # sampler, steps, spacing, other sampling fields
+Setting = tuple[str, int, str, dict[str, bool | float | str]]  # sampler, steps, spacing, other sampling fields
 
 
 def network_calls(sampler: str, steps: int) -> int:
@@ -94,7 +94,8 @@ def score_groups(images: torch.Tensor, train: torch.Tensor, groups: int) -> list
 
 def parse_settings(text: str) -> list[Setting]:
     """``sampler:steps[:spacing][:field=value...],...`` as (sampler, steps, spacing, other
-    sampling fields) (uniform spacing by default): ``heun:10:karras:churn=40``."""
+    sampling fields) (uniform spacing by default): ``heun:10:karras:churn=40``,
+    ``dpm++:20:karras:clip_x0=false``."""
     out = []
     for item in text.split(","):
         name, steps, *rest = item.split(":")
@@ -116,7 +117,7 @@ def grid_settings(samplers: str, calls: list[int]) -> list[tuple[int, Setting]]:
     return out
 
 
-def label(sampler: str, spacing: str, extra: dict[str, float | str]) -> str:
+def label(sampler: str, spacing: str, extra: dict[str, bool | float | str]) -> str:
     """A setting's name without its steps: "heun, karras, churn 20"."""
     fields = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()]
     return ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + fields)
@@ -199,7 +200,10 @@ class ScoreRecord:
         return entry
 
 
-def _number_or_text(text: str) -> float | str:
+def _number_or_text(text: str) -> bool | float | str:
+    """A field's value as written: true/false, a number, or text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return float(text)
     except ValueError:
