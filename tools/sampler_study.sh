@@ -10,7 +10,8 @@
 #
 # Each model's run, pictures and tables go to OUT_DIR/MODEL; the tables are also appended to
 # OUT_DIR/summary.md as each step ends, so an interrupted study keeps what it finished. A
-# model whose run is already there is resumed, not trained again. The pixel precision/recall
+# model whose run is already there is resumed, not trained again, and a step stopped halfway
+# draws only what its run's record (sampler_scores.jsonl) does not hold yet. The pixel precision/recall
 # needs torch-fidelity; where Python lacks it, a copy in OUT_DIR/vendor is used (copy the
 # installed package's folder there: it is pure Python).
 set -euo pipefail
