@@ -175,7 +175,11 @@ class ScoreRecord:
             except json.JSONDecodeError:
                 continue
             if isinstance(entry, dict) and entry.get("identity") == identity:
-                self.groups[(json.dumps(entry["sample"], sort_keys=True), entry["group"])] = entry
+                self.groups[self._key(entry["sample"], entry["group"])] = entry
+
+    @staticmethod
+    def _key(fields: dict[str, object], group: int) -> tuple[str, int]:
+        return json.dumps(fields, sort_keys=True), group
 
     @staticmethod
     def _sample(sample: SampleConfig) -> dict[str, object]:
@@ -185,7 +189,7 @@ class ScoreRecord:
 
     def get(self, sample: SampleConfig, group: int) -> dict | None:
         """The recorded entry of ``group`` drawn with ``sample``, or None."""
-        return self.groups.get((json.dumps(self._sample(sample), sort_keys=True), group))
+        return self.groups.get(self._key(self._sample(sample), group))
 
     def add(self, sample: SampleConfig, group: int, rate: float, scores: dict[str, float]) -> dict:
         """Record ``group``'s ``scores`` (drawn at ``rate`` images per second) and return the entry."""
@@ -196,7 +200,7 @@ class ScoreRecord:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.groups[(json.dumps(entry["sample"], sort_keys=True), group)] = entry
+        self.groups[self._key(entry["sample"], group)] = entry
         return entry
 
 
