@@ -295,6 +295,13 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(t
     assert sampler_quality.ScoreRecord(record, ours).get(sample, 0) is not None
     assert sampler_quality.ScoreRecord(record, {**ours, "weights": "0" * 16}).get(sample, 0) is None  # another model
 
+    # a line written before sampling had a starting sigma reads as drawn from sigma 80, as it was
+    older = json.loads(record.read_text().splitlines()[0])
+    del older["sample"]["sigma_max"]
+    record.write_text(json.dumps(older) + "\n")
+    assert sampler_quality.ScoreRecord(record, ours).get(dataclasses.replace(sample, sigma_max=80.0), 1) is not None
+    assert sampler_quality.ScoreRecord(record, ours).get(dataclasses.replace(sample, sigma_max=10.0), 1) is None
+
 
 def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
     from ddpm_cars.benchmarks.sampler_quality import _row, score_groups

@@ -47,6 +47,7 @@ def test_every_option_has_help_and_a_shown_default():
         (["train", "--out", "x", "--precision", "fp8"], "invalid choice"),
         (["eval", "--nll"], "--checkpoint"),
         (["sample", "--checkpoint", "x", "--out", "y", "--spacing", "cubic"], "invalid choice"),
+        (["sample", "--checkpoint", "x", "--out", "y", "--sigma-max", "0"], "must be > 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -120,6 +121,9 @@ def test_train_then_sample_end_to_end(tmp_path):
     churned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "churn"), "--num", "3", "--sampler", "heun",
                    "--steps", "4", "--spacing", "karras", "--churn", "40")
     assert churned.returncode == 0 and "(heun, 4 steps (karras), churn 40)" in churned.stdout, churned.stderr
+    started = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "start"), "--num", "3", "--sampler", "dpm++",
+                   "--steps", "4", "--spacing", "logsnr", "--sigma-max", "2")
+    assert started.returncode == 0 and "(dpm++, 4 steps (logsnr from sigma 2))" in started.stdout, started.stderr
     learned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "learned"), "--num", "3", "--sampler", "ddim",
                    "--steps", "4", "--eta", "1", "--ddim-sigma", "learned")
     assert learned.returncode == 0 and (tmp_path / "learned" / "grid.png").is_file(), learned.stderr

@@ -6,7 +6,8 @@ import torch
 from ddpm_cars.config import DiffusionConfig, RunConfig, SampleConfig
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.schedule import (
-    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas, zero_terminal_snr,
+    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas, visited_timesteps,
+    zero_terminal_snr,
 )
 
 
@@ -208,21 +209,43 @@ def _log_sigma(schedule: NoiseSchedule) -> torch.Tensor:
     return 0.5 * (torch.log1p(-ab) - torch.log(ab))  # log sqrt((1 - ab) / ab), written out
 
 
+@pytest.mark.parametrize("sigma_max", [SIGMA_MAX, 10.0, 1e6])
 @pytest.mark.parametrize("spacing", ["karras", "logsnr"])
 @pytest.mark.parametrize("schedule", [NoiseSchedule.from_betas(cosine_betas(1000)), NoiseSchedule.linear(1000),
                                       NoiseSchedule.linear(10), NoiseSchedule.from_betas(cosine_betas(37))])
-def test_noise_level_spacing_runs_from_sigma_max_to_zero(spacing, schedule):
+def test_noise_level_spacing_runs_from_sigma_max_to_zero(spacing, schedule, sigma_max):
     T, log_sigma = schedule.timesteps, _log_sigma(schedule)
-    # the start: the trained step nearest sigma 80, or T - 1 when the schedule stays below it
-    start = int((log_sigma - math.log(SIGMA_MAX)).abs().argmin()) if log_sigma[-1] > math.log(SIGMA_MAX) else T - 1
+    # the start: the trained step nearest sigma_max, or T - 1 when the schedule stays below it
+    start = int((log_sigma - math.log(sigma_max)).abs().argmin()) if log_sigma[-1] > math.log(sigma_max) else T - 1
+    ab = schedule.alphas_cumprod_float64
     for steps in sorted({2, 3, min(7, start + 1), min(20, start + 1), start + 1}):
-        ts = sampling_timesteps(T, steps, spacing, schedule.alphas_cumprod_float64).tolist()
+        ts = sampling_timesteps(T, steps, spacing, ab, sigma_max).tolist()
         assert len(ts) == steps and ts[0] == 0 and ts[-1] == start, (steps, ts)
         assert all(b > a for a, b in zip(ts, ts[1:])), (steps, ts)
-    assert sampling_timesteps(T, 1, spacing, schedule.alphas_cumprod_float64).tolist() == [start]
-    if start < T - 2:  # more steps than lie below sigma 80: the spacing starts higher, at step `steps - 1`
-        ts = sampling_timesteps(T, start + 3, spacing, schedule.alphas_cumprod_float64).tolist()
+    assert sampling_timesteps(T, 1, spacing, ab, sigma_max).tolist() == [start]
+    if start < T - 2:  # more steps than lie below sigma_max: the spacing starts higher, at step `steps - 1`
+        ts = sampling_timesteps(T, start + 3, spacing, ab, sigma_max).tolist()
         assert ts == list(range(start + 3))
+    if sigma_max == SIGMA_MAX:  # the default
+        assert torch.equal(sampling_timesteps(T, 3, spacing, ab), sampling_timesteps(T, 3, spacing, ab, sigma_max))
+
+
+def test_a_sample_config_names_the_steps_it_visits():
+    """visited_timesteps reads steps, spacing and the starting sigma from the sampling settings;
+    the starting sigma moves only the noise-level spacings."""
+    schedule = NoiseSchedule.from_betas(cosine_betas(1000))
+    ab = schedule.alphas_cumprod_float64
+    for spacing in ["uniform", "quadratic", "karras", "logsnr"]:
+        for sigma_max in [SIGMA_MAX, 3.0]:
+            sample = SampleConfig(steps=12, spacing=spacing, sigma_max=sigma_max)
+            expected = sampling_timesteps(1000, 12, spacing, ab, sigma_max)
+            assert torch.equal(visited_timesteps(schedule, sample), expected)
+        moved = not torch.equal(visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing, sigma_max=3.0)),
+                                visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing)))
+        assert moved == (spacing in ("karras", "logsnr")), spacing
+    start = int(visited_timesteps(schedule, SampleConfig(steps=12, spacing="karras", sigma_max=3.0))[-1])
+    assert 2.5 < sigmas(ab)[start] < 3.5
+    assert torch.equal(visited_timesteps(schedule, SampleConfig()), torch.arange(1000))
 
 
 def test_the_cosine_schedule_starts_at_sigma_80_not_at_its_clipped_last_step():

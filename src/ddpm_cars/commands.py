@@ -26,7 +26,7 @@ from ddpm_cars.presets import DEMO, preset
 from ddpm_cars.report import write_report
 from ddpm_cars.run import Run
 from ddpm_cars.samplers import StepCallback, sampling_description
-from ddpm_cars.schedule import build_schedule, sampling_timesteps
+from ddpm_cars.schedule import build_schedule, visited_timesteps
 from ddpm_cars.training import train as train_run
 from ddpm_cars.viz import evenly_spaced_steps, save_rows, save_samples, save_strip
 
@@ -121,8 +121,7 @@ def sample_run(
     request = {} if edit is None else image_edits.edit_request(edit, config.data.crop, config.data.image_size)
     world, dev = parallel.init_from_env(resolve_device(device))
     schedule = build_schedule(config.diffusion)
-    visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing,
-                                 schedule.alphas_cumprod_float64)
+    visited = visited_timesteps(schedule, config.sample)
     visited = strength_timesteps(visited, request.get("strength", 1.0), schedule.timesteps).tolist()
     frames, predictions, callback = denoising_frames(visited)
     images = parallel.generate_across_ranks(

@@ -19,7 +19,7 @@ from ddpm_cars.editing import Inpainting, check_edit, edit_sample
 from ddpm_cars.errors import UserError
 from ddpm_cars.models import batchnorm_uses_batch_stats
 from ddpm_cars.samplers import StepCallback, image_generators, is_deterministic, randn, run_sampler
-from ddpm_cars.schedule import sampling_timesteps
+from ddpm_cars.schedule import visited_timesteps
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,7 @@ def generate(
         _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
     init, paint = check_edit(init, strength, mask, denoiser.image_size, max(wanted, default=-1) + 1, config.sampler)
     _check_sampler(denoiser, config)
-    schedule = denoiser.schedule
-    timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
+    timesteps = visited_timesteps(denoiser.schedule, config)
     device, size = denoiser.device, denoiser.image_size
     out = []
     starts = range(0, len(wanted), batch_size)
@@ -101,8 +100,7 @@ def decode(
     it draws image ``i`` of ``generate(..., seed=s)``."""
     require_deterministic(config)
     _check_sampler(denoiser, config)
-    schedule = denoiser.schedule
-    timesteps = sampling_timesteps(schedule.timesteps, config.steps, config.spacing, schedule.alphas_cumprod_float64)
+    timesteps = visited_timesteps(denoiser.schedule, config)
     out = []
     starts = range(0, x_T.shape[0], batch_size)
     with _sampling_mode(denoiser.network, config) as ctx:

@@ -22,7 +22,7 @@ from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.generation import decode, require_deterministic
 from ddpm_cars.run import Run
 from ddpm_cars.samplers import image_generators, is_deterministic, randn, sampling_description
-from ddpm_cars.schedule import sampling_timesteps
+from ddpm_cars.schedule import visited_timesteps
 from ddpm_cars.viz import save_image, save_samples, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
@@ -150,8 +150,7 @@ def interpolate(args: argparse.Namespace) -> int:
         what = f"seeds {args.interpolate[0]} and {args.interpolate[1]}"
     else:
         images = torch.stack([read_image(p, size, config.data.crop, "--interpolate-images") for p in args.interpolate_images])
-        schedule = den.schedule
-        timesteps = sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64)
+        timesteps = visited_timesteps(den.schedule, sample)
         ends = ddim_invert(den, images.to(dev), timesteps=timesteps, progress=True)
         what = f"{Path(args.interpolate_images[0]).name} and {Path(args.interpolate_images[1]).name} (inverted with DDIM)"
     weights = interpolation_weights(args.frames)

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_cars import diffusion
-from ddpm_cars.config import DdimSigma, SampleConfig, Variance
+from ddpm_cars.config import NOISE_LEVEL_SPACINGS, SIGMA_MAX, DdimSigma, SampleConfig, Variance
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.schedule import sigmas
 
@@ -321,10 +321,15 @@ def _churned_steps(alphas_cumprod: torch.Tensor, path: torch.Tensor, churn: floa
 
 
 def sampling_description(sample: SampleConfig) -> str:
-    """How ``sample`` draws, in a few words: "ddpm, 50 steps", "dpm++, 20 steps (karras)"."""
+    """How ``sample`` draws, in a few words: "ddpm, 50 steps", "dpm++, 20 steps (karras)",
+    "dpm++, 20 steps (karras from sigma 10)"."""
     steps = f", {sample.steps} steps" if sample.steps else ", all steps"
     churn = f", churn {sample.churn:g}" if sample.sampler == "heun" and sample.churn else ""
-    return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({sample.spacing})") + churn
+    spacing = ""
+    if sample.steps and sample.spacing != "uniform":
+        start = f" from sigma {sample.sigma_max:g}" if sample.spacing in NOISE_LEVEL_SPACINGS and sample.sigma_max != SIGMA_MAX else ""
+        spacing = f" ({sample.spacing}{start})"
+    return sample.sampler + steps + spacing + churn
 
 
 def run_sampler(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_cars.config import DiffusionConfig
+from ddpm_cars.config import NOISE_LEVEL_SPACINGS, SIGMA_MAX, DiffusionConfig, SampleConfig
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
@@ -135,11 +135,6 @@ def training_betas(config: DiffusionConfig) -> torch.Tensor:
     return zero_terminal_snr(betas) if config.zero_terminal_snr else betas
 
 
-# Where noise-level spacings start: EDM's sigma_max (Karras et al. 2022). x_T ~ N(0, I) is
-# exact only where alphabar = 0; at sigma = 80 it is off by alphabar = 1.6e-4 of the data,
-# while the cosine schedule's clipped last beta puts t = T-1 at sigma = 2e4, where an eps
-# model's x_0 estimate multiplies its error by that much.
-SIGMA_MAX = 80.0
 KARRAS_RHO = 7.0
 
 
@@ -152,6 +147,7 @@ def sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def sampling_timesteps(
     timesteps: int, steps: int | None = None, spacing: str = "uniform", alphas_cumprod: torch.Tensor | None = None,
+    sigma_max: float = SIGMA_MAX,
 ) -> torch.Tensor:
     """The increasing subsequence of ``0..timesteps-1`` a sampler visits, from the noisiest
     step down to 0.
@@ -160,7 +156,7 @@ def sampling_timesteps(
     t = 0, t_i = round((i / (steps - 1))^2 (T - 1)); both start at t = T - 1. ``karras``
     (rho = 7, Karras et al. 2022) and ``logsnr`` (even in log sigma) place them by noise
     level over the schedule's own steps (``alphas_cumprod`` ``[T]``, required for these),
-    from sigma_0 up to the trained sigma nearest :data:`SIGMA_MAX` (T - 1 when the schedule
+    from sigma_0 up to the trained sigma nearest ``sigma_max`` (T - 1 when the schedule
     ends below it; step ``steps - 1`` when more steps are asked for than lie below it), each
     at the trained step nearest in log sigma. Repeats from rounding
     are pushed apart, so the result is strictly increasing. ``steps=None`` means all of them.
@@ -168,9 +164,9 @@ def sampling_timesteps(
     if steps is None or steps == timesteps:
         return torch.arange(timesteps)
     assert 1 <= steps <= timesteps, (steps, timesteps)
-    if spacing in ("karras", "logsnr"):
+    if spacing in NOISE_LEVEL_SPACINGS:
         assert alphas_cumprod is not None and len(alphas_cumprod) == timesteps, "noise-level spacing needs the schedule"
-        return _noise_level_timesteps(sigmas(alphas_cumprod), steps, spacing)
+        return _noise_level_timesteps(sigmas(alphas_cumprod), steps, spacing, sigma_max)
     if steps == 1:
         return torch.tensor([timesteps - 1])
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -180,11 +176,18 @@ def sampling_timesteps(
     return _strictly_increasing((frac**2 * (timesteps - 1)).round().long(), timesteps - 1)
 
 
-def _noise_level_timesteps(sigma: torch.Tensor, steps: int, spacing: str) -> torch.Tensor:
+def visited_timesteps(schedule: NoiseSchedule, sample: SampleConfig) -> torch.Tensor:
+    """The training steps of ``schedule`` that a sampler set up by ``sample`` (its steps,
+    spacing and starting sigma) visits: :func:`sampling_timesteps` of them."""
+    return sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64,
+                              sample.sigma_max)
+
+
+def _noise_level_timesteps(sigma: torch.Tensor, steps: int, spacing: str, sigma_max: float) -> torch.Tensor:
     """``steps`` trained steps nearest (in log sigma) to Karras' or log-uniform noise levels
     between sigma_0 and the start (see :func:`sampling_timesteps`)."""
     log_sigma = sigma.log()
-    start = int((log_sigma - math.log(SIGMA_MAX)).abs().argmin()) if sigma[-1] > SIGMA_MAX else len(sigma) - 1
+    start = int((log_sigma - math.log(sigma_max)).abs().argmin()) if sigma[-1] > sigma_max else len(sigma) - 1
     start = max(start, steps - 1)  # more steps than trained steps below sigma_max: start higher
     if steps == 1:
         return torch.tensor([start])

@@ -28,7 +28,7 @@ from ddpm_cars.evaluation.class_accuracy import predict, train_classifier
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.generation import generate
 from ddpm_cars.run import Run
-from ddpm_cars.schedule import sampling_timesteps
+from ddpm_cars.schedule import visited_timesteps
 from ddpm_cars.viz import save_grid
 
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
@@ -97,10 +97,8 @@ def variations(run: Run, heldout: torch.Tensor, labels: torch.Tensor, train, tra
                           strength=strength, progress=False)
         kept = (predict(classifier, varied) == labels).float().mean().item()
         rms = (varied - init).pow(2).mean().sqrt().item()
-        schedule = denoiser.schedule
-        visited = sampling_timesteps(schedule.timesteps, config.sample.steps, config.sample.spacing,
-                                     schedule.alphas_cumprod_float64)
-        steps = len(strength_timesteps(visited, strength, schedule.timesteps))
+        visited = visited_timesteps(denoiser.schedule, config.sample)
+        steps = len(strength_timesteps(visited, strength, denoiser.schedule.timesteps))
         print(f"| {strength:g} | {steps} | {kept:.3f} | {rms:.3f} |", flush=True)
         pictures.append(varied[:SHOWN])
     if out is not None:

@@ -146,6 +146,10 @@ def calls_table(results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]
 
 
 RECORD_FILE = "sampler_scores.jsonl"
+# Sampling fields added after the first records were written, with the value every older
+# line was drawn with (not today's default, which may change): an older line counts as
+# having named it.
+ADDED_FIELDS: dict[str, object] = {"sigma_max": 80.0}
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -163,7 +167,8 @@ class ScoreRecord:
     """Group scores kept in a JSON-lines file, one line per (setting, group), so that
     nothing measured is lost when a long campaign stops. ``identity`` (weights, device,
     precision, group size, seed) must match for a line to count; of two lines for one
-    group the later wins; a line cut short by a crash is ignored."""
+    group the later wins; a line cut short by a crash is ignored; a line older than a
+    sampling field reads as drawn with :data:`ADDED_FIELDS`' value of it."""
 
     def __init__(self, path: Path, identity: dict[str, object]):
         self.path, self.identity = path, identity
@@ -175,6 +180,7 @@ class ScoreRecord:
             except json.JSONDecodeError:
                 continue
             if isinstance(entry, dict) and entry.get("identity") == identity:
+                entry["sample"] = {**ADDED_FIELDS, **entry["sample"]}
                 self.groups[self._key(entry["sample"], entry["group"])] = entry
 
     @staticmethod
