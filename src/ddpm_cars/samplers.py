@@ -325,11 +325,9 @@ def sampling_description(sample: SampleConfig) -> str:
     "dpm++, 20 steps (karras from sigma 10)"."""
     steps = f", {sample.steps} steps" if sample.steps else ", all steps"
     churn = f", churn {sample.churn:g}" if sample.sampler == "heun" and sample.churn else ""
-    spacing = ""
-    if sample.steps and sample.spacing != "uniform":
-        start = f" from sigma {sample.sigma_max:g}" if sample.spacing in NOISE_LEVEL_SPACINGS and sample.sigma_max != SIGMA_MAX else ""
-        spacing = f" ({sample.spacing}{start})"
-    return sample.sampler + steps + spacing + churn
+    moved = sample.spacing in NOISE_LEVEL_SPACINGS and sample.sigma_max != SIGMA_MAX
+    spacing = sample.spacing + (f" from sigma {sample.sigma_max:g}" if moved else "")
+    return sample.sampler + steps + ("" if sample.spacing == "uniform" or not sample.steps else f" ({spacing})") + churn
 
 
 def run_sampler(
