@@ -147,8 +147,8 @@ def _train_parser(sub: Any) -> None:
 
 SAMPLER_ADVICE = """\
 Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps; BENCHMARKS.md, "Samplers"):
-  eps models (the improved preset): ddpm --steps 20, its default, 42.0 against 44.2 for 1,000 steps; ddim and dpm++
-  leave noise (76-100) at any steps; heun --steps 50 --spacing karras --churn 20 (99 calls) 19.9. v models: dpm++
+  eps models (the improved preset): ddpm --steps 20, its default, 42.0-43.2 against 38.9-44.2 for 1,000 steps, --steps 35
+  35.3-38.0; ddim and dpm++ leave noise (76-100); heun --steps 50 --spacing karras --churn 20 (99 calls) 19.9. v models: dpm++
   --steps 10 --spacing karras 26.9, heun --steps 10 --spacing karras --churn 20 (19 calls) 23.1, 1,000 ancestral 27.3."""
 
 
