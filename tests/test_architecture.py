@@ -128,8 +128,8 @@ def test_samplers_and_generate_take_at_most_8_parameters():
     generate 8 besides the three of an edit (init, strength, mask: the README's Python API)."""
     from ddpm_cars import editing, generation, samplers
 
-    for fn in (samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.heun_sample, editing.edit_sample,
-               editing.repaint_sample, generation.decode):
+    for fn in (samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.sde_dpm_solver_sample, samplers.heun_sample,
+               editing.edit_sample, editing.repaint_sample, generation.decode):
         assert len(inspect.signature(fn).parameters) <= 8, fn.__name__
     assert len(inspect.signature(samplers.ddim_sample).parameters) <= 9
     edit = {"init", "strength", "mask"}

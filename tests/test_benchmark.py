@@ -188,7 +188,7 @@ def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
                           "dpm++:20:karras:clip_x0=false") == [
         ("ddpm", 50, "uniform", {}), ("dpm++", 20, "karras", {}), ("heun", 10, "logsnr", {"churn": 40.0}),
         ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"}), ("dpm++", 20, "karras", {"clip_x0": False})]
-    assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "heun")] == [10, 10, 10, 10, 19]
+    assert [network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun")] == [10, 10, 10, 10, 10, 19]
 
 
 def test_sampler_quality_grid_fits_each_sampler_into_each_budget_of_calls():

@@ -51,7 +51,7 @@ for model in "${MODELS[@]}"; do
     [ -f "$run/config.json" ] && resume=(--resume)  # a finished run stays as it is; a broken one goes on
     step "$model: train" "$PY" -m ddpm_cars train "${TRAIN[@]}" "${options[@]}" "${resume[@]}" --device "$DEVICE" --out "$run"
     step "$model: every sampler at 10-100 calls" "$PY" "${QUALITY[@]}" --run "$run" --nfe 10,20,35,50,100 \
-        --samplers ddpm,ddim:eta=1,ddim,dpm++:karras,dpm++3m:logsnr,heun:karras,heun:karras:churn=20 --out "$run/grid.png"
+        --samplers ddpm,ddim:eta=1,ddim,dpm++:karras,dpm++3m:logsnr,dpm++sde:karras,heun:karras,heun:karras:churn=20 --out "$run/grid.png"
     step "$model: ancestral sampling on all $ALL steps" "$PY" "${QUALITY[@]}" --run "$run" --settings "ddpm:$ALL" --out "$run/ddpm_all.png"
 done
 echo "done: $SUMMARY"

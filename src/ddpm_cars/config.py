@@ -27,7 +27,7 @@ Optimizer = Literal["adam", "adamw"]
 LrSchedule = Literal["constant", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
-Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "heun"]
+Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun"]
 Spacing = Literal["uniform", "quadratic", "karras", "logsnr"]
 NOISE_LEVEL_SPACINGS = ("karras", "logsnr")  # placed by sigma, from --sigma-max down
 DdimSigma = Literal["song", "learned"]
@@ -185,8 +185,11 @@ class SampleConfig:
     num_images: int = option(
         64, "images in each training-time sample grid", flag="--num-sample-images", limits=POSITIVE, train_only=True
     )
-    # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) (Lu et al.), Heun (Karras et al.)
-    sampler: Sampler = option("ddpm", "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), or EDM's Heun (2 calls per step)")
+    # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) and its SDE form (Lu et al.), Heun (Karras et al.)
+    sampler: Sampler = option(
+        "ddpm", "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), SDE-DPM-Solver++(2M) (dpm++sde, stochastic), "
+        "or EDM's Heun (2 calls per step)",
+    )
     steps: int | None = option(
         None, "sampling steps among the T, one network evaluation each (heun: two); None: all T", flag="--sample-steps",
         sampling_flag="--steps",
