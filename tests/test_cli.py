@@ -113,7 +113,8 @@ def test_train_then_sample_end_to_end(tmp_path):
     for sampler in ["ddim", "dpm++"]:
         fast = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / sampler), "--num", "3",
                     "--sampler", sampler, "--steps", "4", "--trajectory")
-        assert fast.returncode == 0 and f"({sampler}, 4 steps)" in fast.stdout, fast.stderr
+        # the other sampling settings stay the run's: the improved preset's karras spacing
+        assert fast.returncode == 0 and f"({sampler}, 4 steps (karras))" in fast.stdout, fast.stderr
         assert Image.open(tmp_path / sampler / "trajectory.png").size[1] > Image.open(tmp_path / sampler / "denoising.png").size[1]
     heun = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "heun"), "--num", "3", "--sampler", "heun",
                 "--steps", "4", "--spacing", "karras")

@@ -39,7 +39,7 @@ def test_replace_overrides_one_field():
 
 
 def test_improved_preset_samples_20_respaced_steps_or_all_of_a_shorter_schedule():
-    assert (IMPROVED.sample.sampler, IMPROVED.sample.steps, IMPROVED.sample.spacing) == ("ddpm", 20, "uniform")
+    assert (IMPROVED.sample.sampler, IMPROVED.sample.steps, IMPROVED.sample.spacing) == ("dpm++sde", 20, "karras")
     assert SEED.sample.steps is None  # the seed's Algorithm 2 visits all 1,000 steps
     assert IMPROVED.replace(diffusion={"timesteps": 12}).sample.steps is None  # 20 is a cap: all 12
     assert IMPROVED.replace(diffusion={"timesteps": 20}).sample.steps == 20
