@@ -128,6 +128,9 @@ def test_train_then_sample_end_to_end(tmp_path):
     learned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "learned"), "--num", "3", "--sampler", "ddim",
                    "--steps", "4", "--eta", "1", "--ddim-sigma", "learned")
     assert learned.returncode == 0 and (tmp_path / "learned" / "grid.png").is_file(), learned.stderr
+    unread = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--sampler", "dpm++", "--eta", "0.5")
+    assert unread.returncode == 2 and "--eta is read only with --sampler ddim" in unread.stderr, unread.stderr
+    assert len(unread.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
     assert too_many.returncode == 2 and "cannot exceed the 20 diffusion timesteps" in too_many.stderr
     again = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--num", "5", "--seed", "1")

@@ -48,6 +48,24 @@ def test_improved_preset_samples_20_respaced_steps_or_all_of_a_shorter_schedule(
         IMPROVED.replace(diffusion={"timesteps": 12}, sample={"steps": 60})  # asked for: still an error
 
 
+
+@pytest.mark.parametrize("given, reads, refusal", [
+    ({"eta": 0.5}, {"sampler": "ddim"}, "--eta is read only with --sampler ddim, and the sampler here is dpm\\+\\+sde"),
+    ({"ddim_sigma": "learned"}, {"sampler": "ddim"}, "--ddim-sigma is read only with --sampler ddim"),
+    ({"churn": 20.0}, {"sampler": "heun"}, "--churn is read only with --sampler heun"),
+    ({"sigma_max": 20.0, "spacing": "uniform"}, {"spacing": "logsnr"},
+     "--sigma-max is read only with --spacing karras or logsnr, and the spacing here is uniform"),
+])
+def test_an_option_the_sampler_does_not_read_is_refused_when_given(given, reads, refusal):
+    with pytest.raises(UserError, match=refusal):
+        IMPROVED.replace(sample=given)  # the improved preset samples with dpm++sde on karras steps
+    read = IMPROVED.replace(sample={**given, **reads}).sample
+    assert all(getattr(read, name) == value for name, value in {**given, **reads}.items())
+    # kept from the run, not given: a run trained with heun's churn samples with ddpm without complaint
+    churned = IMPROVED.replace(sample={"sampler": "heun", "churn": 20.0})
+    assert churned.replace(sample={"sampler": "ddpm"}).sample.churn == 20.0
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

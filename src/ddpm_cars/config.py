@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +218,22 @@ class SampleConfig:
     def __post_init__(self) -> None:
         check_fields(self, "sample")
 
+    def check_read(self, given: Iterable[str]) -> None:
+        """A one-line error for an option among ``given`` (field names) that this sampler or
+        spacing does not read, so that ``--sampler dpm++ --eta 0.5`` is not silently DDIM-less."""
+        for name in given:
+            if name in _READ_BY:
+                chooser, readers = _READ_BY[name]
+                chosen = getattr(self, chooser)
+                if chosen not in readers:
+                    raise UserError(f"--{name.replace('_', '-')} is read only with --{chooser} {' or '.join(readers)}, and "
+                                    f"the {chooser} here is {chosen}: drop it, or add --{chooser} {readers[0]}")
+
+
+# the sampling options only some samplers or spacings read: option -> (the field that chooses, its readers)
+_READ_BY = {"eta": ("sampler", ("ddim",)), "ddim_sigma": ("sampler", ("ddim",)), "churn": ("sampler", ("heun",)),
+            "sigma_max": ("spacing", NOISE_LEVEL_SPACINGS)}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -371,11 +388,14 @@ class RunConfig:
         """A copy with fields overridden per section: ``replace(train={"lr": 1e-4})``.
 
         A recipe's sampling steps above a new, shorter T (``diffusion={"timesteps": 20}``
-        without ``sample={"steps": ...}``) become all T: the recipe's count is a cap."""
+        without ``sample={"steps": ...}``) become all T: the recipe's count is a cap. A sampling
+        option the resulting sampler or spacing does not read is refused (``check_read``)."""
         changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
         steps, timesteps = self.sample.steps, changed.get("diffusion", self.diffusion).timesteps
         if steps is not None and steps > timesteps and "steps" not in sections.get("sample", {}):
             changed["sample"] = dataclasses.replace(changed.get("sample", self.sample), steps=None)
+        if "sample" in sections:
+            changed["sample"].check_read(sections["sample"])
         return dataclasses.replace(self, **changed)
 
 
