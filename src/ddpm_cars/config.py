@@ -196,9 +196,9 @@ class SampleConfig:
         sampling_flag="--steps",
         metavar="N", limits=POSITIVE,
     )
-    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
+    eta: float = option(0.0, "ddim only: its noise, 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
     ddim_sigma: DdimSigma = option(
-        "song", "DDIM's noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
+        "song", "ddim only: its noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
         "a run trained with one)",
     )
     churn: float = option(
