@@ -48,7 +48,6 @@ def test_improved_preset_samples_20_respaced_steps_or_all_of_a_shorter_schedule(
         IMPROVED.replace(diffusion={"timesteps": 12}, sample={"steps": 60})  # asked for: still an error
 
 
-
 @pytest.mark.parametrize("given, reads, refusal", [
     ({"eta": 0.5}, {"sampler": "ddim"}, "--eta is read only with --sampler ddim, and the sampler here is dpm\\+\\+sde"),
     ({"ddim_sigma": "learned"}, {"sampler": "ddim"}, "--ddim-sigma is read only with --sampler ddim"),

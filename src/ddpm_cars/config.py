@@ -220,7 +220,7 @@ class SampleConfig:
 
     def check_read(self, given: Iterable[str]) -> None:
         """A one-line error for an option among ``given`` (field names) that this sampler or
-        spacing does not read, so that ``--sampler dpm++ --eta 0.5`` is not silently DDIM-less."""
+        spacing does not read, so that ``--sampler dpm++ --eta 0.5`` does not quietly drop the eta."""
         for name in given:
             if name in _READ_BY:
                 chooser, readers = _READ_BY[name]
