@@ -17,7 +17,6 @@ everything itself.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import zipfile
 from importlib import metadata
@@ -25,12 +24,10 @@ from pathlib import Path
 
 try:
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 except ImportError:  # pip always carries a copy
     from pip._vendor.packaging.requirements import Requirement
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    from pip._vendor.packaging.utils import canonicalize_name
 
 
 def wheel_requirements(wheel: Path) -> list[str]:
@@ -48,7 +45,7 @@ def closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
         requirement = Requirement(pending.pop())
         if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
             continue
-        key = canonical(requirement.name)
+        key = canonicalize_name(requirement.name)
         if key in found:
             continue
         try:
@@ -80,10 +77,10 @@ def link(distribution: metadata.Distribution, target: Path) -> tuple[int, int]:
 def main() -> int:
     wheel, target = Path(sys.argv[1]), Path(sys.argv[2])
     distributions = closure(wheel_requirements(wheel))
-    here = Path(next(iter(distributions.values())).locate_file("")).resolve() if distributions else None
-    if here is None:
+    if not distributions:
         print("link_deps: none of the wheel's dependencies is installed here; nothing linked")
         return 0
+    here = Path(next(iter(distributions.values())).locate_file(""))
     if here.stat().st_dev != target.stat().st_dev:
         print("link_deps: the two environments are on different file systems; nothing linked")
         return 0
