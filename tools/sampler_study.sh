@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sampler study of BENCHMARKS.md ("Still to measure, and how"), from the source tree (no
+# The sampler study of BENCHMARKS.md ("Drawing the sampler study again"), from the source tree (no
 # installation: PYTHONPATH=src): the demo recipe trained for 3,000 steps with eps prediction,
 # with v prediction, and with v prediction on a zero-terminal-SNR schedule; then, for each
 # model, SWD (3 groups of 500) of every sampler at 10, 20, 35, 50 and 100 network calls and of
