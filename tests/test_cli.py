@@ -19,7 +19,7 @@ TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_every_option_has_help_and_a_shown_default():
