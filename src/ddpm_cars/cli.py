@@ -146,7 +146,7 @@ def _train_parser(sub: Any) -> None:
 
 
 SAMPLER_ADVICE = """\
-Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps; BENCHMARKS.md, "Samplers"):
+Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps; docs/benchmarks/samplers_eps.md, samplers_v.md):
   eps models (improved preset): dpm++sde --steps 20 --spacing karras, the default, 38.3 against 37.4 for 1,000 steps;
   ddpm --spacing uniform --steps 20 43.2, 35 35.3; ddim, dpm++, heun without churn keep noise at any steps (72-119); heun --churn 20 --spacing karras --steps 25 35.5, 50 20.4.
   v models: dpm++sde as above 22.3 against 22.2 for 1,000 steps; dpm++ --steps 10 --spacing karras 22.9; heun --churn 20 --steps 10 --spacing karras (19 calls) 19.3."""

@@ -27,7 +27,7 @@ from ddpm_cars.viz import save_image, save_samples, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
 INTERPOLATION_SPACING = "karras"  # of the DDIM chosen for interpolation when no sampler is named
-INPAINTING_STEPS = 50  # of the ancestral sampler chosen for --mask when no sampler is named (BENCHMARKS.md's setting)
+INPAINTING_STEPS = 50  # of the ancestral sampler for --mask when no sampler is named (docs/benchmarks/editing.md)
 GIF_SCALE = 4  # the animation's pixels per image pixel
 GIF_FRAME_MS = 150
 
@@ -123,7 +123,7 @@ def deterministic_config(sample: SampleConfig, overrides: dict) -> tuple[SampleC
     """``sample`` if it is deterministic; else, when no sampler was asked for, DDIM with eta 0
     on its number of steps, spaced by noise level (karras) unless a spacing was asked for --
     on the demo model that halves DDIM inversion's reconstruction error against uniform
-    spacing (BENCHMARKS.md); else a one-line error. Also a note on what was chosen."""
+    spacing (docs/benchmarks/editing.md); else a one-line error. Also a note on what was chosen."""
     if is_deterministic(sample):
         return sample, ""
     if "sampler" in overrides or "eta" in overrides or "churn" in overrides:

@@ -20,7 +20,8 @@ SEED = RunConfig()
 # clipping, EMA 0.9999, mixed precision (``auto``). The recipe for Stanford Cars on a GPU.
 # Samples (grids, ``sample``, ``eval``) are SDE-DPM-Solver++(2M) on 20 karras-spaced steps: on a
 # model of this recipe trained 3,000 steps, as good as all 1,000 ancestral steps on SWD at 1/50
-# of the calls, where 20 ancestral steps were 11% worse (BENCHMARKS.md, "SDE-DPM-Solver++(2M)");
+# of the calls, where 20 ancestral steps were 16% worse (docs/benchmarks/samplers_eps.md,
+# "The eps model against network calls");
 # runs with a shorter T use all of it.
 IMPROVED = RunConfig(
     model=ModelConfig(
@@ -67,7 +68,7 @@ TINY = RunConfig(
 # residual U-Net at 32x32 (attention at 8x8; plain up- and downsampling, 17% fewer FLOPs
 # than resampling residual blocks), learned variance, cosine schedule, precision auto, 4
 # epochs (512 steps) of batch 32 at lr 1e-3 with an EMA over about the last 100 steps:
-# what a short run needs (BENCHMARKS.md, "The demo in minutes"). Contiguous layout:
+# what a short run needs (docs/benchmarks/demo.md, "The demo in minutes"). Contiguous layout:
 # channels-last trained slower in fp32. The demo samples and scores 144 images
 # (ancestral, 50 of the 1000 steps) when training ends, with no evaluation during it.
 DEMO = RunConfig(

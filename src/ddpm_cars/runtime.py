@@ -5,7 +5,7 @@ stable: bfloat16 on CUDA GPUs that have it (Ampere and later), float16 (with a g
 scaler in training) on older ones, bfloat16 on CPUs with native bfloat16 instructions
 (AVX-512 BF16 or AMX) and float32 on other CPUs, where bfloat16 is emulated: one training
 step of the demo preset ran 11x slower in bf16 than in fp32 on an AVX2-only CPU
-(BENCHMARKS.md).
+(docs/benchmarks/cpu_precision.md).
 """
 
 from __future__ import annotations
