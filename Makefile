@@ -1,29 +1,39 @@
 # Quick start: `make demo` (train a small model on toy cars and draw every figure)
-# and `make test`. Both create .venv when it is missing.
+# and `make test`. Both create .venv when it is missing: the demo installs the package
+# with its runtime dependencies alone, the tests (and `make install`) add the dev extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test install clean kill-campaign
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+# the dev extras hold the runtime dependencies too
+$(DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV) $(RUNTIME)
 
-install: $(STAMP)
+install: $(DEV)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/ddpm-cars demo
 
 # one test worker per core (at most 4), each test file on one worker (its trained fixtures built once)
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
-kill-campaign: $(STAMP)
-	$(BIN)/python -m ddpm_cars.benchmarks.kill_campaign --kills 20
+# a study (studies/, beside the package): run from the repository root, the package installed
+kill-campaign: $(RUNTIME)
+	$(BIN)/python -m studies.kill_campaign --kills 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

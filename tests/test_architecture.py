@@ -2,7 +2,8 @@
 
 The layers, lowest first, are the reading order of ``src/ddpm_cars/`` (see the README's
 Architecture section). A module may import its own layer and the layers below it; the
-test walks every import statement, those inside functions included.
+test walks every import statement, those inside functions included. Nothing in the
+package imports the studies beside it (``studies/``): the wheel ships without them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def _imports(path: Path) -> set[str]:
     return {f for f in found if f}
 
 
+def _absolute_imports(source: str) -> set[str]:
+    """The top-level names of the absolute imports in ``source`` (``a`` for ``import a.b``
+    and ``from a.b import c``), those inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
 def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in sorted(SRC.rglob("*.py"))}
 
@@ -106,6 +119,13 @@ def test_the_package_has_no_import_cycle():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def test_the_package_does_not_import_the_studies():
+    wrong = [p.relative_to(SRC).as_posix() for p in sorted(SRC.rglob("*.py")) if "studies" in _absolute_imports(p.read_text())]
+    assert not wrong, "the installed package has no studies/ to import: " + ", ".join(wrong)
+    assert _absolute_imports("def f():\n    from studies.sampler_quality import main\n") == {"studies"}
+    assert _absolute_imports("import studies.throughput as t\nfrom .studies import x\n") == {"studies"}
 
 
 def test_the_walk_sees_nested_and_aliased_imports():

@@ -394,13 +394,3 @@ def test_bad_editing_input_is_one_error_line(tiny_run, tmp_path, capsys, extra, 
     lines = [line for line in out.err.splitlines() if "error:" in line]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.err, out.err
     assert not (tmp_path / "out").exists()
-
-
-def test_the_benchmark_scores_the_redrawn_half_alone():
-    from ddpm_cars.benchmarks.editing_quality import lower_half_mask, lower_halves
-
-    images = torch.arange(2 * 3 * 4 * 4).view(2, 3, 4, 4)
-    halves = lower_halves(images)
-    assert halves.shape == images.shape
-    assert torch.equal(halves[..., :2, :], images[..., 2:, :]) and torch.equal(halves[..., 2:, :], images[..., 2:, :])
-    assert lower_half_mask(4)[0].tolist() == [[0] * 4, [0] * 4, [1] * 4, [1] * 4]

@@ -4,7 +4,7 @@ beyond the checkpoint interval. The full campaign is `make kill-campaign`."""
 
 import json
 
-from ddpm_cars.benchmarks import kill_campaign
+from studies import kill_campaign
 
 
 def test_training_survives_sigkill_anywhere(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sampler study of BENCHMARKS.md ("Drawing the sampler study again"), from the source tree (no
+# The sampler study of docs/benchmarks/samplers.md ("Drawing the sampler study again"), from the source tree (no
 # installation: PYTHONPATH=src): the demo recipe trained for 3,000 steps with eps prediction,
 # with v prediction, and with v prediction on a zero-terminal-SNR schedule; then, for each
 # model, SWD (3 groups of 500) of every sampler at 10, 20, 35, 50 and 100 network calls and of
@@ -38,7 +38,7 @@ source tools/step.sh  # a failed step stops the study: run it again to go on fro
 
 "$PY" -c 'import torch; print("#", "sampler study", "| torch", torch.__version__, "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' | tee -a "$SUMMARY"
 date -u +%Y-%m-%dT%H:%M:%SZ | tee -a "$SUMMARY"
-QUALITY=(-m ddpm_cars.benchmarks.sampler_quality --num "$NUM" --groups 3 --batch-size "$BATCH" --device "$DEVICE")
+QUALITY=(-m studies.sampler_quality --num "$NUM" --groups 3 --batch-size "$BATCH" --device "$DEVICE")
 for model in "${MODELS[@]}"; do
     case $model in
         eps) options=() ;;

@@ -7,7 +7,7 @@ failure of a sampler with too few steps, shows at the finest level. The first ro
 held-out real images the same way: the floor a perfect sampler would reach.
 
 Usage:
-    python -m ddpm_cars.benchmarks.sampler_quality --run runs/demo --num 500 --groups 3 --out docs/benchmarks/samplers.png
+    python -m studies.sampler_quality --run runs/demo --num 500 --groups 3 --out docs/benchmarks/samplers/samplers.png
 
 With ``--groups G`` each setting draws G x NUM samples (seeds 0 to G x NUM - 1) and scores
 them as G groups: the table gives the mean and, for SWD, the range of the groups.
@@ -23,15 +23,15 @@ it instead of drawn again (its img/s is then the mean of the groups' rates when 
 campaign stopped halfway loses at most the setting it was drawing, and the 1,000-step row
 can be drawn one group per call and then tabled whole:
 
-    for k in 0 1 2; do python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --first-group $k --settings ddpm:1000; done
-    python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --groups 3 --settings ddpm:1000   # draws nothing
+    for k in 0 1 2; do python -m studies.sampler_quality --run runs/long-v --first-group $k --settings ddpm:1000; done
+    python -m studies.sampler_quality --run runs/long-v --groups 3 --settings ddpm:1000   # draws nothing
 
 ``--redraw`` draws every group anew (its scores then replace the recorded ones).
 
 ``--samplers`` with ``--nfe`` measures each sampler at each number of network calls (Heun
 on the most steps whose 2n - 1 calls fit) and ends with a table of SWD against calls:
 
-    python -m ddpm_cars.benchmarks.sampler_quality --run runs/long-v --groups 3 --nfe 10,20,35,50,100 \
+    python -m studies.sampler_quality --run runs/long-v --groups 3 --nfe 10,20,35,50,100 \
         --samplers ddpm,dpm++:karras,heun:karras:churn=20 --settings ddpm:1000
 """
 

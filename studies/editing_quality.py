@@ -9,7 +9,7 @@ labelled training images): the share that keeps the input's body type should fal
 strength rises, towards the 1-in-6 of a fresh sample. Also writes a picture of each.
 
 Usage:
-    python -m ddpm_cars.benchmarks.editing_quality --run runs/demo --num 200 --out docs/editing
+    python -m studies.editing_quality --run runs/demo --num 200 --out docs/benchmarks/editing
 """
 
 from __future__ import annotations

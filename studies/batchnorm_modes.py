@@ -1,6 +1,6 @@
 """Which BatchNorm statistics should the seed network sample with?
 
-    python -m ddpm_cars.benchmarks.batchnorm_modes --run runs/demo --num 64 --out bn_modes.png
+    python -m studies.batchnorm_modes --run runs/demo --num 64 --out bn_modes.png
 
 Samples the same noise with running statistics (eval) and with per-batch statistics
 (batch), and compares colour saturation and contrast of the samples with the

@@ -7,7 +7,7 @@ the offline evaluation of 1,000 images at ``--timing-size`` pixels (SWD, pixel
 precision/recall and the memorisation check against the training set), sampling aside.
 
 Usage:
-    python -m ddpm_cars.benchmarks.offline_metric --early runs/early --late runs/demo --num 300 --groups 3
+    python -m studies.offline_metric --early runs/early --late runs/demo --num 300 --groups 3
 """
 
 from __future__ import annotations

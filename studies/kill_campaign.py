@@ -22,7 +22,7 @@ every step 1..target exactly once and the last checkpoint must be at the target.
 
 Prints a Markdown table; exits non-zero when any check fails. ``make kill-campaign`` runs
 
-    python -m ddpm_cars.benchmarks.kill_campaign --kills 20
+    python -m studies.kill_campaign --kills 20
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Throughput of the pieces that set training and sampling time, on this machine.
 
-    python -m ddpm_cars.benchmarks.throughput            # prints a Markdown table
+    python -m studies.throughput            # prints a Markdown table
 
 Each number is the median of several timed repetitions after warm-up. The networks run
 at their preset's precision (the demo preset: bf16 autocast), as they train and sample.
