@@ -31,6 +31,9 @@ def test_every_option_has_help_and_a_shown_default():
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
             assert "default" in action.help or "required" in action.help or action.const is True, (name, action.dest)
+            assert action.help.count("(default:") <= 1, f"{name} {action.option_strings} states its default twice"
+    # argparse before Python 3.11 appends " (default: ...)" to an on/off option's help
+    assert cli.Switch(["--x"], dest="x", default=True, help="x (default: on)").help == "x (default: on)"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ says what ``ddpm-cars COMMAND --help`` says::
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from ddpm_cars.cli import PROG, build_parser  # noqa: E402
 DOC = ROOT / "docs" / "options.md"
 DOC_NAME = "docs/options.md"
 COMMAND = "python tools/options_doc.py"
-# what BooleanOptionalAction appends to the help of an option with a default before Python 3.11
-PY310_BOOLEAN_SUFFIX = " (default: %(default)s)"
 
 INTRO = f"""\
 # Command-line options
@@ -36,10 +33,13 @@ generated from the option declarations: `{COMMAND}` rewrites it and
 """
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """The subparsers of ``parser`` by name, in the order they were declared."""
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return dict(_subparsers(parser).choices)
 
 
 def _cell(text: str) -> str:
@@ -58,15 +58,6 @@ def _flags(action: argparse.Action, formatter: argparse.HelpFormatter) -> str:
     return ", ".join(f"`{flag} {args}`" for flag in action.option_strings)
 
 
-def _help(action: argparse.Action, formatter: argparse.HelpFormatter) -> str:
-    """The help of ``action`` as ``--help`` prints it, the same on every Python."""
-    text = action.help or ""
-    if isinstance(action, argparse.BooleanOptionalAction) and text.endswith(PY310_BOOLEAN_SUFFIX) and text.count("(default:") > 1:
-        action = copy.copy(action)
-        action.help = text[: -len(PY310_BOOLEAN_SUFFIX)]
-    return formatter._expand_help(action)
-
-
 def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[str]:
     formatter = parser._get_formatter()
     lines = [f"## `{PROG} {name}`", "", parser.description or summary, ""]
@@ -80,7 +71,7 @@ def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[s
             lines += [f"### {group.title[:1].upper()}{group.title[1:]}", ""]
             lines += [group.description, ""] if group.description else []
         lines += ["| Option | Description |", "| --- | --- |"]
-        lines += [f"| {_cell(_flags(a, formatter))} | {_cell(_help(a, formatter))} |" for a in actions]
+        lines += [f"| {_cell(_flags(a, formatter))} | {_cell(formatter._expand_help(a))} |" for a in actions]
         lines.append("")
     for exclusive in parser._mutually_exclusive_groups:
         names = [f"`{(a.option_strings or [a.metavar or a.dest])[0]}`" for a in exclusive._group_actions]
@@ -94,7 +85,7 @@ def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[s
 def render(parser: argparse.ArgumentParser) -> str:
     """The Markdown page of every option of every subcommand of ``parser``."""
     commands = subcommands(parser)
-    summaries = {a.dest: a.help or "" for a in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions}
+    summaries = {a.dest: a.help or "" for a in _subparsers(parser)._choices_actions}
     lines = [INTRO, "## Commands", ""]
     lines += [f"- [`{PROG} {name}`](#{PROG}-{name}): {summaries.get(name, '')}" for name in commands]
     lines.append("")

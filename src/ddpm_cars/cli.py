@@ -24,6 +24,15 @@ from ddpm_cars.validation import NON_NEGATIVE, POSITIVE, Limits, describe, field
 PROG = "ddpm-cars"
 
 
+class Switch(argparse.BooleanOptionalAction):
+    """``--name`` / ``--no-name``, with its help as written: every help here states its default,
+    which argparse before Python 3.11 appended a second time."""
+
+    def __init__(self, *args: Any, help: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, help=help, **kwargs)
+        self.help = help
+
+
 def _default(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -84,7 +93,7 @@ def _add_config_options(parser: argparse.ArgumentParser, shown: RunConfig, note:
     for flag, section, field, value in config_options(shown, sampling):
         kind = field_types(type(getattr(shown, section)))[field.name]
         if kind is bool or kind == bool | None:  # an unset bool | None keeps its default, None
-            kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+            kwargs: dict[str, Any] = {"action": Switch}
         elif get_origin(kind) is Literal:
             kwargs = {"choices": get_args(kind)}
         else:
@@ -123,7 +132,7 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _ema_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction, help="use the moving-average weights when the run kept them (default: on)")
+    parser.add_argument("--ema", default=True, action=Switch, help="use the moving-average weights when the run kept them (default: on)")
 
 
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -213,10 +222,10 @@ def _eval_parser(sub: Any) -> None:
     source.add_argument("--checkpoint", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory: samples are generated from it (required, or --images)")
     source.add_argument("--images", type=Path, metavar="DIR", help="a folder of generated images to score instead (required, or --checkpoint; the reference is --data, default toy-cars)")
     evaluate.add_argument("--num-samples", type=value_type(int, POSITIVE), default=1000, help="samples generated and scored (default: 1000)")
-    evaluate.add_argument("--sample-metrics", default=True, action=argparse.BooleanOptionalAction, help="compute the sample metrics (default: on; --no-sample-metrics with --nll gives the likelihood alone)")
-    evaluate.add_argument("--fid", default=True, action=argparse.BooleanOptionalAction, help="FID and KID when the Inception weights are available or downloadable (default: on)")
+    evaluate.add_argument("--sample-metrics", default=True, action=Switch, help="compute the sample metrics (default: on; --no-sample-metrics with --nll gives the likelihood alone)")
+    evaluate.add_argument("--fid", default=True, action=Switch, help="FID and KID when the Inception weights are available or downloadable (default: on)")
     evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="the Inception weights file (default: torch's hub cache, downloaded there when online)")
-    evaluate.add_argument("--memorization", default=True, action=argparse.BooleanOptionalAction, help="nearest training image of each sample, against held-out real images (default: on)")
+    evaluate.add_argument("--memorization", default=True, action=Switch, help="nearest training image of each sample, against held-out real images (default: on)")
     evaluate.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="where reference features are cached (default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)")
     evaluate.add_argument("--nll", action="store_true", help="also the negative log-likelihood bound in bits/dim on held-out images (default: off)")
     evaluate.add_argument("--data", default=None, metavar="SOURCE", help="reference images: toy-cars, stanford-cars or a folder (default: the run's data source)")
@@ -303,9 +312,9 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--repeats", type=value_type(int, POSITIVE), default=5, help="timed training steps; the median step time is reported (default: 5)")
     bench.add_argument("--warmup", type=int, default=2, metavar="STEPS", help="untimed steps before the timed ones (default: 2)")
     bench.add_argument("--sample-steps", type=value_type(int, POSITIVE), default=5, help="timed reverse steps of ancestral sampling; the median step time is reported (default: 5)")
-    bench.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the networks; compilation falls in the warm-up (default: off)")
-    bench.add_argument("--activation-checkpointing", default=False, action=argparse.BooleanOptionalAction, help="recompute the residual U-Net's blocks in the backward pass, to measure the memory it saves (default: off)")
-    bench.add_argument("--loop", default=False, action=argparse.BooleanOptionalAction, help="also time the whole training loop of each preset, data from the cache included, and the seconds to its first step (default: off)")
+    bench.add_argument("--compile", default=False, action=Switch, help="torch.compile the networks; compilation falls in the warm-up (default: off)")
+    bench.add_argument("--activation-checkpointing", default=False, action=Switch, help="recompute the residual U-Net's blocks in the backward pass, to measure the memory it saves (default: off)")
+    bench.add_argument("--loop", default=False, action=Switch, help="also time the whole training loop of each preset, data from the cache included, and the seconds to its first step (default: off)")
     bench.add_argument("--data", default="toy-cars", metavar="SOURCE", help="the data of --loop: toy-cars, stanford-cars or an image folder (default: toy-cars)")
     bench.add_argument("--peak-tflops", type=value_type(float, Limits(low=0, low_open=True)), default=None, metavar="TFLOPS", help="the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; none on CPUs)")
     _device_option(bench)
