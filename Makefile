@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean kill-campaign
+.PHONY: demo test lint install clean kill-campaign
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(RUNTIME)
 # one test worker per core (at most 4), each test file on one worker (its trained fixtures built once)
 test: $(DEV)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
+# the code's format and lint rules (pyproject.toml's [tool.ruff]); CI runs it before the tests
+lint: $(DEV)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # a study (studies/, beside the package): run from the repository root, the package installed
 kill-campaign: $(RUNTIME)

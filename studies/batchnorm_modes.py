@@ -17,8 +17,8 @@ import torch
 
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
-from ddpm_cars.run import Run
 from ddpm_cars.generation import generate
+from ddpm_cars.run import Run
 from ddpm_cars.viz import save_grid
 
 

@@ -37,7 +37,7 @@ SHOWN = 8  # inputs in each picture
 
 def lower_half_mask(size: int) -> torch.Tensor:
     mask = torch.zeros(1, size, size)
-    mask[:, size // 2:] = 1
+    mask[:, size // 2 :] = 1
     return mask
 
 
@@ -45,7 +45,7 @@ def lower_halves(images: torch.Tensor) -> torch.Tensor:
     """Each image's lower half above itself: a square of the redrawn part alone, so that
     SWD compares fills with the same part of real images, without the kept half."""
     size = images.shape[-1]
-    lower = images[..., size // 2:, :]
+    lower = images[..., size // 2 :, :]
     return torch.cat([lower, lower], dim=-2)
 
 
@@ -54,17 +54,23 @@ def _swd(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 
 def _swd_row(label: str, images: torch.Tensor, train: torch.Tensor, seconds: float | None = None) -> str:
-    metrics, lower = _swd(images, train), _swd(lower_halves(to_uint8(images) if images.dtype != torch.uint8 else images),
-                                                lower_halves(train))
+    metrics, lower = (
+        _swd(images, train),
+        _swd(lower_halves(to_uint8(images) if images.dtype != torch.uint8 else images), lower_halves(train)),
+    )
     levels = ", ".join(f"{k[4:]} px {metrics[k]:.1f}" for k in metrics if k.startswith("swd_"))
     rate = "" if seconds is None else f"{images.shape[0] / seconds:.2f}"
     return f"| {label} | {rate} | {metrics['swd']:.1f} | {levels} | {lower['swd']:.1f} |"
 
 
-def inpainting(run: Run, heldout: torch.Tensor, train: torch.Tensor, jumps: list[int], batch: int, out: Path | None) -> None:
+def inpainting(
+    run: Run, heldout: torch.Tensor, train: torch.Tensor, jumps: list[int], batch: int, out: Path | None
+) -> None:
     denoiser, config = run.denoiser(ema=True), run.config
     init, num = to_model_range(heldout), heldout.shape[0]
-    print(f"Inpainting the lower half of {num} held-out toy cars ({config.sample.sampler}, {config.sample.steps} steps)\n")
+    print(
+        f"Inpainting the lower half of {num} held-out toy cars ({config.sample.sampler}, {config.sample.steps} steps)\n"
+    )
     print("| images | img/s | SWD | SWD by level | SWD of the lower halves |\n| --- | ---: | ---: | --- | ---: |")
     print(_swd_row("held-out real images (the floor)", heldout, train), flush=True)
     tic = time.perf_counter()
@@ -74,8 +80,16 @@ def inpainting(run: Run, heldout: torch.Tensor, train: torch.Tensor, jumps: list
     pictures = [init[:SHOWN], init[:SHOWN] * (1 - mask)]
     for j in jumps:
         tic = time.perf_counter()
-        filled = generate(denoiser, num, config.sample, seed=0, batch_size=batch, init=init,
-                          mask=Inpainting(mask, jumps=j, every=10), progress=False)
+        filled = generate(
+            denoiser,
+            num,
+            config.sample,
+            seed=0,
+            batch_size=batch,
+            init=init,
+            mask=Inpainting(mask, jumps=j, every=10),
+            progress=False,
+        )
         label = "inpainted, no resampling" if j == 0 else f"inpainted, resampling {j} jumps every 10 steps"
         print(_swd_row(label, filled, train, time.perf_counter() - tic), flush=True)
         pictures.append(filled[:SHOWN])
@@ -83,18 +97,30 @@ def inpainting(run: Run, heldout: torch.Tensor, train: torch.Tensor, jumps: list
         save_grid(torch.cat(pictures), out / "inpainting.png", nrow=SHOWN, scale=2)
 
 
-def variations(run: Run, heldout: torch.Tensor, labels: torch.Tensor, train, train_labels, batch: int, out: Path | None) -> None:
+def variations(
+    run: Run, heldout: torch.Tensor, labels: torch.Tensor, train, train_labels, batch: int, out: Path | None
+) -> None:
     denoiser, config = run.denoiser(ema=True), run.config
     names = run.config.model.class_names or build_dataset(config.data, progress=False).class_names
     classifier = train_classifier(train, train_labels, len(names), steps=500, seed=0)
     own = (predict(classifier, heldout) == labels).float().mean().item()
-    print(f"\nVariations of {heldout.shape[0]} held-out toy cars, one each, judged by a classifier of the "
-          f"{len(names)} body types (its accuracy on the inputs themselves: {own:.3f})\n")
+    print(
+        f"\nVariations of {heldout.shape[0]} held-out toy cars, one each, judged by a classifier of the "
+        f"{len(names)} body types (its accuracy on the inputs themselves: {own:.3f})\n"
+    )
     print("| strength | steps run | keeps the body type | RMS change |\n| --- | ---: | ---: | ---: |")
     init, pictures = to_model_range(heldout), [to_model_range(heldout[:SHOWN])]
     for strength in STRENGTHS:
-        varied = generate(denoiser, heldout.shape[0], config.sample, seed=0, batch_size=batch, init=init,
-                          strength=strength, progress=False)
+        varied = generate(
+            denoiser,
+            heldout.shape[0],
+            config.sample,
+            seed=0,
+            batch_size=batch,
+            init=init,
+            strength=strength,
+            progress=False,
+        )
         kept = (predict(classifier, varied) == labels).float().mean().item()
         rms = (varied - init).pow(2).mean().sqrt().item()
         visited = visited_timesteps(denoiser.schedule, config.sample)
@@ -109,7 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="trained run directory (toy cars)")
     parser.add_argument("--num", type=int, default=200, help="held-out images, fills and samples (default: 200)")
-    parser.add_argument("--jumps", default="0,4", help="RePaint resampling jumps to measure, comma-separated (default: 0,4)")
+    parser.add_argument(
+        "--jumps", default="0,4", help="RePaint resampling jumps to measure, comma-separated (default: 0,4)"
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     parser.add_argument("--out", type=Path, default=None, help="folder for inpainting.png and variations.png")
     args = parser.parse_args()
@@ -120,7 +148,9 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     print(f"{run.checkpoint}; against its {train_set.images.shape[0]} training images; seed 0\n")
-    inpainting(run, heldout.images, train_set.images, [int(j) for j in args.jumps.split(",")], args.batch_size, args.out)
+    inpainting(
+        run, heldout.images, train_set.images, [int(j) for j in args.jumps.split(",")], args.batch_size, args.out
+    )
     variations(run, heldout.images, heldout.labels, train_set.images, train_set.labels, args.batch_size, args.out)
 
 

@@ -45,13 +45,31 @@ from pathlib import Path
 import ddpm_cars
 from ddpm_cars.config import RunConfig
 from ddpm_cars.run import (
-    CHECKPOINT_DIR, CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, Run, latest_checkpoint, list_checkpoints,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    Run,
+    latest_checkpoint,
+    list_checkpoints,
     load_train_state,
 )
 from ddpm_cars.training.logs import LOSS_CSV, read_loss_log
 
 MODES = ("random", "after_checkpoint", "mid_write")
-TRAIN_ARGS = ["--preset", "tiny", "--toy-count", "64", "--sample-every", "1000", "--num-sample-images", "2", "--device", "cpu"]
+TRAIN_ARGS = [
+    "--preset",
+    "tiny",
+    "--toy-count",
+    "64",
+    "--sample-every",
+    "1000",
+    "--num-sample-images",
+    "2",
+    "--device",
+    "cpu",
+]
 WAIT_S = 180  # the longest wait for any one event before the campaign gives up
 
 
@@ -66,10 +84,27 @@ class Trainer:
     """One training process; a thread reads its progress bar for the highest completed step."""
 
     def __init__(self, run: Path, every: int, target: int, resume: bool, extra: list[str]) -> None:
-        args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), *TRAIN_ARGS, *extra,
-                "--checkpoint-every", str(every), "--steps", str(target)] + (["--resume"] if resume else [])
-        env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # the bar prints every step
+        args = [
+            sys.executable,
+            "-m",
+            "ddpm_cars",
+            "train",
+            "--out",
+            str(run),
+            *TRAIN_ARGS,
+            *extra,
+            "--checkpoint-every",
+            str(every),
+            "--steps",
+            str(target),
+        ] + (["--resume"] if resume else [])
+        env = {
+            **os.environ,
+            "PYTHONPATH": _pythonpath(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "TQDM_MININTERVAL": "0",
+            "TQDM_MINITERS": "1",
+        }  # the bar prints every step
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.first: int | None = None  # the step the bar started at (a resume's checkpoint)
         self.highest = -1  # the highest completed step reported
@@ -125,7 +160,9 @@ def entries(root: Path, pattern: str) -> set[str]:
         return set()
 
 
-def kill_at(trainer: Trainer, mode: str, start: int, run: Path, every: int, jitter: float, rng: random.Random) -> set[str]:
+def kill_at(
+    trainer: Trainer, mode: str, start: int, run: Path, every: int, jitter: float, rng: random.Random
+) -> set[str]:
     """Kill ``trainer`` at a moment of kind ``mode``; the temporary checkpoint dirs that were new then."""
     root = run / CHECKPOINT_DIR
     tmp_re, done_re = r"\.step_\d+\..*\.tmp", r"step_\d+"
@@ -213,8 +250,11 @@ class _Campaign:
         self.lost.append(lost)
         if not 0 <= lost <= self.every:
             self.failures.append(f"kill {i} ({mode}): lost {lost} steps (reached {reached}, resume at {resume_from})")
-        print(f"kill {i:2d}/{self.kills} {mode:16s} reached step {reached:4d}, resume from {resume_from:4d}"
-              f"{', mid-write' if new_tmp else ''}{', CORRUPT ' + ' '.join(problems) if problems else ''}", flush=True)
+        print(
+            f"kill {i:2d}/{self.kills} {mode:16s} reached step {reached:4d}, resume from {resume_from:4d}"
+            f"{', mid-write' if new_tmp else ''}{', CORRUPT ' + ' '.join(problems) if problems else ''}",
+            flush=True,
+        )
         trainer = self.trainer(resume=True)
         if i < self.kills:  # the last resume is checked by the final run
             try:
@@ -249,13 +289,22 @@ class _Campaign:
     def figures(self, wall_time_s: float) -> dict:
         lost = self.lost
         return {
-            "kills": self.kills, "kills_by_mode": {m: self.modes.count(m) for m in MODES},
-            "kills_mid_write": self.landed, "kills_survived": self.survived, "checkpoints_checked": self.checked,
-            "corrupt_checkpoints": len(self.corrupt), "corrupt_names": sorted(self.corrupt),
-            "max_steps_lost": max(lost, default=0), "mean_steps_lost": sum(lost) / len(lost) if lost else 0.0,
-            "steps_lost": lost, "checkpoint_every": self.every, "target_step": self.target,
-            "final_step": self.final_step, "loss_csv_complete": self.loss_complete,
-            "wall_time_s": round(wall_time_s, 1), "failures": self.failures,
+            "kills": self.kills,
+            "kills_by_mode": {m: self.modes.count(m) for m in MODES},
+            "kills_mid_write": self.landed,
+            "kills_survived": self.survived,
+            "checkpoints_checked": self.checked,
+            "corrupt_checkpoints": len(self.corrupt),
+            "corrupt_names": sorted(self.corrupt),
+            "max_steps_lost": max(lost, default=0),
+            "mean_steps_lost": sum(lost) / len(lost) if lost else 0.0,
+            "steps_lost": lost,
+            "checkpoint_every": self.every,
+            "target_step": self.target,
+            "final_step": self.final_step,
+            "loss_csv_complete": self.loss_complete,
+            "wall_time_s": round(wall_time_s, 1),
+            "failures": self.failures,
         }
 
 
@@ -287,7 +336,10 @@ def table(r: dict) -> str:
         ("Kills (SIGKILL)", f"{r['kills']} ({by_mode})"),
         ("Kills that landed during a checkpoint write", r["kills_mid_write"]),
         ("Kills survived (resume worked)", f"{r['kills_survived']}/{r['kills']}"),
-        ("Corrupt checkpoints found", f"{r['corrupt_checkpoints']} (distinct directories; {r['checkpoints_checked']} loads checked)"),
+        (
+            "Corrupt checkpoints found",
+            f"{r['corrupt_checkpoints']} (distinct directories; {r['checkpoints_checked']} loads checked)",
+        ),
         ("Steps lost per kill, max / mean", f"{r['max_steps_lost']} / {r['mean_steps_lost']:.2f}"),
         ("Checkpoint interval (steps)", r["checkpoint_every"]),
         ("Final step / target", f"{r['final_step']} / {r['target_step']}"),
@@ -303,9 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=20, help="number of SIGKILLs (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill kinds and random kill timing (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=2, help="checkpoint interval in steps (default: 2)")
-    p.add_argument("--steps", type=int, default=None, help="target step (default: (kills + 2) * 2 * interval, room for every kill)")
-    p.add_argument("--jitter", type=float, default=0.3, help="random kills: extra delay up to this many seconds (default: 0.3)")
-    p.add_argument("--channels", default=None, help="U-Net widths, e.g. 32,64,128 for slower checkpoint writes (default: the tiny preset's)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="target step (default: (kills + 2) * 2 * interval, room for every kill)"
+    )
+    p.add_argument(
+        "--jitter", type=float, default=0.3, help="random kills: extra delay up to this many seconds (default: 0.3)"
+    )
+    p.add_argument(
+        "--channels",
+        default=None,
+        help="U-Net widths, e.g. 32,64,128 for slower checkpoint writes (default: the tiny preset's)",
+    )
     p.add_argument("--out", type=Path, default=None, help="campaign directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --out (a temporary one is otherwise removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")

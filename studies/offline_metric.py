@@ -24,8 +24,8 @@ from ddpm_cars.data import build_dataset, toy_cars_dataset
 from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.evaluation.memorization import memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.run import Run
 from ddpm_cars.generation import generate
+from ddpm_cars.run import Run
 
 
 def checkpoint_images(path: Path, num: int) -> tuple[torch.Tensor, str]:
@@ -41,8 +41,9 @@ def print_scores(rows: list[tuple[str, torch.Tensor]], train: torch.Tensor, num:
     The SWD columns are the pyramid levels the image size has (one at 16 px, two at 32)."""
     columns: list[str] = []
     for label, images in rows:
-        per_group = [sample_metrics(images[g * num:(g + 1) * num], train, description="", seed=g)[0]
-                     for g in range(groups)]
+        per_group = [
+            sample_metrics(images[g * num : (g + 1) * num], train, description="", seed=g)[0] for g in range(groups)
+        ]
         if not columns:
             levels = [key for key in per_group[0] if key.startswith("swd_")]
             columns = ["swd", *levels, "precision_pixels", "recall_pixels"]
@@ -66,9 +67,11 @@ def time_offline_evaluation(size: int) -> None:
     middle = time.perf_counter()
     memorization_check(scored, reference, heldout)
     done = time.perf_counter()
-    print(f"\n1,000 images at {size}x{size} against 8,192 training images, {torch.get_num_threads()} threads: "
-          f"SWD + pixel precision/recall {middle - tic:.1f} s, memorisation check (1,000 held-out too) "
-          f"{done - middle:.1f} s, total {done - tic:.1f} s")
+    print(
+        f"\n1,000 images at {size}x{size} against 8,192 training images, {torch.get_num_threads()} threads: "
+        f"SWD + pixel precision/recall {middle - tic:.1f} s, memorisation check (1,000 held-out too) "
+        f"{done - middle:.1f} s, total {done - tic:.1f} s"
+    )
 
 
 def main() -> None:
@@ -89,8 +92,10 @@ def main() -> None:
         images, name = checkpoint_images(run, total)
         rows.append((f"samples, {label} ({name})", images))
 
-    print(f"\nAgainst {train.shape[0]} training images ({data.source}, {data.image_size}px); {args.groups} groups "
-          f"of {args.num} images per row; mean +- std over the groups\n")
+    print(
+        f"\nAgainst {train.shape[0]} training images ({data.source}, {data.image_size}px); {args.groups} groups "
+        f"of {args.num} images per row; mean +- std over the groups\n"
+    )
     print_scores(rows, train, args.num, args.groups)
     time_offline_evaluation(args.timing_size)
 

@@ -81,15 +81,14 @@ def _row(label: str, steps: str, rate: str, groups: list[dict[str, float]], leve
     swd = f"{mean['swd']:.2f}"
     if len(groups) > 1:
         swd += f" ({min(g['swd'] for g in groups):.1f}-{max(g['swd'] for g in groups):.1f})"
-    cells = [swd, *(f"{mean[k]:.2f}" for k in levels),
-             f"{mean['precision_pixels']:.2f} / {mean['recall_pixels']:.2f}"]
+    cells = [swd, *(f"{mean[k]:.2f}" for k in levels), f"{mean['precision_pixels']:.2f} / {mean['recall_pixels']:.2f}"]
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
 
 
 def score_groups(images: torch.Tensor, train: torch.Tensor, groups: int) -> list[dict[str, float]]:
     """The offline metric of each of ``groups`` equal, consecutive parts of ``images``."""
     size = images.shape[0] // groups
-    return [sample_metrics(images[i * size:(i + 1) * size], train, description="")[0] for i in range(groups)]
+    return [sample_metrics(images[i * size : (i + 1) * size], train, description="")[0] for i in range(groups)]
 
 
 def parse_settings(text: str) -> list[Setting]:
@@ -123,7 +122,9 @@ def label(sampler: str, spacing: str, extra: dict[str, bool | float | str]) -> s
     return ", ".join([sampler] + ([spacing] if spacing != "uniform" else []) + fields)
 
 
-def calls_table(results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]], floor: list[dict[str, float]]) -> str:
+def calls_table(
+    results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]], floor: list[dict[str, float]]
+) -> str:
     """SWD (mean, and the range of the groups when there are several) with one row per
     sampler and one column per budget of network calls, after the held-out floor.
     ``results[sampler][budget]`` is (the calls made, the group scores); a setting that made
@@ -137,11 +138,15 @@ def calls_table(results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]
         text = f"{statistics.fmean(swd):.2f}" + (f" ({min(swd):.1f}-{max(swd):.1f})" if len(swd) > 1 else "")
         return text + (f" [{calls}]" if calls != budget else "")
 
-    lines = ["| sampler | " + " | ".join(f"{n} calls" for n in columns) + " |",
-             "| --- |" + " ---: |" * len(columns),
-             f"| held-out real images | {cell(floor)} |" + " |" * (len(columns) - 1)]
-    lines += [f"| {name} | " + " | ".join(cell(row[n][1], row[n][0], n) if n in row else "" for n in columns) + " |"
-              for name, row in results.items()]
+    lines = [
+        "| sampler | " + " | ".join(f"{n} calls" for n in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+        f"| held-out real images | {cell(floor)} |" + " |" * (len(columns) - 1),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(cell(row[n][1], row[n][0], n) if n in row else "" for n in columns) + " |"
+        for name, row in results.items()
+    ]
     return "\n".join(lines)
 
 
@@ -199,8 +204,14 @@ class ScoreRecord:
 
     def add(self, sample: SampleConfig, group: int, rate: float, scores: dict[str, float]) -> dict:
         """Record ``group``'s ``scores`` (drawn at ``rate`` images per second) and return the entry."""
-        entry = {"identity": self.identity, "sample": self._sample(sample), "group": group, "img_s": rate,
-                 "scores": scores, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        entry = {
+            "identity": self.identity,
+            "sample": self._sample(sample),
+            "group": group,
+            "img_s": rate,
+            "scores": scores,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -221,8 +232,15 @@ def _number_or_text(text: str) -> bool | float | str:
 
 
 def draw_groups(
-    denoiser: Denoiser, sample: SampleConfig, record: ScoreRecord, groups: range, num: int, batch_size: int,
-    train: torch.Tensor, redraw: bool = False, name: str = "",
+    denoiser: Denoiser,
+    sample: SampleConfig,
+    record: ScoreRecord,
+    groups: range,
+    num: int,
+    batch_size: int,
+    train: torch.Tensor,
+    redraw: bool = False,
+    name: str = "",
 ) -> tuple[list[dict], torch.Tensor | None]:
     """The record's entry of each group of ``num`` images (group k: images k x num to
     (k + 1) x num - 1 of seed 0) drawn with ``sample``: the groups the record lacks (all of
@@ -231,8 +249,11 @@ def draw_groups(
     entries = {} if redraw else {k: e for k in groups if (e := record.get(sample, k)) is not None}
     missing = [k for k in groups if k not in entries]
     if not missing:
-        print(f"{name or sample.sampler} on {sample.steps} steps: groups {groups[0]}-{groups[-1]} taken from {record.path}",
-              file=sys.stderr)
+        print(
+            f"{name or sample.sampler} on {sample.steps} steps: groups {groups[0]}-{groups[-1]} taken from "
+            f"{record.path}",
+            file=sys.stderr,
+        )
         return [entries[k] for k in groups], None
     indices = [i for k in missing for i in range(k * num, (k + 1) * num)]
     tic = time.perf_counter()
@@ -248,23 +269,50 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--run", type=Path, required=True, help="trained run directory")
     parser.add_argument("--num", type=int, default=500, help="samples per setting (default: 500)")
     parser.add_argument("--out", type=Path, default=None, help="PNG with the first 6 samples of each setting")
-    parser.add_argument("--settings", default=None, metavar="S:N[:SPACING][:FIELD=V],...",
-                        help="sampler:steps[:spacing][:field=value] to run, e.g. ddim:50,dpm++:20:karras,heun:10:karras:churn=40 "
-                             "(default: the full list)")
-    parser.add_argument("--samplers", default=None, metavar="S[:SPACING][:FIELD=V],...",
-                        help="samplers to run at each --nfe, e.g. ddpm,dpm++:karras,heun:karras:churn=20 (default: none)")
-    parser.add_argument("--nfe", default="10,20,35,50,100", metavar="N,...",
-                        help="network calls per image for --samplers (default: 10,20,35,50,100)")
-    parser.add_argument("--groups", type=int, default=1,
-                        help="score GROUPS x NUM samples as GROUPS groups of NUM and report the mean and the range (default: 1)")
-    parser.add_argument("--first-group", type=int, default=0, metavar="K",
-                        help="start at group K: images K x NUM on, to draw a long setting a group at a time (default: 0)")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        metavar="S:N[:SPACING][:FIELD=V],...",
+        help="sampler:steps[:spacing][:field=value] to run, e.g. ddim:50,dpm++:20:karras,heun:10:karras:churn=40 "
+        "(default: the full list)",
+    )
+    parser.add_argument(
+        "--samplers",
+        default=None,
+        metavar="S[:SPACING][:FIELD=V],...",
+        help="samplers to run at each --nfe, e.g. ddpm,dpm++:karras,heun:karras:churn=20 (default: none)",
+    )
+    parser.add_argument(
+        "--nfe",
+        default="10,20,35,50,100",
+        metavar="N,...",
+        help="network calls per image for --samplers (default: 10,20,35,50,100)",
+    )
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help="score GROUPS x NUM samples as GROUPS groups of NUM and report the mean and the range (default: 1)",
+    )
+    parser.add_argument(
+        "--first-group",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start at group K: images K x NUM on, to draw a long setting a group at a time (default: 0)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (default: 50)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--record", type=Path, default=None, metavar="FILE",
-                        help=f"JSON-lines record of the group scores, read and appended to (default: RUN/{RECORD_FILE})")
-    parser.add_argument("--redraw", action="store_true",
-                        help="draw every group again instead of taking the ones the record holds")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"JSON-lines record of the group scores, read and appended to (default: RUN/{RECORD_FILE})",
+    )
+    parser.add_argument(
+        "--redraw", action="store_true", help="draw every group again instead of taking the ones the record holds"
+    )
     return parser.parse_args()
 
 
@@ -281,22 +329,37 @@ def main() -> None:
     config = run.config
     device = resolve_device(args.device)
     denoiser = run.denoiser(ema=True, device=device)
-    record = ScoreRecord(args.record or run.dir / RECORD_FILE, {
-        "weights": weights_digest(run.checkpoint), "device": device.type,
-        "precision": resolve_precision(denoiser.precision, device), "num": args.num, "seed": 0})
+    record = ScoreRecord(
+        args.record or run.dir / RECORD_FILE,
+        {
+            "weights": weights_digest(run.checkpoint),
+            "device": device.type,
+            "precision": resolve_precision(denoiser.precision, device),
+            "num": args.num,
+            "seed": 0,
+        },
+    )
     train = build_dataset(config.data, progress=False).images
     groups = range(args.first_group, args.first_group + args.groups)
     first, end = args.first_group * args.num, (args.first_group + args.groups) * args.num
     heldout = build_dataset(dataclasses.replace(config.data, split="test", toy_count=end), progress=False).images
     if heldout.shape[0] < end:
-        raise SystemExit(f"the held-out split has {heldout.shape[0]} images, fewer than the {end} that groups "
-                         f"{args.first_group}-{args.first_group + args.groups - 1} of {args.num} need")
+        raise SystemExit(
+            f"the held-out split has {heldout.shape[0]} images, fewer than the {end} that groups "
+            f"{args.first_group}-{args.first_group + args.groups - 1} of {args.num} need"
+        )
     floor = score_groups(heldout[first:end], train, args.groups)
     levels = [k for k in floor[0] if k.startswith("swd_")]
     what = f"{args.groups} groups of {args.num}" if args.groups > 1 else f"{args.num}"
-    print(f"{run.checkpoint}, {what} samples per setting, images {first}-{end - 1} of seed 0; "
-          f"against {train.shape[0]} training images\n")
-    print("| sampler | steps (calls) | img/s | SWD | " + " | ".join(f"SWD {k[4:]}px" for k in levels) + " | precision / recall |")
+    print(
+        f"{run.checkpoint}, {what} samples per setting, images {first}-{end - 1} of seed 0; "
+        f"against {train.shape[0]} training images\n"
+    )
+    print(
+        "| sampler | steps (calls) | img/s | SWD | "
+        + " | ".join(f"SWD {k[4:]}px" for k in levels)
+        + " | precision / recall |"
+    )
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows, results = [], {}
@@ -307,17 +370,25 @@ def main() -> None:
             print(f"skipped {name} on {steps} steps: {why}", file=sys.stderr)
             continue
         sample = dataclasses.replace(config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
-        entries, shown = draw_groups(denoiser, sample, record, groups, args.num, args.batch_size, train,
-                                      args.redraw, name)
+        entries, shown = draw_groups(
+            denoiser, sample, record, groups, args.num, args.batch_size, train, args.redraw, name
+        )
         metrics = [entry["scores"] for entry in entries]
         rate = statistics.fmean(entry["img_s"] for entry in entries)
         calls = network_calls(sampler, steps)
-        print(_row(name, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
-              flush=True)
+        print(
+            _row(name, f"{steps}" if calls == steps else f"{steps} ({calls})", f"{rate:.2f}", metrics, levels),
+            flush=True,
+        )
         results.setdefault(name, {})[budget] = (calls, metrics)
         if args.out is not None:  # the first images of the first group, drawn again if the record held it
-            shown = shown if shown is not None else generate(
-                denoiser, range(first, first + min(6, args.num)), sample, seed=0, batch_size=6, progress=False)
+            shown = (
+                shown
+                if shown is not None
+                else generate(
+                    denoiser, range(first, first + min(6, args.num)), sample, seed=0, batch_size=6, progress=False
+                )
+            )
             rows.append(shown[:6])
     if grid and results:
         print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))

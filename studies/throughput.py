@@ -78,18 +78,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {device}\n")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {device}\n"
+    )
     print("| measurement | value |\n| --- | --- |")
     for size in (32, 64):
         rate = 500 / median_seconds(lambda: generate_toy_cars(500, size, seed=1), max(1, args.repeats // 2), 1)
         print(f"| toy cars generated, {size}x{size} | {rate:,.0f} images/s |")
-    for name, config, batch in (("demo", DEMO, DEMO.train.batch_size), ("seed", SEED, 16 if device.type == "cpu" else 128)):
+    for name, config, batch in (
+        ("demo", DEMO, DEMO.train.batch_size),
+        ("seed", SEED, 16 if device.type == "cpu" else 128),
+    ):
         rate, params = train_step_rate(config, batch, device, args.repeats)
         size = config.data.image_size
-        print(f"| training, {name} preset ({params / 1e6:.1f} M params, {size}x{size}, batch {batch}) | {rate:,.1f} images/s |")
+        print(
+            f"| training, {name} preset ({params / 1e6:.1f} M params, {size}x{size}, batch {batch}) | {rate:,.1f} "
+            "images/s |"
+        )
         seconds = sampling_step_seconds(config, 64, device, args.repeats)
-        print(f"| sampling, {name} preset, 64 images x {config.diffusion.timesteps} steps | {seconds * config.diffusion.timesteps:,.1f} s |")
+        print(
+            f"| sampling, {name} preset, 64 images x {config.diffusion.timesteps} steps | "
+            f"{seconds * config.diffusion.timesteps:,.1f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,12 @@ def _imports(path: Path) -> set[str]:
                 continue
             for alias in node.names:  # `from ddpm_cars import run` names a module
                 sub = f"{target}.{alias.name}" if target else alias.name
-                found.add(sub if (SRC / sub.replace(".", "/")).with_suffix(".py").is_file()
-                          or (SRC / sub.replace(".", "/")).is_dir() else target)
+                found.add(
+                    sub
+                    if (SRC / sub.replace(".", "/")).with_suffix(".py").is_file()
+                    or (SRC / sub.replace(".", "/")).is_dir()
+                    else target
+                )
     return {f for f in found if f}
 
 
@@ -111,7 +115,7 @@ def test_the_package_has_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt):] + [node, nxt]))
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt) :] + [node, nxt]))
             if nxt not in state:
                 visit(nxt, path + [node])
         state[node] = 2
@@ -122,7 +126,11 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_the_package_does_not_import_the_studies():
-    wrong = [p.relative_to(SRC).as_posix() for p in sorted(SRC.rglob("*.py")) if "studies" in _absolute_imports(p.read_text())]
+    wrong = [
+        p.relative_to(SRC).as_posix()
+        for p in sorted(SRC.rglob("*.py"))
+        if "studies" in _absolute_imports(p.read_text())
+    ]
     assert not wrong, "the installed package has no studies/ to import: " + ", ".join(wrong)
     assert _absolute_imports("def f():\n    from studies.sampler_quality import main\n") == {"studies"}
     assert _absolute_imports("import studies.throughput as t\nfrom .studies import x\n") == {"studies"}
@@ -139,7 +147,9 @@ def test_no_function_is_longer_than_60_lines():
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
-                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                long.append(
+                    f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                )
     assert not long, "\n".join(long)
 
 
@@ -148,8 +158,15 @@ def test_samplers_and_generate_take_at_most_8_parameters():
     generate 8 besides the three of an edit (init, strength, mask: the README's Python API)."""
     from ddpm_cars import editing, generation, samplers
 
-    for fn in (samplers.ancestral_sample, samplers.dpm_solver_sample, samplers.sde_dpm_solver_sample, samplers.heun_sample,
-               editing.edit_sample, editing.repaint_sample, generation.decode):
+    for fn in (
+        samplers.ancestral_sample,
+        samplers.dpm_solver_sample,
+        samplers.sde_dpm_solver_sample,
+        samplers.heun_sample,
+        editing.edit_sample,
+        editing.repaint_sample,
+        generation.decode,
+    ):
         assert len(inspect.signature(fn).parameters) <= 8, fn.__name__
     assert len(inspect.signature(samplers.ddim_sample).parameters) <= 9
     edit = {"init", "strength", "mask"}

@@ -121,8 +121,23 @@ def test_bench_rejects_bad_values_with_one_line(argv, message, capsys):
 
 def test_bench_cli_measures_in_fresh_processes_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--presets", "tiny", "--image-size", "16", "--batch-size", "2", "--repeats", "1",
-            "--warmup", "0", "--sample-steps", "2", "--json", str(out)]
+    argv = [
+        "bench",
+        "--presets",
+        "tiny",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--sample-steps",
+        "2",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "| tiny | bf16 | 16 | 2 |" in captured.out and "bf16 / fp32, tiny" in captured.out
@@ -141,7 +156,10 @@ def test_peak_flops_of_common_gpus_and_an_override():
 
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert gpu_peak_flops("NVIDIA A10", "bf16") == 125e12  # not taken for an A100
-    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12 and gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert (
+        gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12
+        and gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    )
     assert gpu_peak_flops("NVIDIA L40S", "fp32") == 183e12 and gpu_peak_flops("NVIDIA L4", "fp32") == 60e12
     assert gpu_peak_flops("Tesla T4", "bf16") is None  # no bf16 there
     assert gpu_peak_flops("Some Future GPU", "bf16") is None
@@ -150,13 +168,34 @@ def test_peak_flops_of_common_gpus_and_an_override():
 
 
 def test_bench_reports_mfu_against_the_given_peak(capsys):
-    rows = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1,
-                         device="cpu", progress=False, isolate=False, peak_tflops=0.001)
+    rows = run_benchmark(
+        "tiny",
+        "fp32",
+        image_size=16,
+        batch_size=2,
+        repeats=1,
+        warmup=0,
+        sample_steps=1,
+        device="cpu",
+        progress=False,
+        isolate=False,
+        peak_tflops=0.001,
+    )
     (row,) = rows
     assert row["peak_flop_s"] == 1e9 and row["mfu"] == pytest.approx(row["train_flop_s"] / 1e9)
     assert f"| {100 * row['mfu']:.1f}% |" in format_table(rows)
-    unknown = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1,
-                            device="cpu", progress=False, isolate=False)
+    unknown = run_benchmark(
+        "tiny",
+        "fp32",
+        image_size=16,
+        batch_size=2,
+        repeats=1,
+        warmup=0,
+        sample_steps=1,
+        device="cpu",
+        progress=False,
+        isolate=False,
+    )
     assert unknown[0]["mfu"] is None and "MFU: training FLOP/s over the device's dense peak" in format_table(unknown)
 
 
@@ -167,8 +206,19 @@ def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_
     draws = []
     real_draw = Batches.draw
     monkeypatch.setattr(Batches, "draw", lambda self, *a: draws.append(1) or real_draw(self, *a))
-    rows = run_benchmark("tiny", "fp32", image_size=16, batch_size=2, repeats=2, warmup=1, sample_steps=1,
-                         device="cpu", progress=False, isolate=False, loop=True)
+    rows = run_benchmark(
+        "tiny",
+        "fp32",
+        image_size=16,
+        batch_size=2,
+        repeats=2,
+        warmup=1,
+        sample_steps=1,
+        device="cpu",
+        progress=False,
+        isolate=False,
+        loop=True,
+    )
     (row,) = rows
     assert len(draws) == 3  # the warm-up step and the two timed ones, through the loop's own batches
     assert math.isfinite(row["loop_img_s"]) and row["loop_img_s"] > 0 and row["loop_to_first_step_s"] > 0

@@ -77,7 +77,9 @@ class _Killed(BaseException):
     """Stands for a SIGKILL: nothing after it runs."""
 
 
-@pytest.mark.parametrize("steps, saving", [((2, 4), 6), ((2, 4), 4)], ids=["pruning the oldest", "replacing the same step"])
+@pytest.mark.parametrize(
+    "steps, saving", [((2, 4), 6), ((2, 4), 4)], ids=["pruning the oldest", "replacing the same step"]
+)
 def test_killed_while_deleting_a_checkpoint_never_leaves_a_partial_one(tmp_path, monkeypatch, steps, saving):
     model = torch.nn.Linear(2, 2)
     for step in steps:

@@ -8,18 +8,34 @@ import pytest
 from PIL import Image
 
 from ddpm_cars import cli, commands
-from ddpm_cars.training.logs import read_loss_log
-from ddpm_cars.cli import build_parser, main
 from ddpm_cars import run as ckpt
+from ddpm_cars.cli import build_parser, main
+from ddpm_cars.training.logs import read_loss_log
 
 # the default (improved) recipe, shrunk
-TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20",
-        "--batch-size", "8", "--num-sample-images", "4", "--sample-every", "1"]
+TINY = [
+    "--image-size",
+    "16",
+    "--channels",
+    "8,16",
+    "--num-res-blocks",
+    "1",
+    "--timesteps",
+    "20",
+    "--batch-size",
+    "8",
+    "--num-sample-images",
+    "4",
+    "--sample-every",
+    "1",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_every_option_has_help_and_a_shown_default():
@@ -66,7 +82,10 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     [
         (["train", "--out", "{tmp}/r", "--image-size", "36"], "divisible by 8"),
         (["train", "--out", "{tmp}/r", "--preset", "seed", "--image-size", "40"], "divisible by 16"),
-        (["train", "--out", "{tmp}/r", "--batch-size", "10", "--grad-accum", "3"], "divisible by train.grad_accum_steps"),
+        (
+            ["train", "--out", "{tmp}/r", "--batch-size", "10", "--grad-accum", "3"],
+            "divisible by train.grad_accum_steps",
+        ),
         (["eval", "--checkpoint", "{tmp}/none", "--no-sample-metrics"], "nothing to compute"),
         (["train", "--out", "{tmp}/r", "--image-size", "48", "--eval-every", "100"], "16 * 2**k"),
         (["eval", "--checkpoint", "{tmp}/none", "--nll"], "no run directory"),
@@ -79,7 +98,12 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
         (["train", "--out", "{tmp}/r", "--zero-terminal-snr"], "needs --prediction v or x0"),
         (["sample", "--checkpoint", "{tmp}/none", "--out", "{tmp}/s"], "no run directory"),
         (["forward", "--index", "-1", "--out", "{tmp}/f.png"], "--index"),
-        (["train", "--out", "{tmp}/r", "--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["train", "--out", "{tmp}/r", "--device", "tpu"], "device"),
+        (
+            ["train", "--out", "{tmp}/r", "--device", "cuda:7"]
+            if not __import__("torch").cuda.is_available()
+            else ["train", "--out", "{tmp}/r", "--device", "tpu"],
+            "device",
+        ),
     ],
 )
 def test_bad_values_give_one_clear_line(tmp_path, argv, message, capsys):
@@ -107,31 +131,108 @@ def test_train_then_sample_end_to_end(tmp_path):
     trained = _run("train", "--out", str(run), "--toy-count", "32", "--epochs", "2", *TINY)
     assert trained.returncode == 0, trained.stderr
     assert "Trained to step 8" in trained.stdout
-    sampled = _run("sample", "--checkpoint", str(run), "--out", str(out), "--num", "5", "--batch-size", "2", "--seed", "1")
+    sampled = _run(
+        "sample", "--checkpoint", str(run), "--out", str(out), "--num", "5", "--batch-size", "2", "--seed", "1"
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:04d}.png" for i in range(5)]
     assert Image.open(out / "images" / "0000.png").size == (16, 16)
     for name in ["grid.png", "denoising.png"]:
         assert Image.open(out / name).size[0] > 16
     for sampler in ["ddim", "dpm++"]:
-        fast = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / sampler), "--num", "3",
-                    "--sampler", sampler, "--steps", "4", "--trajectory")
+        fast = _run(
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--out",
+            str(tmp_path / sampler),
+            "--num",
+            "3",
+            "--sampler",
+            sampler,
+            "--steps",
+            "4",
+            "--trajectory",
+        )
         # the other sampling settings stay the run's: the improved preset's karras spacing
         assert fast.returncode == 0 and f"({sampler}, 4 steps (karras))" in fast.stdout, fast.stderr
-        assert Image.open(tmp_path / sampler / "trajectory.png").size[1] > Image.open(tmp_path / sampler / "denoising.png").size[1]
-    heun = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "heun"), "--num", "3", "--sampler", "heun",
-                "--steps", "4", "--spacing", "karras")
+        assert (
+            Image.open(tmp_path / sampler / "trajectory.png").size[1]
+            > Image.open(tmp_path / sampler / "denoising.png").size[1]
+        )
+    heun = _run(
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "heun"),
+        "--num",
+        "3",
+        "--sampler",
+        "heun",
+        "--steps",
+        "4",
+        "--spacing",
+        "karras",
+    )
     assert heun.returncode == 0 and "(heun, 4 steps (karras))" in heun.stdout, heun.stderr
-    churned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "churn"), "--num", "3", "--sampler", "heun",
-                   "--steps", "4", "--spacing", "karras", "--churn", "40")
+    churned = _run(
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "churn"),
+        "--num",
+        "3",
+        "--sampler",
+        "heun",
+        "--steps",
+        "4",
+        "--spacing",
+        "karras",
+        "--churn",
+        "40",
+    )
     assert churned.returncode == 0 and "(heun, 4 steps (karras), churn 40)" in churned.stdout, churned.stderr
-    started = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "start"), "--num", "3", "--sampler", "dpm++",
-                   "--steps", "4", "--spacing", "logsnr", "--sigma-max", "2")
+    started = _run(
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "start"),
+        "--num",
+        "3",
+        "--sampler",
+        "dpm++",
+        "--steps",
+        "4",
+        "--spacing",
+        "logsnr",
+        "--sigma-max",
+        "2",
+    )
     assert started.returncode == 0 and "(dpm++, 4 steps (logsnr from sigma 2))" in started.stdout, started.stderr
-    learned = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "learned"), "--num", "3", "--sampler", "ddim",
-                   "--steps", "4", "--eta", "1", "--ddim-sigma", "learned")
+    learned = _run(
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "learned"),
+        "--num",
+        "3",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--eta",
+        "1",
+        "--ddim-sigma",
+        "learned",
+    )
     assert learned.returncode == 0 and (tmp_path / "learned" / "grid.png").is_file(), learned.stderr
-    unread = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--sampler", "dpm++", "--eta", "0.5")
+    unread = _run(
+        "sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--sampler", "dpm++", "--eta", "0.5"
+    )
     assert unread.returncode == 2 and "--eta is read only with --sampler ddim" in unread.stderr, unread.stderr
     assert len(unread.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     too_many = _run("sample", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--steps", "21")
@@ -146,8 +247,21 @@ def test_eval_reports_bits_per_dim_on_held_out_images(tmp_path):
     run = tmp_path / "run"
     assert _run("train", "--out", str(run), "--toy-count", "16", "--steps", "2", *TINY).returncode == 0
     report = tmp_path / "nll.json"
-    done = _run("eval", "--checkpoint", str(run), "--nll", "--no-sample-metrics", "--num-images", "6", "--batch-size", "4",
-                "--timesteps", "3", "--json", str(report))
+    done = _run(
+        "eval",
+        "--checkpoint",
+        str(run),
+        "--nll",
+        "--no-sample-metrics",
+        "--num-images",
+        "6",
+        "--batch-size",
+        "4",
+        "--timesteps",
+        "3",
+        "--json",
+        str(report),
+    )
     assert done.returncode == 0, done.stderr
     assert "bits/dim on 6 test images (3 random t per image)" in done.stdout
     numbers = __import__("json").loads(report.read_text())
@@ -162,8 +276,21 @@ def test_resume_may_extend_but_not_change_the_model(tmp_path):
     changed = _run("train", "--out", run, "--resume", "--channels", "8,32")
     assert changed.returncode == 2 and "cannot change model.channels" in changed.stderr
     # how the same computation runs may change: here bf16 -> fp32 in 2 micro-batches
-    same = _run("train", "--out", run, "--resume", "--toy-count", "32", "--steps", "4", *TINY,
-                "--precision", "fp32", "--grad-accum", "2")
+    same = _run(
+        "train",
+        "--out",
+        run,
+        "--resume",
+        "--toy-count",
+        "32",
+        "--steps",
+        "4",
+        *TINY,
+        "--precision",
+        "fp32",
+        "--grad-accum",
+        "2",
+    )
     assert same.returncode == 0, same.stderr
     assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "run")).step == 4
 
@@ -192,25 +319,52 @@ def test_training_on_a_messy_folder_warns_about_the_bad_file(tmp_path):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_forward_picture(tmp_path, schedule):
     out = tmp_path / "f.png"
-    done = _run("forward", "--out", str(out), "--image-size", "32", "--frames", "5", "--timesteps", "100", "--schedule", schedule)
+    done = _run(
+        "forward",
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--frames",
+        "5",
+        "--timesteps",
+        "100",
+        "--schedule",
+        schedule,
+    )
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size[0] > 6 * 32  # the data image and five noised ones
 
 
 def test_forward_picture_of_toy_cars_leaves_no_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CARS_CACHE", str(tmp_path / "cache"))
-    assert main(["forward", "--out", str(tmp_path / "f.png"), "--image-size", "16", "--frames", "3", "--index", "2"]) == 0
+    assert (
+        main(["forward", "--out", str(tmp_path / "f.png"), "--image-size", "16", "--frames", "3", "--index", "2"]) == 0
+    )
     assert Image.open(tmp_path / "f.png").size[0] > 4 * 16
     assert not (tmp_path / "cache" / "data").exists() or not any((tmp_path / "cache" / "data").iterdir())
 
 
 def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
-    monkeypatch.setattr(commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8}))
+    monkeypatch.setattr(
+        commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8})
+    )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--log-with", "tensorboard"]) == 0
-    for name in ["grid.png", "denoising.png", "forward_process.png", "loss.png", "samples/epoch_0001.png", "metrics.csv",
-                 "metrics.png", "eval/metrics.json", "eval/nearest.png", "eval/nearest_distances.png", "report.html"]:
+    for name in [
+        "grid.png",
+        "denoising.png",
+        "forward_process.png",
+        "loss.png",
+        "samples/epoch_0001.png",
+        "metrics.csv",
+        "metrics.png",
+        "eval/metrics.json",
+        "eval/nearest.png",
+        "eval/nearest_distances.png",
+        "report.html",
+    ]:
         assert (out / name).is_file(), name
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 
@@ -221,13 +375,20 @@ def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/, samples/;" in closing
     assert len(list((out / "images").iterdir())) == commands.DEMO_EVAL_SAMPLES
-    assert Image.open(out / "grid.png").size == (6 * 18 + 2, 6 * 18 + 2)  # the first 36 images: 6 x 6 of 16 px, padding 2
+    assert Image.open(out / "grid.png").size == (
+        6 * 18 + 2,
+        6 * 18 + 2,
+    )  # the first 36 images: 6 x 6 of 16 px, padding 2
     assert main(["demo", "--out", str(out)]) == 0  # a second run continues the finished one
 
 
 def test_cli_module_does_not_import_torch_for_help():
-    done = subprocess.run([sys.executable, "-c", "import sys, ddpm_cars.cli; print('torch' in sys.modules)"],
-                          capture_output=True, text=True, env={"PYTHONPATH": str(Path(cli.__file__).parents[1])})
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, ddpm_cars.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(Path(cli.__file__).parents[1])},
+    )
     assert done.stdout.strip() == "False"
 
 
@@ -239,13 +400,35 @@ def test_class_conditional_run_lists_its_classes_and_draws_them_by_name_or_index
     listed = capsys.readouterr().out.splitlines()
     assert listed == ["0  sedan", "1  hatchback", "2  suv", "3  pickup", "4  sports", "5  van"]  # the toy body types
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--class", "SUV", "--class", "5", "--num", "3",
-                 "--guidance", "2", "--steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(out),
+                "--class",
+                "SUV",
+                "--class",
+                "5",
+                "--num",
+                "3",
+                "--guidance",
+                "2",
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "3 each of suv, van, guidance 2" in capsys.readouterr().out
     assert len(list((out / "images").iterdir())) == 6
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 + 3 * 18, 2 + 2 * 18)  # one row of 3 per class, 16 px images, 2 px padding
-    assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--num", "2", "--steps", "3"]) == 0  # unconditional
+    assert (
+        main(["sample", "--checkpoint", str(run), "--out", str(out), "--num", "2", "--steps", "3"]) == 0
+    )  # unconditional
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--class", "truck"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -256,7 +439,10 @@ def test_class_conditional_run_lists_its_classes_and_draws_them_by_name_or_index
     "argv, message",
     [
         (["sample", "--checkpoint", "{run}", "--out", "{tmp}/s", "--class", "sedan"], "not class-conditional"),
-        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/s", "--guidance", "3"], "--guidance steers towards a class"),
+        (
+            ["sample", "--checkpoint", "{run}", "--out", "{tmp}/s", "--guidance", "3"],
+            "--guidance steers towards a class",
+        ),
         (["classes", "{run}"], "is not class-conditional"),
         (["train", "--out", "{tmp}/r2", "--crop", "bbox"], "--crop bbox needs Stanford Cars"),
         (["train", "--out", "{tmp}/r2", "--data", "{tmp}", "--crop", "bbox"], "plain image folder"),
@@ -293,14 +479,52 @@ def test_conditional_training_on_a_kaggle_copy_with_bbox_crops(tmp_path, capsys)
             rows.append(f"{file},{5 + i},10,{25 + i},20,{c + 1}")
     (root / "anno_train.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--crop", "bbox", "--class-conditional", "--out", str(run),
-                 "--steps", "1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--crop",
+                "bbox",
+                "--class-conditional",
+                "--out",
+                str(run),
+                "--steps",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     saved = __import__("json").loads((run / "config.json").read_text())
-    assert saved["data"]["crop"] == "bbox" and saved["model"]["class_names"] == ["Audi R8 Coupe 2012", "BMW M3 Coupe 2012"]
-    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--class", "bmw m3 coupe 2012",
-                 "--num", "2", "--steps", "2"]) == 0
+    assert saved["data"]["crop"] == "bbox" and saved["model"]["class_names"] == [
+        "Audi R8 Coupe 2012",
+        "BMW M3 Coupe 2012",
+    ]
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+                "--class",
+                "bmw m3 coupe 2012",
+                "--num",
+                "2",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "2 each of BMW M3 Coupe 2012, guidance 3" in capsys.readouterr().out
-    assert main(["forward", "--data", str(root), "--crop", "bbox", "--image-size", "16", "--out", str(tmp_path / "f.png")]) == 0
+    assert (
+        main(["forward", "--data", str(root), "--crop", "bbox", "--image-size", "16", "--out", str(tmp_path / "f.png")])
+        == 0
+    )
 
 
 def test_a_bug_keeps_its_traceback_and_says_it_is_one(monkeypatch, capsys):
@@ -340,12 +564,38 @@ def test_commands_do_not_import_the_command_line():
 @pytest.mark.parametrize(
     "argv, section, values",
     [
-        (["train", "--out", "r", "--steps", "3", "--sample-steps", "2", "--data", "d", "--no-flip", "--grad-clip", "none"],
-         None, {"train": {"max_steps": 3, "grad_clip": None}, "sample": {"steps": 2}, "data": {"source": "d", "flip": False}}),
-        (["train", "--out", "r", "--attention-resolutions", "none", "--channels", "8,16"],
-         None, {"model": {"attention_resolutions": (), "channels": (8, 16)}}),
-        (["sample", "--checkpoint", "c", "--out", "o", "--steps", "5", "--no-clip", "--sampler", "ddim"],
-         "sample", {"steps": 5, "clip_x0": False, "sampler": "ddim"}),
+        (
+            [
+                "train",
+                "--out",
+                "r",
+                "--steps",
+                "3",
+                "--sample-steps",
+                "2",
+                "--data",
+                "d",
+                "--no-flip",
+                "--grad-clip",
+                "none",
+            ],
+            None,
+            {
+                "train": {"max_steps": 3, "grad_clip": None},
+                "sample": {"steps": 2},
+                "data": {"source": "d", "flip": False},
+            },
+        ),
+        (
+            ["train", "--out", "r", "--attention-resolutions", "none", "--channels", "8,16"],
+            None,
+            {"model": {"attention_resolutions": (), "channels": (8, 16)}},
+        ),
+        (
+            ["sample", "--checkpoint", "c", "--out", "o", "--steps", "5", "--no-clip", "--sampler", "ddim"],
+            "sample",
+            {"steps": 5, "clip_x0": False, "sampler": "ddim"},
+        ),
         (["eval", "--checkpoint", "c", "--steps", "none"], "sample", {"steps": None}),
         (["guidance", "run", "--eta", "0.5"], "sample", {"eta": 0.5}),
         (["train", "--out", "r"], None, {}),

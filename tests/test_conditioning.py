@@ -9,8 +9,8 @@ from torch import nn
 from ddpm_cars.conditioning import ClassifierFreeGuidance, class_labels, closest_classes, drop_labels, find_class, guide
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
 from ddpm_cars.generation import ClassRequest, generate
+from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
 from ddpm_cars.schedule import build_schedule
 
 
@@ -153,7 +153,15 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
     whole = generate(denoiser, 5, config, seed=7, batch_size=5, classes=classes, progress=False)
     pieces = generate(denoiser, 5, config, seed=7, batch_size=2, classes=classes, progress=False)
     torch.testing.assert_close(whole, pieces, atol=1e-4, rtol=1e-4)
-    other = generate(denoiser, 5, config, seed=7, batch_size=5, classes=ClassRequest(torch.tensor([2, 1, 2, 0, 0]), 2.0), progress=False)
+    other = generate(
+        denoiser,
+        5,
+        config,
+        seed=7,
+        batch_size=5,
+        classes=ClassRequest(torch.tensor([2, 1, 2, 0, 0]), 2.0),
+        progress=False,
+    )
     torch.testing.assert_close(whole[1:3], other[1:3], atol=1e-4, rtol=1e-4)  # the same classes asked for
     assert not torch.allclose(whole[0], other[0], atol=1e-3)  # class 0, then class 2
     with pytest.raises(ValueError, match="one label per image"):  # 5 labels for 4 images
@@ -172,9 +180,16 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
 CARS = ["Audi R8 Coupe 2012", "BMW M3 Coupe 2012", "BMW M6 Convertible 2010", "Bugatti Veyron 16.4 Coupe 2009"]
 
 
-@pytest.mark.parametrize("request_, index", [
-    ("BMW M3 Coupe 2012", 1), ("bmw m3 coupe 2012", 1), ("  BMW  M3 coupe 2012 ", 1), ("3", 3), ("0", 0),
-])
+@pytest.mark.parametrize(
+    "request_, index",
+    [
+        ("BMW M3 Coupe 2012", 1),
+        ("bmw m3 coupe 2012", 1),
+        ("  BMW  M3 coupe 2012 ", 1),
+        ("3", 3),
+        ("0", 0),
+    ],
+)
 def test_classes_match_by_name_in_any_case_or_by_index(request_, index):
     assert find_class(request_, CARS) == index
 

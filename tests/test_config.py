@@ -21,7 +21,12 @@ def test_improved_preset_is_the_default_and_the_published_recipe():
     assert m.name == "res_attn_unet" and m.attention_resolutions == (16, 8) and m.head_channels == 64
     assert m.resblock_updown and m.dropout > 0
     assert (d.schedule, d.loss, d.prediction, d.learn_variance, d.vlb_weight) == ("cosine", "l2", "eps", True, 0.001)
-    assert (t.optimizer, t.grad_clip, t.ema_decay, t.precision) == ("adamw", 1.0, 0.9999, "auto")  # bf16 on GPUs with it
+    assert (t.optimizer, t.grad_clip, t.ema_decay, t.precision) == (
+        "adamw",
+        1.0,
+        0.9999,
+        "auto",
+    )  # bf16 on GPUs with it
     assert d.out_channels == 6 and SEED.diffusion.out_channels == 3
 
 
@@ -48,13 +53,23 @@ def test_improved_preset_samples_20_respaced_steps_or_all_of_a_shorter_schedule(
         IMPROVED.replace(diffusion={"timesteps": 12}, sample={"steps": 60})  # asked for: still an error
 
 
-@pytest.mark.parametrize("given, reads, refusal", [
-    ({"eta": 0.5}, {"sampler": "ddim"}, "--eta is read only with --sampler ddim, and the sampler here is dpm\\+\\+sde"),
-    ({"ddim_sigma": "learned"}, {"sampler": "ddim"}, "--ddim-sigma is read only with --sampler ddim"),
-    ({"churn": 20.0}, {"sampler": "heun"}, "--churn is read only with --sampler heun"),
-    ({"sigma_max": 20.0, "spacing": "uniform"}, {"spacing": "logsnr"},
-     "--sigma-max is read only with --spacing karras or logsnr, and the spacing here is uniform"),
-])
+@pytest.mark.parametrize(
+    "given, reads, refusal",
+    [
+        (
+            {"eta": 0.5},
+            {"sampler": "ddim"},
+            "--eta is read only with --sampler ddim, and the sampler here is dpm\\+\\+sde",
+        ),
+        ({"ddim_sigma": "learned"}, {"sampler": "ddim"}, "--ddim-sigma is read only with --sampler ddim"),
+        ({"churn": 20.0}, {"sampler": "heun"}, "--churn is read only with --sampler heun"),
+        (
+            {"sigma_max": 20.0, "spacing": "uniform"},
+            {"spacing": "logsnr"},
+            "--sigma-max is read only with --spacing karras or logsnr, and the spacing here is uniform",
+        ),
+    ],
+)
 def test_an_option_the_sampler_does_not_read_is_refused_when_given(given, reads, refusal):
     with pytest.raises(UserError, match=refusal):
         IMPROVED.replace(sample=given)  # the improved preset samples with dpm++sde on karras steps

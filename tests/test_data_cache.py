@@ -123,8 +123,13 @@ def test_damaged_entry_is_rebuilt_not_read(tmp_path, damage):
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": SRC, **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": SRC, **env},
+    )
 
 
 def test_a_build_killed_halfway_leaves_nothing_read_as_complete(tmp_path):
@@ -173,9 +178,16 @@ def test_concurrent_processes_build_once_and_read_the_same(tmp_path):
         images = build_dataset(DataConfig(source={str(folder)!r}, image_size=16, cache={str(cache_dir)!r})).images
         print(int(images.long().sum()), len(images))
     """
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC})
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": SRC},
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert log.read_text() == "build\n"

@@ -90,7 +90,7 @@ def test_clipping_bounds_x0_and_recomputes_eps_from_it(schedule):
 
 
 def test_fixed_variances_and_the_decoders(schedule):
-    """"beta" is log beta_t, "beta_tilde" log beta_tilde_t; at t = 0 both are log beta_tilde
+    """ "beta" is log beta_t, "beta_tilde" log beta_tilde_t; at t = 0 both are log beta_tilde
     of step 1 (beta_tilde_0 is 0), the decoder variance of the published code."""
     x_t = torch.randn(4, 3, 4, 4)
     den = _denoiser(Probe(), schedule)
@@ -262,7 +262,9 @@ def test_training_loss_compares_predicted_and_true_noise(schedule, loss_type, fn
 def test_without_learned_variance_the_loss_has_no_bound_term(schedule):
     x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([3, 30])
     loss = _denoiser(Recorder(), schedule, loss="l2", prediction="x0").loss(x0, t, noise)
-    assert loss.item() == pytest.approx(F.mse_loss(0.5 * diffusion.q_sample(schedule, x0, t, noise), x0).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.mse_loss(0.5 * diffusion.q_sample(schedule, x0, t, noise), x0).item(), rel=1e-6
+    )
 
 
 class TwoHeads(torch.nn.Module):

@@ -65,7 +65,9 @@ def test_each_target_converts_back_to_x0(prediction):
     target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
     assert torch.allclose(diffusion.predict_x0(schedule, x_t, t, target, prediction), x0, atol=2e-3)
     x0_hat = diffusion.predict_x0(schedule, x_t, t, target, prediction)
-    assert torch.allclose(diffusion.predict_eps(schedule, x_t, t[:, None, None, None].flatten(), x0_hat)[:3], noise[:3], atol=2e-2)
+    assert torch.allclose(
+        diffusion.predict_eps(schedule, x_t, t[:, None, None, None].flatten(), x0_hat)[:3], noise[:3], atol=2e-2
+    )
 
 
 def test_v_target_matches_definition(schedule):
@@ -104,7 +106,9 @@ def test_discretized_log_likelihood_against_independent_erf():
 def test_discretized_likelihood_sums_to_one_over_the_256_levels():
     x = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     for mean, std in [(0.0, 0.01), (0.3, 0.2), (-0.99, 0.05), (2.0, 1.0)]:
-        log_p = diffusion.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, 2 * math.log(std)))
+        log_p = diffusion.discretized_gaussian_log_likelihood(
+            x, torch.full_like(x, mean), torch.full_like(x, 2 * math.log(std))
+        )
         assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -140,5 +144,7 @@ def test_learned_variance_interpolates_between_beta_and_beta_tilde(schedule):
     v = torch.tensor([1.0, -1.0, 0.0, 0.5]).view(-1, 1, 1, 1)
     got = diffusion.learned_log_variance(schedule, t, v).flatten()
     log_beta, log_tilde = schedule.betas[t].log(), schedule.posterior_variance[t].log()
-    expected = torch.stack([log_beta[0], log_tilde[1], (log_beta[2] + log_tilde[2]) / 2, 0.75 * log_beta[3] + 0.25 * log_tilde[3]])
+    expected = torch.stack(
+        [log_beta[0], log_tilde[1], (log_beta[2] + log_tilde[2]) / 2, 0.75 * log_beta[3] + 0.25 * log_tilde[3]]
+    )
     assert torch.allclose(got, expected, atol=1e-5)

@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_cars.presets import TINY
-from ddpm_cars import run as ckpt
 from ddpm_cars import parallel as distributed
+from ddpm_cars import run as ckpt
+from ddpm_cars.presets import TINY
 from ddpm_cars.training import train
 
 # the improved recipe, tiny; GroupNorm (no batch statistics), no dropout: the gradient of
@@ -26,8 +26,16 @@ from ddpm_cars.training import train
 # with bf16 instructions they would train and sample in bf16.
 CONFIG = TINY.replace(
     data={"toy_count": 48, "flip": True},
-    train={"batch_size": 8, "grad_accum_steps": 2, "max_steps": 4, "checkpoint_every_steps": 2, "ema_decay": 0.9,
-           "sample_every_epochs": 100, "warmup_steps": 2, "precision": "fp32"},
+    train={
+        "batch_size": 8,
+        "grad_accum_steps": 2,
+        "max_steps": 4,
+        "checkpoint_every_steps": 2,
+        "ema_decay": 0.9,
+        "sample_every_epochs": 100,
+        "warmup_steps": 2,
+        "precision": "fp32",
+    },
 )
 
 
@@ -38,8 +46,9 @@ def _free_port() -> int:
 
 
 def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
 
 
@@ -75,8 +84,9 @@ def test_two_processes_train_the_weights_of_one_and_resume(tmp_path):
     _assert_same_weights(single, double)
     counts = [json.loads((tmp_path / f"saves_{r}.json").read_text()) for r in (0, 1)]
     assert counts[0] > 0 and counts[1] == 0  # rank 0 alone writes checkpoints
-    assert sorted(p.name for p in (double / ckpt.CHECKPOINT_DIR).iterdir()) == \
-        sorted(p.name for p in (single / ckpt.CHECKPOINT_DIR).iterdir())
+    assert sorted(p.name for p in (double / ckpt.CHECKPOINT_DIR).iterdir()) == sorted(
+        p.name for p in (single / ckpt.CHECKPOINT_DIR).iterdir()
+    )
     assert (double / "loss.csv").read_text().splitlines()[0] == "step,loss"
     # resume: both processes continue from step 4 to 6 and still match one process
     train(CONFIG.replace(train={"max_steps": 6}), single, resume=True, device="cpu", progress=False)
@@ -96,7 +106,9 @@ def _sample_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> 
 
     _join(rank, world, port)
     try:
-        result = sample_run(Path(run_dir), Path(out), 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4})
+        result = sample_run(
+            Path(run_dir), Path(out), 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4}
+        )
         assert (result is None) == (rank != 0)
     finally:
         dist.destroy_process_group()
@@ -118,12 +130,37 @@ def test_two_processes_sample_the_images_of_one(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun end to end on Linux")
 def test_torchrun_runs_the_command_line(tmp_path):
-    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    env = {
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(tmp_path),
+    }
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "-m", "ddpm_cars", "train", "--preset", "tiny", "--toy-count", "32", "--batch-size", "8", "--steps", "2",
-               "--out", str(run), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ddpm_cars",
+        "train",
+        "--preset",
+        "tiny",
+        "--toy-count",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("Trained to step 2") == 1  # rank 0 alone reports
@@ -148,8 +185,21 @@ def test_two_processes_evaluate_like_one(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights, no download
     run = tmp_path / "run"
     train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
-    argv = ["eval", "--checkpoint", str(run), "--num-samples", "6", "--steps", "3", "--batch-size", "1", "--no-fid",
-            "--no-memorization", "--device", "cpu"]
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(run),
+        "--num-samples",
+        "6",
+        "--steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--no-fid",
+        "--no-memorization",
+        "--device",
+        "cpu",
+    ]
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
     mp.spawn(_eval_worker, args=(2, _free_port(), argv + ["--out", str(tmp_path / "two")]), nprocs=2)
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -164,18 +214,67 @@ def test_torchrun_samples_guided_images_like_one_process(tmp_path):
     --num for its --numa-binding), class-guided, draws the images one process draws."""
     from ddpm_cars.cli import main
 
-    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    env = {
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(tmp_path),
+    }
     run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--class-conditional", "--toy-count", "32", "--batch-size", "8",
-                 "--steps", "1", "--out", str(run)]) == 0
-    sample = ["sample", "--checkpoint", str(run), "--class", "van", "--class", "1", "--num-images", "3", "--steps", "3",
-              "--device", "cpu"]
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--class-conditional",
+                "--toy-count",
+                "32",
+                "--batch-size",
+                "8",
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    sample = [
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--class",
+        "van",
+        "--class",
+        "1",
+        "--num-images",
+        "3",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+    ]
     assert main([*sample, "--out", str(tmp_path / "one")]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "-m", "ddpm_cars", *sample, "--out", str(tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ddpm_cars",
+        *sample,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for i in range(6):
-        one, two = (torch.from_numpy(np.array(Image.open(tmp_path / d / "images" / f"{i:04d}.png"))).int() for d in ("one", "two"))
+        one, two = (
+            torch.from_numpy(np.array(Image.open(tmp_path / d / "images" / f"{i:04d}.png"))).int()
+            for d in ("one", "two")
+        )
         assert (one - two).abs().max() <= 1

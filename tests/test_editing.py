@@ -28,7 +28,9 @@ LEVEL = 2 / 255  # one 8-bit level in [-1, 1]
 def tiny_run(tmp_path_factory) -> Path:
     """The tiny improved recipe (16 px, T = 100, cosine, learned variance) after 40 steps."""
     run = tmp_path_factory.mktemp("edit") / "tiny"
-    train(TINY.replace(data={"toy_count": 64}, train={"max_steps": 40, "sample_every_epochs": 100}), run, progress=False)
+    train(
+        TINY.replace(data={"toy_count": 64}, train={"max_steps": 40, "sample_every_epochs": 100}), run, progress=False
+    )
     return run
 
 
@@ -61,7 +63,7 @@ def _image(n=1, size=8, seed=0):
 
 def _lower_half(size=8):
     mask = torch.zeros(1, size, size)
-    mask[:, size // 2:] = 1
+    mask[:, size // 2 :] = 1
     return mask
 
 
@@ -128,9 +130,18 @@ def test_repaint_moves_go_back_up_every_r_steps_j_times():
     assert downs == 50 + 3 * 10 * 4 and path[-1] == -1  # jumps back from 0, 10, 20 and 30
 
 
-@pytest.mark.parametrize("sampler, steps, jumps", [
-    ("ddpm", None, 0), ("ddpm", 1, 0), ("ddpm", 3, 0), ("ddpm", 10, 0), ("ddpm", 10, 2), ("ddim", 7, 0), ("ddim", 12, 1),
-])
+@pytest.mark.parametrize(
+    "sampler, steps, jumps",
+    [
+        ("ddpm", None, 0),
+        ("ddpm", 1, 0),
+        ("ddpm", 3, 0),
+        ("ddpm", 10, 0),
+        ("ddpm", 10, 2),
+        ("ddim", 7, 0),
+        ("ddim", 12, 1),
+    ],
+)
 def test_inpainting_keeps_every_unmasked_pixel(sampler, steps, jumps):
     image, mask = _image(2, seed=3), _lower_half()
     config = SampleConfig(sampler=sampler, steps=steps, eta=0.5)
@@ -165,18 +176,22 @@ def test_inpainting_with_resampling_costs_the_extra_steps_and_fills_from_the_kep
 @pytest.mark.parametrize("sampler", ["dpm++", "heun"])
 def test_inpainting_refuses_multistep_samplers(sampler):
     with pytest.raises(ValueError, match="ddpm or ddim"):
-        generate(_den(Shrink()), 1, SampleConfig(sampler=sampler, steps=5), init=_image(), mask=_lower_half(),
-                 progress=False)
+        generate(
+            _den(Shrink()), 1, SampleConfig(sampler=sampler, steps=5), init=_image(), mask=_lower_half(), progress=False
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"init": torch.zeros(3, 6, 6)}, "init must be"),
-    ({"init": torch.zeros(3, 3, 8, 8)}, "init must be"),  # 3 images for a request of 2
-    ({"init": torch.zeros(3, 8, 8), "mask": torch.zeros(6, 6)}, "mask must be"),
-    ({"init": torch.zeros(3, 8, 8), "strength": 1.5}, "strength must lie in"),
-    ({"init": torch.zeros(3, 8, 8), "strength": -0.1}, "strength must lie in"),
-    ({"mask": torch.zeros(8, 8)}, "needs the image"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"init": torch.zeros(3, 6, 6)}, "init must be"),
+        ({"init": torch.zeros(3, 3, 8, 8)}, "init must be"),  # 3 images for a request of 2
+        ({"init": torch.zeros(3, 8, 8), "mask": torch.zeros(6, 6)}, "mask must be"),
+        ({"init": torch.zeros(3, 8, 8), "strength": 1.5}, "strength must lie in"),
+        ({"init": torch.zeros(3, 8, 8), "strength": -0.1}, "strength must lie in"),
+        ({"mask": torch.zeros(8, 8)}, "needs the image"),
+    ],
+)
 def test_bad_edits_are_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as excinfo:
         generate(_den(Shrink()), 2, SampleConfig(steps=5), progress=False, **kwargs)
@@ -186,7 +201,11 @@ def test_bad_edits_are_one_line_value_errors(kwargs, message):
 @pytest.mark.parametrize("edit", ["sdedit", "inpaint"])
 def test_each_edited_image_depends_on_its_seed_alone(edit):
     images = _image(5, seed=9)
-    kwargs = {"init": images, "strength": 0.6} if edit == "sdedit" else {"init": images, "mask": Inpainting(_lower_half(), 1, 3)}
+    kwargs = (
+        {"init": images, "strength": 0.6}
+        if edit == "sdedit"
+        else {"init": images, "mask": Inpainting(_lower_half(), 1, 3)}
+    )
     den, config = _den(Shrink()), SampleConfig(steps=9)
     a = generate(den, 5, config, seed=2, batch_size=5, progress=False, **kwargs)
     b = generate(den, 5, config, seed=2, batch_size=2, progress=False, **kwargs)
@@ -266,8 +285,10 @@ def test_interpolation_ends_are_the_two_seeds_ordinary_samples(sampler):
         assert torch.allclose(frame, generate(den, 1, config, seed=seed, progress=False)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [SampleConfig(sampler="ddpm"), SampleConfig(sampler="ddim", eta=0.5),
-                                    SampleConfig(sampler="heun", churn=10)])
+@pytest.mark.parametrize(
+    "config",
+    [SampleConfig(sampler="ddpm"), SampleConfig(sampler="ddim", eta=0.5), SampleConfig(sampler="heun", churn=10)],
+)
 def test_decoding_refuses_a_sampler_that_draws_noise(config):
     with pytest.raises(ValueError, match="deterministic sampler"):
         decode(_den(Shrink()), torch.zeros(2, 3, 8, 8), config, progress=False)
@@ -307,8 +328,23 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
     same = np.array(Image.open(tmp_path / "same" / "images" / "0001.png")).astype(int)
     assert np.abs(same - np.array(Image.open(tmp_path / "same" / "input.png")).astype(int)).max() <= 1
 
-    code, out = _run_cli(["sample", *common, "--out", tmp_path / "fill", "--init-image", car, "--mask", tmp_path / "mask.png",
-                          "--resample-jumps", 1, "--resample-every", 3], capsys)
+    code, out = _run_cli(
+        [
+            "sample",
+            *common,
+            "--out",
+            tmp_path / "fill",
+            "--init-image",
+            car,
+            "--mask",
+            tmp_path / "mask.png",
+            "--resample-jumps",
+            1,
+            "--resample-every",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "fill" / "masked.png").exists()
     given = Image.open(tmp_path / "fill" / "input.png").convert("RGB")
     for name in ("0000.png", "0002.png"):  # the kept upper half, to the pixel
@@ -316,20 +352,71 @@ def test_variations_inpainting_and_interpolation_from_the_command_line(tiny_run,
         upper = [(given.getpixel((x, y)), filled.getpixel((x, y))) for x in range(16) for y in range(8)]
         assert all(max(abs(p - q) for p, q in zip(a, b)) <= 1 for a, b in upper)
 
-    code, out = _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--out", tmp_path / "lerp",
-                          "--interpolate", 1, 2, "--frames", 4], capsys)
+    code, out = _run_cli(
+        [
+            "sample",
+            "--checkpoint",
+            tiny_run,
+            "--steps",
+            10,
+            "--out",
+            tmp_path / "lerp",
+            "--interpolate",
+            1,
+            2,
+            "--frames",
+            4,
+        ],
+        capsys,
+    )
     assert code == 0 and "ddim, 10 steps (karras)" in out.out  # the tiny recipe samples with ddpm
     gif = Image.open(tmp_path / "lerp" / "interpolation.gif")
     assert gif.n_frames == 4 + 2  # there and back
     plain = tmp_path / "plain"
-    assert _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--sampler", "ddim", "--spacing", "karras",
-                     "--num-images", 1, "--seed", 2, "--out", plain], capsys)[0] == 0
+    assert (
+        _run_cli(
+            [
+                "sample",
+                "--checkpoint",
+                tiny_run,
+                "--steps",
+                10,
+                "--sampler",
+                "ddim",
+                "--spacing",
+                "karras",
+                "--num-images",
+                1,
+                "--seed",
+                2,
+                "--out",
+                plain,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     last = torch.from_numpy(np.array(Image.open(tmp_path / "lerp" / "images" / "0003.png"))).float()
     seed_2 = torch.from_numpy(np.array(Image.open(plain / "images" / "0000.png"))).float()
     assert (last - seed_2).abs().max() <= 1
 
-    code, out = _run_cli(["sample", "--checkpoint", tiny_run, "--steps", 10, "--out", tmp_path / "pair",
-                          "--interpolate-images", car, _png(tmp_path / "blue.png", colour=(30, 60, 200)), "--frames", 3], capsys)
+    code, out = _run_cli(
+        [
+            "sample",
+            "--checkpoint",
+            tiny_run,
+            "--steps",
+            10,
+            "--out",
+            tmp_path / "pair",
+            "--interpolate-images",
+            car,
+            _png(tmp_path / "blue.png", colour=(30, 60, 200)),
+            "--frames",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "pair" / "interpolation.png").exists()
 
 
@@ -350,8 +437,10 @@ def test_inpainting_a_run_that_samples_with_a_solver_falls_back_to_ancestral_sam
     edit = ["--checkpoint", run, "--num-images", 2, "--init-image", car, "--mask", mask]
     code, out = _run_cli(["sample", *edit, "--out", tmp_path / "fill"], capsys)
     assert code == 0 and "(ddpm, 50 steps; the run samples with heun, which cannot inpaint;" in out.out, out
-    code, named = _run_cli(["sample", *edit, "--out", tmp_path / "named", "--sampler", "ddpm", "--steps", 50,
-                            "--spacing", "uniform"], capsys)
+    code, named = _run_cli(
+        ["sample", *edit, "--out", tmp_path / "named", "--sampler", "ddpm", "--steps", 50, "--spacing", "uniform"],
+        capsys,
+    )
     assert code == 0 and "cannot inpaint" not in named.out
     for name in ("0000.png", "0001.png"):
         assert (tmp_path / "fill" / "images" / name).read_bytes() == (tmp_path / "named" / "images" / name).read_bytes()
@@ -365,25 +454,42 @@ def test_inpainting_falls_back_to_every_step_of_a_schedule_shorter_than_50(tmp_p
     train(tiny_config.replace(train={"max_steps": 1}, data={"toy_count": 16}), tmp_path / "run", progress=False)
     run = _sampling_with(tmp_path / "run", tmp_path / "dpm", sampler="dpm++", steps=5)  # T = 20
     car, mask = _png(tmp_path / "car.png"), _png(tmp_path / "mask.png", colour=(255, 255, 255))
-    code, out = _run_cli(["sample", "--checkpoint", run, "--num-images", 1, "--init-image", car, "--mask", mask,
-                          "--out", tmp_path / "fill"], capsys)
+    code, out = _run_cli(
+        [
+            "sample",
+            "--checkpoint",
+            run,
+            "--num-images",
+            1,
+            "--init-image",
+            car,
+            "--mask",
+            mask,
+            "--out",
+            tmp_path / "fill",
+        ],
+        capsys,
+    )
     assert code == 0 and "(ddpm, 20 steps; the run samples with dpm++" in out.out, out
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--init-image", "{tmp}/car.png", "--mask", "{tmp}/small.png"], "must have the image's size"),
-    (["--init-image", "{tmp}/notes.png"], "not an image"),
-    (["--init-image", "{tmp}/missing.png"], "no such file"),
-    (["--init-image", "{tmp}/car.png", "--strength", "1.5"], "--strength"),
-    (["--init-image", "{tmp}/car.png", "--strength", "-0.5"], "--strength"),
-    (["--interpolate", "1", "2", "--sampler", "ddpm"], "deterministic"),
-    (["--interpolate", "1", "2", "--sampler", "ddim", "--eta", "1"], "deterministic"),
-    (["--init-image", "{tmp}/car.png", "--mask", "{tmp}/car.png", "--sampler", "dpm++"], "ddpm or ddim"),
-    (["--mask", "{tmp}/car.png"], "needs --init-image"),
-    (["--init-image", "{tmp}/car.png", "--interpolate", "1", "2"], "separate uses"),
-    (["--init-image", "{tmp}/car.png", "--resample-jumps", "2"], "need --mask"),
-    (["--interpolate", "1", "2", "--frames", "1"], "--frames"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--init-image", "{tmp}/car.png", "--mask", "{tmp}/small.png"], "must have the image's size"),
+        (["--init-image", "{tmp}/notes.png"], "not an image"),
+        (["--init-image", "{tmp}/missing.png"], "no such file"),
+        (["--init-image", "{tmp}/car.png", "--strength", "1.5"], "--strength"),
+        (["--init-image", "{tmp}/car.png", "--strength", "-0.5"], "--strength"),
+        (["--interpolate", "1", "2", "--sampler", "ddpm"], "deterministic"),
+        (["--interpolate", "1", "2", "--sampler", "ddim", "--eta", "1"], "deterministic"),
+        (["--init-image", "{tmp}/car.png", "--mask", "{tmp}/car.png", "--sampler", "dpm++"], "ddpm or ddim"),
+        (["--mask", "{tmp}/car.png"], "needs --init-image"),
+        (["--init-image", "{tmp}/car.png", "--interpolate", "1", "2"], "separate uses"),
+        (["--init-image", "{tmp}/car.png", "--resample-jumps", "2"], "need --mask"),
+        (["--interpolate", "1", "2", "--frames", "1"], "--frames"),
+    ],
+)
 def test_bad_editing_input_is_one_error_line(tiny_run, tmp_path, capsys, extra, needle):
     _png(tmp_path / "car.png")
     _png(tmp_path / "small.png", size=(20, 15))

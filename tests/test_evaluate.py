@@ -55,8 +55,19 @@ def test_eval_offline_reports_the_offline_metric_and_says_why_fid_was_skipped(ru
     assert "weights-inception-2015-12-05" in report and "metrics.swd" in report
 
 
-def test_eval_with_inception_weights_gives_fid_and_kid_and_caches_the_reference(run, tmp_path, random_inception_weights, capsys):
-    args = ["eval", "--checkpoint", str(run), *EVAL, "--inception-weights", str(random_inception_weights), "--json", str(tmp_path / "a.json")]
+def test_eval_with_inception_weights_gives_fid_and_kid_and_caches_the_reference(
+    run, tmp_path, random_inception_weights, capsys
+):
+    args = [
+        "eval",
+        "--checkpoint",
+        str(run),
+        *EVAL,
+        "--inception-weights",
+        str(random_inception_weights),
+        "--json",
+        str(tmp_path / "a.json"),
+    ]
     assert main(args) == 0
     assert "FID " in capsys.readouterr().out
     first = json.loads((tmp_path / "a.json").read_text())
@@ -76,16 +87,32 @@ def test_eval_scores_a_folder_of_images_against_another(tmp_path, capsys):
         folder.mkdir()
         for i, image in enumerate(toy_cars_dataset(10, 16, seed).images):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    assert main(["eval", "--images", str(fakes), "--data", str(reals), "--no-fid", "--no-memorization",
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--images",
+                str(fakes),
+                "--data",
+                str(reals),
+                "--no-fid",
+                "--no-memorization",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "10 images of" in out and "FID and KID skipped: --no-fid" in out
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["swd_16"] > 0
 
 
 def test_eval_every_logs_metrics_and_resume_keeps_the_log_consistent(tmp_path, tiny_config):
-    config = tiny_config.replace(train={"max_steps": 4, "eval_every_steps": 2, "eval_samples": 6, "checkpoint_every_steps": 2},
-                                 sample={"steps": 3})
+    config = tiny_config.replace(
+        train={"max_steps": 4, "eval_every_steps": 2, "eval_samples": 6, "checkpoint_every_steps": 2},
+        sample={"steps": 3},
+    )
     train(config, tmp_path / "run", progress=False)
     rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)
     assert [r["step"] for r in rows] == [2, 4] and all(r["swd"] > 0 and 0 <= r["recall_pixels"] <= 1 for r in rows)

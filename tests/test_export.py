@@ -8,15 +8,21 @@ import torch
 from ddpm_cars import run as ckpt
 from ddpm_cars.cli import main
 from ddpm_cars.errors import UserError
+from ddpm_cars.generation import generate
 from ddpm_cars.models import build_model
 from ddpm_cars.presets import TINY
 from ddpm_cars.run import Run
-from ddpm_cars.generation import generate
 from ddpm_cars.training import train
 
 diffusers = pytest.importorskip("diffusers")
 from ddpm_cars.export import (  # noqa: E402
-    check_exportable, config_from_diffusers, export_run, from_unet, import_pipeline, to_unet, unet_config,
+    check_exportable,
+    config_from_diffusers,
+    export_run,
+    from_unet,
+    import_pipeline,
+    to_unet,
+    unet_config,
 )
 
 VARIANTS = {
@@ -48,7 +54,9 @@ def test_the_unet2dmodel_twin_computes_what_ours_computes(variant):
 def trained(request, tmp_path_factory):
     """A tiny improved-recipe run of 4 steps (learned variance, cosine schedule, EMA)."""
     run = tmp_path_factory.mktemp("run") / "tiny"
-    config = TINY.replace(**VARIANTS[request.param], data={"toy_count": 64}, train={"max_steps": 4, "sample_every_epochs": 100})
+    config = TINY.replace(
+        **VARIANTS[request.param], data={"toy_count": 64}, train={"max_steps": 4, "sample_every_epochs": 100}
+    )
     train(config, run, progress=False)
     return run
 
@@ -60,8 +68,9 @@ def test_ddpm_pipeline_draws_what_sample_draws(trained, tmp_path):
     out = export_run(trained, tmp_path / "export")
     pipeline = diffusers.DDPMPipeline.from_pretrained(str(out))
     assert pipeline.scheduler.config.variance_type == "learned_range"
-    theirs = pipeline(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=100,
-                      output_type="np").images  # [1, H, W, 3] in [0, 1]
+    theirs = pipeline(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=100, output_type="np"
+    ).images  # [1, H, W, 3] in [0, 1]
     run = Run.open(trained)
     ours = generate(run.denoiser(ema=True), 1, run.config.sample, seed=0, progress=False)  # image 0: seed 0's generator
     assert run.config.sample.steps is None  # all T: the pipeline's 100 steps
@@ -75,7 +84,9 @@ def test_an_import_of_the_export_samples_the_same_images(trained, tmp_path):
     a, b = Run.open(trained), Run.open(imported)
     assert a.config == b.config
     cfg = a.config.sample
-    assert torch.equal(generate(a.denoiser(), 3, cfg, seed=5, progress=False), generate(b.denoiser(), 3, cfg, seed=5, progress=False))
+    assert torch.equal(
+        generate(a.denoiser(), 3, cfg, seed=5, progress=False), generate(b.denoiser(), 3, cfg, seed=5, progress=False)
+    )
     notes = ckpt.init_weights(build_model(a.config), imported, a.config)  # train --init-from takes it
     assert notes[0].startswith("Starting from")
 
@@ -87,7 +98,12 @@ def test_the_model_card_says_what_was_trained(trained, tmp_path):
     out = export_run(trained, tmp_path / "export")
     card = (out / "README.md").read_text()
     assert "144 samples, ddpm on 50 steps, against 64 images" in card and "| swd | 71.8 |" in card
-    assert "library_name: diffusers" in card and "trained with" in card and "for 4 steps" in card and "cosine schedule" in card
+    assert (
+        "library_name: diffusers" in card
+        and "trained with" in card
+        and "for 4 steps" in card
+        and "cosine schedule" in card
+    )
     assert (out / "samples.png").is_file() and "![samples](samples.png)" in card
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
@@ -101,8 +117,22 @@ def test_the_command_line_exports_and_imports_and_refuses_in_one_line(trained, t
     assert main(["export", str(trained), str(tmp_path / "file")]) == 2  # not a folder
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "out"), "--out", str(tmp_path / "run")]) == 0
-    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num", "2",
-                 "--steps", "5"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "s"),
+                "--num",
+                "2",
+                "--steps",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "9"]) == 2
     assert "no optimizer state (an imported run)" in capsys.readouterr().err
     seed_run = tmp_path / "seed"
@@ -126,7 +156,9 @@ def _pipeline_and_ours(folder, run):
     """Image 0 of seed 0 from diffusers' DDPMPipeline and from generate(), both in [-1, 1]."""
     pipeline = diffusers.DDPMPipeline.from_pretrained(str(folder))
     steps = pipeline.scheduler.config.num_train_timesteps
-    theirs = pipeline(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np").images
+    theirs = pipeline(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np"
+    ).images
     opened = Run.open(run)
     ours = generate(opened.denoiser(ema=True), 1, opened.config.sample, seed=0, progress=False)
     return torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1, ours
@@ -138,8 +170,12 @@ def test_a_diffusers_model_made_elsewhere_imports_when_it_has_a_twin(tmp_path):
     samples what the pipeline samples."""
     torch.manual_seed(3)
     unet = diffusers.UNet2DModel(**unet_config(TINY))
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2",
-                                        variance_type="learned_range", prediction_type="v_prediction")
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=50,
+        beta_schedule="squaredcos_cap_v2",
+        variance_type="learned_range",
+        prediction_type="v_prediction",
+    )
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp_path / "theirs"))
     run = import_pipeline(tmp_path / "theirs", tmp_path / "run")
     config = Run.open(run).config
@@ -148,15 +184,23 @@ def test_a_diffusers_model_made_elsewhere_imports_when_it_has_a_twin(tmp_path):
     assert (theirs - ours).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"resnet_time_scale_shift": "default"}, "resnet_time_scale_shift='default'; ddpm-cars needs 'scale_shift'"),
-    ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
-    ({"down_block_types": ["DownBlock2D", "AttnSkipDownBlock2D"]}, "down_block_types"),
-    ({"num_class_embeds": 10}, "only exports of ddpm-cars carry class names"),
-    ({"up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"]}, "up_block_types"),
-    ({"norm_eps": 1e-6}, "norm_eps=1e-06; ddpm-cars needs 1e-05"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"resnet_time_scale_shift": "default"}, "resnet_time_scale_shift='default'; ddpm-cars needs 'scale_shift'"),
+        ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
+        ({"down_block_types": ["DownBlock2D", "AttnSkipDownBlock2D"]}, "down_block_types"),
+        ({"num_class_embeds": 10}, "only exports of ddpm-cars carry class names"),
+        ({"up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"]}, "up_block_types"),
+        ({"norm_eps": 1e-6}, "norm_eps=1e-06; ddpm-cars needs 1e-05"),
+    ],
+)
 def test_a_diffusers_model_without_a_twin_is_refused_naming_the_setting(change, message):
-    scheduler = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon", "variance_type": "learned_range"}
+    scheduler = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "variance_type": "learned_range",
+    }
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace("[", "\\[")):
         config_from_diffusers({**unet_config(TINY), **change}, scheduler)

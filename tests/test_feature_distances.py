@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from ddpm_cars.evaluation.feature_distances import (
-    FeatureStatistics, frechet_distance, kernel_inception_distance, precision_recall,
+    FeatureStatistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
 )
 
 
@@ -30,7 +33,9 @@ def test_frechet_distance_matches_the_closed_form_with_full_covariances():
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     root = _sqrtm_psd(s1)
     # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), a symmetric form computed independently
-    expected = np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(_sqrtm_psd(root @ s2 @ root))
+    expected = (
+        np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(_sqrtm_psd(root @ s2 @ root))
+    )
     assert frechet_distance(fa, fb) == pytest.approx(expected, rel=1e-8)
     assert frechet_distance(fa, fa) == pytest.approx(0.0, abs=1e-8)
 

@@ -33,7 +33,8 @@ def pretrained(tmp_path_factory):
     from ddpm_cars.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
     config = RunConfig(
-        model=ModelConfig(channels=(8, 16), time_emb_dim=8), diffusion=DiffusionConfig(timesteps=20),
+        model=ModelConfig(channels=(8, 16), time_emb_dim=8),
+        diffusion=DiffusionConfig(timesteps=20),
         data=DataConfig(source="toy-cars", image_size=16, toy_count=256),
         train=TrainConfig(batch_size=16, max_steps=60, epochs=100, sample_every_epochs=100, ema_decay=0.9),
         sample=SampleConfig(num_images=4),
@@ -52,8 +53,9 @@ def test_fine_tuning_on_another_folder_starts_lower_than_from_scratch(tmp_path, 
     noise score a lower loss from the pretrained weights, with a fresh optimizer."""
     source, config = pretrained
     folder = car_folder(tmp_path / "mine")
-    new = config.replace(data={"source": str(folder)}, model={"class_conditional": True},
-                         train={"max_steps": 4, "ema_decay": None})
+    new = config.replace(
+        data={"source": str(folder)}, model={"class_conditional": True}, train={"max_steps": 4, "ema_decay": None}
+    )
     train(new, tmp_path / "scratch", progress=False, final_grid=False)
     train(new.replace(train={"init_from": str(source)}), tmp_path / "tuned", progress=False, final_grid=False)
     out = capsys.readouterr().out
@@ -75,12 +77,15 @@ def test_the_starting_weights_are_the_sources_moving_average(tmp_path, pretraine
     assert len(notes) == 1 and all(torch.equal(model.state_dict()[k], v) for k, v in theirs.items())
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"model": {"channels": (8, 32)}}, "model.channels"),
-    ({"data": {"image_size": 32}}, "data.image_size"),
-    ({"model": {"name": "res_attn_unet", "channels": (8, 16)}}, "model.name"),
-    ({"diffusion": {"learn_variance": True}}, "diffusion.learn_variance"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"model": {"channels": (8, 32)}}, "model.channels"),
+        ({"data": {"image_size": 32}}, "data.image_size"),
+        ({"model": {"name": "res_attn_unet", "channels": (8, 16)}}, "model.name"),
+        ({"diffusion": {"learn_variance": True}}, "diffusion.learn_variance"),
+    ],
+)
 def test_another_network_or_image_size_is_refused_in_one_line(tmp_path, pretrained, change, field, monkeypatch):
     source, config = pretrained
 
@@ -89,7 +94,9 @@ def test_another_network_or_image_size_is_refused_in_one_line(tmp_path, pretrain
 
     monkeypatch.setattr("ddpm_cars.training.loop.build_dataset", read_data)
     with pytest.raises(UserError, match=f"its {field} is .*--init-from needs the same network and image size") as err:
-        train(config.replace(**change, train={"init_from": str(source), "max_steps": 1}), tmp_path / "x", progress=False)
+        train(
+            config.replace(**change, train={"init_from": str(source), "max_steps": 1}), tmp_path / "x", progress=False
+        )
     assert "\n" not in str(err.value) and not (tmp_path / "x" / "checkpoints").exists()
 
 
@@ -107,8 +114,22 @@ def test_a_saved_config_trains_the_same_recipe(tmp_path, pretrained, capsys):
     """train --config RUN/config.json --steps N: the same recipe (and its classes from the
     new data), with single options still overridden."""
     source, _ = pretrained
-    assert main(["train", "--config", str(source / "config.json"), "--out", str(tmp_path / "again"), "--steps", "3",
-                 "--lr", "5e-4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(source / "config.json"),
+                "--out",
+                str(tmp_path / "again"),
+                "--steps",
+                "3",
+                "--lr",
+                "5e-4",
+            ]
+        )
+        == 0
+    )
     old, new = (json.loads((d / "config.json").read_text()) for d in (source, tmp_path / "again"))
     assert new["train"].pop("max_steps") == 3 and new["train"].pop("lr") == 5e-4
     del old["train"]["max_steps"], old["train"]["lr"]

@@ -27,18 +27,32 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ddpm_cars import commands
+from ddpm_cars import parallel as distributed
+from ddpm_cars import run as ckpt
 from ddpm_cars.cli import main
 from ddpm_cars.config import DataConfig, ModelConfig, RunConfig
 from ddpm_cars.data.dataset import DataError
 from ddpm_cars.data.folder import IMAGE_EXTENSIONS, ImageDecodeWarning, find_images, load_image, load_image_folder
 from ddpm_cars.models import build_model
 from ddpm_cars.presets import SEED
-from ddpm_cars import run as ckpt
-from ddpm_cars import parallel as distributed
 
 # the default (improved) recipe, shrunk (as in test_cli.py)
-TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20",
-        "--batch-size", "8", "--num-sample-images", "4", "--sample-every", "1"]
+TINY = [
+    "--image-size",
+    "16",
+    "--channels",
+    "8,16",
+    "--num-res-blocks",
+    "1",
+    "--timesteps",
+    "20",
+    "--batch-size",
+    "8",
+    "--num-sample-images",
+    "4",
+    "--sample-every",
+    "1",
+]
 SIZE = 8
 GREEN = (0, 255, 0)
 FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -66,7 +80,11 @@ def snapshot(root: Path) -> dict[str, str] | None:
     """Every file under ``root`` and its hash; None when ``root`` does not exist."""
     if not root.exists():
         return None
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -131,7 +149,9 @@ BAD_CONTENT = st.one_of(
 
 
 @FUZZ
-@given(bad=st.lists(st.tuples(BAD_CONTENT, st.sampled_from(IMAGE_EXTENSIONS + (".PNG", ".Jpg"))), min_size=1, max_size=4))
+@given(
+    bad=st.lists(st.tuples(BAD_CONTENT, st.sampled_from(IMAGE_EXTENSIONS + (".PNG", ".Jpg"))), min_size=1, max_size=4)
+)
 @example(bad=[(b"", ".png"), (b"not an image at all", ".jpg")])
 def test_fuzzed_bad_files_are_skipped_with_a_warning_and_good_images_load(bad):
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,7 +258,11 @@ def clearly_wrong(value, default, field=None) -> bool:
     if isinstance(default, bool):
         return not isinstance(value, bool)
     if isinstance(default, (int, float)):
-        return value is None or isinstance(value, (bool, str, list, dict)) or (isinstance(value, float) and not math.isfinite(value))
+        return (
+            value is None
+            or isinstance(value, (bool, str, list, dict))
+            or (isinstance(value, float) and not math.isfinite(value))
+        )
     if isinstance(default, str):
         return not isinstance(value, str)
     if isinstance(default, (tuple, list)):
@@ -277,11 +301,17 @@ def test_fuzzed_config_values_give_a_value_error_naming_the_field(field, value):
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.one_of(
-    JSON,
-    st.sampled_from(sorted(SEED.to_dict())).flatmap(lambda s: st.tuples(st.just(s), JSON.filter(lambda v: not isinstance(v, dict)))).map(lambda kv: {kv[0]: kv[1]}),
-    st.sampled_from(sorted(SEED.to_dict())).flatmap(lambda s: st.tuples(st.just(s), st.text(min_size=1, max_size=8), JSON)).map(lambda t: {t[0]: {t[1]: t[2]}}),
-))
+@given(
+    data=st.one_of(
+        JSON,
+        st.sampled_from(sorted(SEED.to_dict()))
+        .flatmap(lambda s: st.tuples(st.just(s), JSON.filter(lambda v: not isinstance(v, dict))))
+        .map(lambda kv: {kv[0]: kv[1]}),
+        st.sampled_from(sorted(SEED.to_dict()))
+        .flatmap(lambda s: st.tuples(st.just(s), st.text(min_size=1, max_size=8), JSON))
+        .map(lambda t: {t[0]: {t[1]: t[2]}}),
+    )
+)
 @example(data=[])
 @example(data=[1, 2])
 @example(data={"train": [1]})
@@ -295,7 +325,7 @@ def test_fuzzed_config_shapes_and_unknown_keys_give_a_value_error(data):
     except ValueError as err:
         assert len(str(err).splitlines()) == 1
         if isinstance(data, dict) and len(data) == 1:
-            (section, values), = data.items()
+            ((section, values),) = data.items()
             if section not in SEED.to_dict():
                 assert "unknown config sections" in str(err)
             elif not isinstance(values, dict):
@@ -330,7 +360,9 @@ def test_fuzzed_config_files_load_or_give_one_value_error(content):
     ],
 )
 @pytest.mark.parametrize("command", ["resume", "sample", "classes"])
-def test_resume_or_sample_with_a_broken_config_json_exits_2_and_writes_nothing(run_copy, tmp_path, config_text, message, command):
+def test_resume_or_sample_with_a_broken_config_json_exits_2_and_writes_nothing(
+    run_copy, tmp_path, config_text, message, command
+):
     (run_copy / ckpt.CONFIG_FILE).write_text(config_text)
     before = snapshot(run_copy)
     out = tmp_path / "samples"
@@ -360,7 +392,9 @@ def test_sampling_weights_of_another_architecture_exits_2_with_one_line(run_copy
     (run_copy / ckpt.CONFIG_FILE).write_text(json.dumps(config))
     before = snapshot(run_copy)
     out = tmp_path / "samples"
-    line = assert_one_error_line(*run_cli(["sample", "--checkpoint", run_copy, "--out", out, "--num", "2"]), "do not fit", what)
+    line = assert_one_error_line(
+        *run_cli(["sample", "--checkpoint", run_copy, "--out", out, "--num", "2"]), "do not fit", what
+    )
     assert "ema.safetensors" in line
     assert snapshot(run_copy) == before and not out.exists()
 
@@ -371,8 +405,11 @@ def test_sampling_at_another_image_size_exits_2_with_one_line(run_copy, tmp_path
     config["data"]["image_size"] = 32
     (run_copy / ckpt.CONFIG_FILE).write_text(json.dumps(config))
     out = tmp_path / "samples"
-    assert_one_error_line(*run_cli(["sample", "--checkpoint", run_copy, "--out", out, "--num", "2", "--no-ema"]),
-                          "model.safetensors", "do not fit")
+    assert_one_error_line(
+        *run_cli(["sample", "--checkpoint", run_copy, "--out", out, "--num", "2", "--no-ema"]),
+        "model.safetensors",
+        "do not fit",
+    )
     assert not out.exists()
 
 
@@ -432,7 +469,9 @@ def test_sample_from_a_truncated_safetensors_exits_2(run_copy, tmp_path):
     target.write_bytes(target.read_bytes()[:100])
     before = snapshot(run_copy)
     out = tmp_path / "samples"
-    assert_one_error_line(*run_cli(["sample", "--checkpoint", run_copy, "--out", out]), "cannot read weights", str(target))
+    assert_one_error_line(
+        *run_cli(["sample", "--checkpoint", run_copy, "--out", out]), "cannot read weights", str(target)
+    )
     assert snapshot(run_copy) == before and not out.exists()
 
 
@@ -441,13 +480,53 @@ def test_sample_from_a_truncated_safetensors_exits_2(run_copy, tmp_path):
 VALUES = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "1e-400", "-0", "0", "0.0", "1", "0.5",
-                     "", " ", "1_000", "0x10", "True", "None", "1,2", "\u0663"]),
+    st.sampled_from(
+        [
+            "nan",
+            "NaN",
+            "-nan",
+            "inf",
+            "-inf",
+            "Infinity",
+            "1e400",
+            "1e-400",
+            "-0",
+            "0",
+            "0.0",
+            "1",
+            "0.5",
+            "",
+            " ",
+            "1_000",
+            "0x10",
+            "True",
+            "None",
+            "1,2",
+            "\u0663",
+        ]
+    ),
     st.text(alphabet="0123456789.-+eEinfatx_ ", max_size=8),
 )
-TRAIN_FLAGS = ["--batch-size", "--lr", "--image-size", "--steps", "--dropout", "--ema-decay", "--label-dropout",
-               "--weight-decay", "--vlb-weight", "--bbox-margin", "--warmup-steps", "--seed", "--grad-clip", "--timesteps",
-               "--sample-steps", "--eta", "--grad-accum", "--eval-every"]
+TRAIN_FLAGS = [
+    "--batch-size",
+    "--lr",
+    "--image-size",
+    "--steps",
+    "--dropout",
+    "--ema-decay",
+    "--label-dropout",
+    "--weight-decay",
+    "--vlb-weight",
+    "--bbox-margin",
+    "--warmup-steps",
+    "--seed",
+    "--grad-clip",
+    "--timesteps",
+    "--sample-steps",
+    "--eta",
+    "--grad-accum",
+    "--eval-every",
+]
 
 
 def parses_to_non_finite(text: str) -> bool:
@@ -458,7 +537,9 @@ def parses_to_non_finite(text: str) -> bool:
 
 
 @FUZZ
-@given(flags=st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), VALUES), min_size=1, max_size=3, unique_by=lambda fv: fv[0]))
+@given(
+    flags=st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), VALUES), min_size=1, max_size=3, unique_by=lambda fv: fv[0])
+)
 @example(flags=[("--ema-decay", "nan")])
 @example(flags=[("--ema-decay", "1.0")])
 @example(flags=[("--vlb-weight", "nan")])
@@ -469,6 +550,7 @@ def parses_to_non_finite(text: str) -> bool:
 @example(flags=[("--lr", "1e-400")])
 def test_fuzzed_train_flags_run_or_exit_2_with_one_line(flags, monkeypatch, tmp_path):
     started = []
+
     def fake_train(config, run_dir, **kwargs):  # training itself is not under test: record what it got
         started.append(config)
         return types.SimpleNamespace(step=0, last_loss=0.0, run_dir=run_dir)
@@ -487,9 +569,15 @@ def test_fuzzed_train_flags_run_or_exit_2_with_one_line(flags, monkeypatch, tmp_
 
 
 @FUZZ
-@given(flags=st.lists(st.tuples(st.sampled_from(["--num", "--batch-size", "--guidance", "--eta", "--steps", "--seed"]), VALUES),
-                      min_size=1, max_size=3, unique_by=lambda fv: fv[0]),
-       with_class=st.booleans())
+@given(
+    flags=st.lists(
+        st.tuples(st.sampled_from(["--num", "--batch-size", "--guidance", "--eta", "--steps", "--seed"]), VALUES),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda fv: fv[0],
+    ),
+    with_class=st.booleans(),
+)
 @example(flags=[("--guidance", "nan")], with_class=False)
 @example(flags=[("--steps", "21")], with_class=False)
 @example(flags=[("--eta", "inf")], with_class=False)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ddpm_cars.errors import UserError
 from ddpm_cars.evaluation import guidance
-from ddpm_cars.evaluation.guidance import guidance_accuracy, format_guidance
+from ddpm_cars.evaluation.guidance import format_guidance, guidance_accuracy
 from ddpm_cars.training import train
 
 

@@ -36,7 +36,11 @@ def test_offline_without_weights_says_which_file_goes_where(tmp_path, monkeypatc
     assert inc.hub_weights_path() == expected
     with pytest.raises(inc.InceptionUnavailable) as err:
         inc.resolve_weights(download=False)
-    assert inc.WEIGHTS_FILE in str(err.value) and str(expected) in str(err.value) and "--inception-weights" in str(err.value)
+    assert (
+        inc.WEIGHTS_FILE in str(err.value)
+        and str(expected) in str(err.value)
+        and "--inception-weights" in str(err.value)
+    )
 
     def offline(url, dst, progress=True):
         raise urllib.error.URLError("Temporary failure in name resolution")

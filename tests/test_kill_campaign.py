@@ -10,7 +10,9 @@ from studies import kill_campaign
 def test_training_survives_sigkill_anywhere(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     report = tmp_path / "figures.json"
-    code = kill_campaign.main(["--kills", "3", "--seed", "0", "--out", str(tmp_path / "campaign"), "--json", str(report)])
+    code = kill_campaign.main(
+        ["--kills", "3", "--seed", "0", "--out", str(tmp_path / "campaign"), "--json", str(report)]
+    )
     figures = json.loads(report.read_text())
     assert code == 0, figures["failures"]
     assert figures["kills_by_mode"] == {"random": 1, "after_checkpoint": 1, "mid_write": 1}

@@ -131,7 +131,9 @@ def test_learned_variance_output_is_used():
     # v = 1 is sigma^2 = beta_t at every t (Eq. 15), the decoder's beta_0 (0-indexed) included:
     # the same bound as a fixed sigma^2 = beta_t model. The fixed "beta" choice itself takes
     # beta_tilde of step 1 at the decoder, so it agrees with v = 1 on every term but L_0
-    beta_everywhere = bits_per_dim(_denoiser(Zero(), _with_log_beta_0_at_the_decoder(schedule)), x0, beta, progress=False)
+    beta_everywhere = bits_per_dim(
+        _denoiser(Zero(), _with_log_beta_0_at_the_decoder(schedule)), x0, beta, progress=False
+    )
     assert large.total.item() == pytest.approx(beta_everywhere.total.item(), rel=1e-4)
     assert large.kl.item() == pytest.approx(fixed.kl.item(), rel=1e-4)
     assert large.prior.item() == pytest.approx(fixed.prior.item(), rel=1e-4)

@@ -20,8 +20,8 @@ def install(site: Path, name: str, requires: list[str], files: dict[str, str]) -
     info = site / f"{name}-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n"
-        + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        "Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    )
     for path, text in files.items():
         (site / path).parent.mkdir(parents=True, exist_ok=True)
         (site / path).write_text(text)
@@ -36,8 +36,12 @@ def install(site: Path, name: str, requires: list[str], files: dict[str, str]) -
 def site(tmp_path, monkeypatch):
     site = tmp_path / "env" / "site-packages"
     install(site, "alpha", ["beta>=1", "gamma; extra == 'plots'", "absent_pkg"], {"alpha/__init__.py": "a"})
-    install(site, "beta", ["delta; python_version >= '3'", "epsilon; python_version < '3'"],
-            {"beta/__init__.py": "b", "beta/data/x.bin": "x"})
+    install(
+        site,
+        "beta",
+        ["delta; python_version >= '3'", "epsilon; python_version < '3'"],
+        {"beta/__init__.py": "b", "beta/data/x.bin": "x"},
+    )
     install(site, "gamma", [], {"gamma.py": "g"})
     install(site, "delta", [], {"delta.py": "d"})
     install(site, "epsilon", [], {"epsilon.py": "e"})
@@ -56,8 +60,7 @@ def test_link_hard_links_each_file_under_site_packages(site, tmp_path):
     target.mkdir()
     files, size = link_deps.link(link_deps.closure(["beta"])["beta"], target)
     linked = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    assert linked == ["beta-1.0.dist-info/METADATA", "beta-1.0.dist-info/RECORD",
-                      "beta/__init__.py", "beta/data/x.bin"]
+    assert linked == ["beta-1.0.dist-info/METADATA", "beta-1.0.dist-info/RECORD", "beta/__init__.py", "beta/data/x.bin"]
     assert files == 4 and size == sum((site / p).stat().st_size for p in linked)
     assert (target / "beta/data/x.bin").stat().st_ino == (site / "beta/data/x.bin").stat().st_ino
 
@@ -66,9 +69,11 @@ def test_main_reads_the_wheels_own_requirements(site, tmp_path, monkeypatch, cap
     wheel = tmp_path / "alpha-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("alpha/__init__.py", "")
-        archive.writestr("alpha-1.0.dist-info/METADATA",
-                         "Metadata-Version: 2.1\nName: alpha\nVersion: 1.0\nRequires-Dist: gamma\n"
-                         "Requires-Dist: devtool; extra == 'dev'\n")
+        archive.writestr(
+            "alpha-1.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: alpha\nVersion: 1.0\nRequires-Dist: gamma\n"
+            "Requires-Dist: devtool; extra == 'dev'\n",
+        )
     target = tmp_path / "fresh"
     target.mkdir()
     monkeypatch.setattr(sys, "argv", ["link_deps.py", str(wheel), str(target)])

@@ -31,7 +31,9 @@ def test_copies_of_training_images_are_flagged_and_held_out_images_are_not():
     heldout = toy_cars_dataset(32, 16, seed=1).images
     samples = torch.cat([train[:4], heldout[16:32]])  # 4 verbatim copies, 16 new images
     check = memorization_check(samples, train, heldout[:16])
-    assert check.sample_distance[:4].tolist() == pytest.approx([0] * 4, abs=1e-6) and check.sample_index[:4].tolist() == [0, 1, 2, 3]
+    assert check.sample_distance[:4].tolist() == pytest.approx([0] * 4, abs=1e-6) and check.sample_index[
+        :4
+    ].tolist() == [0, 1, 2, 3]
     summary = check.summary()
     assert summary["sample_to_train_min"] < 1e-6 and summary["heldout_to_train_median"] > 0
     assert 4 / 20 <= summary["suspected_copies"] <= 6 / 20  # the copies, perhaps one or two near-misses by chance

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ddpm_cars.config import TrainConfig
 from ddpm_cars import run as ckpt
+from ddpm_cars.config import TrainConfig
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.models import build_model
 from ddpm_cars.training import train
@@ -70,8 +70,17 @@ def test_a_cosine_schedule_continues_across_an_interruption_and_resume(tmp_path,
 
     from ddpm_cars.training.signals import TrainingInterrupted
 
-    config = tiny_config.replace(train={"max_steps": 8, "epochs": 100, "warmup_steps": 2, "lr": 1e-3,
-                                        "lr_schedule": "cosine", "sample_every_epochs": 100, "checkpoint_every_steps": 100})
+    config = tiny_config.replace(
+        train={
+            "max_steps": 8,
+            "epochs": 100,
+            "warmup_steps": 2,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "sample_every_epochs": 100,
+            "checkpoint_every_steps": 100,
+        }
+    )
     train(config, tmp_path / "straight", progress=False)
     real, calls = Denoiser.loss, []
 
@@ -118,11 +127,20 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path, tiny_config
 
 
 @pytest.mark.parametrize("log_every, stop_step", [(1, 4), (5, 5)])
-def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_config, monkeypatch, log_every, stop_step):
+def test_a_persistently_non_finite_loss_stops_with_a_clear_error(
+    tmp_path, tiny_config, monkeypatch, log_every, stop_step
+):
     """The streak is counted when the losses are read: at once with --log-every 1, at the next read otherwise."""
-    config = tiny_config.replace(data={"toy_count": 256}, train={
-        "max_steps": 50, "epochs": 100, "max_nonfinite_steps": 3, "log_every_steps": log_every, "checkpoint_every_steps": 100,
-    })
+    config = tiny_config.replace(
+        data={"toy_count": 256},
+        train={
+            "max_steps": 50,
+            "epochs": 100,
+            "max_nonfinite_steps": 3,
+            "log_every_steps": log_every,
+            "checkpoint_every_steps": 100,
+        },
+    )
     _nan_on(set(range(2, 100)), monkeypatch)
     with pytest.raises(NonFiniteLossError, match=f"{stop_step - 1} steps in a row"):
         train(config, tmp_path, progress=False)

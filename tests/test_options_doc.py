@@ -35,7 +35,9 @@ def test_options_page_is_current():
 
 
 def test_check_command_passes_without_loading_torch():
-    done = subprocess.run([sys.executable, str(TOOL), "--check"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--check"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     code = (
         "import importlib.util, sys\n"
@@ -44,7 +46,9 @@ def test_check_command_passes_without_loading_torch():
         "tool.render(tool.build_parser())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -66,7 +70,9 @@ def test_every_option_of_every_command_is_on_the_page():
             if not action.option_strings:
                 assert f"`{action.metavar or action.dest}`" in section, f"{name} {action.dest} is not on the page"
             first_words = " ".join(action.help.split()[:3]).replace("|", "\\|")
-            assert first_words in section, f"the help of {name} {action.option_strings or action.dest} is not on the page"
+            assert first_words in section, (
+                f"the help of {name} {action.option_strings or action.dest} is not on the page"
+            )
         assert "--help" not in [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
 
 
@@ -74,7 +80,9 @@ def test_a_changed_declaration_changes_the_page(tmp_path, monkeypatch, capsys):
     current = options_doc.render(build_parser())
 
     parser = build_parser()
-    options_doc.subcommands(parser)["forward"].add_argument("--gamma", choices=["a|b", "c"], help="an extra option (default: %(default)s)")
+    options_doc.subcommands(parser)["forward"].add_argument(
+        "--gamma", choices=["a|b", "c"], help="an extra option (default: %(default)s)"
+    )
     page = options_doc.render(parser)
     assert page != current
     assert "| `--gamma {a\\|b,c}` | an extra option (default: None) |" in page

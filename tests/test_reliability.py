@@ -11,13 +11,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_cars.cli import main
 from ddpm_cars import run as ckpt
+from ddpm_cars.cli import main
 from ddpm_cars.training.logs import read_loss_log
 from ddpm_cars.training.signals import StopRequest
 
-TINY = ["--image-size", "16", "--channels", "8,16", "--num-res-blocks", "1", "--timesteps", "20", "--toy-count", "32",
-        "--batch-size", "8", "--num-sample-images", "2", "--sample-every", "1000", "--checkpoint-every", "2"]
+TINY = [
+    "--image-size",
+    "16",
+    "--channels",
+    "8,16",
+    "--num-res-blocks",
+    "1",
+    "--timesteps",
+    "20",
+    "--toy-count",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-sample-images",
+    "2",
+    "--sample-every",
+    "1000",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def _one_error_line(capsys) -> str:

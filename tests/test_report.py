@@ -79,8 +79,13 @@ class Page(HTMLParser):
         text = "".join(pieces)
         if self._open:
             self._open[-1][1].append(text)
-        target = {"h2": self.headings, "td": self.cells, "caption": self.captions,
-                  "note": self.notes, "missing": self.missing}.get(kind)
+        target = {
+            "h2": self.headings,
+            "td": self.cells,
+            "caption": self.captions,
+            "note": self.notes,
+            "missing": self.missing,
+        }.get(kind)
         if target is not None:
             target.append(text)
 
@@ -276,5 +281,7 @@ def test_class_conditional_runs_get_a_guidance_section(bare_run: Path) -> None:
     (bare_run / "guidance" / "guidance.json").write_text(json.dumps({"rows": rows}))
     _png(bare_run / "guidance" / "guidance.png", (1, 2, 3))
     _, page = _page(bare_run)
-    assert ["guidance 0", "41.0%", "guidance 3", "98.7%"] == [c for c in page.cells if c.startswith("guidance") or c.endswith("%")]
+    assert ["guidance 0", "41.0%", "guidance 3", "98.7%"] == [
+        c for c in page.cells if c.startswith("guidance") or c.endswith("%")
+    ]
     assert any("one row per class" in caption for caption in page.captions)

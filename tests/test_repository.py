@@ -37,7 +37,8 @@ def test_no_tracked_file_is_over_1_mb():
     sizes = {p: n for p in _tracked() if (n := _size_on_disk(p)) is not None}
     large = {p: n for p, n in sizes.items() if n > LIMIT and p not in ALLOWED}
     assert not large, f"tracked files over {LIMIT:,} bytes (keep them out of git, or allow them here):\n" + "\n".join(
-        f"{p}: {n:,} bytes" for p, n in sorted(large.items(), key=lambda item: -item[1]))
+        f"{p}: {n:,} bytes" for p, n in sorted(large.items(), key=lambda item: -item[1])
+    )
 
 
 def test_every_allowed_large_file_is_there_and_tracked():

@@ -50,14 +50,7 @@ def _lin(i, o):
 
 
 def _resblock(i, o, emb):
-    return (
-        _gn(i)
-        + _conv(i, o, 3)
-        + _lin(emb, 2 * o)
-        + _gn(o)
-        + _conv(o, o, 3)
-        + (_conv(i, o, 1) if i != o else 0)
-    )
+    return _gn(i) + _conv(i, o, 3) + _lin(emb, 2 * o) + _gn(o) + _conv(o, o, 3) + (_conv(i, o, 1) if i != o else 0)
 
 
 def _attn(c):
@@ -85,27 +78,17 @@ def expected_parameter_count(
             width = c
             skips.append(width)
         if level < last:
-            total += (
-                _resblock(width, width, emb)
-                if resblock_updown
-                else _conv(width, width, 3)
-            )
+            total += _resblock(width, width, emb) if resblock_updown else _conv(width, width, 3)
             skips.append(width)
     total += 2 * _resblock(width, width, emb) + _attn(width)
     for level in reversed(range(len(channels))):
         c = channels[level]
         attends = image_size // 2**level in attention_resolutions
         for _ in range(num_res_blocks + 1):
-            total += _resblock(width + skips.pop(), c, emb) + (
-                _attn(c) if attends else 0
-            )
+            total += _resblock(width + skips.pop(), c, emb) + (_attn(c) if attends else 0)
             width = c
         if level > 0:
-            total += (
-                _resblock(width, width, emb)
-                if resblock_updown
-                else _conv(width, width, 3)
-            )
+            total += _resblock(width, width, emb) if resblock_updown else _conv(width, width, 3)
     assert not skips
     return total + _gn(width) + _conv(width, out_channels, 3)
 
@@ -217,9 +200,7 @@ def test_parameter_count_of_smallest_model_by_hand():
     hand = sum(parts)
     assert hand == 705_859
     assert expected_parameter_count(16, (32, 64), 1, (), False) == hand
-    model = ResAttnUnet(
-        image_size=16, channels=(32, 64), num_res_blocks=1, attention_resolutions=()
-    )
+    model = ResAttnUnet(image_size=16, channels=(32, 64), num_res_blocks=1, attention_resolutions=())
     assert count_parameters(model) == hand
 
 
@@ -270,9 +251,7 @@ def test_parameter_count_of_64px_default_widths(resblock_updown):
             head_channels=64,
             resblock_updown=resblock_updown,
         )
-    expected = expected_parameter_count(
-        64, (128, 256, 384, 512), 3, (32, 16, 8), resblock_updown
-    )
+    expected = expected_parameter_count(64, (128, 256, 384, 512), 3, (32, 16, 8), resblock_updown)
     assert count_parameters(model) == expected
 
 
@@ -281,9 +260,7 @@ def test_group_norm_uses_32_groups_for_multiples_of_32():
         norm = group_norm(c)
         assert (norm.num_groups, norm.num_channels) == (32, c)
     with torch.device("meta"):
-        model = ResAttnUnet(
-            image_size=64, channels=(128, 256, 384, 512), num_res_blocks=1
-        )
+        model = ResAttnUnet(image_size=64, channels=(128, 256, 384, 512), num_res_blocks=1)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_groups == 32 for m in norms)
 
@@ -358,20 +335,10 @@ def reference_resblock(block: ResBlock, x, emb, resample=None):
     elif resample == "up":
         h, x = upsample_nearest(h), upsample_nearest(x)
     h = F.conv2d(h, block.conv1.weight, block.conv1.bias, padding=1)
-    scale, shift = F.linear(F.silu(emb), block.emb.weight, block.emb.bias).chunk(
-        2, dim=1
-    )
-    h = (
-        F.group_norm(h, 32, gn2.weight, gn2.bias, gn2.eps)
-        * (1 + scale[:, :, None, None])
-        + shift[:, :, None, None]
-    )
+    scale, shift = F.linear(F.silu(emb), block.emb.weight, block.emb.bias).chunk(2, dim=1)
+    h = F.group_norm(h, 32, gn2.weight, gn2.bias, gn2.eps) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
     h = F.conv2d(F.silu(h), block.conv2.weight, block.conv2.bias, padding=1)
-    skip = (
-        x
-        if isinstance(block.skip, nn.Identity)
-        else F.conv2d(x, block.skip.weight, block.skip.bias)
-    )
+    skip = x if isinstance(block.skip, nn.Identity) else F.conv2d(x, block.skip.weight, block.skip.bias)
     return skip + h
 
 
@@ -399,9 +366,7 @@ def test_resblock_matches_adaptive_group_norm_reference(in_ch, out_ch, resample)
         expected = reference_resblock(block, x, emb, resample)
     side = {None: 8, "down": 4, "up": 16}[resample]
     assert out.shape == (2, out_ch, side, side)
-    assert (
-        expected[:, :, 0].abs().mean() > 1e-3
-    )  # the residual branch actually contributes
+    assert expected[:, :, 0].abs().mean() > 1e-3  # the residual branch actually contributes
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -419,9 +384,7 @@ def test_plain_resamplers():
     x = torch.randn(2, 32, 8, 8)
     down, up = Downsample(32), Upsample(32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1)
-        )
+        torch.testing.assert_close(down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
         torch.testing.assert_close(
             up(x),
             F.conv2d(upsample_nearest(x), up.conv.weight, up.conv.bias, padding=1),
@@ -453,21 +416,11 @@ def reference_attention(block: AttentionBlock, x, heads):
     b, c, hgt, wid = x.shape
     n, d = hgt * wid, c // heads
     h = F.group_norm(x, 32, block.norm.weight, block.norm.bias, block.norm.eps)
-    qkv = (
-        torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], h.reshape(b, c, n))
-        + block.qkv.bias[:, None]
-    )
-    q, k, v = (
-        t.reshape(b, heads, d, n).transpose(-1, -2) for t in qkv.chunk(3, dim=1)
-    )  # [b, heads, n, d]
-    weights = torch.softmax(
-        q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1
-    )  # [b, heads, n, n]
+    qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], h.reshape(b, c, n)) + block.qkv.bias[:, None]
+    q, k, v = (t.reshape(b, heads, d, n).transpose(-1, -2) for t in qkv.chunk(3, dim=1))  # [b, heads, n, d]
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [b, heads, n, n]
     out = (weights @ v).transpose(-1, -2).reshape(b, c, n)
-    out = (
-        torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], out)
-        + block.proj.bias[:, None]
-    )
+    out = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], out) + block.proj.bias[:, None]
     return x + out.reshape(b, c, hgt, wid)
 
 
@@ -476,9 +429,7 @@ def test_attention_matches_multi_head_reference(channels, head_channels):
     torch.manual_seed(0)
     block = AttentionBlock(channels, head_channels).eval()
     heads = channels // head_channels
-    randomize_(
-        block, std=0.2
-    )  # non-zero proj; larger qkv so the softmax is far from uniform
+    randomize_(block, std=0.2)  # non-zero proj; larger qkv so the softmax is far from uniform
     with torch.no_grad():
         block.norm.weight.add_(1.0)
     x = torch.randn(2, channels, 4, 4)
@@ -503,9 +454,7 @@ def test_attention_matches_multi_head_reference(channels, head_channels):
         ((4, 64), [8]),  # resolutions that no level has
     ],
 )
-def test_attention_is_placed_at_requested_resolutions(
-    attention_resolutions, expected_sizes
-):
+def test_attention_is_placed_at_requested_resolutions(attention_resolutions, expected_sizes):
     torch.manual_seed(0)
     model = ResAttnUnet(
         image_size=32,
@@ -514,13 +463,8 @@ def test_attention_is_placed_at_requested_resolutions(
         attention_resolutions=attention_resolutions,
         head_channels=32,
     ).eval()
-    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) == len(
-        expected_sizes
-    )
-    assert (
-        attention_input_sizes(model, torch.randn(1, 3, 32, 32), torch.tensor([5]))
-        == expected_sizes
-    )
+    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) == len(expected_sizes)
+    assert attention_input_sizes(model, torch.randn(1, 3, 32, 32), torch.tensor([5])) == expected_sizes
 
 
 # --------------------------------------------------------------------------------------
@@ -592,9 +536,7 @@ def _config(learn_variance=False, image_size=32, **model):
 
 
 @pytest.mark.parametrize("learn_variance, out_channels", [(False, 3), (True, 6)])
-def test_build_model_output_channels_follow_learn_variance(
-    learn_variance, out_channels
-):
+def test_build_model_output_channels_follow_learn_variance(learn_variance, out_channels):
     torch.manual_seed(0)
     model = build_model(_config(learn_variance, image_size=16))
     assert isinstance(model, ResAttnUnet)
@@ -613,23 +555,15 @@ def test_build_model_places_attention_by_data_image_size(image_size, attended_wi
     # attention_resolutions=(16,): level 1 (width 64) at 32 px, level 2 (width 96) at 64 px
     with torch.device("meta"):
         model = build_model(_config(image_size=image_size))
-    widths = [
-        m.norm.num_channels for m in model.modules() if isinstance(m, AttentionBlock)
-    ]
+    widths = [m.norm.num_channels for m in model.modules() if isinstance(m, AttentionBlock)]
     # 1 down + 2 up blocks at the attended level, and the middle block at width 96
     assert sorted(widths) == sorted([attended_width] * 3 + [96])
 
 
 def test_build_model_passes_model_options():
     with torch.device("meta"):
-        model = build_model(
-            _config(
-                num_res_blocks=2, head_channels=16, dropout=0.25, resblock_updown=True
-            )
-        )
-    assert count_parameters(model) == expected_parameter_count(
-        32, (32, 64, 96), 2, (16,), True
-    )
+        model = build_model(_config(num_res_blocks=2, head_channels=16, dropout=0.25, resblock_updown=True))
+    assert count_parameters(model) == expected_parameter_count(32, (32, 64, 96), 2, (16,), True)
     assert {m.resample for m in model.modules() if isinstance(m, ResBlock)} == {
         "down",
         "up",

@@ -6,10 +6,16 @@ import torch
 from ddpm_cars import diffusion
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.models import SimpleUnet
 from ddpm_cars.generation import generate
+from ddpm_cars.models import SimpleUnet
 from ddpm_cars.samplers import (
-    ancestral_sample, ddim_sample, dpm_solver_sample, heun_sample, image_generators, randn, sde_dpm_solver_sample,
+    ancestral_sample,
+    ddim_sample,
+    dpm_solver_sample,
+    heun_sample,
+    image_generators,
+    randn,
+    sde_dpm_solver_sample,
 )
 from ddpm_cars.schedule import NoiseSchedule, cosine_betas, linear_betas, sampling_timesteps
 
@@ -65,7 +71,9 @@ def algorithm_2(schedule, x_T, generators, variance):
 def test_ancestral_sampling_is_algorithm_2(variance):
     schedule = NoiseSchedule.linear(25)
     x_T = randn((3, 4, 4), image_generators(1, range(3)), "cpu")
-    got = ancestral_sample(_den(Shrink(), schedule), x_T, image_generators(7, range(3)), variance=variance, clip_x0=False)
+    got = ancestral_sample(
+        _den(Shrink(), schedule), x_T, image_generators(7, range(3)), variance=variance, clip_x0=False
+    )
     expected = algorithm_2(schedule, x_T, image_generators(7, range(3)), variance)
     assert torch.allclose(got, expected, atol=1e-4)
 
@@ -91,8 +99,12 @@ def test_clipping_x0_bounds_the_prediction():
     schedule = NoiseSchedule.linear(10)
     seen = []
     wild = _den(Net(lambda x, t: -50 * torch.ones_like(x)), schedule)  # predicts x0 far outside [-1, 1]
-    ancestral_sample(wild, torch.randn(2, 3, 4, 4), image_generators(0, range(2)),
-                     callback=lambda t, x, x0: seen.append(x0.abs().max().item()))
+    ancestral_sample(
+        wild,
+        torch.randn(2, 3, 4, 4),
+        image_generators(0, range(2)),
+        callback=lambda t, x, x0: seen.append(x0.abs().max().item()),
+    )
     assert len(seen) == 10 and max(seen) <= 1.0
 
 
@@ -111,8 +123,12 @@ def test_clipped_x0_is_what_the_mean_is_built_from():
 
 def test_callback_sees_every_step_in_order():
     steps = []
-    ancestral_sample(_den(Shrink(), NoiseSchedule.linear(6)), torch.randn(1, 3, 4, 4), image_generators(0, [0]),
-                     callback=lambda t, x, x0: steps.append(t))
+    ancestral_sample(
+        _den(Shrink(), NoiseSchedule.linear(6)),
+        torch.randn(1, 3, 4, 4),
+        image_generators(0, [0]),
+        callback=lambda t, x, x0: steps.append(t),
+    )
     assert steps == [5, 4, 3, 2, 1, 0]
 
 
@@ -168,11 +184,20 @@ def test_sampling_uses_the_learned_variance():
 
     x_T = torch.randn(2, 3, 4, 4)
     for v, variance in [(1.0, "beta"), (-1.0, "beta_tilde")]:
-        got = ancestral_sample(_den(Learned(v), schedule, learn_variance=True), x_T, image_generators(0, range(2)), clip_x0=False)
-        fixed = ancestral_sample(_den(Net(lambda x, t: 0.3 * x), schedule), x_T, image_generators(0, range(2)),
-                                 variance=variance, clip_x0=False)
+        got = ancestral_sample(
+            _den(Learned(v), schedule, learn_variance=True), x_T, image_generators(0, range(2)), clip_x0=False
+        )
+        fixed = ancestral_sample(
+            _den(Net(lambda x, t: 0.3 * x), schedule),
+            x_T,
+            image_generators(0, range(2)),
+            variance=variance,
+            clip_x0=False,
+        )
         assert got.shape == (2, 3, 4, 4) and torch.allclose(got, fixed, atol=1e-5)
-    other = ancestral_sample(_den(Learned(0.0), schedule, learn_variance=True), x_T, image_generators(0, range(2)), clip_x0=False)
+    other = ancestral_sample(
+        _den(Learned(0.0), schedule, learn_variance=True), x_T, image_generators(0, range(2)), clip_x0=False
+    )
     assert not torch.allclose(other, got, atol=1e-3)
 
 
@@ -201,20 +226,41 @@ def test_deterministic_ddim_with_an_oracle_recovers_x0_from_any_t(prediction, st
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     x_start = diffusion.q_sample(full, x0, torch.full((2,), start), torch.randn(2, 3, 4, 4))
     ts = sampling_timesteps(start + 1, min(start + 1, 6))  # a few steps from `start` down to 0
-    got = ddim_sample(_den(Oracle(x0, full, prediction), full, prediction=prediction), x_start, image_generators(0, range(2)),
-                      timesteps=ts, eta=0.0, clip_x0=False)
+    got = ddim_sample(
+        _den(Oracle(x0, full, prediction), full, prediction=prediction),
+        x_start,
+        image_generators(0, range(2)),
+        timesteps=ts,
+        eta=0.0,
+        clip_x0=False,
+    )
     assert torch.allclose(got, x0, atol=2e-4)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun"])
-@pytest.mark.parametrize("timesteps, steps, spacing", [
-    (1000, 7, "uniform"), (1000, 50, "quadratic"), (10, 3, "uniform"), (10, 10, "uniform"), (12, 5, "quadratic"), (20, 1, "uniform"),
-])
+@pytest.mark.parametrize(
+    "timesteps, steps, spacing",
+    [
+        (1000, 7, "uniform"),
+        (1000, 50, "quadratic"),
+        (10, 3, "uniform"),
+        (10, 10, "uniform"),
+        (12, 5, "quadratic"),
+        (20, 1, "uniform"),
+    ],
+)
 def test_every_sampler_starts_at_t_max_and_ends_at_0(sampler, timesteps, steps, spacing):
     seen = []
     config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=0.5)
-    generate(_den(Shrink(), NoiseSchedule.linear(timesteps)), 2, config, seed=0, batch_size=2, progress=False,
-             callback=lambda t, x, x0: seen.append(t))
+    generate(
+        _den(Shrink(), NoiseSchedule.linear(timesteps)),
+        2,
+        config,
+        seed=0,
+        batch_size=2,
+        progress=False,
+        callback=lambda t, x, x0: seen.append(t),
+    )
     assert len(seen) == steps and seen[0] == timesteps - 1 and (steps == 1 or seen[-1] == 0)
     assert seen == sorted(seen, reverse=True) and len(set(seen)) == steps
 
@@ -257,7 +303,9 @@ def _solve_error(sampler, steps: int, spacing: str = "uniform", **kwargs) -> flo
 
 
 def test_dpm_solver_converges_on_a_gaussian_whose_answer_is_known():
-    errors = {(s.__name__, n): _solve_error(s, n) for s in (dpm_solver_sample, ddim_sample) for n in (20, 50, 200, 1000)}
+    errors = {
+        (s.__name__, n): _solve_error(s, n) for s in (dpm_solver_sample, ddim_sample) for n in (20, 50, 200, 1000)
+    }
     dpm = [errors["dpm_solver_sample", n] for n in (20, 50, 200, 1000)]
     assert dpm == sorted(dpm, reverse=True) and dpm[-1] < 2e-4
     # second order: from 50 to 200 steps the error falls by far more than the 4x of first order
@@ -265,9 +313,14 @@ def test_dpm_solver_converges_on_a_gaussian_whose_answer_is_known():
 
 
 @pytest.mark.parametrize("spacing", ["logsnr", "karras"])
-@pytest.mark.parametrize("sampler, kwargs, order, at_56", [
-    (dpm_solver_sample, {}, 2, 1e-2), (dpm_solver_sample, {"order": 3}, 3, 2e-3), (heun_sample, {}, 2, 1e-2),
-])
+@pytest.mark.parametrize(
+    "sampler, kwargs, order, at_56",
+    [
+        (dpm_solver_sample, {}, 2, 1e-2),
+        (dpm_solver_sample, {"order": 3}, 3, 2e-3),
+        (heun_sample, {}, 2, 1e-2),
+    ],
+)
 def test_solvers_converge_at_their_order_on_the_gaussian(spacing, sampler, kwargs, order, at_56):
     """Doubling the steps divides the error by about 2^order (DPM-Solver++(3M): well above
     second order's 4; measured 24 with logsnr and 3-4.3 per sqrt(2) with karras)."""
@@ -318,8 +371,12 @@ def test_respaced_ode_solves_match_a_solve_on_every_step_on_an_oracle(spacing):
     reference, from_the_top = solve(dpm_solver_sample, every), solve(dpm_solver_sample, torch.arange(1000))
     for ode, steps in ((reference, every), (from_the_top, torch.arange(1000))):  # two second-order solvers agree
         assert (solve(heun_sample, steps) - ode).abs().max() < 5e-4
-    solvers = {"ddim": (ddim_sample, {"eta": 0.0}, 0.1), "dpm++": (dpm_solver_sample, {}, 0.03),
-               "dpm++3m": (dpm_solver_sample, {"order": 3}, 0.01), "heun": (heun_sample, {}, 0.03)}
+    solvers = {
+        "ddim": (ddim_sample, {"eta": 0.0}, 0.1),
+        "dpm++": (dpm_solver_sample, {}, 0.03),
+        "dpm++3m": (dpm_solver_sample, {"order": 3}, 0.01),
+        "heun": (heun_sample, {}, 0.03),
+    }
     for name, (sampler, kwargs, at_35) in solvers.items():
         errors = []
         for steps in (10, 20, 35):
@@ -358,11 +415,15 @@ def test_heun_costs_two_network_calls_per_step_but_one_at_the_last():
     assert calls == expected and len(calls) == 2 * 6 - 1
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.7), ("dpm++", 0.0), ("dpm++3m", 0.0), ("dpm++sde", 0.0), ("heun", 0.0),
-                                         ("ddpm", 0.0)])
+@pytest.mark.parametrize(
+    "sampler, eta",
+    [("ddim", 0.0), ("ddim", 0.7), ("dpm++", 0.0), ("dpm++3m", 0.0), ("dpm++sde", 0.0), ("heun", 0.0), ("ddpm", 0.0)],
+)
 def test_fast_samplers_give_each_image_its_own_seed(small_unet, sampler, eta):
     """Image i depends on (seed, i) alone: not on the batch size, nor on how many are asked for."""
-    den = _den(small_unet, _linear(40, 1e-4, 0.02), 16)  # mild betas: an untrained network's samples stay well-conditioned
+    den = _den(
+        small_unet, _linear(40, 1e-4, 0.02), 16
+    )  # mild betas: an untrained network's samples stay well-conditioned
     cfg = SampleConfig(sampler=sampler, steps=8, eta=eta)
     a = generate(den, 7, cfg, seed=2, batch_size=7, progress=False)
     b = generate(den, 7, cfg, seed=2, batch_size=1, progress=False)
@@ -405,8 +466,15 @@ def test_noise_level_spacing_reaches_every_sampler(sampler, spacing):
     schedule = NoiseSchedule.from_betas(cosine_betas(200))
     seen = []
     config = SampleConfig(sampler=sampler, steps=9, spacing=spacing, eta=0.5)
-    out = generate(_den(Shrink(), schedule), 2, config, seed=0, batch_size=2, progress=False,
-                   callback=lambda t, x, x0: seen.append(t))
+    out = generate(
+        _den(Shrink(), schedule),
+        2,
+        config,
+        seed=0,
+        batch_size=2,
+        progress=False,
+        callback=lambda t, x, x0: seen.append(t),
+    )
     expected = sampling_timesteps(200, 9, spacing, schedule.alphas_cumprod_float64).flip(0).tolist()
     assert seen == expected and expected[0] < 199 and out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
 
@@ -419,6 +487,7 @@ def test_every_sampler_runs_from_pure_noise_on_a_zero_terminal_snr_schedule(samp
     deterministic solver must end on it, from t = T - 1 (uniform) or from sigma 80 (logsnr);
     ancestral sampling too, since each step's mean is built from the exact x_0."""
     from ddpm_cars.schedule import zero_terminal_snr
+
     full = NoiseSchedule.from_betas(zero_terminal_snr(betas))
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
 
@@ -455,7 +524,9 @@ def test_ddim_with_eta_1_and_a_learned_beta_tilde_is_ancestral_sampling(timestep
     (respaced) steps, where DDIM with eta 1 and ancestral sampling coincide."""
     den = _den(Learned(-1.0), _linear(30, 1e-3, 0.2), learn_variance=True)
     x_T = randn((3, 4, 4), image_generators(1, range(2)), "cpu")
-    ddim = ddim_sample(den, x_T, image_generators(5, range(2)), timesteps=timesteps, eta=1.0, sigma="learned", clip_x0=False)
+    ddim = ddim_sample(
+        den, x_T, image_generators(5, range(2)), timesteps=timesteps, eta=1.0, sigma="learned", clip_x0=False
+    )
     ddpm = ancestral_sample(den, x_T, image_generators(5, range(2)), timesteps=timesteps, clip_x0=False)
     assert torch.allclose(ddim, ddpm, atol=1e-4)
 
@@ -483,9 +554,14 @@ def test_ddim_learned_sigma_is_eta_times_the_learned_standard_deviation():
 
 def test_the_learned_ddim_sigma_needs_a_model_that_learned_it():
     from ddpm_cars.errors import UserError
+
     with pytest.raises(UserError, match="learned variance"):
-        generate(_den(Shrink(), _linear(10, 1e-3, 0.2)), 2, SampleConfig(sampler="ddim", eta=1.0, ddim_sigma="learned"),
-                 progress=False)
+        generate(
+            _den(Shrink(), _linear(10, 1e-3, 0.2)),
+            2,
+            SampleConfig(sampler="ddim", eta=1.0, ddim_sigma="learned"),
+            progress=False,
+        )
 
 
 def _gaussian_start(steps: int, images: int, size: int):
@@ -513,8 +589,9 @@ def test_heun_with_churn_still_samples_the_data_distribution():
 def test_heun_churn_raises_the_level_inside_its_window_at_two_calls_per_step():
     full, net = NoiseSchedule.from_betas(cosine_betas(1000)), Count()
     ts = sampling_timesteps(1000, 8, "karras", full.alphas_cumprod_float64)
-    heun_sample(_den(net, full), torch.randn(2, 3, 4, 4), image_generators(0, range(2)), timesteps=ts, churn=40,
-                clip_x0=False)
+    heun_sample(
+        _den(net, full), torch.randn(2, 3, 4, 4), image_generators(0, range(2)), timesteps=ts, churn=40, clip_x0=False
+    )
     calls = net.calls
     firsts, path = calls[::2], ts.flip(0).tolist()  # each step's first call, from the noisiest
     sigma = ((1 - full.alphas_cumprod_float64) / full.alphas_cumprod_float64).sqrt()
@@ -545,6 +622,7 @@ def _output_moments(sampler, steps: int, spacing: str, monkeypatch, **kwargs) ->
     A x_T + c + sum_k B_k z_k: one run with every draw set to zero gives A and c, one run
     per draw with that draw alone set to one gives B_k."""
     from ddpm_cars import samplers
+
     den, ts, _, _ = _gaussian_problem(steps, spacing)
     ab = den.schedule.alphas_cumprod_float64[ts[-1]].item()
     drawn, lit = [], []
@@ -557,8 +635,9 @@ def _output_moments(sampler, steps: int, spacing: str, monkeypatch, **kwargs) ->
 
     def run(x_T: float) -> float:
         drawn.clear()
-        out = sampler(den, torch.full((1, 1, 8, 8), x_T), image_generators(0, range(1)), timesteps=ts,
-                      clip_x0=False, **kwargs)
+        out = sampler(
+            den, torch.full((1, 1, 8, 8), x_T), image_generators(0, range(1)), timesteps=ts, clip_x0=False, **kwargs
+        )
         return out[0, 0, 0, 0].item()
 
     c = run(0.0)
@@ -577,6 +656,7 @@ def test_sde_solver_converges_in_distribution_at_second_order(spacing, monkeypat
     plus variance falling about 4x per doubling of the steps (measured 3.4-5.0 from 20 to
     160 steps), where that of ancestral sampling with the same variance (beta-tilde) falls
     1.7-2.0x (first order)."""
+
     def error(sampler, steps, **kwargs):
         mean, var = _output_moments(sampler, steps, spacing, monkeypatch, **kwargs)
         return abs(mean - 0.3) + abs(var - 0.25)
@@ -622,8 +702,11 @@ def test_sde_solver_steps_written_out_by_hand():
         if i == 2:  # second order: x0 extrapolated half a step along the last two predictions
             r = (lam[i] - lam[i + 1]) / h
             d = x0 + (x0 - previous) / (2 * r)
-        x = ((1 - ab[i - 1]) / (1 - ab[i])).sqrt() * torch.exp(-h) * x + ab[i - 1].sqrt() * (1 - torch.exp(-2 * h)) * d \
+        x = (
+            ((1 - ab[i - 1]) / (1 - ab[i])).sqrt() * torch.exp(-h) * x
+            + ab[i - 1].sqrt() * (1 - torch.exp(-2 * h)) * d
             + (1 - ab[i - 1]).sqrt() * (1 - torch.exp(-2 * h)).sqrt() * randn((3, 4, 4), gens, "cpu").double()
+        )
         previous = x0
     assert torch.allclose(got.double(), x, atol=1e-4)
     two = torch.tensor([0, 29])
@@ -634,10 +717,12 @@ def test_sde_solver_steps_written_out_by_hand():
 
 def test_sde_solver_draws_noise_and_cannot_decode_given_noise(small_unet):
     from ddpm_cars.generation import require_deterministic
+
     den = _den(small_unet, _linear(40, 1e-4, 0.02), 16)
     x_T = randn((3, 16, 16), image_generators(1, range(2)), "cpu")
-    a, b = (sde_dpm_solver_sample(den, x_T, image_generators(s, range(2)), timesteps=torch.arange(0, 40, 5))
-            for s in (0, 1))
+    a, b = (
+        sde_dpm_solver_sample(den, x_T, image_generators(s, range(2)), timesteps=torch.arange(0, 40, 5)) for s in (0, 1)
+    )
     assert (a - b).abs().mean() > 1e-2  # a different seed, other images from the same x_T
     with pytest.raises(ValueError, match="deterministic sampler"):
         require_deterministic(SampleConfig(sampler="dpm++sde"))

@@ -6,7 +6,14 @@ import torch
 from ddpm_cars.config import DiffusionConfig, RunConfig, SampleConfig
 from ddpm_cars.diffusion import q_sample
 from ddpm_cars.schedule import (
-    SIGMA_MAX, NoiseSchedule, build_schedule, cosine_betas, linear_betas, sampling_timesteps, sigmas, visited_timesteps,
+    SIGMA_MAX,
+    NoiseSchedule,
+    build_schedule,
+    cosine_betas,
+    linear_betas,
+    sampling_timesteps,
+    sigmas,
+    visited_timesteps,
     zero_terminal_snr,
 )
 
@@ -211,8 +218,15 @@ def _log_sigma(schedule: NoiseSchedule) -> torch.Tensor:
 
 @pytest.mark.parametrize("sigma_max", [SIGMA_MAX, 10.0, 1e6])
 @pytest.mark.parametrize("spacing", ["karras", "logsnr"])
-@pytest.mark.parametrize("schedule", [NoiseSchedule.from_betas(cosine_betas(1000)), NoiseSchedule.linear(1000),
-                                      NoiseSchedule.linear(10), NoiseSchedule.from_betas(cosine_betas(37))])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        NoiseSchedule.from_betas(cosine_betas(1000)),
+        NoiseSchedule.linear(1000),
+        NoiseSchedule.linear(10),
+        NoiseSchedule.from_betas(cosine_betas(37)),
+    ],
+)
 def test_noise_level_spacing_runs_from_sigma_max_to_zero(spacing, schedule, sigma_max):
     T, log_sigma = schedule.timesteps, _log_sigma(schedule)
     # the start: the trained step nearest sigma_max, or T - 1 when the schedule stays below it
@@ -240,8 +254,10 @@ def test_a_sample_config_names_the_steps_it_visits():
             sample = SampleConfig(steps=12, spacing=spacing, sigma_max=sigma_max)
             expected = sampling_timesteps(1000, 12, spacing, ab, sigma_max)
             assert torch.equal(visited_timesteps(schedule, sample), expected)
-        moved = not torch.equal(visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing, sigma_max=3.0)),
-                                visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing)))
+        moved = not torch.equal(
+            visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing, sigma_max=3.0)),
+            visited_timesteps(schedule, SampleConfig(steps=12, spacing=spacing)),
+        )
         assert moved == (spacing in ("karras", "logsnr")), spacing
     start = int(visited_timesteps(schedule, SampleConfig(steps=12, spacing="karras", sigma_max=3.0))[-1])
     assert 2.5 < sigmas(ab)[start] < 3.5

@@ -12,10 +12,10 @@ from PIL import Image
 from ddpm_cars.data.dataset import DataError
 from ddpm_cars.data.stanford_cars import (
     KAGGLE_DATASET,
+    _chosen_splits,
     download_stanford_cars,
     find_split_dirs,
     load_stanford_cars,
-    _chosen_splits,
 )
 
 # split -> class -> number of images; each class has its own colour

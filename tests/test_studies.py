@@ -24,27 +24,52 @@ def _one_thread(_few_threads):
 
 
 def test_sampler_quality_settings_name_the_spacing_and_count_heun_twice():
-    assert sampler_quality.parse_settings("ddpm:50,dpm++:20:karras,heun:10:logsnr:churn=40,ddim:20:eta=1:ddim_sigma=learned,"
-                                          "dpm++:20:karras:clip_x0=false") == [
-        ("ddpm", 50, "uniform", {}), ("dpm++", 20, "karras", {}), ("heun", 10, "logsnr", {"churn": 40.0}),
-        ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"}), ("dpm++", 20, "karras", {"clip_x0": False})]
-    assert [sampler_quality.network_calls(s, 10)
-            for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun")] == [10, 10, 10, 10, 10, 19]
+    assert sampler_quality.parse_settings(
+        "ddpm:50,dpm++:20:karras,heun:10:logsnr:churn=40,ddim:20:eta=1:ddim_sigma=learned,dpm++:20:karras:clip_x0=false"
+    ) == [
+        ("ddpm", 50, "uniform", {}),
+        ("dpm++", 20, "karras", {}),
+        ("heun", 10, "logsnr", {"churn": 40.0}),
+        ("ddim", 20, "uniform", {"eta": 1.0, "ddim_sigma": "learned"}),
+        ("dpm++", 20, "karras", {"clip_x0": False}),
+    ]
+    assert [sampler_quality.network_calls(s, 10) for s in ("ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun")] == [
+        10,
+        10,
+        10,
+        10,
+        10,
+        19,
+    ]
 
 
 def test_sampler_quality_grid_fits_each_sampler_into_each_budget_of_calls():
     grid = sampler_quality.grid_settings("ddpm,heun:karras:churn=20", [10, 20, 35])
     assert [(budget, sampler, steps) for budget, (sampler, steps, _, _) in grid] == [
-        (10, "ddpm", 10), (20, "ddpm", 20), (35, "ddpm", 35), (10, "heun", 5), (20, "heun", 10), (35, "heun", 18)]
-    assert all(sampler_quality.network_calls(s, n) <= budget and sampler_quality.network_calls(s, n + 1) > budget
-               for budget, (s, n, _, _) in grid if s == "heun")  # the most Heun steps that fit
+        (10, "ddpm", 10),
+        (20, "ddpm", 20),
+        (35, "ddpm", 35),
+        (10, "heun", 5),
+        (20, "heun", 10),
+        (35, "heun", 18),
+    ]
+    assert all(
+        sampler_quality.network_calls(s, n) <= budget and sampler_quality.network_calls(s, n + 1) > budget
+        for budget, (s, n, _, _) in grid
+        if s == "heun"
+    )  # the most Heun steps that fit
     assert grid[3][1][2:] == ("karras", {"churn": 20.0})
 
     def scores(*swd):
         return [{"swd": v} for v in swd]
 
-    table = sampler_quality.calls_table({"ddpm": {10: (10, scores(30.0, 40.0)), 1000: (1000, scores(20.0, 22.0))},
-                                         "heun, karras": {10: (9, scores(25.0, 27.0))}}, scores(16.0, 18.0)).splitlines()
+    table = sampler_quality.calls_table(
+        {
+            "ddpm": {10: (10, scores(30.0, 40.0)), 1000: (1000, scores(20.0, 22.0))},
+            "heun, karras": {10: (9, scores(25.0, 27.0))},
+        },
+        scores(16.0, 18.0),
+    ).splitlines()
     assert table[0] == "| sampler | 10 calls | 1000 calls |"
     assert table[2].startswith("| held-out real images | 17.00 (16.0-18.0) |")
     assert table[3] == "| ddpm | 35.00 (30.0-40.0) | 21.00 (20.0-22.0) |"
@@ -55,12 +80,30 @@ def test_sampler_quality_grid_fits_each_sampler_into_each_budget_of_calls():
 def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path, tiny_config, monkeypatch, capsys):
     """--first-group 1 scores images NUM..2 NUM - 1, the second group of --groups 2, and the
     grid of samplers ends with the table against calls."""
-    training.train(tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False)
+    training.train(
+        tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False
+    )
 
     def table(*extra):
-        monkeypatch.setattr(sys, "argv", ["sampler_quality", "--run", str(tmp_path / "run"), "--num", "6",
-                                          "--batch-size", "4", "--nfe", "4", "--samplers", "ddpm,heun:karras", "--redraw",
-                                          *extra])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "sampler_quality",
+                "--run",
+                str(tmp_path / "run"),
+                "--num",
+                "6",
+                "--batch-size",
+                "4",
+                "--nfe",
+                "4",
+                "--samplers",
+                "ddpm,heun:karras",
+                "--redraw",
+                *extra,
+            ],
+        )
         sampler_quality.main()
         return capsys.readouterr().out
 
@@ -72,19 +115,29 @@ def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path,
         return [row.split(" | ")[3] for row in rows]
 
     assert [row.split(" | ")[:2] for row in second.splitlines() if row.startswith("| ")][3:5] == [
-        ["| ddpm", "4"], ["| heun, karras", "2 (3)"]]
+        ["| ddpm", "4"],
+        ["| heun, karras", "2 (3)"],
+    ]
     for whole, one, two in zip(swd(both), swd(first), swd(second)):  # "mean (low-high)" of two groups; each group's
         low, high = map(float, whole.split("(")[1].rstrip(")").split("-"))
         one, two = sorted([float(one), float(two)])
-        assert abs(one - low) <= 0.051 and abs(two - high) <= 0.051 and two - one > 0.1, (whole, one, two)  # printed to 0.1
+        assert abs(one - low) <= 0.051 and abs(two - high) <= 0.051 and two - one > 0.1, (
+            whole,
+            one,
+            two,
+        )  # printed to 0.1
     assert second.splitlines()[-1].startswith("| heun, karras | ") and second.splitlines()[-1].endswith(" [3] |")
 
 
-def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(tmp_path, tiny_config, monkeypatch, capsys):
+def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(
+    tmp_path, tiny_config, monkeypatch, capsys
+):
     """Scores go to the run's record group by group; a later call draws only the groups the
     record lacks and tables the same numbers as drawing everything at once; the picture's
     row of a recorded group is drawn again, the same images."""
-    training.train(tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False)
+    training.train(
+        tiny_config.replace(train={"max_steps": 2}, data={"toy_count": 48}), tmp_path / "run", progress=False
+    )
     drawn = []
     real_generate = sampler_quality.generate
 
@@ -96,8 +149,22 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(t
 
     def table(*extra):
         drawn.clear()
-        monkeypatch.setattr(sys, "argv", ["sampler_quality", "--run", str(tmp_path / "run"), "--num", "6",
-                                          "--batch-size", "4", "--settings", "ddpm:4", *extra])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "sampler_quality",
+                "--run",
+                str(tmp_path / "run"),
+                "--num",
+                "6",
+                "--batch-size",
+                "4",
+                "--settings",
+                "ddpm:4",
+                *extra,
+            ],
+        )
         sampler_quality.main()
         out, err = capsys.readouterr()
         row = [line for line in out.splitlines() if line.startswith("| ddpm |")][0].split(" | ")
@@ -108,8 +175,9 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(t
     assert first == [list(range(6, 12))] and len(record.read_text().splitlines()) == 1
     merged, _, second = table("--groups", "2")
     assert second == [list(range(6))] and len(record.read_text().splitlines()) == 2
-    whole, _, everything = table("--groups", "2", "--redraw", "--record", str(tmp_path / "other.jsonl"),
-                                 "--out", str(tmp_path / "whole.png"))
+    whole, _, everything = table(
+        "--groups", "2", "--redraw", "--record", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "whole.png")
+    )
     assert everything == [list(range(12))] and merged == whole and "(" in whole[2]  # "mean (low-high)"
 
     with record.open("a") as f:
@@ -140,8 +208,10 @@ def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
     dark = torch.randint(0, 64, (20, 3, 16, 16), dtype=torch.uint8, generator=gen)
     images = torch.cat([train[:20], dark])  # real, then unlike the training images
     groups = sampler_quality.score_groups(images, train, 2)
-    assert groups == [sample_metrics(images[:20], train, description="")[0],
-                      sample_metrics(images[20:], train, description="")[0]]
+    assert groups == [
+        sample_metrics(images[:20], train, description="")[0],
+        sample_metrics(images[20:], train, description="")[0],
+    ]
     low, high = sorted(g["swd"] for g in groups)
     assert low < high
     levels = [k for k in groups[0] if k.startswith("swd_")]

@@ -4,7 +4,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
@@ -18,12 +17,14 @@ def _same_as_csv(scalars, run) -> bool:
     """The logged (step, loss) pairs are loss.csv's rows (which keep 6 decimals)."""
     rows = read_loss_log(run / "loss.csv", 10**9)
     return [e.step for e in scalars] == [s for s, _ in rows] and [e.value for e in scalars] == pytest.approx(
-        [v for _, v in rows], abs=1e-6)
+        [v for _, v in rows], abs=1e-6
+    )
 
 
 def _events(run):
-    acc = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={
-        event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    acc = event_accumulator.EventAccumulator(
+        str(run / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
+    )
     acc.Reload()
     return acc
 
@@ -31,8 +32,17 @@ def _events(run):
 @pytest.fixture
 def logged(tiny_config):
     """4 steps per epoch, a grid at every epoch's end, SWD every 4 steps, logs read every 3."""
-    return tiny_config.replace(train={"max_steps": 8, "epochs": 100, "log_with": "tensorboard", "log_every_steps": 3,
-                                      "eval_every_steps": 4, "eval_samples": 8, "checkpoint_every_steps": 100})
+    return tiny_config.replace(
+        train={
+            "max_steps": 8,
+            "epochs": 100,
+            "log_with": "tensorboard",
+            "log_every_steps": 3,
+            "eval_every_steps": 4,
+            "eval_samples": 8,
+            "checkpoint_every_steps": 100,
+        }
+    )
 
 
 def test_tensorboard_gets_the_loss_of_every_step_the_grids_and_the_metrics(tmp_path, logged):
@@ -44,7 +54,11 @@ def test_tensorboard_gets_the_loss_of_every_step_the_grids_and_the_metrics(tmp_p
     assert {"train/skipped_steps", "train/images_per_s", "eval/swd"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("eval/swd")] == [4, 8]
     grids = acc.Images("samples")
-    assert [e.step for e in grids] == [4, 8] and grids[0].width > 16 and grids[0].encoded_image_string.startswith(b"\x89PNG")
+    assert (
+        [e.step for e in grids] == [4, 8]
+        and grids[0].width > 16
+        and grids[0].encoded_image_string.startswith(b"\x89PNG")
+    )
 
 
 def test_a_resumed_run_continues_the_same_curves(tmp_path, logged, monkeypatch):
@@ -93,15 +107,23 @@ def test_wandb_offline_keeps_one_run_across_a_resume(tmp_path, tiny_config, monk
         return run
 
     monkeypatch.setattr(wandb, "init", init)
-    config = tiny_config.replace(train={"max_steps": 2, "epochs": 100, "log_with": "wandb", "checkpoint_every_steps": 100,
-                                        "log_every_steps": 1})
+    config = tiny_config.replace(
+        train={"max_steps": 2, "epochs": 100, "log_with": "wandb", "checkpoint_every_steps": 100, "log_every_steps": 1}
+    )
     train(config, tmp_path, progress=False)
-    assert logged == [(1, ["train/loss"]), (1, ["train/images_per_s", "train/lr", "train/skipped_steps"]),
-                      (2, ["train/loss"]), (2, ["train/images_per_s", "train/lr", "train/skipped_steps"]), (2, ["samples"])]
+    assert logged == [
+        (1, ["train/loss"]),
+        (1, ["train/images_per_s", "train/lr", "train/skipped_steps"]),
+        (2, ["train/loss"]),
+        (2, ["train/images_per_s", "train/lr", "train/skipped_steps"]),
+        (2, ["samples"]),
+    ]
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     train(config.replace(train={"max_steps": 4}), tmp_path, resume=True, progress=False, final_grid=False)
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     # W&B names an offline run offline-run-<second>-<id>, adding -1 when a resume starts within the same second
-    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", r.name) for r in runs)
+    assert len(runs) == 2 and all(
+        re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", r.name) for r in runs
+    )
     assert all(any(r.glob("*.wandb")) for r in runs)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm_cars.config import RunConfig
 from ddpm_cars import run as ckpt
+from ddpm_cars.config import RunConfig
 from ddpm_cars.training import train
 from ddpm_cars.training.batches import epoch_order, random_hflip
 from ddpm_cars.training.logs import read_loss_log
@@ -26,7 +26,10 @@ def test_a_short_run_writes_everything(tmp_path, tiny_config):
     run = tmp_path / "run"
     assert result.step == 8  # 2 epochs x (64 // 16) batches
     assert (run / "config.json").is_file() and (run / "loss.png").is_file()
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]  # no duplicate final grid
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "epoch_0001.png",
+        "epoch_0002.png",
+    ]  # no duplicate final grid
     rows = list(csv.reader((run / "loss.csv").read_text().splitlines()))
     assert rows[0] == ["step", "loss"] and [int(r[0]) for r in rows[1:]] == list(range(1, 9))
     assert ckpt.latest_checkpoint(run).name == "step_00000008"
@@ -45,7 +48,9 @@ def test_loss_goes_down(tmp_path, tiny_config):
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config):
     """Stop mid-epoch at step 6, resume to 10: same weights and losses as running 10 straight."""
-    config = tiny_config.replace(train={"max_steps": 10, "epochs": 100, "checkpoint_every_steps": 100, "sample_every_epochs": 100})
+    config = tiny_config.replace(
+        train={"max_steps": 10, "epochs": 100, "checkpoint_every_steps": 100, "sample_every_epochs": 100}
+    )
     train(config, tmp_path / "straight", progress=False)
     train(config.replace(train={"max_steps": 6}), tmp_path / "split", progress=False)
     assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "split")).batch_in_epoch == 2
@@ -90,7 +95,9 @@ def test_random_hflip_flips_about_half():
 
 
 def test_killed_right_after_a_checkpoint_loses_no_logged_step(tmp_path, tiny_config, monkeypatch):
-    config = tiny_config.replace(train={"max_steps": 8, "epochs": 100, "checkpoint_every_steps": 3, "sample_every_epochs": 100})
+    config = tiny_config.replace(
+        train={"max_steps": 8, "epochs": 100, "checkpoint_every_steps": 3, "sample_every_epochs": 100}
+    )
     real_save = ckpt.save_checkpoint
 
     def save_then_die(run_dir, model, state, *args, **kwargs):
@@ -122,9 +129,34 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
     """Kill -9, Ctrl-C or SIGTERM a training process mid-run; --resume finishes it from the last
     checkpoint, which for Ctrl-C and SIGTERM is written at the step the signal came in."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "ddpm_cars", "train", "--out", str(run), "--data", "toy-cars", "--toy-count", "64",
-            "--image-size", "16", "--channels", "8,16", "--time-emb-dim", "8", "--timesteps", "20",
-            "--batch-size", "16", "--checkpoint-every", "2", "--sample-every", "1000", "--num-sample-images", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "ddpm_cars",
+        "train",
+        "--out",
+        str(run),
+        "--data",
+        "toy-cars",
+        "--toy-count",
+        "64",
+        "--image-size",
+        "16",
+        "--channels",
+        "8,16",
+        "--time-emb-dim",
+        "8",
+        "--timesteps",
+        "20",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "2",
+        "--sample-every",
+        "1000",
+        "--num-sample-images",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -142,7 +174,9 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, sig):
     if sig != signal.SIGKILL:  # a polite stop saves the step it stopped at, whatever --checkpoint-every says
         assert f"Interrupted: checkpoint saved at step {step};" in proc.stdout.read().decode()
     target = step + 4
-    done = subprocess.run(args + ["--steps", str(target), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        args + ["--steps", str(target), "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == target
     steps = [s for s, _ in read_loss_log(run / "loss.csv", 10**9)]
@@ -159,10 +193,23 @@ def test_cosine_schedule_trains_and_is_saved(tmp_path, tiny_config):
 def _improved_tiny(tiny_config: RunConfig, **train_fields) -> RunConfig:
     """The improved recipe (GroupNorm, so per-image) shrunk to a few seconds."""
     return tiny_config.replace(
-        model={"name": "res_attn_unet", "channels": (16, 32), "num_res_blocks": 1, "attention_resolutions": (8,), "head_channels": 16},
+        model={
+            "name": "res_attn_unet",
+            "channels": (16, 32),
+            "num_res_blocks": 1,
+            "attention_resolutions": (8,),
+            "head_channels": 16,
+        },
         diffusion={"schedule": "cosine", "loss": "l2", "learn_variance": True},
-        train={"max_steps": 3, "epochs": 100, "sample_every_epochs": 100, "checkpoint_every_steps": 100,
-               "optimizer": "adamw", "lr": 1e-3, **train_fields},
+        train={
+            "max_steps": 3,
+            "epochs": 100,
+            "sample_every_epochs": 100,
+            "checkpoint_every_steps": 100,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            **train_fields,
+        },
     )
 
 
@@ -200,14 +247,18 @@ def test_bf16_and_channels_last_train_close_to_fp32(tmp_path, tiny_config):
     (_, l32), (_, l16) = (read_loss_log(tmp_path / d / "loss.csv", 99)[0] for d in ("fp32", "bf16"))
     assert l16 == pytest.approx(l32, rel=0.05)  # the same first batch, at bfloat16 precision
     weights = _weights(tmp_path / "bf16")
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # master weights stay fp32
+    assert all(
+        w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values()
+    )  # master weights stay fp32
     assert (tmp_path / "bf16" / "samples" / "final.png").is_file()
 
 
 def test_activation_checkpointing_gives_the_same_gradient(tmp_path, tiny_config, monkeypatch):
     config = _improved_tiny(tiny_config).replace(model={"dropout": 0.3})  # its draws are replayed in the recomputation
     plain = _first_gradients(monkeypatch, config, tmp_path / "plain")
-    recomputed = _first_gradients(monkeypatch, config.replace(train={"activation_checkpointing": True}), tmp_path / "ckpt")
+    recomputed = _first_gradients(
+        monkeypatch, config.replace(train={"activation_checkpointing": True}), tmp_path / "ckpt"
+    )
     assert torch.equal(plain, recomputed)
 
 
@@ -231,5 +282,7 @@ def test_a_conditional_run_stores_its_class_names_and_resumes_only_on_them(tmp_p
     other = ImageSet(toys.images, toys.labels % 3, ["a", "b", "c"])
     with pytest.raises(ValueError, match="trained on 6 classes .* but the data has 3"):
         train(saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, dataset=other, progress=False)
-    result = train(saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, progress=False, final_grid=False)
+    result = train(
+        saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, progress=False, final_grid=False
+    )
     assert result.step == 4

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ddpm_cars import runtime
-from ddpm_cars.runtime import cpu_has_native_bf16  # the real one: conftest makes `auto` mean fp32 in tests
 from ddpm_cars.data import build_dataset
 from ddpm_cars.parallel import World
+from ddpm_cars.runtime import cpu_has_native_bf16  # the real one: conftest makes `auto` mean fp32 in tests
 from ddpm_cars.training import loop, train
 from ddpm_cars.training.batches import Batches, Position
 from ddpm_cars.training.ema import EMA
@@ -30,6 +30,7 @@ def counting_host_reads():
         def method(self, *args, **kwargs):
             counts[name] += 1
             return originals[name](self, *args, **kwargs)
+
         return method
 
     for name in HOST_READS:
@@ -44,11 +45,26 @@ def counting_host_reads():
 def _improved_tiny(tiny_config, **train_fields):
     """Learned variance, clipping, EMA and AdamW: every branch of the update step."""
     return tiny_config.replace(
-        model={"name": "res_attn_unet", "channels": (16, 32), "num_res_blocks": 1, "attention_resolutions": (8,), "head_channels": 16},
+        model={
+            "name": "res_attn_unet",
+            "channels": (16, 32),
+            "num_res_blocks": 1,
+            "attention_resolutions": (8,),
+            "head_channels": 16,
+        },
         diffusion={"schedule": "cosine", "loss": "l2", "learn_variance": True},
         data={"toy_count": 512},  # 32 batches an epoch: no epoch end among the steps counted
-        train={"epochs": 100, "sample_every_epochs": 100, "checkpoint_every_steps": 1000, "optimizer": "adamw",
-               "lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.99, "precision": "fp32", **train_fields},
+        train={
+            "epochs": 100,
+            "sample_every_epochs": 100,
+            "checkpoint_every_steps": 1000,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "grad_clip": 1.0,
+            "ema_decay": 0.99,
+            "precision": "fp32",
+            **train_fields,
+        },
     )
 
 
@@ -72,8 +88,16 @@ def _count_reads_of_the_loop(monkeypatch, config, run_dir):
 def test_the_loop_reads_the_device_once_per_log_every_steps(tmp_path, tiny_config, monkeypatch, model):
     config = _improved_tiny(tiny_config, max_steps=20, log_every_steps=5)
     if model == "seed":  # SimpleUnet with BatchNorm, L1, Adam, no EMA, no clipping
-        config = tiny_config.replace(data={"toy_count": 512}, train={
-            "max_steps": 20, "epochs": 100, "log_every_steps": 5, "checkpoint_every_steps": 1000, "precision": "fp32"})
+        config = tiny_config.replace(
+            data={"toy_count": 512},
+            train={
+                "max_steps": 20,
+                "epochs": 100,
+                "log_every_steps": 5,
+                "checkpoint_every_steps": 1000,
+                "precision": "fp32",
+            },
+        )
     counts = _count_reads_of_the_loop(monkeypatch, config, tmp_path)
     assert sum(counts.values()) <= 20 // 5, counts
     assert counts["tolist"] == 4  # one transfer per read, carrying five steps' losses and skip flags
@@ -109,7 +133,9 @@ def test_an_overflowing_fp16_step_is_skipped_on_the_device(tiny_config):
     trainee = loop.Trainee.build(config, world, device)
     trainee.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
     data = build_dataset(config.data, progress=False)
-    batch = Batches(data, config, world, device).draw(Position(), torch.Generator().manual_seed(0), trainee.denoiser.schedule.timesteps)
+    batch = Batches(data, config, world, device).draw(
+        Position(), torch.Generator().manual_seed(0), trainee.denoiser.schedule.timesteps
+    )
     before = [p.detach().clone() for p in trainee.model.parameters()]
     average = [p.detach().clone() for p in trainee.ema.model.parameters()]
     with counting_host_reads() as counts:
@@ -124,7 +150,9 @@ def test_an_overflowing_fp16_step_is_skipped_on_the_device(tiny_config):
 
     trainee.optimizer.zero_grad(set_to_none=True)  # a scale that fits: the next step applies
     trainee.scaler = torch.amp.GradScaler("cpu")
-    applied = loop.guarded_update(trainee, loop.loss_and_gradients(trainee, batch, config.train, world), config.train, step=1)
+    applied = loop.guarded_update(
+        trainee, loop.loss_and_gradients(trainee, batch, config.train, world), config.train, step=1
+    )
     assert applied and not all(torch.equal(a, p) for a, p in zip(before, trainee.model.parameters()))
     assert all(int(s["step"]) == 1 for s in trainee.optimizer.state.values())
 
@@ -151,7 +179,9 @@ def test_the_masked_average_moves_only_where_the_step_applied():
     assert all(torch.equal(s, p) for s, p in zip(shadow, ema.model.parameters()))
     ema.update(model, torch.tensor(True))
     weight = 1 - min(0.9, 3 / 12)  # the second update's ramped decay
-    assert all(torch.equal(p, s.lerp(live, weight)) for p, s, live in zip(ema.model.parameters(), shadow, model.parameters()))
+    assert all(
+        torch.equal(p, s.lerp(live, weight)) for p, s, live in zip(ema.model.parameters(), shadow, model.parameters())
+    )
 
 
 def test_auto_precision_follows_the_device(tmp_path, monkeypatch):
@@ -201,7 +231,9 @@ def test_a_failing_compiler_falls_back_to_the_network_with_one_warning(monkeypat
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.SiLU())
     net = runtime.prepare_model(model, compile=True)
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(runtime.CompileWarning, match=r"^torch.compile failed \(.*no working C\+\+ compiler\); running") as record:
+    with pytest.warns(
+        runtime.CompileWarning, match=r"^torch.compile failed \(.*no working C\+\+ compiler\); running"
+    ) as record:
         first, second = net(x), net(x)
     assert len(record) == 1 and "more detail" not in str(record[0].message)
     assert torch.equal(first, model(x)) and torch.equal(second, model(x))
@@ -240,6 +272,7 @@ def test_images_per_second_count_training_steps_only(tmp_path, tiny_config, monk
         def method(*args, **kwargs):
             clock[0] += 100.0
             return real(*args, **kwargs)
+
         return method
 
     monkeypatch.setattr(loop, "loss_and_gradients", step)

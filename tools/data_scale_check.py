@@ -78,8 +78,24 @@ def subset(big: Path, root: Path, count: int) -> Path:
 def train_once(folder: Path, out: Path, cache: Path, steps: int) -> dict[str, float | str]:
     """One training run: seconds to the training bar, peak RSS, and the cache's decode line."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "ddpm_cars", "train", "--preset", "demo", "--data", str(folder),
-               "--image-size", "64", "--steps", str(steps), "--out", str(out), "--data-cache", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "ddpm_cars",
+        "train",
+        "--preset",
+        "demo",
+        "--data",
+        str(folder),
+        "--image-size",
+        "64",
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--data-cache",
+        str(cache),
+    ]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     tic = time.perf_counter()
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True, bufsize=1)
@@ -95,14 +111,20 @@ def train_once(folder: Path, out: Path, cache: Path, steps: int) -> dict[str, fl
     _, status, usage = os.wait4(proc.pid, 0)
     if status:
         raise SystemExit(f"{' '.join(command)} failed with status {status}")
-    return {"to_first_step_s": to_bar or float("nan"), "total_s": time.perf_counter() - tic,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "decode": decode_line}
+    return {
+        "to_first_step_s": to_bar or float("nan"),
+        "total_s": time.perf_counter() - tic,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "decode": decode_line,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="where the folders, the cache and the runs go")
-    parser.add_argument("--counts", type=int, nargs="+", default=[5000, 50000], help="folder sizes (multiples of 1,000)")
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=[5000, 50000], help="folder sizes (multiples of 1,000)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="training steps per run")
     args = parser.parse_args()
     biggest = write_folder(args.root, max(args.counts))
@@ -117,7 +139,10 @@ def main() -> None:
             print(count, attempt, result, flush=True)
     print("\n| images | run | to the first step | peak RSS | whole run |\n| ---: | --- | ---: | ---: | ---: |")
     for count, attempt, r in rows:
-        print(f"| {count:,} | {attempt} | {r['to_first_step_s']:.1f} s | {r['peak_rss_mb']:.0f} MB | {r['total_s']:.0f} s |")
+        print(
+            f"| {count:,} | {attempt} | {r['to_first_step_s']:.1f} s | {r['peak_rss_mb']:.0f} MB | {r['total_s']:.0f} "
+            "s |"
+        )
     for count, attempt, r in rows:
         if r["decode"]:
             print(f"{count:,}: {r['decode']}")

@@ -90,8 +90,10 @@ def main() -> int:
         files += count
         size += nbytes
     count = len(distributions)
-    print(f"link_deps: hard-linked {count} installed distribution{'s' * (count != 1)} that "
-          f"{wheel.name} needs ({files} files, {size / 1e9:.1f} GB not copied)")
+    print(
+        f"link_deps: hard-linked {count} installed distribution{'s' * (count != 1)} that "
+        f"{wheel.name} needs ({files} files, {size / 1e9:.1f} GB not copied)"
+    )
     return 0
 
 

@@ -64,7 +64,12 @@ def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[s
     default = [parser._positionals, parser._optionals]  # one table, as the usage line orders them
     groups = [(None, default)] + [(g, [g]) for g in parser._action_groups if g not in default]
     for group, members in groups:
-        actions = [a for g in members for a in g._group_actions if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+        actions = [
+            a
+            for g in members
+            for a in g._group_actions
+            if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+        ]
         if not actions:
             continue
         if group is not None:
@@ -76,7 +81,10 @@ def _section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[s
     for exclusive in parser._mutually_exclusive_groups:
         names = [f"`{(a.option_strings or [a.metavar or a.dest])[0]}`" for a in exclusive._group_actions]
         listed = f"{', '.join(names[:-1])} and {names[-1]}"
-        lines += [f"Exactly one of {listed} is required." if exclusive.required else f"{listed} exclude each other.", ""]
+        lines += [
+            f"Exactly one of {listed} is required." if exclusive.required else f"{listed} exclude each other.",
+            "",
+        ]
     if parser.epilog:
         lines += ["```text", parser.epilog.rstrip(), "```", ""]
     return lines

@@ -13,8 +13,9 @@ import dataclasses
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from ddpm_cars.config import DEFAULT_GUIDANCE, Crop, DataConfig, DiffusionConfig, RunConfig, Schedule, Split
 from ddpm_cars.errors import UserError
@@ -128,11 +129,15 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)"
+    )
 
 
 def _ema_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ema", default=True, action=Switch, help="use the moving-average weights when the run kept them (default: on)")
+    parser.add_argument(
+        "--ema", default=True, action=Switch, help="use the moving-average weights when the run kept them (default: on)"
+    )
 
 
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -141,77 +146,249 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_parser(sub: Any) -> None:
-    train = sub.add_parser("train", help="train a model", description="Train a DDPM; checkpoints, samples and loss go to --out.")
+    train = sub.add_parser(
+        "train", help="train a model", description="Train a DDPM; checkpoints, samples and loss go to --out."
+    )
     train.set_defaults(func=_command("train"))
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
     recipe = train.add_mutually_exclusive_group()
-    recipe.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe the options below modify (default: {DEFAULT_PRESET})")
-    recipe.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON", help="start from a saved recipe instead, e.g. another run's config.json; the options below still override single fields (default: the preset)")
+    recipe.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=sorted(PRESETS),
+        help=f"recipe the options below modify (default: {DEFAULT_PRESET})",
+    )
+    recipe.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="CONFIG_JSON",
+        help=(
+            "start from a saved recipe instead, e.g. another run's config.json; the options below still override "
+            "single fields (default: the preset)"
+        ),
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    train.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="Inception weights for FID during training (default: torch's hub cache, when the file is there)")
+    train.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Inception weights for FID during training (default: torch's hub cache, when the file is there)",
+    )
     _device_option(train)
     # an option not given keeps the preset's (or, with --resume, the run's) value
     _add_config_options(train, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
 
 
 SAMPLER_ADVICE = """\
-Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps; docs/benchmarks/samplers_eps.md, samplers_v.md):
+Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps;
+docs/benchmarks/samplers_eps.md, samplers_v.md):
   eps models (improved preset): dpm++sde --steps 20 --spacing karras, the default, 38.3 against 37.4 for 1,000 steps;
-  ddpm --spacing uniform --steps 20 43.2, 35 35.3; ddim, dpm++, heun without churn keep noise at any steps (72-119); heun --churn 20 --spacing karras --steps 25 35.5, 50 20.4.
-  v models: dpm++sde as above 22.3 against 22.2 for 1,000 steps; dpm++ --steps 10 --spacing karras 22.9; heun --churn 20 --steps 10 --spacing karras (19 calls) 19.3."""
+  ddpm --spacing uniform --steps 20 43.2, 35 35.3; ddim, dpm++, heun without churn keep noise at any steps (72-119);
+  heun --churn 20 --spacing karras --steps 25 35.5, 50 20.4.
+  v models: dpm++sde as above 22.3 against 22.2 for 1,000 steps; dpm++ --steps 10 --spacing karras 22.9;
+  heun --churn 20 --steps 10 --spacing karras (19 calls) 19.3."""
 
 
 def _sample_parser(sub: Any) -> None:
     sample = sub.add_parser(
-        "sample", help="generate images from a trained run", description="Generate images from pure noise.",
-        epilog=SAMPLER_ADVICE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "sample",
+        help="generate images from a trained run",
+        description="Generate images from pure noise.",
+        epilog=SAMPLER_ADVICE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.set_defaults(func=_command("sample"))
-    sample.add_argument("--checkpoint", required=True, type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
-    sample.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for grid.png, images/ and denoising.png (required)")
+    sample.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        metavar="RUN",
+        help="run directory (latest checkpoint) or a checkpoint directory (required)",
+    )
+    sample.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output directory for grid.png, images/ and denoising.png (required)",
+    )
     # --num-images first: torchrun's own parser refuses a bare --num as an abbreviation of its --numa-binding
-    sample.add_argument("--num-images", "--num", dest="num", type=value_type(int, POSITIVE), default=64, help="number of images, per class with --class (default: 64)")
+    sample.add_argument(
+        "--num-images",
+        "--num",
+        dest="num",
+        type=value_type(int, POSITIVE),
+        default=64,
+        help="number of images, per class with --class (default: 64)",
+    )
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default: 0)")
-    sample.add_argument("--batch-size", type=value_type(int, POSITIVE), default=64, help="images denoised at once (default: 64)")
-    sample.add_argument("--trajectory", action="store_true", help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)")
+    sample.add_argument(
+        "--batch-size", type=value_type(int, POSITIVE), default=64, help="images denoised at once (default: 64)"
+    )
+    sample.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)",
+    )
     _ema_option(sample)
-    sample.add_argument("--class", dest="classes", action="append", default=None, metavar="NAME", help="draw --num images of this class: its name (any case) or index; repeat for several, one grid row each (class-conditional runs; list them with `ddpm-cars classes RUN`; default: unconditional)")
-    sample.add_argument("--guidance", type=value_type(float, NON_NEGATIVE), default=None, metavar="SCALE", help=f"classifier-free guidance with --class: 0 unconditional, 1 conditional, more for stronger class likeness (default: {DEFAULT_GUIDANCE:g})")
+    sample.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=(
+            "draw --num images of this class: its name (any case) or index; repeat for several, one grid row each "
+            "(class-conditional runs; list them with `ddpm-cars classes RUN`; default: unconditional)"
+        ),
+    )
+    sample.add_argument(
+        "--guidance",
+        type=value_type(float, NON_NEGATIVE),
+        default=None,
+        metavar="SCALE",
+        help=(
+            "classifier-free guidance with --class: 0 unconditional, 1 conditional, more for stronger class likeness "
+            f"(default: {DEFAULT_GUIDANCE:g})"
+        ),
+    )
     _own_image_options(sample)
     _sampling_options(sample)
 
 
 def _own_image_options(sample: argparse.ArgumentParser) -> None:
-    own = sample.add_argument_group("variations, inpainting and interpolation", "Use the model on an image of your own, or between two seeds.")
-    own.add_argument("--init-image", type=Path, metavar="IMG", help="draw --num variations of this image (SDEdit): it is cropped and resized like the run's training images, noised to step strength x T and denoised (default: none)")
-    own.add_argument("--strength", type=value_type(float, Limits(low=0, high=1)), default=None, metavar="S", help="how far --init-image is noised, in [0, 1]: 0 returns it, 1 ignores it (default: 0.5; 1 with --mask)")
-    own.add_argument("--mask", type=Path, metavar="MASK", help="with --init-image: redraw its pixels where this image (of the same size) is white, keep the rest (RePaint; needs --sampler ddpm or ddim, ancestral on 50 steps if the run samples with a multistep solver) (default: none)")
-    own.add_argument("--resample-jumps", type=value_type(int, NON_NEGATIVE), default=0, metavar="J", help="with --mask: after every --resample-every steps, go back up that many steps and down again, J times, so the fill agrees with the kept pixels (RePaint's resampling; costs about J+1 times the steps) (default: 0, off)")
-    own.add_argument("--resample-every", type=value_type(int, POSITIVE), default=10, metavar="R", help="steps between RePaint's jumps back, and their length (default: 10)")
+    own = sample.add_argument_group(
+        "variations, inpainting and interpolation", "Use the model on an image of your own, or between two seeds."
+    )
+    own.add_argument(
+        "--init-image",
+        type=Path,
+        metavar="IMG",
+        help=(
+            "draw --num variations of this image (SDEdit): it is cropped and resized like the run's training images, "
+            "noised to step strength x T and denoised (default: none)"
+        ),
+    )
+    own.add_argument(
+        "--strength",
+        type=value_type(float, Limits(low=0, high=1)),
+        default=None,
+        metavar="S",
+        help="how far --init-image is noised, in [0, 1]: 0 returns it, 1 ignores it (default: 0.5; 1 with --mask)",
+    )
+    own.add_argument(
+        "--mask",
+        type=Path,
+        metavar="MASK",
+        help=(
+            "with --init-image: redraw its pixels where this image (of the same size) is white, keep the rest "
+            "(RePaint; needs --sampler ddpm or ddim, ancestral on 50 steps if the run samples with a multistep "
+            "solver) (default: none)"
+        ),
+    )
+    own.add_argument(
+        "--resample-jumps",
+        type=value_type(int, NON_NEGATIVE),
+        default=0,
+        metavar="J",
+        help=(
+            "with --mask: after every --resample-every steps, go back up that many steps and down again, J times, so "
+            "the fill agrees with the kept pixels (RePaint's resampling; costs about J+1 times the steps) (default: "
+            "0, off)"
+        ),
+    )
+    own.add_argument(
+        "--resample-every",
+        type=value_type(int, POSITIVE),
+        default=10,
+        metavar="R",
+        help="steps between RePaint's jumps back, and their length (default: 10)",
+    )
     ends = own.add_mutually_exclusive_group()
-    ends.add_argument("--interpolate", type=int, nargs=2, metavar=("SEED_A", "SEED_B"), help="draw --frames images along the sphere between image 0 of two seeds' starting noise, decoded deterministically (DDIM with eta 0 unless --sampler names another deterministic one): interpolation.png, interpolation.gif (default: off)")
-    ends.add_argument("--interpolate-images", type=Path, nargs=2, metavar=("IMG_A", "IMG_B"), help="the same between two images, each first inverted to its x_T with DDIM (default: off)")
-    own.add_argument("--frames", type=value_type(int, Limits(low=2)), default=9, metavar="N", help="frames of an interpolation, both ends included (default: 9)")
+    ends.add_argument(
+        "--interpolate",
+        type=int,
+        nargs=2,
+        metavar=("SEED_A", "SEED_B"),
+        help=(
+            "draw --frames images along the sphere between image 0 of two seeds' starting noise, decoded "
+            "deterministically (DDIM with eta 0 unless --sampler names another deterministic one): interpolation.png, "
+            "interpolation.gif (default: off)"
+        ),
+    )
+    ends.add_argument(
+        "--interpolate-images",
+        type=Path,
+        nargs=2,
+        metavar=("IMG_A", "IMG_B"),
+        help="the same between two images, each first inverted to its x_T with DDIM (default: off)",
+    )
+    own.add_argument(
+        "--frames",
+        type=value_type(int, Limits(low=2)),
+        default=9,
+        metavar="N",
+        help="frames of an interpolation, both ends included (default: 9)",
+    )
 
 
 def _forward_parser(sub: Any) -> None:
-    forward = sub.add_parser("forward", help="picture the forward (noising) process", description="One image at about ten evenly spaced t.")
+    forward = sub.add_parser(
+        "forward", help="picture the forward (noising) process", description="One image at about ten evenly spaced t."
+    )
     forward.set_defaults(func=_command("forward"))
-    forward.add_argument("--data", default="toy-cars", metavar="SOURCE", help="toy-cars, stanford-cars or an image folder (default: toy-cars)")
-    forward.add_argument("--split", default="train", choices=get_args(Split), help="Stanford Cars split (default: train)")
-    forward.add_argument("--out", type=Path, default=Path("forward_process.png"), help="PNG to write (default: forward_process.png)")
+    forward.add_argument(
+        "--data",
+        default="toy-cars",
+        metavar="SOURCE",
+        help="toy-cars, stanford-cars or an image folder (default: toy-cars)",
+    )
+    forward.add_argument(
+        "--split", default="train", choices=get_args(Split), help="Stanford Cars split (default: train)"
+    )
+    forward.add_argument(
+        "--out", type=Path, default=Path("forward_process.png"), help="PNG to write (default: forward_process.png)"
+    )
     forward.add_argument("--index", type=int, default=0, help="which image of the dataset (default: 0)")
-    forward.add_argument("--image-size", type=field_type(DataConfig, "image_size"), default=SEED.data.image_size, help=f"pixels (default: {SEED.data.image_size})")
-    forward.add_argument("--crop", default="none", choices=get_args(Crop), help="none: squash to a square; center: the centre square; bbox: around the annotated car, Stanford Cars (default: none)")
-    forward.add_argument("--timesteps", type=field_type(DiffusionConfig, "timesteps"), default=SEED.diffusion.timesteps, help=f"diffusion steps T (default: {SEED.diffusion.timesteps})")
-    forward.add_argument("--schedule", default=SEED.diffusion.schedule, choices=get_args(Schedule), help=f"noise schedule (default: {SEED.diffusion.schedule})")
-    forward.add_argument("--frames", type=value_type(int, POSITIVE), default=10, help="pictures in the strip (default: 10)")
+    forward.add_argument(
+        "--image-size",
+        type=field_type(DataConfig, "image_size"),
+        default=SEED.data.image_size,
+        help=f"pixels (default: {SEED.data.image_size})",
+    )
+    forward.add_argument(
+        "--crop",
+        default="none",
+        choices=get_args(Crop),
+        help=(
+            "none: squash to a square; center: the centre square; bbox: around the annotated car, Stanford Cars "
+            "(default: none)"
+        ),
+    )
+    forward.add_argument(
+        "--timesteps",
+        type=field_type(DiffusionConfig, "timesteps"),
+        default=SEED.diffusion.timesteps,
+        help=f"diffusion steps T (default: {SEED.diffusion.timesteps})",
+    )
+    forward.add_argument(
+        "--schedule",
+        default=SEED.diffusion.schedule,
+        choices=get_args(Schedule),
+        help=f"noise schedule (default: {SEED.diffusion.schedule})",
+    )
+    forward.add_argument(
+        "--frames", type=value_type(int, POSITIVE), default=10, help="pictures in the strip (default: 10)"
+    )
     forward.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
 
 
 def _eval_parser(sub: Any) -> None:
     evaluate = sub.add_parser(
-        "eval", help="score a run's samples (SWD, precision/recall, FID, KID, memorisation) or a folder of images",
+        "eval",
+        help="score a run's samples (SWD, precision/recall, FID, KID, memorisation) or a folder of images",
         description="Score generated images against a dataset: the sliced Wasserstein distance on Laplacian-pyramid "
         "patches and precision/recall on pixels (always), FID, KID and Inception precision/recall (when the Inception "
         "weights are available), and the nearest training image of each sample. Results go to RUN/eval/ and the "
@@ -219,110 +396,342 @@ def _eval_parser(sub: Any) -> None:
     )
     evaluate.set_defaults(func=_command("evaluate"))
     source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory: samples are generated from it (required, or --images)")
-    source.add_argument("--images", type=Path, metavar="DIR", help="a folder of generated images to score instead (required, or --checkpoint; the reference is --data, default toy-cars)")
-    evaluate.add_argument("--num-samples", type=value_type(int, POSITIVE), default=1000, help="samples generated and scored (default: 1000)")
-    evaluate.add_argument("--sample-metrics", default=True, action=Switch, help="compute the sample metrics (default: on; --no-sample-metrics with --nll gives the likelihood alone)")
-    evaluate.add_argument("--fid", default=True, action=Switch, help="FID and KID when the Inception weights are available or downloadable (default: on)")
-    evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH", help="the Inception weights file (default: torch's hub cache, downloaded there when online)")
-    evaluate.add_argument("--memorization", default=True, action=Switch, help="nearest training image of each sample, against held-out real images (default: on)")
-    evaluate.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="where reference features are cached (default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)")
-    evaluate.add_argument("--nll", action="store_true", help="also the negative log-likelihood bound in bits/dim on held-out images (default: off)")
-    evaluate.add_argument("--data", default=None, metavar="SOURCE", help="reference images: toy-cars, stanford-cars or a folder (default: the run's data source)")
-    evaluate.add_argument("--split", default=None, choices=get_args(Split), help="split of --data (default: train for the sample metrics, as FID is reported; test for --nll)")
-    evaluate.add_argument("--image-size", type=value_type(int, POSITIVE), default=None, help="resolution with --images (default: the run's, or the images' own)")
-    evaluate.add_argument("--num-images", type=value_type(int, POSITIVE), default=256, help="held-out images for --nll (default: 256)")
-    evaluate.add_argument("--timesteps", type=value_type(int, POSITIVE), default=None, metavar="K", help="--nll: estimate the KL sum from K random t per image instead of all T terms (default: all, exact)")
-    evaluate.add_argument("--batch-size", type=value_type(int, POSITIVE), default=64, help="images per network call (default: 64)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the samples, subsets and projections (default: 0)")
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="RUN",
+        help=(
+            "run directory (latest checkpoint) or a checkpoint directory: samples are generated from it (required, or "
+            "--images)"
+        ),
+    )
+    source.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "a folder of generated images to score instead (required, or --checkpoint; the reference is --data, "
+            "default toy-cars)"
+        ),
+    )
+    evaluate.add_argument(
+        "--num-samples",
+        type=value_type(int, POSITIVE),
+        default=1000,
+        help="samples generated and scored (default: 1000)",
+    )
+    evaluate.add_argument(
+        "--sample-metrics",
+        default=True,
+        action=Switch,
+        help="compute the sample metrics (default: on; --no-sample-metrics with --nll gives the likelihood alone)",
+    )
+    evaluate.add_argument(
+        "--fid",
+        default=True,
+        action=Switch,
+        help="FID and KID when the Inception weights are available or downloadable (default: on)",
+    )
+    evaluate.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the Inception weights file (default: torch's hub cache, downloaded there when online)",
+    )
+    evaluate.add_argument(
+        "--memorization",
+        default=True,
+        action=Switch,
+        help="nearest training image of each sample, against held-out real images (default: on)",
+    )
+    evaluate.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where reference features are cached (default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)",
+    )
+    evaluate.add_argument(
+        "--nll",
+        action="store_true",
+        help="also the negative log-likelihood bound in bits/dim on held-out images (default: off)",
+    )
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="reference images: toy-cars, stanford-cars or a folder (default: the run's data source)",
+    )
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        choices=get_args(Split),
+        help="split of --data (default: train for the sample metrics, as FID is reported; test for --nll)",
+    )
+    evaluate.add_argument(
+        "--image-size",
+        type=value_type(int, POSITIVE),
+        default=None,
+        help="resolution with --images (default: the run's, or the images' own)",
+    )
+    evaluate.add_argument(
+        "--num-images", type=value_type(int, POSITIVE), default=256, help="held-out images for --nll (default: 256)"
+    )
+    evaluate.add_argument(
+        "--timesteps",
+        type=value_type(int, POSITIVE),
+        default=None,
+        metavar="K",
+        help="--nll: estimate the KL sum from K random t per image instead of all T terms (default: all, exact)",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=value_type(int, POSITIVE), default=64, help="images per network call (default: 64)"
+    )
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="seed of the samples, subsets and projections (default: 0)"
+    )
     _ema_option(evaluate)
-    evaluate.add_argument("--out", type=Path, default=None, metavar="DIR", help="where metrics.json and the pictures go (default: RUN/eval with --checkpoint, none with --images)")
-    evaluate.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers to this JSON file (default: none)")
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where metrics.json and the pictures go (default: RUN/eval with --checkpoint, none with --images)",
+    )
+    evaluate.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the numbers to this JSON file (default: none)",
+    )
     _sampling_options(evaluate)
 
 
 def _guidance_parser(sub: Any) -> None:
     guidance = sub.add_parser(
-        "guidance", help="measure classifier-free guidance: how often samples show the class asked for",
+        "guidance",
+        help="measure classifier-free guidance: how often samples show the class asked for",
         description="Draw samples of every class of a class-conditional run at each guidance scale and judge them with "
         "a small classifier trained on the run's real images: the share classified as the class asked for, overall and "
         "per class, into guidance.json, and guidance.png with one row per class.",
     )
     guidance.set_defaults(func=_command("guidance"))
-    guidance.add_argument("run", type=Path, metavar="RUN", help="class-conditional run directory or checkpoint directory (required)")
-    guidance.add_argument("--scales", type=value_type(tuple[float, ...], Limits(low=0, min_items=1)), default=(0.0, 1.0, 3.0), metavar="S1,S2,...", help="guidance scales to compare (default: 0,1,3)")
-    guidance.add_argument("--per-class", type=value_type(int, POSITIVE), default=100, metavar="N", help="samples of each class at each scale (default: 100)")
-    guidance.add_argument("--classifier-steps", type=value_type(int, POSITIVE), default=500, metavar="STEPS", help="training steps of the judging classifier (default: 500)")
+    guidance.add_argument(
+        "run", type=Path, metavar="RUN", help="class-conditional run directory or checkpoint directory (required)"
+    )
+    guidance.add_argument(
+        "--scales",
+        type=value_type(tuple[float, ...], Limits(low=0, min_items=1)),
+        default=(0.0, 1.0, 3.0),
+        metavar="S1,S2,...",
+        help="guidance scales to compare (default: 0,1,3)",
+    )
+    guidance.add_argument(
+        "--per-class",
+        type=value_type(int, POSITIVE),
+        default=100,
+        metavar="N",
+        help="samples of each class at each scale (default: 100)",
+    )
+    guidance.add_argument(
+        "--classifier-steps",
+        type=value_type(int, POSITIVE),
+        default=500,
+        metavar="STEPS",
+        help="training steps of the judging classifier (default: 500)",
+    )
     guidance.add_argument("--seed", type=int, default=0, help="seed of the samples and the classifier (default: 0)")
-    guidance.add_argument("--batch-size", type=value_type(int, POSITIVE), default=64, help="images denoised at once (default: 64)")
+    guidance.add_argument(
+        "--batch-size", type=value_type(int, POSITIVE), default=64, help="images denoised at once (default: 64)"
+    )
     _ema_option(guidance)
-    guidance.add_argument("--out", type=Path, default=None, metavar="DIR", help="where guidance.json and guidance.png go (default: RUN/guidance)")
+    guidance.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where guidance.json and guidance.png go (default: RUN/guidance)",
+    )
     _sampling_options(guidance)
 
 
 def _classes_parser(sub: Any) -> None:
-    classes = sub.add_parser("classes", help="list the classes a class-conditional run can draw", description="Print the index and name of each class of a class-conditional run, for `sample --class`.")
+    classes = sub.add_parser(
+        "classes",
+        help="list the classes a class-conditional run can draw",
+        description="Print the index and name of each class of a class-conditional run, for `sample --class`.",
+    )
     classes.set_defaults(func=_command("classes"))
     classes.add_argument("run", type=Path, metavar="RUN", help="run directory or checkpoint directory (required)")
 
 
 def _report_and_demo_parsers(sub: Any) -> None:
-    report = sub.add_parser("report", help="write a run's report.html", description="Write RUN/report.html: one self-contained page with the config, samples, denoising strip, curves, metrics and memorisation check.")
+    report = sub.add_parser(
+        "report",
+        help="write a run's report.html",
+        description=(
+            "Write RUN/report.html: one self-contained page with the config, samples, denoising strip, curves, "
+            "metrics and memorisation check."
+        ),
+    )
     report.set_defaults(func=_command("report"))
     report.add_argument("run", type=Path, metavar="RUN", help="run directory (required)")
-    report.add_argument("--out", type=Path, default=None, metavar="FILE", help="HTML file to write (default: RUN/report.html)")
+    report.add_argument(
+        "--out", type=Path, default=None, metavar="FILE", help="HTML file to write (default: RUN/report.html)"
+    )
 
-    demo = sub.add_parser("demo", help="train a small model on toy cars and draw every figure", description="Train, sample and draw all figures into --out, in minutes on a CPU.")
+    demo = sub.add_parser(
+        "demo",
+        help="train a small model on toy cars and draw every figure",
+        description="Train, sample and draw all figures into --out, in minutes on a CPU.",
+    )
     demo.set_defaults(func=_command("demo"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    demo.add_argument("--steps", type=value_type(int, POSITIVE), default=None, help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)")
-    demo.add_argument("--log-with", choices=["none", "tensorboard", "wandb"], default=None, help="also log the training to TensorBoard (RUN/tensorboard) or Weights & Biases (default: none)")
+    demo.add_argument(
+        "--steps",
+        type=value_type(int, POSITIVE),
+        default=None,
+        help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)",
+    )
+    demo.add_argument(
+        "--log-with",
+        choices=["none", "tensorboard", "wandb"],
+        default=None,
+        help="also log the training to TensorBoard (RUN/tensorboard) or Weights & Biases (default: none)",
+    )
     _device_option(demo)
 
 
 def _exchange_parsers(sub: Any) -> None:
     export = sub.add_parser(
-        "export", help="write a run as a diffusers DDPMPipeline folder", description="Write a run's network and "
+        "export",
+        help="write a run as a diffusers DDPMPipeline folder",
+        description="Write a run's network and "
         "schedule as a folder that diffusers.DDPMPipeline.from_pretrained loads, with a model card (README.md).",
     )
     export.set_defaults(func=_command("export"))
-    export.add_argument("run", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)")
+    export.add_argument(
+        "run", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)"
+    )
     export.add_argument("out", type=Path, metavar="OUT", help="folder to write; must not exist or be empty (required)")
-    export.add_argument("--format", choices=["diffusers"], default="diffusers", help="what to write (default: diffusers)")
+    export.add_argument(
+        "--format", choices=["diffusers"], default="diffusers", help="what to write (default: diffusers)"
+    )
     _ema_option(export)
     imported = sub.add_parser(
-        "import", help="bring a folder written by export back as a run", description="Turn a diffusers folder written "
+        "import",
+        help="bring a folder written by export back as a run",
+        description="Turn a diffusers folder written "
         "by `ddpm-cars export` into a run directory that sample, eval and train --init-from take.",
     )
     imported.set_defaults(func=_command("import_run"))
     imported.add_argument("folder", type=Path, metavar="DIR", help="the exported folder (required)")
-    imported.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create (required)")
+    imported.add_argument(
+        "--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create (required)"
+    )
 
 
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
-        "bench", help="measure parameters, FLOPs, training and sampling speed and memory of the presets",
+        "bench",
+        help="measure parameters, FLOPs, training and sampling speed and memory of the presets",
         description="Benchmark each preset's network at each precision on this device and print a Markdown table.",
     )
     bench.set_defaults(func=_command("bench"))
-    bench.add_argument("--presets", default="seed,improved", metavar="P1,P2,...", help=f"comma-separated presets, of {', '.join(PRESETS)} (default: seed,improved)")
-    bench.add_argument("--precisions", default="fp32,bf16", metavar="P1,P2,...", help="comma-separated precisions, of fp32, bf16 and fp16 (default: fp32,bf16)")
-    bench.add_argument("--image-size", type=value_type(int, POSITIVE), default=64, help="pixels; every preset is measured at this size (default: 64)")
-    bench.add_argument("--batch-size", type=value_type(int, POSITIVE), default=None, help="images per training step and per sampling batch (default: 128 on CUDA, 8 on CPU)")
-    bench.add_argument("--repeats", type=value_type(int, POSITIVE), default=5, help="timed training steps; the median step time is reported (default: 5)")
-    bench.add_argument("--warmup", type=int, default=2, metavar="STEPS", help="untimed steps before the timed ones (default: 2)")
-    bench.add_argument("--sample-steps", type=value_type(int, POSITIVE), default=5, help="timed reverse steps of ancestral sampling; the median step time is reported (default: 5)")
-    bench.add_argument("--compile", default=False, action=Switch, help="torch.compile the networks; compilation falls in the warm-up (default: off)")
-    bench.add_argument("--activation-checkpointing", default=False, action=Switch, help="recompute the residual U-Net's blocks in the backward pass, to measure the memory it saves (default: off)")
-    bench.add_argument("--loop", default=False, action=Switch, help="also time the whole training loop of each preset, data from the cache included, and the seconds to its first step (default: off)")
-    bench.add_argument("--data", default="toy-cars", metavar="SOURCE", help="the data of --loop: toy-cars, stanford-cars or an image folder (default: toy-cars)")
-    bench.add_argument("--peak-tflops", type=value_type(float, Limits(low=0, low_open=True)), default=None, metavar="TFLOPS", help="the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; none on CPUs)")
+    bench.add_argument(
+        "--presets",
+        default="seed,improved",
+        metavar="P1,P2,...",
+        help=f"comma-separated presets, of {', '.join(PRESETS)} (default: seed,improved)",
+    )
+    bench.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        metavar="P1,P2,...",
+        help="comma-separated precisions, of fp32, bf16 and fp16 (default: fp32,bf16)",
+    )
+    bench.add_argument(
+        "--image-size",
+        type=value_type(int, POSITIVE),
+        default=64,
+        help="pixels; every preset is measured at this size (default: 64)",
+    )
+    bench.add_argument(
+        "--batch-size",
+        type=value_type(int, POSITIVE),
+        default=None,
+        help="images per training step and per sampling batch (default: 128 on CUDA, 8 on CPU)",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=value_type(int, POSITIVE),
+        default=5,
+        help="timed training steps; the median step time is reported (default: 5)",
+    )
+    bench.add_argument(
+        "--warmup", type=int, default=2, metavar="STEPS", help="untimed steps before the timed ones (default: 2)"
+    )
+    bench.add_argument(
+        "--sample-steps",
+        type=value_type(int, POSITIVE),
+        default=5,
+        help="timed reverse steps of ancestral sampling; the median step time is reported (default: 5)",
+    )
+    bench.add_argument(
+        "--compile",
+        default=False,
+        action=Switch,
+        help="torch.compile the networks; compilation falls in the warm-up (default: off)",
+    )
+    bench.add_argument(
+        "--activation-checkpointing",
+        default=False,
+        action=Switch,
+        help=(
+            "recompute the residual U-Net's blocks in the backward pass, to measure the memory it saves (default: off)"
+        ),
+    )
+    bench.add_argument(
+        "--loop",
+        default=False,
+        action=Switch,
+        help=(
+            "also time the whole training loop of each preset, data from the cache included, and the seconds to its "
+            "first step (default: off)"
+        ),
+    )
+    bench.add_argument(
+        "--data",
+        default="toy-cars",
+        metavar="SOURCE",
+        help="the data of --loop: toy-cars, stanford-cars or an image folder (default: toy-cars)",
+    )
+    bench.add_argument(
+        "--peak-tflops",
+        type=value_type(float, Limits(low=0, low_open=True)),
+        default=None,
+        metavar="TFLOPS",
+        help=(
+            "the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; "
+            "none on CPUs)"
+        ),
+    )
     _device_option(bench)
-    bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows and metadata to this JSON file (default: none)")
+    bench.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the rows and metadata to this JSON file (default: none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train DDPMs on cars (or any images) and generate new ones.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train DDPMs on cars (or any images) and generate new ones."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _sample_parser(sub)
@@ -354,5 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
     except Exception:  # anything else is a bug in ddpm-cars, not in what the user asked
         traceback.print_exc()
-        print(f"{PROG}: internal error: this is a bug in {PROG}; please report it with the traceback above", file=sys.stderr)
+        print(
+            f"{PROG}: internal error: this is a bug in {PROG}; please report it with the traceback above",
+            file=sys.stderr,
+        )
         return 1

@@ -34,8 +34,18 @@ from ddpm_cars.viz import evenly_spaced_steps, save_rows, save_samples, save_str
 # same computation is carried out (precision, memory layout, compilation, micro-batches).
 RESUMABLE = {
     "train": {
-        "epochs", "max_steps", "sample_every_epochs", "checkpoint_every_steps", "log_every_steps",
-        "grad_accum_steps", "precision", "channels_last", "activation_checkpointing", "compile", "eval_every_steps", "eval_samples",
+        "epochs",
+        "max_steps",
+        "sample_every_epochs",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "grad_accum_steps",
+        "precision",
+        "channels_last",
+        "activation_checkpointing",
+        "compile",
+        "eval_every_steps",
+        "eval_samples",
         "log_with",
     },
     "data": {"cache"},
@@ -75,7 +85,9 @@ def train(args: argparse.Namespace) -> int:
         raise UserError("--resume continues the run in --out with its own config.json; --config starts a new run")
     config = _resume_config(args.out, overrides) if args.resume else _recipe(args).replace(**overrides)
     tic = time.perf_counter()
-    result = train_run(config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights)
+    result = train_run(
+        config, args.out, resume=args.resume, device=args.device, inception_weights=args.inception_weights
+    )
     if not parallel.current_world().is_main:
         return 0
     print(f"Trained to step {result.step} (last loss {result.last_loss:.4f}) in {time.perf_counter() - tic:.0f} s")
@@ -104,9 +116,21 @@ GRID_ROW_PER_CLASS_UP_TO = 16  # images per class that still fit on one grid row
 
 
 def sample_run(
-    run: Path, out: Path, num: int, *, seed: int = 0, batch_size: int = 64, device: str = "auto",
-    sample_overrides: dict | None = None, ema: bool = True, trajectory: bool = False, grid_count: int | None = None,
-    classes: list[str] | None = None, guidance: float = 1.0, edit: argparse.Namespace | None = None, note: str = "",
+    run: Path,
+    out: Path,
+    num: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+    sample_overrides: dict | None = None,
+    ema: bool = True,
+    trajectory: bool = False,
+    grid_count: int | None = None,
+    classes: list[str] | None = None,
+    guidance: float = 1.0,
+    edit: argparse.Namespace | None = None,
+    note: str = "",
 ) -> torch.Tensor | None:
     """Generate from a run's checkpoint; write grid.png (of the first ``grid_count`` images,
     all by default), images/NNNN.png and denoising.png. With ``classes`` (names or indices)
@@ -125,8 +149,15 @@ def sample_run(
     visited = strength_timesteps(visited, request.get("strength", 1.0), schedule.timesteps).tolist()
     frames, predictions, callback = denoising_frames(visited)
     images = parallel.generate_across_ranks(
-        trained.denoiser(ema=ema, device=dev), num, config.sample, world, seed=seed, batch_size=batch_size,
-        classes=None if labels is None else ClassRequest(labels, guidance), callback=callback, **request,
+        trained.denoiser(ema=ema, device=dev),
+        num,
+        config.sample,
+        world,
+        seed=seed,
+        batch_size=batch_size,
+        classes=None if labels is None else ClassRequest(labels, guidance),
+        callback=callback,
+        **request,
     )
     if images is None:  # not rank 0
         return None
@@ -135,13 +166,20 @@ def sample_run(
     if frames:  # none at strength 0, where nothing is denoised
         save_strip(frames, out / "denoising.png", f"Denoising image 0 ({trained.checkpoint.name})")
     if trajectory and frames:
-        save_rows([("x_t", frames), ("predicted x_0", predictions)], out / "trajectory.png",
-                  f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})")
+        save_rows(
+            [("x_t", frames), ("predicted x_0", predictions)],
+            out / "trajectory.png",
+            f"Image 0 along the way: {config.sample.sampler}, {len(visited)} steps ({trained.checkpoint.name})",
+        )
     how = sampling_description(config.sample) + note
     if labels is not None:
         names = [config.model.class_names[i] for i in dict.fromkeys(labels.tolist())]
         how += f"; {num // len(classes)} each of {', '.join(names)}, guidance {guidance:g}"
-    files = "grid.png, images/" + (", denoising.png" if frames else "") + (", trajectory.png" if trajectory and frames else "")
+    files = (
+        "grid.png, images/"
+        + (", denoising.png" if frames else "")
+        + (", trajectory.png" if trajectory and frames else "")
+    )
     if request:
         edit_how, edit_files = image_edits.write_inputs(out, request, edit)
         how, files = how + edit_how, files + edit_files
@@ -155,14 +193,26 @@ def sample(args: argparse.Namespace) -> int:
         raise UserError("--guidance steers towards a class: name one with --class (see: ddpm-cars classes RUN)")
     image_edits.check_edit_options(args, overrides.get("sampler"))
     run_config = Run.open(args.checkpoint).config
-    overrides, note = image_edits.inpainting_overrides(args, overrides, run_config.sample, run_config.diffusion.timesteps)
+    overrides, note = image_edits.inpainting_overrides(
+        args, overrides, run_config.sample, run_config.diffusion.timesteps
+    )
     if args.interpolate is not None or args.interpolate_images is not None:
         return image_edits.interpolate(args)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sample_run(
-        args.checkpoint, args.out, args.num, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        sample_overrides=overrides, ema=args.ema, trajectory=args.trajectory, classes=args.classes, guidance=guidance,
-        edit=args if args.init_image is not None else None, note=note,
+        args.checkpoint,
+        args.out,
+        args.num,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        sample_overrides=overrides,
+        ema=args.ema,
+        trajectory=args.trajectory,
+        classes=args.classes,
+        guidance=guidance,
+        edit=args if args.init_image is not None else None,
+        note=note,
     )
     return 0
 
@@ -179,8 +229,16 @@ def classes(args: argparse.Namespace) -> int:
 
 
 def run_likelihood(
-    run: Path, data_source: str | None, split: str, num_images: int, *, timesteps: int | None = None,
-    batch_size: int = 64, seed: int = 0, device: str = "auto", ema: bool = True,
+    run: Path,
+    data_source: str | None,
+    split: str,
+    num_images: int,
+    *,
+    timesteps: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    ema: bool = True,
 ) -> dict:
     """Bits/dim of a run's checkpoint on (by default held-out) images of its data source."""
     from ddpm_cars.evaluation.scores import has_heldout
@@ -200,9 +258,14 @@ def run_likelihood(
     result = bits_per_dim(denoiser, images, config.sample, timesteps=timesteps, batch_size=batch_size, seed=seed)
     summary = {"checkpoint": str(trained.checkpoint), "data": data_cfg.source, "split": split, **result.summary()}
     how = "all T terms" if timesteps is None else f"{timesteps} random t per image"
-    print(f"{trained.checkpoint}: {summary['bits_per_dim']:.4f} +- {summary['stderr']:.4f} bits/dim on "
-          f"{summary['images']} {split} images ({how})")
-    print(f"  prior L_T {summary['prior']:.4f} | KL terms {summary['kl_terms']:.4f} | decoder L_0 {summary['decoder']:.4f}")
+    print(
+        f"{trained.checkpoint}: {summary['bits_per_dim']:.4f} +- {summary['stderr']:.4f} bits/dim on "
+        f"{summary['images']} {split} images ({how})"
+    )
+    print(
+        f"  prior L_T {summary['prior']:.4f} | KL terms {summary['kl_terms']:.4f} | decoder L_0 "
+        f"{summary['decoder']:.4f}"
+    )
     return summary
 
 
@@ -233,7 +296,9 @@ def sample_scores(args: argparse.Namespace) -> tuple[dict, Path | None]:
     data = dataclasses.replace(data, source=args.data or data.source, split=args.split or "train", image_size=size)
     if world.is_main:  # the reference and the Inception weights first: their errors come before minutes of sampling
         reference = scores.load_reference(data, args.num_samples if args.memorization else 0)
-        inception, fid_skipped = (None, "--no-fid") if not args.fid else scores.load_inception(args.inception_weights, dev)
+        inception, fid_skipped = (
+            (None, "--no-fid") if not args.fid else scores.load_inception(args.inception_weights, dev)
+        )
     if args.checkpoint is not None:  # under torchrun every process samples its share; rank 0 scores
         overrides = args.overrides.get("sample", {})
         samples, config, checkpoint = scores.checkpoint_samples(
@@ -242,16 +307,29 @@ def sample_scores(args: argparse.Namespace) -> tuple[dict, Path | None]:
         if samples is None:
             return {}, None
         what = f"{args.num_samples} samples ({scores.sampling_description(config.sample)}) of {checkpoint}"
-        summary: dict = {"checkpoint": str(checkpoint), "sampler": config.sample.sampler, "steps": config.sample.steps,
-                         "seed": args.seed}
+        summary: dict = {
+            "checkpoint": str(checkpoint),
+            "sampler": config.sample.sampler,
+            "steps": config.sample.steps,
+            "seed": args.seed,
+        }
     else:
         samples = load_image_folder(args.images, size).images
         what = f"{samples.shape[0]} images of {args.images}"
         summary = {"images": str(args.images)}
     out = args.out or (run_dir / scores.EVAL_DIR if run_dir is not None else None)
-    summary = scores.score_and_write(samples, reference, what=what, summary=summary, out=out, inception=inception,
-                                     fid_skipped=fid_skipped, seed=args.seed, memorization=args.memorization,
-                                     cache_dir=args.cache_dir)
+    summary = scores.score_and_write(
+        samples,
+        reference,
+        what=what,
+        summary=summary,
+        out=out,
+        inception=inception,
+        fid_skipped=fid_skipped,
+        seed=args.seed,
+        memorization=args.memorization,
+        cache_dir=args.cache_dir,
+    )
     return summary, run_dir
 
 
@@ -268,8 +346,15 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     if args.nll:
         nll = run_likelihood(
-            args.checkpoint, args.data, args.split or "test", args.num_images, timesteps=args.timesteps,
-            batch_size=args.batch_size, seed=args.seed, device=args.device, ema=args.ema,
+            args.checkpoint,
+            args.data,
+            args.split or "test",
+            args.num_images,
+            timesteps=args.timesteps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            ema=args.ema,
         )
         summary = {**summary, "nll": nll} if summary else nll
     if args.json is not None:
@@ -287,9 +372,16 @@ def guidance(args: argparse.Namespace) -> int:
     run_dir = Run.open(args.run).dir
     out = args.out or run_dir / "guidance"
     summary = guidance_accuracy(
-        args.run, args.scales, args.per_class, out, seed=args.seed,
-        sample_overrides=args.overrides.get("sample", {}), batch_size=args.batch_size,
-        device=resolve_device(args.device), ema=args.ema, classifier_steps=args.classifier_steps,
+        args.run,
+        args.scales,
+        args.per_class,
+        out,
+        seed=args.seed,
+        sample_overrides=args.overrides.get("sample", {}),
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        ema=args.ema,
+        classifier_steps=args.classifier_steps,
     )
     print(format_guidance(summary))
     print(f"Wrote {out / RESULT_FILE} and {out / PICTURE_FILE}")
@@ -303,7 +395,9 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def forward_picture(data: DataConfig, index: int, diffusion: DiffusionConfig, frames: int, seed: int, out: Path) -> Path:
+def forward_picture(
+    data: DataConfig, index: int, diffusion: DiffusionConfig, frames: int, seed: int, out: Path
+) -> Path:
     """The forward process on one dataset image at ``frames`` evenly spaced t."""
     if index < 0:
         raise UserError(f"--index must be >= 0; got {index}")
@@ -350,19 +444,34 @@ def demo(args: argparse.Namespace) -> int:
     resume = ckpt.latest_checkpoint(out) is not None
     if resume:
         print(f"Continuing the demo run in {out}")
-        config = _resume_config(out, {"train": {"max_steps": config.train.max_steps, "log_with": config.train.log_with}})
+        config = _resume_config(
+            out, {"train": {"max_steps": config.train.max_steps, "log_with": config.train.log_with}}
+        )
     # with a tracker, the final grid goes to it too (the demo draws no grids while it trains)
     result = train_run(config, out, resume=resume, device=args.device, final_grid=config.train.log_with != "none")
     print(f"Trained {result.step} steps in {time.perf_counter() - tic:.0f} s; sampling...")
-    images = sample_run(out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_SAMPLE_BATCH, device=args.device, grid_count=DEMO_SAMPLES)
+    images = sample_run(
+        out, out, DEMO_EVAL_SAMPLES, batch_size=DEMO_SAMPLE_BATCH, device=args.device, grid_count=DEMO_SAMPLES
+    )
     forward_picture(config.data, 0, config.diffusion, 10, 0, out / "forward_process.png")
     reference = scores.load_reference(config.data, DEMO_EVAL_SAMPLES, progress=False)
     inception, fid_skipped = scores.load_inception(None, resolve_device(args.device), download=False)
     what = f"{DEMO_EVAL_SAMPLES} samples ({scores.sampling_description(config.sample)})"
-    summary = {"checkpoint": str(ckpt.latest_checkpoint(out)), "sampler": config.sample.sampler,
-               "steps": config.sample.steps, "seed": 0}
-    scores.score_and_write(to_uint8(images), reference, what=what, summary=summary, out=out / scores.EVAL_DIR,
-                           inception=inception, fid_skipped=fid_skipped)
+    summary = {
+        "checkpoint": str(ckpt.latest_checkpoint(out)),
+        "sampler": config.sample.sampler,
+        "steps": config.sample.steps,
+        "seed": 0,
+    }
+    scores.score_and_write(
+        to_uint8(images),
+        reference,
+        what=what,
+        summary=summary,
+        out=out / scores.EVAL_DIR,
+        inception=inception,
+        fid_skipped=fid_skipped,
+    )
     report = write_report(out)
     drawn = ["grid.png", "denoising.png", "forward_process.png", "loss.png", "metrics.png", "eval/", "samples/"]
     pictures = ", ".join(name for name in drawn if (out / name).exists())
@@ -374,9 +483,18 @@ def bench(args: argparse.Namespace) -> int:
     from ddpm_cars.benchmarks.bench import format_table, report, run_benchmark
 
     rows = run_benchmark(
-        args.presets, args.precisions, image_size=args.image_size, batch_size=args.batch_size, repeats=args.repeats,
-        warmup=args.warmup, sample_steps=args.sample_steps, device=args.device, compile=args.compile,
-        peak_tflops=args.peak_tflops, activation_checkpointing=args.activation_checkpointing, loop=args.loop,
+        args.presets,
+        args.precisions,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        sample_steps=args.sample_steps,
+        device=args.device,
+        compile=args.compile,
+        peak_tflops=args.peak_tflops,
+        activation_checkpointing=args.activation_checkpointing,
+        loop=args.loop,
         data=args.data,
     )
     print(format_table(rows))
@@ -391,7 +509,10 @@ def export(args: argparse.Namespace) -> int:
     from ddpm_cars.export import export_run
 
     out = export_run(args.run, args.out, ema=args.ema)
-    print(f"Wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r}); model card {out / 'README.md'}")
+    print(
+        f"Wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r}); model card "
+        f"{out / 'README.md'}"
+    )
     return 0
 
 

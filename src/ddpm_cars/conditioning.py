@@ -15,7 +15,7 @@ pushes samples towards what makes them look like class ``y`` (Ho & Salimans writ
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -91,7 +91,9 @@ def find_class(request: str, class_names: Sequence[str]) -> int:
             return index
         raise UserError(f"class index {index} is out of range: the model knows classes 0..{len(class_names) - 1}")
     closest = ", ".join(map(repr, closest_classes(wanted, class_names)))
-    raise UserError(f"unknown class {request!r}; closest: {closest} (`ddpm-cars classes RUN` lists all {len(class_names)})")
+    raise UserError(
+        f"unknown class {request!r}; closest: {closest} (`ddpm-cars classes RUN` lists all {len(class_names)})"
+    )
 
 
 def closest_classes(request: str, class_names: Sequence[str], count: int = 5) -> list[str]:

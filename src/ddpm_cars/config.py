@@ -47,16 +47,30 @@ SIGMA_MAX = 80.0
 
 
 def option(
-    default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, limits: Limits | None = None,
-    cli: bool = True, sampling_flag: str | None = None, train_only: bool = False,
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    limits: Limits | None = None,
+    cli: bool = True,
+    sampling_flag: str | None = None,
+    train_only: bool = False,
 ) -> Any:
     """A config field with what the command line needs to offer it: its ``help``, its
     ``flag`` (default: ``--`` and the field name with dashes; none when not ``cli``), the
     ``metavar`` in the usage line and the ``limits`` of its values. A field of
     :class:`SampleConfig` is also a flag of ``sample``, ``eval`` and ``guidance`` (there
     named ``sampling_flag`` when given) unless it is ``train_only``."""
-    metadata = {"help": help, "flag": flag, "metavar": metavar, "limits": limits, "cli": cli,
-                "sampling_flag": sampling_flag, "train_only": train_only}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "metavar": metavar,
+        "limits": limits,
+        "cli": cli,
+        "sampling_flag": sampling_flag,
+        "train_only": train_only,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -66,18 +80,23 @@ class ModelConfig:
     ``res_attn_unet``: base width times the channel multipliers, e.g. 128,256,384,512)."""
 
     name: ModelName = option(
-        "simple_unet", "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet",
+        "simple_unet",
+        "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet",
         flag="--model",
     )
     channels: tuple[int, ...] = option(
-        (64, 128, 256, 512, 1024), "U-Net widths, top to bottom (base width times the channel multipliers)",
-        metavar="W1,W2,...", limits=Limits(low=1, min_items=2),
+        (64, 128, 256, 512, 1024),
+        "U-Net widths, top to bottom (base width times the channel multipliers)",
+        metavar="W1,W2,...",
+        limits=Limits(low=1, min_items=2),
     )
     # res_attn_unet embeds t in channels[0] dims instead
     time_emb_dim: int = option(32, "sinusoidal time embedding size (simple_unet)", limits=Limits(low=4, even=True))
     num_res_blocks: int = option(2, "residual blocks per level (res_attn_unet)", limits=POSITIVE)
     attention_resolutions: tuple[int, ...] = option(
-        (16, 8), "feature-map sizes that get self-attention, or none (res_attn_unet)", metavar="S1,S2,...",
+        (16, 8),
+        "feature-map sizes that get self-attention, or none (res_attn_unet)",
+        metavar="S1,S2,...",
         limits=POSITIVE,
     )
     head_channels: int = option(64, "channels per attention head (res_attn_unet)", limits=POSITIVE)
@@ -85,7 +104,8 @@ class ModelConfig:
     resblock_updown: bool = option(False, "BigGAN-style resampling inside residual blocks (res_attn_unet)")
     # a class embedding added to the time embedding
     class_conditional: bool = option(
-        False, "condition on the class (class subfolders; the body type for toy-cars) so `sample --class` can ask for one"
+        False,
+        "condition on the class (class subfolders; the body type for toy-cars) so `sample --class` can ask for one",
     )
     class_names: tuple[str, ...] = option(
         (), "the classes it knows, filled from the data when training starts", cli=False
@@ -124,17 +144,27 @@ class DiffusionConfig:
     learn_variance: bool = option(False, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)")
     # lambda of L_hybrid = L_simple + lambda * L_vlb
     vlb_weight: float = option(0.001, "weight of L_vlb in the hybrid loss", metavar="LAMBDA", limits=NON_NEGATIVE)
-    min_snr_gamma: float = option(0.0, "weight each timestep's loss by min(SNR, GAMMA) in x_0 terms (Min-SNR, Hang et al."
-                                  " 2023; 5 in the paper); 0: off", metavar="GAMMA", limits=NON_NEGATIVE)
-    zero_terminal_snr: bool = option(False, "rescale the schedule so that alphabar_T = 0: x_T is pure noise, as sampling"
-                                     " assumes (Lin et al. 2024; needs --prediction v or x0)")
+    min_snr_gamma: float = option(
+        0.0,
+        "weight each timestep's loss by min(SNR, GAMMA) in x_0 terms (Min-SNR, Hang et al."
+        " 2023; 5 in the paper); 0: off",
+        metavar="GAMMA",
+        limits=NON_NEGATIVE,
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        "rescale the schedule so that alphabar_T = 0: x_T is pure noise, as sampling"
+        " assumes (Lin et al. 2024; needs --prediction v or x0)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "diffusion")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(f"need 0 < beta_start <= beta_end < 1; got {self.beta_start}, {self.beta_end}")
         if self.zero_terminal_snr and self.prediction == "eps":
-            raise UserError("--zero-terminal-snr needs --prediction v or x0: at alphabar_T = 0 the noise says nothing about x_0")
+            raise UserError(
+                "--zero-terminal-snr needs --prediction v or x0: at alphabar_T = 0 the noise says nothing about x_0"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -156,15 +186,19 @@ class DataConfig:
         "bbox: a square around the car's annotated box (Stanford Cars)",
     )
     bbox_margin: float = option(
-        0.1, "--crop bbox: margin on each side of the box, as a share of its longer side", metavar="FRACTION",
+        0.1,
+        "--crop bbox: margin on each side of the box, as a share of its longer side",
+        metavar="FRACTION",
         limits=Limits(low=0, high=1),
     )
     flip: bool = option(True, "random horizontal flips")
     toy_count: int = option(8192, "number of images generated for --data toy-cars", limits=POSITIVE)
     cache: str = option(
-        "auto", "folder of decoded-image caches (a source is decoded once, then memory-mapped); "
+        "auto",
+        "folder of decoded-image caches (a source is decoded once, then memory-mapped); "
         "auto: data/ in $DDPM_CARS_CACHE, else in ~/.cache/ddpm-cars; off: decode into memory every time",
-        flag="--data-cache", metavar="DIR",
+        flag="--data-cache",
+        metavar="DIR",
     )
 
     def __post_init__(self) -> None:
@@ -186,32 +220,44 @@ class SampleConfig:
     num_images: int = option(
         64, "images in each training-time sample grid", flag="--num-sample-images", limits=POSITIVE, train_only=True
     )
-    # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) and its SDE form (Lu et al.), Heun (Karras et al.)
+    # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) and its SDE form (Lu et al.),
+    # Heun (Karras et al.)
     sampler: Sampler = option(
-        "ddpm", "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), SDE-DPM-Solver++(2M) (dpm++sde, stochastic), "
+        "ddpm",
+        "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), SDE-DPM-Solver++(2M) (dpm++sde, stochastic), "
         "or EDM's Heun (2 calls per step)",
     )
     steps: int | None = option(
-        None, "sampling steps among the T, one network evaluation each (heun: two); None: all T", flag="--sample-steps",
+        None,
+        "sampling steps among the T, one network evaluation each (heun: two); None: all T",
+        flag="--sample-steps",
         sampling_flag="--steps",
-        metavar="N", limits=POSITIVE,
+        metavar="N",
+        limits=POSITIVE,
     )
     eta: float = option(0.0, "ddim only: its noise, 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
     ddim_sigma: DdimSigma = option(
-        "song", "ddim only: its noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
+        "song",
+        "ddim only: its noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
         "a run trained with one)",
     )
     churn: float = option(
-        0.0, "heun only: EDM's S_churn, noise added back where 0.05 <= sigma <= 50, at most sqrt(2) - 1 of sigma "
-        "per step (0: deterministic)", metavar="S", limits=NON_NEGATIVE,
+        0.0,
+        "heun only: EDM's S_churn, noise added back where 0.05 <= sigma <= 50, at most sqrt(2) - 1 of sigma "
+        "per step (0: deterministic)",
+        metavar="S",
+        limits=NON_NEGATIVE,
     )
     spacing: Spacing = option(
-        "uniform", "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
+        "uniform",
+        "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
         "level from --sigma-max down (karras: rho 7; logsnr: even in log SNR)",
     )
     sigma_max: float = option(
-        SIGMA_MAX, "karras and logsnr spacings only: the noise level sigma = sqrt((1 - abar) / abar) they start "
-        "from, at the trained step nearest it (T - 1 where the schedule ends below it)", metavar="SIGMA",
+        SIGMA_MAX,
+        "karras and logsnr spacings only: the noise level sigma = sqrt((1 - abar) / abar) they start "
+        "from, at the trained step nearest it (T - 1 where the schedule ends below it)",
+        metavar="SIGMA",
         limits=Limits(low=0, low_open=True),
     )
 
@@ -226,13 +272,19 @@ class SampleConfig:
                 chooser, readers = _READ_BY[name]
                 chosen = getattr(self, chooser)
                 if chosen not in readers:
-                    raise UserError(f"--{name.replace('_', '-')} is read only with --{chooser} {' or '.join(readers)}, and "
-                                    f"the {chooser} here is {chosen}: drop it, or add --{chooser} {readers[0]}")
+                    raise UserError(
+                        f"--{name.replace('_', '-')} is read only with --{chooser} {' or '.join(readers)}, and "
+                        f"the {chooser} here is {chosen}: drop it, or add --{chooser} {readers[0]}"
+                    )
 
 
 # the sampling options only some samplers or spacings read: option -> (the field that chooses, its readers)
-_READ_BY = {"eta": ("sampler", ("ddim",)), "ddim_sigma": ("sampler", ("ddim",)), "churn": ("sampler", ("heun",)),
-            "sigma_max": ("spacing", NOISE_LEVEL_SPACINGS)}
+_READ_BY = {
+    "eta": ("sampler", ("ddim",)),
+    "ddim_sigma": ("sampler", ("ddim",)),
+    "churn": ("sampler", ("heun",)),
+    "sigma_max": ("spacing", NOISE_LEVEL_SPACINGS),
+}
 
 
 @dataclass(frozen=True)
@@ -247,19 +299,28 @@ class TrainConfig:
         5, "draw a sample grid every this many epochs", flag="--sample-every", metavar="EPOCHS", limits=POSITIVE
     )
     log_every_steps: int = option(
-        10, "read the loss from the device and log it every this many steps (each step's loss is kept)",
-        flag="--log-every", metavar="STEPS", limits=POSITIVE,
+        10,
+        "read the loss from the device and log it every this many steps (each step's loss is kept)",
+        flag="--log-every",
+        metavar="STEPS",
+        limits=POSITIVE,
     )
     checkpoint_every_steps: int = option(
-        500, "checkpoint every this many steps (and at every epoch end)", flag="--checkpoint-every", metavar="STEPS",
+        500,
+        "checkpoint every this many steps (and at every epoch end)",
+        flag="--checkpoint-every",
+        metavar="STEPS",
         limits=POSITIVE,
     )
     seed: int = option(
-        0, "seed for data order, timesteps and noise",
+        0,
+        "seed for data order, timesteps and noise",
         limits=Limits(low=-(2**63), high=2**64, high_open=True, words="an integer that fits in 64 bits"),
     )
     ema_decay: float | None = option(
-        None, "keep a moving average of the weights (e.g. 0.999) and sample from it; None: off", metavar="DECAY",
+        None,
+        "keep a moving average of the weights (e.g. 0.999) and sample from it; None: off",
+        metavar="DECAY",
         limits=Limits(low=0, high=1, low_open=True, high_open=True),
     )
     optimizer: Optimizer = option("adam", "optimizer")
@@ -277,37 +338,51 @@ class TrainConfig:
         10, "consecutive non-finite losses before the run stops", limits=POSITIVE, cli=False
     )
     grad_accum_steps: int = option(
-        1, "split each batch into N micro-batches (same gradient, less memory)", flag="--grad-accum", metavar="N",
+        1,
+        "split each batch into N micro-batches (same gradient, less memory)",
+        flag="--grad-accum",
+        metavar="N",
         limits=POSITIVE,
     )
     precision: Precision = option(
-        "auto", "autocast convolutions and matmuls to bfloat16 or float16 (with loss scaling); auto: bf16 on GPUs "
-        "that have it, else fp16 on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else fp32"
+        "auto",
+        "autocast convolutions and matmuls to bfloat16 or float16 (with loss scaling); auto: bf16 on GPUs "
+        "that have it, else fp16 on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else fp32",
     )
     channels_last: bool = option(False, "NHWC memory layout")  # for the network and its inputs
     activation_checkpointing: bool = option(
-        False, "recompute each residual and attention block's activations in the backward pass instead of storing "
-        "them: the same gradients in less memory, for about a third more compute (res_attn_unet)"
+        False,
+        "recompute each residual and attention block's activations in the backward pass instead of storing "
+        "them: the same gradients in less memory, for about a third more compute (res_attn_unet)",
     )
     compile: bool | None = option(
-        None, "torch.compile the network (uncompiled, with a warning, where compiling fails); none: on for CUDA, "
-        "off on the CPU"
+        None,
+        "torch.compile the network (uncompiled, with a warning, where compiling fails); none: on for CUDA, "
+        "off on the CPU",
     )
     eval_every_steps: int = option(
-        0, "score samples every this many steps into metrics.csv and metrics.png (SWD; FID when the Inception weights "
-        "are on disk); 0: never", flag="--eval-every", metavar="STEPS", limits=NON_NEGATIVE,
+        0,
+        "score samples every this many steps into metrics.csv and metrics.png (SWD; FID when the Inception weights "
+        "are on disk); 0: never",
+        flag="--eval-every",
+        metavar="STEPS",
+        limits=NON_NEGATIVE,
     )
     eval_samples: int = option(256, "samples scored at each --eval-every", metavar="N", limits=Limits(low=4))
     label_dropout: float = option(
-        0.1, "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
-        metavar="P", limits=PROBABILITY,
+        0.1,
+        "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
+        metavar="P",
+        limits=PROBABILITY,
     )
     log_with: Tracking = option(
-        "none", "also log the losses, learning rate, metrics and sample grids to TensorBoard (RUN/tensorboard) or "
+        "none",
+        "also log the losses, learning rate, metrics and sample grids to TensorBoard (RUN/tensorboard) or "
         "Weights & Biases (an optional extra each)",
     )
     init_from: str | None = option(
-        None, "fine-tune: start from this run's weights (its moving average when it kept one) or a checkpoint "
+        None,
+        "fine-tune: start from this run's weights (its moving average when it kept one) or a checkpoint "
         "directory's, with a fresh optimizer; same network and image size, other data and classes allowed",
         metavar="RUN_OR_DIR",
     )
@@ -316,7 +391,8 @@ class TrainConfig:
         check_fields(self, "train")
         if self.batch_size % self.grad_accum_steps:
             raise UserError(
-                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})"
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps "
+                f"({self.grad_accum_steps})"
             )
 
 
@@ -345,7 +421,8 @@ class RunConfig:
             )
         if self.train.activation_checkpointing and self.model.name != "res_attn_unet":
             raise UserError(
-                "--activation-checkpointing is for the res_attn_unet model: recomputing SimpleUnet's blocks would count "
+                "--activation-checkpointing is for the res_attn_unet model: recomputing SimpleUnet's blocks would "
+                "count "
                 "each batch twice in its BatchNorm statistics"
             )
         factor = self.model.downsample_factor

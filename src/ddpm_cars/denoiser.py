@@ -54,8 +54,9 @@ class Denoiser:
     @classmethod
     def for_run(cls, network: nn.Module, config: RunConfig) -> Denoiser:
         """The denoiser of a run's network: its schedule, parameterisation, size and precision."""
-        return cls(network, build_schedule(config.diffusion), config.diffusion, config.data.image_size,
-                   config.train.precision)
+        return cls(
+            network, build_schedule(config.diffusion), config.diffusion, config.data.image_size, config.train.precision
+        )
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +96,13 @@ class Denoiser:
         return out.float()
 
     def read(
-        self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, clip_x0: bool = True, variance: Variance = "beta"
+        self,
+        output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        clip_x0: bool = True,
+        variance: Variance = "beta",
     ) -> Prediction:
         """The prediction a network ``output`` makes at (x_t, t). The x_0 is clipped to
         [-1, 1] with ``clip_x0`` and eps recomputed from it; the variance is the learned
@@ -116,7 +123,9 @@ class Denoiser:
         """The network's prediction at (x_t, t): see :meth:`read`."""
         return self.read(self.output(x_t, t), x_t, t, clip_x0=clip_x0, variance=variance)
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One term of Algorithm 1 (Ho et al. 2020): noise x_0 to x_t, predict the target
         (given labels ``y`` for a class-conditional network), compare.
 

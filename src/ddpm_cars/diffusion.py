@@ -91,12 +91,15 @@ def predict_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0:
 
 def posterior_mean(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mu_tilde(x_t, x_0) of q(x_{t-1} | x_t, x_0)  (Eq. 7, Ho et al. 2020)."""
-    return schedule.gather(schedule.posterior_mean_coef1, t, x_t) * x0 + schedule.gather(
-        schedule.posterior_mean_coef2, t, x_t
-    ) * x_t
+    return (
+        schedule.gather(schedule.posterior_mean_coef1, t, x_t) * x0
+        + schedule.gather(schedule.posterior_mean_coef2, t, x_t) * x_t
+    )
 
 
-def fixed_log_variance(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: Variance) -> torch.Tensor:
+def fixed_log_variance(
+    schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, variance: Variance
+) -> torch.Tensor:
     """log sigma_t^2 of a fixed-variance reverse step (Sec. 3.2, Ho et al. 2020): log beta_t
     ("beta", Algorithm 2) or log beta_tilde_t ("beta_tilde"). At t = 0 both use beta_tilde
     of the next step (beta_tilde there is 0), as the published code does for "a better
@@ -121,7 +124,9 @@ def learned_log_variance(schedule: NoiseSchedule, t: torch.Tensor, v: torch.Tens
 
 def normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) elementwise, in nats."""
-    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
+    return 0.5 * (
+        log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0
+    )
 
 
 def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -168,4 +173,6 @@ def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     t = torch.full((x0.shape[0],), schedule.timesteps - 1, dtype=torch.long, device=x0.device)
     mean = schedule.gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
     log_var = schedule.gather((1.0 - schedule.alphas_cumprod).log(), t, x0)
-    return _mean_over_pixels(normal_kl(mean, log_var.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2.0)
+    return _mean_over_pixels(
+        normal_kl(mean, log_var.expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))
+    ) / math.log(2.0)

@@ -13,8 +13,8 @@ samplers, nothing here reads files or draws from a global generator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +42,11 @@ class Inpainting:
 
 
 def check_edit(
-    init: torch.Tensor | None, strength: float, mask: torch.Tensor | Inpainting | None, size: int, count: int,
+    init: torch.Tensor | None,
+    strength: float,
+    mask: torch.Tensor | Inpainting | None,
+    size: int,
+    count: int,
     sampler: str,
 ) -> tuple[torch.Tensor | None, Inpainting | None]:
     """``init`` as ``[1 or N, 3, S, S]`` and ``mask`` as an :class:`Inpainting` of ``[1 or N, 1, S, S]``
@@ -55,7 +59,9 @@ def check_edit(
         return None, None
     init = init[None] if init.ndim == 3 else init
     if init.ndim != 4 or tuple(init.shape[1:]) != (3, size, size) or init.shape[0] not in (1, count):
-        raise ValueError(f"init must be [3, {size}, {size}] or [{count}, 3, {size}, {size}] in [-1, 1]; got {tuple(init.shape)}")
+        raise ValueError(
+            f"init must be [3, {size}, {size}] or [{count}, 3, {size}, {size}] in [-1, 1]; got {tuple(init.shape)}"
+        )
     if mask is None:
         return init, None
     paint = mask if isinstance(mask, Inpainting) else Inpainting(mask)
@@ -63,11 +69,15 @@ def check_edit(
     m = m[None] if m.ndim == 2 else m
     m = m[None] if m.ndim == 3 else m
     if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != (size, size) or m.shape[0] not in (1, count):
-        raise ValueError(f"the mask must be [{size}, {size}], [1, {size}, {size}] or [{count}, 1, {size}, {size}]; "
-                         f"got {tuple(paint.mask.shape)}")
+        raise ValueError(
+            f"the mask must be [{size}, {size}], [1, {size}, {size}] or [{count}, 1, {size}, {size}]; "
+            f"got {tuple(paint.mask.shape)}"
+        )
     if sampler not in INPAINTING_SAMPLERS:
-        raise ValueError(f"inpainting replaces the known pixels after every step, which needs a one-step sampler: "
-                         f"{' or '.join(INPAINTING_SAMPLERS)}, not {sampler}")
+        raise ValueError(
+            f"inpainting replaces the known pixels after every step, which needs a one-step sampler: "
+            f"{' or '.join(INPAINTING_SAMPLERS)}, not {sampler}"
+        )
     return init, Inpainting(m.float(), paint.jumps, paint.every)
 
 
@@ -79,9 +89,15 @@ def strength_timesteps(timesteps: torch.Tensor, strength: float, trained_steps: 
 
 @torch.no_grad()
 def edit_sample(
-    denoiser: Denoiser, noise: torch.Tensor, generators: Sequence[torch.Generator], config: SampleConfig,
-    edit: tuple[torch.Tensor, float, Inpainting | None], *, timesteps: torch.Tensor,
-    callback: StepCallback | None = None, progress: bool = False,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    config: SampleConfig,
+    edit: tuple[torch.Tensor, float, Inpainting | None],
+    *,
+    timesteps: torch.Tensor,
+    callback: StepCallback | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Images drawn from ``edit`` = (init ``[B, 3, S, S]``, strength, inpainting or None) with
     ``config``'s sampler on the training steps ``timesteps``: the init noised with ``noise``
@@ -99,8 +115,9 @@ def edit_sample(
         x = abar.sqrt() * init + (1 - abar).sqrt() * noise  # q(x_t | x_0), Eq. 4 of Ho et al. 2020
     if paint is None:
         return run_sampler(denoiser, x, generators, config, timesteps=steps, callback=callback, progress=progress)
-    return repaint_sample(denoiser, x, generators, config, (init, paint), timesteps=steps, callback=callback,
-                          progress=progress)
+    return repaint_sample(
+        denoiser, x, generators, config, (init, paint), timesteps=steps, callback=callback, progress=progress
+    )
 
 
 def repaint_moves(steps: int, jumps: int, every: int) -> list[int]:
@@ -121,9 +138,15 @@ def repaint_moves(steps: int, jumps: int, every: int) -> list[int]:
 
 @torch.no_grad()
 def repaint_sample(
-    denoiser: Denoiser, x: torch.Tensor, generators: Sequence[torch.Generator], config: SampleConfig,
-    known: tuple[torch.Tensor, Inpainting], *, timesteps: torch.Tensor,
-    callback: StepCallback | None = None, progress: bool = False,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    config: SampleConfig,
+    known: tuple[torch.Tensor, Inpainting],
+    *,
+    timesteps: torch.Tensor,
+    callback: StepCallback | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """RePaint (Lugmayr et al. 2022, Algorithm 1) from x at the top of ``timesteps``: each
     step down is ``config``'s sampler (ancestral or DDIM) on the whole image, after which the
@@ -136,8 +159,9 @@ def repaint_sample(
     path = repaint_moves(den.schedule.timesteps, paint.jumps, paint.every)
     mask = paint.mask.to(x.device)
     last_down = {a: n for n, (a, b) in enumerate(zip(path, path[1:])) if b == a - 1}
-    for n, (a, b) in enumerate(tqdm(list(zip(path, path[1:])), desc="Inpainting (RePaint)", disable=not progress,
-                                    leave=False)):
+    for n, (a, b) in enumerate(
+        tqdm(list(zip(path, path[1:])), desc="Inpainting (RePaint)", disable=not progress, leave=False)
+    ):
         if b > a:  # back up: x_b ~ q(x_b | x_a)
             ratio = abar[b] / abar[a]
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn(x.shape[1:], generators, x.device)
@@ -158,7 +182,11 @@ def repaint_sample(
 
 @torch.no_grad()
 def ddim_invert(
-    denoiser: Denoiser, images: torch.Tensor, *, timesteps: torch.Tensor | None = None, progress: bool = False,
+    denoiser: Denoiser,
+    images: torch.Tensor,
+    *,
+    timesteps: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """The x_T from which DDIM with eta 0 on ``timesteps`` draws about ``images``: the
     deterministic DDIM update run upwards, x_i = sqrt(abar_i) x0(x_{i-1}) + sqrt(1 - abar_i)

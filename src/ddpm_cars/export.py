@@ -40,7 +40,9 @@ def _diffusers() -> Any:
     try:
         import diffusers
     except ImportError:
-        raise UserError("the diffusers format needs diffusers: pip install diffusers (the extra ddpm-cars[diffusers])") from None
+        raise UserError(
+            "the diffusers format needs diffusers: pip install diffusers (the extra ddpm-cars[diffusers])"
+        ) from None
     return diffusers
 
 
@@ -48,31 +50,50 @@ def check_exportable(config: RunConfig) -> None:
     """A one-line ``UserError`` unless ``config``'s network has an exact diffusers twin."""
     m = config.model
     if m.name != "res_attn_unet":
-        raise UserError(f"only the res_attn_unet network can be exported to diffusers; this run's is {m.name} "
-                        "(SimpleUnet's BatchNorm/ReLU blocks have no UNet2DModel equivalent)")
+        raise UserError(
+            f"only the res_attn_unet network can be exported to diffusers; this run's is {m.name} "
+            "(SimpleUnet's BatchNorm/ReLU blocks have no UNet2DModel equivalent)"
+        )
     if any(width % NORM_GROUPS for width in m.channels):
-        raise UserError(f"diffusers normalises every layer in {NORM_GROUPS} groups: the widths {m.channels} must be "
-                        f"multiples of {NORM_GROUPS}")
+        raise UserError(
+            f"diffusers normalises every layer in {NORM_GROUPS} groups: the widths {m.channels} must be "
+            f"multiples of {NORM_GROUPS}"
+        )
     size = config.data.image_size
     for level, width in enumerate(m.channels):
         if (size // 2**level in m.attention_resolutions or level == len(m.channels) - 1) and width % m.head_channels:
-            raise UserError(f"diffusers needs every attended width to be a multiple of --head-channels "
-                            f"{m.head_channels}; {width} is not")
+            raise UserError(
+                f"diffusers needs every attended width to be a multiple of --head-channels "
+                f"{m.head_channels}; {width} is not"
+            )
 
 
 def unet_config(config: RunConfig) -> dict[str, Any]:
     """``UNet2DModel``'s arguments for ``config``'s network."""
     m, size = config.model, config.data.image_size
     attends = [size // 2**level in m.attention_resolutions for level in range(len(m.channels))]
-    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if m.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    plain_down, plain_up = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if m.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    )
     return {
-        "sample_size": size, "in_channels": 3, "out_channels": config.diffusion.out_channels,
-        "block_out_channels": list(m.channels), "layers_per_block": m.num_res_blocks,
+        "sample_size": size,
+        "in_channels": 3,
+        "out_channels": config.diffusion.out_channels,
+        "block_out_channels": list(m.channels),
+        "layers_per_block": m.num_res_blocks,
         "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attends],
         "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attends)],
-        "attention_head_dim": m.head_channels, "norm_num_groups": NORM_GROUPS, "attn_norm_num_groups": NORM_GROUPS,
-        "norm_eps": 1e-5, "act_fn": "silu", "time_embedding_type": "positional", "flip_sin_to_cos": False,
-        "freq_shift": 1, "resnet_time_scale_shift": "scale_shift", "downsample_padding": 1, "dropout": m.dropout,
+        "attention_head_dim": m.head_channels,
+        "norm_num_groups": NORM_GROUPS,
+        "attn_norm_num_groups": NORM_GROUPS,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "time_embedding_type": "positional",
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "resnet_time_scale_shift": "scale_shift",
+        "downsample_padding": 1,
+        "dropout": m.dropout,
         "downsample_type": "resnet" if m.resblock_updown else "conv",
         "upsample_type": "resnet" if m.resblock_updown else "conv",
         "num_class_embeds": m.num_classes + 1 if m.class_conditional else None,  # + the null class
@@ -86,18 +107,25 @@ def scheduler_config(config: RunConfig) -> dict[str, Any]:
     return {
         "num_train_timesteps": d.timesteps,
         "beta_schedule": "squaredcos_cap_v2" if d.schedule == "cosine" else "linear",
-        "beta_start": float(betas[0]), "beta_end": float(betas[-1]), "trained_betas": betas.tolist(),
-        "rescale_betas_zero_snr": d.zero_terminal_snr, "prediction_type": PREDICTION[d.prediction],
+        "beta_start": float(betas[0]),
+        "beta_end": float(betas[-1]),
+        "trained_betas": betas.tolist(),
+        "rescale_betas_zero_snr": d.zero_terminal_snr,
+        "prediction_type": PREDICTION[d.prediction],
         "variance_type": "learned_range" if d.learn_variance else FIXED_VARIANCE[config.sample.variance],
-        "clip_sample": config.sample.clip_x0, "clip_sample_range": 1.0,
+        "clip_sample": config.sample.clip_x0,
+        "clip_sample_range": 1.0,
     }
 
 
 def _pairs(model: ResAttnUnet, unet: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(our module, its diffusers twin) for every module that holds weights, in order."""
     pairs: list[tuple[nn.Module, nn.Module]] = [
-        (model.time_embed[1], unet.time_embedding.linear_1), (model.time_embed[3], unet.time_embedding.linear_2),
-        (model.input_conv, unet.conv_in), (model.out[0], unet.conv_norm_out), (model.out[2], unet.conv_out),
+        (model.time_embed[1], unet.time_embedding.linear_1),
+        (model.time_embed[3], unet.time_embedding.linear_2),
+        (model.input_conv, unet.conv_in),
+        (model.out[0], unet.conv_norm_out),
+        (model.out[2], unet.conv_out),
     ]
     if model.label_embed is not None:
         pairs.append((model.label_embed.table, unet.class_embedding))
@@ -109,8 +137,11 @@ def _pairs(model: ResAttnUnet, unet: nn.Module) -> list[tuple[nn.Module, nn.Modu
             pairs += [(layers[0], resnet)] + ([(layers[1], attentions[i])] if attentions else [])
         if block.downsamplers is not None:
             pairs.append((next(ours_down)[0], block.downsamplers[0]))
-    pairs += [(model.middle[0], unet.mid_block.resnets[0]), (model.middle[1], unet.mid_block.attentions[0]),
-              (model.middle[2], unet.mid_block.resnets[1])]
+    pairs += [
+        (model.middle[0], unet.mid_block.resnets[0]),
+        (model.middle[1], unet.mid_block.attentions[0]),
+        (model.middle[2], unet.mid_block.resnets[1]),
+    ]
     for block in unet.up_blocks:
         attentions = list(getattr(block, "attentions", None) or [])
         for i, resnet in enumerate(block.resnets):
@@ -124,7 +155,13 @@ def _pairs(model: ResAttnUnet, unet: nn.Module) -> list[tuple[nn.Module, nn.Modu
 def _copy(ours: nn.Module, theirs: nn.Module, to_diffusers: bool) -> None:
     """Copy the weights of one module into its twin, either way."""
     if isinstance(ours, ResBlock):
-        names = [("norm1", "norm1"), ("conv1", "conv1"), ("emb", "time_emb_proj"), ("norm2", "norm2"), ("conv2", "conv2")]
+        names = [
+            ("norm1", "norm1"),
+            ("conv1", "conv1"),
+            ("emb", "time_emb_proj"),
+            ("norm2", "norm2"),
+            ("conv2", "conv2"),
+        ]
         if isinstance(ours.skip, nn.Conv2d):
             names.append(("skip", "conv_shortcut"))
         for a, b in names:
@@ -135,8 +172,8 @@ def _copy(ours: nn.Module, theirs: nn.Module, to_diffusers: bool) -> None:
         linears = [theirs.to_q, theirs.to_k, theirs.to_v]
         if to_diffusers:  # the 1x1 conv's output channels are q, k, v, each head after head
             for i, linear in enumerate(linears):
-                linear.weight.copy_(ours.qkv.weight[i * c:(i + 1) * c, :, 0, 0])
-                linear.bias.copy_(ours.qkv.bias[i * c:(i + 1) * c])
+                linear.weight.copy_(ours.qkv.weight[i * c : (i + 1) * c, :, 0, 0])
+                linear.bias.copy_(ours.qkv.bias[i * c : (i + 1) * c])
             theirs.to_out[0].weight.copy_(ours.proj.weight[:, :, 0, 0])
             theirs.to_out[0].bias.copy_(ours.proj.bias)
         else:
@@ -180,8 +217,10 @@ def export_run(source: str | Path, out: Path, *, ema: bool = True) -> Path:
     unet = to_unet(run.network(ema=ema), run.config)
     scheduler = diffusers.DDPMScheduler(**scheduler_config(run.config))
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out))
-    atomic_write_text(out / OUR_CONFIG, json.dumps({"config": run.config.to_dict(), "step": _step(run.checkpoint),
-                                                    "ema": ema}, indent=2) + "\n")
+    atomic_write_text(
+        out / OUR_CONFIG,
+        json.dumps({"config": run.config.to_dict(), "step": _step(run.checkpoint), "ema": ema}, indent=2) + "\n",
+    )
     _write_card(run, out, ema)
     return out
 
@@ -194,18 +233,32 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
     """``README.md``: what the model is, how it was trained, its scores and a grid of samples."""
     c = run.config
     lines = [
-        "---", "library_name: diffusers", "tags: [ddpm, unconditional-image-generation, ddpm-cars]", "---", "",
-        f"# {run.dir.name}: a DDPM trained with ddpm-cars", "",
+        "---",
+        "library_name: diffusers",
+        "tags: [ddpm, unconditional-image-generation, ddpm-cars]",
+        "---",
+        "",
+        f"# {run.dir.name}: a DDPM trained with ddpm-cars",
+        "",
         f"A denoising diffusion model of {c.data.image_size}x{c.data.image_size} images, trained with "
         f"ddpm-cars on `{c.data.source}` for {_step(run.checkpoint)} steps "
-        f"({'moving-average' if ema else 'raw'} weights).", "",
-        "```python", "from diffusers import DDPMPipeline", "", "pipeline = DDPMPipeline.from_pretrained(\"PATH\")",
-        f"images = pipeline(batch_size=16, num_inference_steps={c.diffusion.timesteps}).images", "```", "",
-        "## Recipe", "",
+        f"({'moving-average' if ema else 'raw'} weights).",
+        "",
+        "```python",
+        "from diffusers import DDPMPipeline",
+        "",
+        'pipeline = DDPMPipeline.from_pretrained("PATH")',
+        f"images = pipeline(batch_size=16, num_inference_steps={c.diffusion.timesteps}).images",
+        "```",
+        "",
+        "## Recipe",
+        "",
         f"- network: residual U-Net, widths {list(c.model.channels)}, {c.model.num_res_blocks} blocks per level, "
         f"attention at {list(c.model.attention_resolutions)} px, {c.model.head_channels} channels per head, "
-        f"dropout {c.model.dropout}" + (f", {c.model.num_classes} classes (+ a null class)" if c.model.class_conditional else ""),
-        f"- diffusion: {c.diffusion.timesteps} steps, {c.diffusion.schedule} schedule, predicts {c.diffusion.prediction}, "
+        f"dropout {c.model.dropout}"
+        + (f", {c.model.num_classes} classes (+ a null class)" if c.model.class_conditional else ""),
+        f"- diffusion: {c.diffusion.timesteps} steps, {c.diffusion.schedule} schedule, predicts "
+        f"{c.diffusion.prediction}, "
         + ("learned variance (hybrid loss)" if c.diffusion.learn_variance else f"fixed variance ({c.sample.variance})"),
         f"- training: {c.train.optimizer} at lr {c.train.lr:g}, batch {c.train.batch_size}, EMA {c.train.ema_decay}",
     ]
@@ -213,8 +266,13 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
     if metrics.is_file():
         scores = json.loads(metrics.read_text())
         how = f"{scores.get('num_samples')} samples, {scores.get('sampler')} on {scores.get('steps') or 'all'} steps"
-        lines += ["", f"## Scores (`ddpm-cars eval`: {how}, against {scores.get('reference')})", "",
-                  "| metric | value |", "| --- | ---: |"]
+        lines += [
+            "",
+            f"## Scores (`ddpm-cars eval`: {how}, against {scores.get('reference')})",
+            "",
+            "| metric | value |",
+            "| --- | ---: |",
+        ]
         lines += [f"| {k} | {v:.4g} |" for k, v in scores.get("metrics", {}).items()]
     grids = sorted((run.dir / "samples").glob("*.png")) + [p for p in (run.dir / "grid.png",) if p.is_file()]
     if grids:
@@ -234,7 +292,9 @@ def import_pipeline(folder: Path, out: Path) -> Path:
         unet = diffusers.UNet2DModel.from_pretrained(str(folder), subfolder="unet")
         scheduler = dict(diffusers.DDPMScheduler.load_config(str(folder), subfolder="scheduler"))
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read a diffusers UNet2DModel and scheduler in {folder}: {str(err).splitlines()[0]}") from err
+        raise UserError(
+            f"cannot read a diffusers UNet2DModel and scheduler in {folder}: {str(err).splitlines()[0]}"
+        ) from err
     ours = folder / OUR_CONFIG
     if ours.is_file():
         saved = json.loads(ours.read_text())
@@ -251,11 +311,16 @@ def import_pipeline(folder: Path, out: Path) -> Path:
 
 # What a UNet2DModel must say to be our residual U-Net, and why.
 _REQUIRED = {
-    "time_embedding_type": ("positional", "a sinusoidal time embedding"), "flip_sin_to_cos": (False, "sines before cosines"),
-    "freq_shift": (1, "frequencies exp(-log(10000) i / (d/2 - 1))"), "act_fn": ("silu", "SiLU"),
-    "resnet_time_scale_shift": ("scale_shift", "adaptive group norm"), "norm_num_groups": (NORM_GROUPS, "32-group norms"),
-    "attn_norm_num_groups": (NORM_GROUPS, "32-group norms in every attention block"), "in_channels": (3, "RGB input"),
-    "center_input_sample": (False, "inputs as they are"), "class_embed_type": (None, "no class embedding but a table"),
+    "time_embedding_type": ("positional", "a sinusoidal time embedding"),
+    "flip_sin_to_cos": (False, "sines before cosines"),
+    "freq_shift": (1, "frequencies exp(-log(10000) i / (d/2 - 1))"),
+    "act_fn": ("silu", "SiLU"),
+    "resnet_time_scale_shift": ("scale_shift", "adaptive group norm"),
+    "norm_num_groups": (NORM_GROUPS, "32-group norms"),
+    "attn_norm_num_groups": (NORM_GROUPS, "32-group norms in every attention block"),
+    "in_channels": (3, "RGB input"),
+    "center_input_sample": (False, "inputs as they are"),
+    "class_embed_type": (None, "no class embedding but a table"),
     "num_class_embeds": (None, "no classes (only exports of ddpm-cars carry class names and the null class)"),
     "add_attention": (True, "attention in the middle block"),
 }
@@ -266,6 +331,7 @@ _VARIANCES = {"learned_range": None, "fixed_small": "beta_tilde", "fixed_large":
 
 def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> RunConfig:
     """Our config for a UNet2DModel and DDPMScheduler configuration with an exact twin here."""
+
     def refuse(name: str, value: Any, wanted: str) -> UserError:
         return UserError(f"cannot import: the diffusers config has {name}={value!r}; ddpm-cars needs {wanted}")
 
@@ -279,29 +345,53 @@ def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> Ru
     size, learned = int(unet["sample_size"]), unet["out_channels"] == 6
     if unet["out_channels"] not in (3, 6) or learned != (scheduler.get("variance_type") == "learned_range"):
         raise refuse("out_channels", unet["out_channels"], "3, or 6 with variance_type 'learned_range'")
-    for name, table in [("beta_schedule", _SCHEDULES), ("prediction_type", _PREDICTIONS), ("variance_type", _VARIANCES)]:
+    for name, table in [
+        ("beta_schedule", _SCHEDULES),
+        ("prediction_type", _PREDICTIONS),
+        ("variance_type", _VARIANCES),
+    ]:
         if scheduler.get(name) not in table:
             raise refuse(name, scheduler.get(name), f"one of {sorted(table)}")
     timesteps = int(scheduler["num_train_timesteps"])
-    attention = tuple(size // 2**level for level, kind in enumerate(unet["down_block_types"]) if kind.startswith("Attn"))
-    config = RunConfig.from_dict({
-        "model": {"name": "res_attn_unet", "channels": list(unet["block_out_channels"]), "num_res_blocks": unet["layers_per_block"],
-                  "attention_resolutions": list(attention), "head_channels": unet["attention_head_dim"],
-                  "dropout": unet.get("dropout", 0.0), "resblock_updown": updown},
-        "diffusion": {"timesteps": timesteps, "schedule": _SCHEDULES[scheduler["beta_schedule"]], "learn_variance": learned,
-                      "prediction": _PREDICTIONS[scheduler["prediction_type"]], "loss": "l2",
-                      # our linear betas are given for T = 1000 and scaled by 1000 / T
-                      "beta_start": scheduler.get("beta_start", 1e-4) * timesteps / 1000,
-                      "beta_end": scheduler.get("beta_end", 0.02) * timesteps / 1000,
-                      "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False))},
-        "data": {"image_size": size},
-        "sample": {"variance": _VARIANCES[scheduler["variance_type"]] or "beta", "clip_x0": bool(scheduler.get("clip_sample", True))},
-    })
+    attention = tuple(
+        size // 2**level for level, kind in enumerate(unet["down_block_types"]) if kind.startswith("Attn")
+    )
+    config = RunConfig.from_dict(
+        {
+            "model": {
+                "name": "res_attn_unet",
+                "channels": list(unet["block_out_channels"]),
+                "num_res_blocks": unet["layers_per_block"],
+                "attention_resolutions": list(attention),
+                "head_channels": unet["attention_head_dim"],
+                "dropout": unet.get("dropout", 0.0),
+                "resblock_updown": updown,
+            },
+            "diffusion": {
+                "timesteps": timesteps,
+                "schedule": _SCHEDULES[scheduler["beta_schedule"]],
+                "learn_variance": learned,
+                "prediction": _PREDICTIONS[scheduler["prediction_type"]],
+                "loss": "l2",
+                # our linear betas are given for T = 1000 and scaled by 1000 / T
+                "beta_start": scheduler.get("beta_start", 1e-4) * timesteps / 1000,
+                "beta_end": scheduler.get("beta_end", 0.02) * timesteps / 1000,
+                "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
+            },
+            "data": {"image_size": size},
+            "sample": {
+                "variance": _VARIANCES[scheduler["variance_type"]] or "beta",
+                "clip_x0": bool(scheduler.get("clip_sample", True)),
+            },
+        }
+    )
     for name, wanted in unet_config(config).items():  # whatever the checks above did not name
         if name in unet and unet[name] != wanted and not (isinstance(wanted, list) and list(unet[name]) == wanted):
             raise refuse(name, unet[name], repr(wanted))
     theirs = scheduler.get("trained_betas")
     ours = training_betas(dataclasses.replace(config.diffusion, zero_terminal_snr=False))
-    if theirs is not None and (len(theirs) != timesteps or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6):
+    if theirs is not None and (
+        len(theirs) != timesteps or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6
+    ):
         raise UserError("cannot import: the scheduler's trained_betas are neither a linear nor a cosine schedule")
     return config

@@ -6,9 +6,9 @@ is the same whatever batch it is drawn in.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -76,7 +76,7 @@ def generate(
     starts = range(0, len(wanted), batch_size)
     with _sampling_mode(denoiser.network, config) as ctx:
         for start in tqdm(starts, desc="Sampling batches", disable=not progress or len(starts) == 1):
-            batch = wanted[start:start + batch_size]
+            batch = wanted[start : start + batch_size]
             gens = image_generators(seed, batch, device)
             x_T = randn((3, size, size), gens, device)
             den = denoiser if classes is None else denoiser.guided(classes.labels[batch].to(device), classes.scale)
@@ -92,7 +92,12 @@ def generate(
 
 
 def decode(
-    denoiser: Denoiser, x_T: torch.Tensor, config: SampleConfig, *, batch_size: int = 64, progress: bool = True,
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    config: SampleConfig,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Images in [-1, 1] ``[N, 3, S, S]`` on the CPU drawn from the given starting noises
     ``x_T`` ``[N, 3, S, S]`` with ``config``'s sampler, which must be deterministic (see
@@ -105,10 +110,12 @@ def decode(
     starts = range(0, x_T.shape[0], batch_size)
     with _sampling_mode(denoiser.network, config) as ctx:
         for start in tqdm(starts, desc="Decoding batches", disable=not progress or len(starts) == 1):
-            x = x_T[start:start + batch_size].to(denoiser.device)
+            x = x_T[start : start + batch_size].to(denoiser.device)
             gens = image_generators(0, range(x.shape[0]), denoiser.device)  # never drawn from
             with ctx():
-                out.append(run_sampler(denoiser, x, gens, config, timesteps=timesteps, progress=progress).clamp(-1, 1).cpu())
+                out.append(
+                    run_sampler(denoiser, x, gens, config, timesteps=timesteps, progress=progress).clamp(-1, 1).cpu()
+                )
     return torch.cat(out) if out else torch.empty(0, *x_T.shape[1:])
 
 
@@ -116,8 +123,10 @@ def require_deterministic(config: SampleConfig) -> None:
     """A one-line ValueError unless ``config``'s sampler draws no noise after x_T."""
     if not is_deterministic(config):
         noise = {"ddim": f" with eta {config.eta:g}", "heun": f" with churn {config.churn:g}"}.get(config.sampler, "")
-        raise ValueError(f"decoding given noise needs a deterministic sampler (ddim with eta 0, dpm++, dpm++3m, "
-                         f"heun without churn), not {config.sampler}{noise}")
+        raise ValueError(
+            f"decoding given noise needs a deterministic sampler (ddim with eta 0, dpm++, dpm++3m, "
+            f"heun without churn), not {config.sampler}{noise}"
+        )
 
 
 @contextmanager

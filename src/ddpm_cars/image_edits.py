@@ -58,8 +58,10 @@ def read_mask(path: Path, image: Path, size: int, crop: str) -> torch.Tensor:
     it must have the pixel size of ``image`` and is cropped and resized like it."""
     mask_size, image_size = _size_of(path, "--mask"), _size_of(image, "--init-image")
     if mask_size != image_size:
-        raise UserError(f"--mask {path} is {mask_size[0]}x{mask_size[1]} pixels but --init-image {image} is "
-                        f"{image_size[0]}x{image_size[1]}: the mask must have the image's size")
+        raise UserError(
+            f"--mask {path} is {mask_size[0]}x{mask_size[1]} pixels but --init-image {image} is "
+            f"{image_size[0]}x{image_size[1]}: the mask must have the image's size"
+        )
     grey = (read_image(path, size, crop, "--mask") + 1).mean(0, keepdim=True) / 2
     return (grey > 0.5).float()
 
@@ -83,15 +85,21 @@ def check_edit_options(args: argparse.Namespace, sampler: str | None) -> None:
     if interpolating and args.classes:
         raise UserError("--class does not combine with --interpolate/--interpolate-images")
     if args.init_image is None and (args.mask is not None or args.strength is not None):
-        raise UserError(f"{'--mask' if args.mask is not None else '--strength'} needs --init-image, the image it applies to")
+        raise UserError(
+            f"{'--mask' if args.mask is not None else '--strength'} needs --init-image, the image it applies to"
+        )
     if args.mask is None and (args.resample_jumps or args.resample_every != 10):
         raise UserError("--resample-jumps/--resample-every are RePaint's resampling: they need --mask")
     if args.mask is not None and sampler is not None and sampler not in INPAINTING_SAMPLERS:
-        raise UserError(f"--mask replaces the known pixels after every step, which needs --sampler ddpm or ddim (one "
-                        f"step at a time), not {sampler}")
+        raise UserError(
+            f"--mask replaces the known pixels after every step, which needs --sampler ddpm or ddim (one "
+            f"step at a time), not {sampler}"
+        )
 
 
-def inpainting_overrides(args: argparse.Namespace, overrides: dict, run_sample: SampleConfig, timesteps: int) -> tuple[dict, str]:
+def inpainting_overrides(
+    args: argparse.Namespace, overrides: dict, run_sample: SampleConfig, timesteps: int
+) -> tuple[dict, str]:
     """The sample overrides for ``--mask``, and a note for the closing line: as given, unless
     no sampler was asked for and the run samples with a multistep solver, which cannot
     replace the known pixels after each step; then ancestral sampling on 50 uniform steps
@@ -100,8 +108,10 @@ def inpainting_overrides(args: argparse.Namespace, overrides: dict, run_sample: 
     if args.mask is None or "sampler" in overrides or run_sample.sampler in INPAINTING_SAMPLERS:
         return overrides, ""
     if "churn" in overrides:
-        raise UserError("--churn is Heun's, which cannot inpaint (--mask needs one step at a time): "
-                        "drop it, or name --sampler ddpm or ddim")
+        raise UserError(
+            "--churn is Heun's, which cannot inpaint (--mask needs one step at a time): "
+            "drop it, or name --sampler ddpm or ddim"
+        )
     sampler = "ddim" if "eta" in overrides else "ddpm"
     chosen = {"steps": min(INPAINTING_STEPS, timesteps), "spacing": "uniform", **overrides, "sampler": sampler}
     return chosen, f"; the run samples with {run_sample.sampler}, which cannot inpaint"
@@ -149,18 +159,24 @@ def interpolate(args: argparse.Namespace) -> int:
         ends = torch.cat([randn((3, size, size), image_generators(seed, [0], dev), dev) for seed in args.interpolate])
         what = f"seeds {args.interpolate[0]} and {args.interpolate[1]}"
     else:
-        images = torch.stack([read_image(p, size, config.data.crop, "--interpolate-images") for p in args.interpolate_images])
+        images = torch.stack(
+            [read_image(p, size, config.data.crop, "--interpolate-images") for p in args.interpolate_images]
+        )
         timesteps = visited_timesteps(den.schedule, sample)
         ends = ddim_invert(den, images.to(dev), timesteps=timesteps, progress=True)
-        what = f"{Path(args.interpolate_images[0]).name} and {Path(args.interpolate_images[1]).name} (inverted with DDIM)"
+        what = (
+            f"{Path(args.interpolate_images[0]).name} and {Path(args.interpolate_images[1]).name} (inverted with DDIM)"
+        )
     weights = interpolation_weights(args.frames)
     x_T = torch.stack([slerp(ends[0], ends[1], w) for w in weights])
     frames = decode(den, x_T, sample, batch_size=args.batch_size)
     if not world.is_main:
         return 0
     write_interpolation(args.out, frames, weights, f"Interpolating {what}: {sampling_description(sample)}")
-    print(f"Wrote {args.frames} frames between {what} ({sampling_description(sample)}{note}) from {trained.checkpoint} "
-          f"to {args.out}/ (interpolation.png, interpolation.gif, images/)")
+    print(
+        f"Wrote {args.frames} frames between {what} ({sampling_description(sample)}{note}) from {trained.checkpoint} "
+        f"to {args.out}/ (interpolation.png, interpolation.gif, images/)"
+    )
     return 0
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,7 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def no_sync(net: nn.Module, sync: bool) -> ContextManager:
+def no_sync(net: nn.Module, sync: bool) -> AbstractContextManager:
     """Skip DDP's gradient all-reduce on accumulation micro-steps (``sync`` False)."""
     if sync or not hasattr(net, "no_sync"):
         return contextlib.nullcontext()

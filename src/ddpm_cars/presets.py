@@ -58,8 +58,15 @@ TINY = RunConfig(
     diffusion=DiffusionConfig(timesteps=100, schedule="cosine", loss="l2", learn_variance=True),
     data=DataConfig(source="toy-cars", image_size=16, toy_count=256),
     train=TrainConfig(
-        batch_size=16, lr=2e-4, epochs=2, optimizer="adamw", warmup_steps=10, grad_clip=1.0, ema_decay=0.99,
-        sample_every_epochs=1, checkpoint_every_steps=50,
+        batch_size=16,
+        lr=2e-4,
+        epochs=2,
+        optimizer="adamw",
+        warmup_steps=10,
+        grad_clip=1.0,
+        ema_decay=0.99,
+        sample_every_epochs=1,
+        checkpoint_every_steps=50,
     ),
     sample=SampleConfig(num_images=16),
 )
@@ -73,14 +80,24 @@ TINY = RunConfig(
 # (ancestral, 50 of the 1000 steps) when training ends, with no evaluation during it.
 DEMO = RunConfig(
     model=ModelConfig(
-        name="res_attn_unet", channels=(64, 128, 128), num_res_blocks=1, attention_resolutions=(8,),
+        name="res_attn_unet",
+        channels=(64, 128, 128),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
         head_channels=64,
     ),
     diffusion=DiffusionConfig(schedule="cosine", loss="l2", learn_variance=True),
     data=DataConfig(source="toy-cars", image_size=32, toy_count=4096),
     train=TrainConfig(
-        batch_size=32, lr=1e-3, epochs=4, optimizer="adamw", warmup_steps=50, grad_clip=1.0,
-        ema_decay=0.99, sample_every_epochs=10, checkpoint_every_steps=200,
+        batch_size=32,
+        lr=1e-3,
+        epochs=4,
+        optimizer="adamw",
+        warmup_steps=50,
+        grad_clip=1.0,
+        ema_decay=0.99,
+        sample_every_epochs=10,
+        checkpoint_every_steps=200,
     ),
     sample=SampleConfig(num_images=16, steps=50),  # respaced ancestral sampling: as clean as 1000 steps here
 )

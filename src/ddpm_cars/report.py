@@ -139,7 +139,9 @@ def _summary(run_dir: Path, now: str) -> str:
     rows: list[tuple[str, Any]] = []
     checkpoints = list_checkpoints(run_dir)
     latest = checkpoints[-1] if checkpoints else None
-    rows.append(("latest checkpoint", f"step {int(latest.name.removeprefix('step_'))} ({latest.name})" if latest else None))
+    rows.append(
+        ("latest checkpoint", f"step {int(latest.name.removeprefix('step_'))} ({latest.name})" if latest else None)
+    )
     _, loss = _read_csv(run_dir / "loss.csv")
     loss = [r for r in loss if len(r) >= 2 and isinstance(r[1], (int, float))]
     if loss:
@@ -172,8 +174,11 @@ def _denoising(run_dir: Path, run: str) -> str:
 
 def _curves(run_dir: Path) -> str:
     loss = run_dir / "loss.png"
-    parts = [_img(loss, "training loss curve", "loss.png") if loss.is_file()
-             else _missing("The loss curve (loss.png)", "ddpm-cars train ...")]
+    parts = [
+        _img(loss, "training loss curve", "loss.png")
+        if loss.is_file()
+        else _missing("The loss curve (loss.png)", "ddpm-cars train ...")
+    ]
     metrics = run_dir / "metrics.png"
     header, rows = _read_csv(run_dir / "metrics.csv")
     if metrics.is_file():
@@ -211,7 +216,9 @@ def _evaluation(flat: dict[str, Any] | str | None, run: str) -> str:
         return _missing("The final evaluation (eval/metrics.json)", f"ddpm-cars eval --checkpoint {run}")
     if isinstance(flat, str):
         return f'<div class="note">{escape(flat)}</div>'
-    notes = "".join(f'<div class="note"><strong>{escape(k)}</strong>: {escape(v)}</div>' for k, v in flat.items() if _is_note(k, v))
+    notes = "".join(
+        f'<div class="note"><strong>{escape(k)}</strong>: {escape(v)}</div>' for k, v in flat.items() if _is_note(k, v)
+    )
     rows = [(k, v) for k, v in flat.items() if not _is_note(k, v) and not k.startswith(_MEMORISATION)]
     return notes + _table(rows, ("metric", "value"))  # the memorisation numbers have their own section
 
@@ -249,7 +256,9 @@ def _guidance(run_dir: Path, run: str) -> str:
         return f"<p>guidance/guidance.json cannot be read: {escape(str(err))}</p>"
     parts = [_table(rows, ("scale", "samples judged to be the class asked for"))]
     if picture.is_file():
-        parts.append(_img(picture, "samples of each class at each guidance scale", "guidance/guidance.png: one row per class"))
+        parts.append(
+            _img(picture, "samples of each class at each guidance scale", "guidance/guidance.png: one row per class")
+        )
     return "\n".join(parts)
 
 
@@ -274,13 +283,17 @@ def _gallery(run_dir: Path) -> str:
 
 def _configuration(config: dict[str, Any]) -> str:
     tables = [
-        f"<div><h3>{escape(k)}</h3>{_table(list(_flatten(v).items()))}</div>" for k, v in config.items() if isinstance(v, dict)
+        f"<div><h3>{escape(k)}</h3>{_table(list(_flatten(v).items()))}</div>"
+        for k, v in config.items()
+        if isinstance(v, dict)
     ]
     other = [(k, v) for k, v in config.items() if not isinstance(v, dict)]
     if other:
         tables.append(f"<div><h3>other</h3>{_table(other)}</div>")
     raw = escape(json.dumps(config, indent=2))
-    return f'<div class="config">{"".join(tables)}</div><details><summary>config.json</summary><pre>{raw}</pre></details>'
+    return (
+        f'<div class="config">{"".join(tables)}</div><details><summary>config.json</summary><pre>{raw}</pre></details>'
+    )
 
 
 def _headline(config: dict[str, Any]) -> str:
@@ -313,18 +326,20 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     name = run_dir.resolve().name
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     evaluation = _eval_metrics(run_dir)
-    body = "".join([
-        _section("Summary", _summary(run_dir, now)),
-        _section("Final samples", _samples(run_dir, run)),
-        _section("Denoising", _denoising(run_dir, run)),
-        _section("Training curves", _curves(run_dir)),
-        _section("Evaluation", _evaluation(evaluation, run)),
-        _section("Memorisation check", _memorisation(run_dir, evaluation, run)),
-        *([_section("Classes and guidance", _guidance(run_dir, run))] if _conditional(config) else []),
-        _section("Forward process", _forward(run_dir, run)),
-        _section("Samples during training", _gallery(run_dir)),
-        _section("Configuration", _configuration(config)),
-    ])
+    body = "".join(
+        [
+            _section("Summary", _summary(run_dir, now)),
+            _section("Final samples", _samples(run_dir, run)),
+            _section("Denoising", _denoising(run_dir, run)),
+            _section("Training curves", _curves(run_dir)),
+            _section("Evaluation", _evaluation(evaluation, run)),
+            _section("Memorisation check", _memorisation(run_dir, evaluation, run)),
+            *([_section("Classes and guidance", _guidance(run_dir, run))] if _conditional(config) else []),
+            _section("Forward process", _forward(run_dir, run)),
+            _section("Samples during training", _gallery(run_dir)),
+            _section("Configuration", _configuration(config)),
+        ]
+    )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'

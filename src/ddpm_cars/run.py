@@ -167,7 +167,9 @@ def _mismatch(model: nn.Module, weights: dict[str, torch.Tensor]) -> str:
     return "; ".join(parts) or "the tensors do not match"
 
 
-def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str = "cpu", ema: bool = False) -> nn.Module:
+def load_weights(
+    model: nn.Module, checkpoint: Path, device: torch.device | str = "cpu", ema: bool = False
+) -> nn.Module:
     """Load the raw weights, or with ``ema`` the moving average (falling back to the raw ones).
 
     A file that cannot be read, or weights of another architecture or image size than
@@ -192,8 +194,15 @@ def load_weights(model: nn.Module, checkpoint: Path, device: torch.device | str 
 
 
 # The fields of two runs that must agree for one to start from the other's weights.
-_NETWORK_FIELDS = ("name", "channels", "time_emb_dim", "num_res_blocks", "attention_resolutions", "head_channels",
-                   "resblock_updown")
+_NETWORK_FIELDS = (
+    "name",
+    "channels",
+    "time_emb_dim",
+    "num_res_blocks",
+    "attention_resolutions",
+    "head_channels",
+    "resblock_updown",
+)
 
 
 def check_init_source(source: str | Path, config: RunConfig) -> tuple[Path, RunConfig]:
@@ -203,12 +212,16 @@ def check_init_source(source: str | Path, config: RunConfig) -> tuple[Path, RunC
     run_dir, checkpoint = resolve_checkpoint(source)
     theirs = RunConfig.load(run_dir / CONFIG_FILE)
     pairs = [(f"model.{name}", getattr(theirs.model, name), getattr(config.model, name)) for name in _NETWORK_FIELDS]
-    pairs += [("data.image_size", theirs.data.image_size, config.data.image_size),
-              ("diffusion.learn_variance", theirs.diffusion.learn_variance, config.diffusion.learn_variance)]
+    pairs += [
+        ("data.image_size", theirs.data.image_size, config.data.image_size),
+        ("diffusion.learn_variance", theirs.diffusion.learn_variance, config.diffusion.learn_variance),
+    ]
     for name, was, now in pairs:
         if was != now:
-            raise UserError(f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
-                            "(--init-from needs the same network and image size)")
+            raise UserError(
+                f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
+                "(--init-from needs the same network and image size)"
+            )
     return checkpoint, theirs
 
 
@@ -229,13 +242,17 @@ def init_weights(model: nn.Module, source: str | Path, config: RunConfig) -> lis
     if theirs.model.class_names != config.model.class_names:
         weights = {k: v for k, v in weights.items() if not k.startswith(CLASS_EMBEDDING)}
         if config.model.class_conditional:
-            notes.append(f"The class embedding starts afresh: {len(config.model.class_names)} classes here, "
-                         f"{len(theirs.model.class_names) or 'none'} in {source}")
+            notes.append(
+                f"The class embedding starts afresh: {len(config.model.class_names)} classes here, "
+                f"{len(theirs.model.class_names) or 'none'} in {source}"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith(CLASS_EMBEDDING) for k in missing):
         raise UserError(f"the weights in {path} do not fit this run's network: {_mismatch(model, weights)}")
-    for name, was, now in [("prediction", theirs.diffusion.prediction, config.diffusion.prediction),
-                           ("schedule", theirs.diffusion.schedule, config.diffusion.schedule)]:
+    for name, was, now in [
+        ("prediction", theirs.diffusion.prediction, config.diffusion.prediction),
+        ("schedule", theirs.diffusion.schedule, config.diffusion.schedule),
+    ]:
         if was != now:
             notes.append(f"Note: {source} was trained with {name} {was!r}, this run uses {now!r}")
     return notes
@@ -252,8 +269,12 @@ def load_train_state(checkpoint: Path) -> TrainState:
         raise MissingFileError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... (torch's advice to unpickle it unsafely does not help)
-        raise UserError(f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})") from err
+    except (
+        Exception
+    ) as err:  # UnpicklingError, RuntimeError, EOFError, ... (torch's advice to unpickle it unsafely does not help)
+        raise UserError(
+            f"cannot read training state {path}: corrupt, or not written by ddpm-cars ({type(err).__name__})"
+        ) from err
     try:
         return TrainState(**raw)
     except TypeError as err:  # not a dict, or other keys

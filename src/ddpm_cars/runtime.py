@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def resolve_precision(precision: Precision, device: torch.device | str) -> Preci
     return "fp32"
 
 
-def autocast(device: torch.device | str, precision: Precision) -> ContextManager:
+def autocast(device: torch.device | str, precision: Precision) -> AbstractContextManager:
     """bf16 or fp16 autocast on CUDA or CPU (``auto`` resolved for ``device``); a no-op
     for fp32.
 
@@ -116,7 +116,9 @@ def compiled_or_eager(model: nn.Module) -> nn.Module:
         except Exception as err:
             out = model(*args, **kwargs)  # raises the model's own error, if it is one
             failed.append(_root_cause(err))
-            warnings.warn(f"torch.compile failed ({failed[0]}); running the network uncompiled", CompileWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed ({failed[0]}); running the network uncompiled", CompileWarning, stacklevel=2
+            )
             return out
 
     compiled.forward = forward

@@ -10,7 +10,7 @@ knows how the network is parameterised. :func:`run_sampler` runs the one a
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -75,8 +75,13 @@ def ancestral_sample(
 
 
 def ancestral_step(
-    den: Denoiser, x: torch.Tensor, i: int, generators: Sequence[torch.Generator], *,
-    clip_x0: bool = True, variance: Variance = "beta",
+    den: Denoiser,
+    x: torch.Tensor,
+    i: int,
+    generators: Sequence[torch.Generator],
+    *,
+    clip_x0: bool = True,
+    variance: Variance = "beta",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of :func:`ancestral_sample` from x_i, at step ``i`` of ``den``'s schedule:
     (x_{i-1}, the predicted x_0); the step from i = 0 adds no noise."""
@@ -113,7 +118,9 @@ def ddim_sample(
     ``generators`` are only drawn from when ``eta > 0``.
     """
     assert len(generators) == x_T.shape[0] and eta >= 0, "one generator per image; eta >= 0"
-    assert sigma == "song" or denoiser.config.learn_variance, "the learned sigma needs a model that learned its variance"
+    assert sigma == "song" or denoiser.config.learn_variance, (
+        "the learned sigma needs a model that learned its variance"
+    )
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, "Sampling (DDIM)", progress)
     for i, t, _ in steps:
@@ -124,8 +131,14 @@ def ddim_sample(
 
 
 def ddim_step(
-    den: Denoiser, x: torch.Tensor, i: int, generators: Sequence[torch.Generator], *,
-    eta: float = 0.0, sigma: DdimSigma = "song", clip_x0: bool = True,
+    den: Denoiser,
+    x: torch.Tensor,
+    i: int,
+    generators: Sequence[torch.Generator],
+    *,
+    eta: float = 0.0,
+    sigma: DdimSigma = "song",
+    clip_x0: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of :func:`ddim_sample` from x_i, at step ``i`` of ``den``'s schedule:
     (x_{i-1}, the predicted x_0)."""
@@ -227,8 +240,14 @@ def sde_dpm_solver_sample(
 
 
 def _dpm_solve(
-    denoiser: Denoiser, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None,
-    timesteps: torch.Tensor | None, order: int, clip_x0: bool, callback: StepCallback | None, progress: bool,
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    generators: Sequence[torch.Generator] | None,
+    timesteps: torch.Tensor | None,
+    order: int,
+    clip_x0: bool,
+    callback: StepCallback | None,
+    progress: bool,
 ) -> torch.Tensor:
     """The loop of :func:`dpm_solver_sample` (``generators`` None) and of
     :func:`sde_dpm_solver_sample` (``generators`` given: the SDE's steps)."""
@@ -259,7 +278,11 @@ def _dpm_solve(
 
 
 def _dpm_update(
-    x0: torch.Tensor, history: list[tuple[torch.Tensor, float]], h: float, order: int, sde: bool = False,
+    x0: torch.Tensor,
+    history: list[tuple[torch.Tensor, float]],
+    h: float,
+    order: int,
+    sde: bool = False,
 ) -> torch.Tensor:
     """phi_1 D_0 - phi_2 D_1 + phi_3 D_2 of a DPM-Solver++ step of ``order`` (see
     :func:`dpm_solver_sample`), phi_1 (D_0 + D_1 / 2) of the SDE solver's with ``sde``;
@@ -376,8 +399,14 @@ def sampling_description(sample: SampleConfig) -> str:
 
 
 def run_sampler(
-    denoiser: Denoiser, x_T: torch.Tensor, generators: Sequence[torch.Generator], config: SampleConfig, *,
-    timesteps: torch.Tensor | None = None, callback: StepCallback | None = None, progress: bool = False,
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    config: SampleConfig,
+    *,
+    timesteps: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Draw from x_T ``[B, C, H, W]`` with ``config``'s sampler and its settings (eta, sigma,
     churn, variance, clipping) on the training steps ``timesteps`` (all by default)."""
@@ -389,12 +418,26 @@ def run_sampler(
         "dpm++sde": (sde_dpm_solver_sample, {}),
         "heun": (heun_sample, {"churn": config.churn}),
     }[config.sampler]
-    return sample_fn(denoiser, x_T, generators, timesteps=timesteps, clip_x0=config.clip_x0, callback=callback,
-                     progress=progress, **extra)
+    return sample_fn(
+        denoiser,
+        x_T,
+        generators,
+        timesteps=timesteps,
+        clip_x0=config.clip_x0,
+        callback=callback,
+        progress=progress,
+        **extra,
+    )
 
 
 def is_deterministic(config: SampleConfig) -> bool:
     """Whether ``config``'s sampler draws no noise after x_T (DDIM with eta 0, the ODE solvers,
     Heun without churn): the same x_T always gives the same image."""
-    return {"ddpm": False, "ddim": config.eta == 0, "dpm++": True, "dpm++3m": True, "dpm++sde": False,
-            "heun": config.churn == 0}[config.sampler]
+    return {
+        "ddpm": False,
+        "ddim": config.eta == 0,
+        "dpm++": True,
+        "dpm++3m": True,
+        "dpm++sde": False,
+        "heun": config.churn == 0,
+    }[config.sampler]

@@ -15,7 +15,9 @@ import torch
 from ddpm_cars.config import NOISE_LEVEL_SPACINGS, SIGMA_MAX, DiffusionConfig, SampleConfig
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
+def linear_betas(
+    timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999
+) -> torch.Tensor:
     """Linearly spaced betas (Ho et al. 2020, Sec. 4), float64 ``[T]``.
 
     ``beta_start`` and ``beta_end`` are the values for T = 1000; for another T both are
@@ -83,7 +85,9 @@ class NoiseSchedule:
         stored = {k: v.to(torch.float32) for k, v in coefs.items()}
         # the fixed "large" variance: log beta_t, but log beta_tilde at the decoder (as Ho et al.'s
         # code); the log of the stored betas, which sampling has always used
-        stored["beta_log_variance"] = torch.cat([stored["posterior_log_variance_clipped"][:1], stored["betas"][1:].log()])
+        stored["beta_log_variance"] = torch.cat(
+            [stored["posterior_log_variance_clipped"][:1], stored["betas"][1:].log()]
+        )
         return cls(**stored, betas_float64=b)
 
     @classmethod
@@ -146,7 +150,10 @@ def sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_timesteps(
-    timesteps: int, steps: int | None = None, spacing: str = "uniform", alphas_cumprod: torch.Tensor | None = None,
+    timesteps: int,
+    steps: int | None = None,
+    spacing: str = "uniform",
+    alphas_cumprod: torch.Tensor | None = None,
     sigma_max: float = SIGMA_MAX,
 ) -> torch.Tensor:
     """The increasing subsequence of ``0..timesteps-1`` a sampler visits, from the noisiest
@@ -179,8 +186,9 @@ def sampling_timesteps(
 def visited_timesteps(schedule: NoiseSchedule, sample: SampleConfig) -> torch.Tensor:
     """The training steps of ``schedule`` that a sampler set up by ``sample`` (its steps,
     spacing and starting sigma) visits: :func:`sampling_timesteps` of them."""
-    return sampling_timesteps(schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64,
-                              sample.sigma_max)
+    return sampling_timesteps(
+        schedule.timesteps, sample.steps, sample.spacing, schedule.alphas_cumprod_float64, sample.sigma_max
+    )
 
 
 def _noise_level_timesteps(sigma: torch.Tensor, steps: int, spacing: str, sigma_max: float) -> torch.Tensor:

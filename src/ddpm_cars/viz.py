@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     grid = torch.full((channels, rows * (height + gap) + gap, cols * (width + gap) + gap), 255, dtype=torch.uint8)
     for k, tile in enumerate(tiles):
         top, left = gap + (k // cols) * (height + gap), gap + (k % cols) * (width + gap)
-        grid[:, top:top + height, left:left + width] = tile
+        grid[:, top : top + height, left : left + width] = tile
     return grid
 
 
@@ -162,11 +162,20 @@ def save_distance_histogram(samples: torch.Tensor, heldout: torch.Tensor | None,
 def save_metric_curves(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
     """One panel per metric family (SWD and its levels, precision/recall, FID, KID) against
     the optimizer step; ``rows`` are dicts with a ``step`` key, missing values skipped."""
-    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step"
-             and any(r.get(k) is not None and math.isfinite(r[k]) for r in rows)]  # columns with a value
+    names = [
+        k
+        for k in dict.fromkeys(k for r in rows for k in r)
+        if k != "step" and any(r.get(k) is not None and math.isfinite(r[k]) for r in rows)
+    ]  # columns with a value
     families: dict[str, list[str]] = {}
     for name in names:
-        family = "swd" if name.startswith("swd") else "precision / recall" if name.split("_")[0] in ("precision", "recall") else name
+        family = (
+            "swd"
+            if name.startswith("swd")
+            else "precision / recall"
+            if name.split("_")[0] in ("precision", "recall")
+            else name
+        )
         if name != "kid_std":
             families.setdefault(family, []).append(name)
     plt = _figure()

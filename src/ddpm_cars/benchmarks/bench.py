@@ -15,8 +15,8 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Sequence
 
 import torch
 
@@ -30,15 +30,26 @@ from ddpm_cars.benchmarks.measure import (
     measure_isolated,
 )
 from ddpm_cars.benchmarks.peaks import device_peak_flops
-from ddpm_cars.presets import PRESETS
 from ddpm_cars.errors import UserError
 from ddpm_cars.parallel import resolve_device
+from ddpm_cars.presets import PRESETS
 
 DEFAULT_BATCH = {"cuda": 128, "cpu": 8}
 
 ROW_KEYS = (
-    "preset", "precision", "device", "image_size", "batch_size", "params", "forward_flops_per_image",
-    "train_img_s", "sample_img_s", "sample_evals_s", "train_flop_s", "sample_flop_s", "peak_mem_mib",
+    "preset",
+    "precision",
+    "device",
+    "image_size",
+    "batch_size",
+    "params",
+    "forward_flops_per_image",
+    "train_img_s",
+    "sample_img_s",
+    "sample_evals_s",
+    "train_flop_s",
+    "sample_flop_s",
+    "peak_mem_mib",
 )
 FLOPS_NOTE = (
     "FLOPs: counted by torch.utils.flop_counter on one fp32 forward pass (convolutions, matrix products, "
@@ -59,7 +70,9 @@ LOOP_NOTE = (
     "loss reads; no checkpoints or grids) after the warm-up steps; to 1st step: seconds from the start of the "
     "session (data cache opened or built, model built) to its first step."
 )
-SAMPLE_NOTE = "Sampling img/s is for a whole run of T reverse steps; evals/s counts network evaluations (images x steps)."
+SAMPLE_NOTE = (
+    "Sampling img/s is for a whole run of T reverse steps; evals/s counts network evaluations (images x steps)."
+)
 
 
 class BenchmarkRows(list):
@@ -113,8 +126,10 @@ def _models_and_notes(
         if diffusers_available():
             models.append(DIFFUSERS)
         else:
-            notes.append(f"diffusers UNet2DModel: skipped, diffusers is not installed (pip install diffusers "
-                         f"to compare it with the {diffusers_reference} preset)")
+            notes.append(
+                f"diffusers UNet2DModel: skipped, diffusers is not installed (pip install diffusers "
+                f"to compare it with the {diffusers_reference} preset)"
+            )
     if cpu and not isolate:
         notes.append("measured in one process, not a fresh one each: the peak RSS includes earlier measurements")
     if compile and warmup == 0:
@@ -187,10 +202,20 @@ def run_benchmark(
     rows = BenchmarkRows(notes=notes)
     for i, (name, precision) in enumerate(jobs, 1):
         spec = {
-            "preset": name, "precision": precision, "image_size": image_size, "batch_size": batch,
-            "repeats": repeats, "warmup": warmup, "sample_steps": sample_steps, "device": str(dev),
-            "compile": compile, "reference": diffusers_reference, "isolated": isolate,
-            "activation_checkpointing": activation_checkpointing, "loop": loop, "data": data,
+            "preset": name,
+            "precision": precision,
+            "image_size": image_size,
+            "batch_size": batch,
+            "repeats": repeats,
+            "warmup": warmup,
+            "sample_steps": sample_steps,
+            "device": str(dev),
+            "compile": compile,
+            "reference": diffusers_reference,
+            "isolated": isolate,
+            "activation_checkpointing": activation_checkpointing,
+            "loop": loop,
+            "data": data,
         }
         label = f"[{i}/{len(jobs)}] {name} {precision}: {image_size}x{image_size}, batch {batch} on {dev} ..."
         row = _measure_one(spec, label, progress)
@@ -265,7 +290,11 @@ def _table_row(r: dict, loop: bool) -> str:
         f"| {_rate(r['sample_evals_s'])} | {_flop_rate(r['sample_flop_s'])} | {_memory(r)} |"
     )
     if loop:
-        row += "  |  |" if r.get("loop_img_s") is None else f" {_rate(r['loop_img_s'])} | {r['loop_to_first_step_s']:.1f} |"
+        row += (
+            "  |  |"
+            if r.get("loop_img_s") is None
+            else f" {_rate(r['loop_img_s'])} | {r['loop_to_first_step_s']:.1f} |"
+        )
     return row
 
 
@@ -287,7 +316,8 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
     lines += [
         (
             "| preset | precision | image | batch | params | fwd GFLOP/img | train img/s | train FLOP/s | train MFU "
-            f"| T | sample img/s | evals/s | sample FLOP/s | {memory} |" + (" loop img/s | to 1st step s |" if loop else "")
+            f"| T | sample img/s | evals/s | sample FLOP/s | {memory} |"
+            + (" loop img/s | to 1st step s |" if loop else "")
         ),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         + (" ---: | ---: |" if loop else ""),
@@ -307,8 +337,10 @@ def format_table(rows: Sequence[dict], notes: Sequence[str] | None = None) -> st
     if any(r.get("compile") for r in rows):
         lines.append("Compiled with torch.compile; compilation happens in the warm-up steps.")
     if any(r.get("activation_checkpointing") for r in rows):
-        lines.append("Activation checkpointing: the residual U-Net's blocks recomputed in the backward pass "
-                     "(the FLOP rates count the model's own arithmetic, not the recomputation).")
+        lines.append(
+            "Activation checkpointing: the residual U-Net's blocks recomputed in the backward pass "
+            "(the FLOP rates count the model's own arithmetic, not the recomputation)."
+        )
     lines += [f"Note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -325,5 +357,7 @@ def report(rows: Sequence[dict], command: Sequence[str] = (), notes: Sequence[st
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "notes": [FLOPS_NOTE, SAMPLE_NOTE, MFU_NOTE, MEMORY_NOTE["cuda" if _on_cuda(rows) else "cpu"], *notes],
         "speedups": speedups(rows),
-        "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows],
+        "rows": [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows
+        ],
     }

@@ -16,8 +16,8 @@ from __future__ import annotations
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -57,9 +57,13 @@ def measure_loop(spec: dict) -> dict:
     config = config.replace(
         data={"source": spec.get("data", "toy-cars"), "cache": spec.get("data_cache", "auto"), "image_size": size},
         train={
-            "batch_size": batch, "precision": spec["precision"], "max_steps": warmup + repeats,
-            "compile": bool(spec.get("compile")), "eval_every_steps": 0,
-            "activation_checkpointing": bool(spec.get("activation_checkpointing")) and config.model.name == "res_attn_unet",
+            "batch_size": batch,
+            "precision": spec["precision"],
+            "max_steps": warmup + repeats,
+            "compile": bool(spec.get("compile")),
+            "eval_every_steps": 0,
+            "activation_checkpointing": bool(spec.get("activation_checkpointing"))
+            and config.model.name == "res_attn_unet",
         },
     )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -74,5 +78,9 @@ def measure_loop(spec: dict) -> dict:
         session.run(clock, types.SimpleNamespace(requested=False))
         sync()
         seconds = time.perf_counter() - clock.start
-    return {"loop_img_s": batch * repeats / seconds, "loop_to_first_step_s": to_first_step,
-            "loop_data": config.data.source, "loop_images": len(session.batches.images)}
+    return {
+        "loop_img_s": batch * repeats / seconds,
+        "loop_to_first_step_s": to_first_step,
+        "loop_data": config.data.source,
+        "loop_images": len(session.batches.images),
+    }

@@ -31,8 +31,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -218,7 +219,9 @@ def measure(spec: dict) -> dict:
         "train_peak_mem_mib": train_mem,
         "sample_peak_mem_mib": sample_mem,
         "base_rss_mib": base_rss,
-        "memory": "cuda max_memory_allocated" if cuda else (
+        "memory": "cuda max_memory_allocated"
+        if cuda
+        else (
             "peak RSS of the measuring process" if spec.get("isolated") else "peak RSS of this process (not isolated)"
         ),
         "timesteps": dcfg.timesteps,
@@ -270,9 +273,15 @@ def _time_sampling(model: nn.Module, denoiser: Denoiser, config: RunConfig, spec
         stamps.append(time.perf_counter())
 
     tick()
-    ancestral_sample(dataclasses.replace(denoiser, schedule=short), x_T, gens, variance=config.sample.variance,
-                     clip_x0=config.sample.clip_x0, callback=tick)
-    step_s = statistics.median([b - a for a, b in itertools.pairwise(stamps)][spec["warmup"]:])
+    ancestral_sample(
+        dataclasses.replace(denoiser, schedule=short),
+        x_T,
+        gens,
+        variance=config.sample.variance,
+        clip_x0=config.sample.clip_x0,
+        callback=tick,
+    )
+    step_s = statistics.median([b - a for a, b in itertools.pairwise(stamps)][spec["warmup"] :])
     return step_s, _peak_cuda_mib(device)
 
 

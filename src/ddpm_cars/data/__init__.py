@@ -39,9 +39,16 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
         if crop == "bbox":
             raise DataError("--crop bbox needs Stanford Cars and its box annotations; toy cars are already framed")
         seed = TOY_CARS_TEST_SEED if config.split == "test" else TOY_CARS_SEED
-        key = {"name": "toy-cars", "image_size": size, "count": config.toy_count, "seed": seed,
-               "code": cache.code_stamp(toy_cars)}
-        return cache.load(key, config.toy_count, _toy_cars_fill(config.toy_count, size, seed), cache_dir, progress=progress)[0]
+        key = {
+            "name": "toy-cars",
+            "image_size": size,
+            "count": config.toy_count,
+            "seed": seed,
+            "code": cache.code_stamp(toy_cars),
+        }
+        return cache.load(
+            key, config.toy_count, _toy_cars_fill(config.toy_count, size, seed), cache_dir, progress=progress
+        )[0]
     if config.source == "stanford-cars":
         root = download_stanford_cars()
     else:
@@ -53,8 +60,9 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
         listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin)
     else:
         listing = list_image_folder(root, size, crop)
-    data, decoded = cache.load(_listing_key(listing, root), len(listing.paths), _listing_fill(listing, progress),
-                               cache_dir, progress=progress)
+    data, decoded = cache.load(
+        _listing_key(listing, root), len(listing.paths), _listing_fill(listing, progress), cache_dir, progress=progress
+    )
     warn_skipped(decoded.skipped)
     if counts is not None and crop == "bbox":
         counts.warn(len(listing.paths), decoded.outside)
@@ -77,10 +85,14 @@ def _listing_fill(listing: ImageListing, progress: bool) -> cache.Fill:
 def _listing_key(listing: ImageListing, root: Path) -> dict:
     """What a folder's decoded images depend on: its files, labels, boxes and how they are cropped."""
     return {
-        "name": root.resolve().name or "images", "image_size": listing.image_size, "crop": listing.crop,
+        "name": root.resolve().name or "images",
+        "image_size": listing.image_size,
+        "crop": listing.crop,
         "cwd": None if root.is_absolute() else os.getcwd(),  # the paths below are relative to it
-        "margin": listing.margin if listing.crop == "bbox" else None, "class_names": listing.class_names,
-        "labels": cache.digest(listing.labels), "boxes": cache.digest(listing.boxes),
+        "margin": listing.margin if listing.crop == "bbox" else None,
+        "class_names": listing.class_names,
+        "labels": cache.digest(listing.labels),
+        "boxes": cache.digest(listing.boxes),
         "files": cache.digest(cache.file_stamps(listing.paths + list(listing.also_read))),
         "code": cache.code_stamp(folder, boxes),
     }

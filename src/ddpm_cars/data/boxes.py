@@ -142,9 +142,7 @@ def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def square_crop_region(
-    box: Box, width: int, height: int, margin: float
-) -> tuple[int, int, int, int] | None:
+def square_crop_region(box: Box, width: int, height: int, margin: float) -> tuple[int, int, int, int] | None:
     """The square ``(left, top, right, bottom)`` to crop around ``box``, in integer pixels.
 
     The box is first clipped to the ``width x height`` image; None if it lies

@@ -116,7 +116,9 @@ def load(
         except OSError as err:
             warnings.warn(
                 f"cannot use the data cache in {cache_dir} ({err.strerror or err}); decoding into memory "
-                "(point --data-cache at a writable folder, or pass --data-cache off)", CacheWarning, stacklevel=3,
+                "(point --data-cache at a writable folder, or pass --data-cache off)",
+                CacheWarning,
+                stacklevel=3,
             )
             cache_dir = None
     if cache_dir is None:
@@ -148,7 +150,9 @@ def open_entry(entry: Path) -> tuple[ImageSet, Decoded] | None:
         if labels.shape != (count,) or labels.dtype != np.int64:
             return None
         images = np.memmap(entry / IMAGES, dtype=np.uint8, mode="c", shape=(count, 3, size, size))
-        decoded = Decoded(labels.tolist(), list(meta["class_names"]), [tuple(s) for s in meta["skipped"]], int(meta["outside"]))
+        decoded = Decoded(
+            labels.tolist(), list(meta["class_names"]), [tuple(s) for s in meta["skipped"]], int(meta["outside"])
+        )
         return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), decoded.class_names), decoded
     except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or malformed: not a usable entry
         return None
@@ -198,8 +202,15 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
             handle.flush()
             os.fsync(handle.fileno())
         np.save(partial / LABELS, np.asarray(decoded.labels, dtype=np.int64))
-        meta = {"format": FORMAT, "count": len(decoded.labels), "image_size": size, "class_names": decoded.class_names,
-                "skipped": decoded.skipped, "outside": decoded.outside, "key": key}
+        meta = {
+            "format": FORMAT,
+            "count": len(decoded.labels),
+            "image_size": size,
+            "class_names": decoded.class_names,
+            "skipped": decoded.skipped,
+            "outside": decoded.outside,
+            "key": key,
+        }
         with open(partial / META, "w") as handle:
             json.dump(meta, handle, default=str)
             handle.flush()
@@ -217,5 +228,8 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
     if progress:
         seconds = time.perf_counter() - started
         count = len(decoded.labels)
-        print(f"Decoded {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s) "
-              f"into the data cache {entry}", file=sys.stderr)
+        print(
+            f"Decoded {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s) "
+            f"into the data cache {entry}",
+            file=sys.stderr,
+        )

@@ -109,9 +109,7 @@ def _open(path: Path | str) -> Image.Image:
     return img
 
 
-def _decode(
-    path: Path, image_size: int, crop: str, box: Box | None, margin: float
-) -> tuple[torch.Tensor, bool]:
+def _decode(path: Path, image_size: int, crop: str, box: Box | None, margin: float) -> tuple[torch.Tensor, bool]:
     """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``."""
     with _open(path) as img:
         img.load()
@@ -199,7 +197,9 @@ class ImageListing:
         if self.crop == "bbox":
             if self.boxes is None or len(self.boxes) != len(self.paths):
                 given = "none" if self.boxes is None else len(self.boxes)
-                raise DataError(f"crop 'bbox' needs one box (or None) per image: {len(self.paths)} images, {given} boxes")
+                raise DataError(
+                    f"crop 'bbox' needs one box (or None) per image: {len(self.paths)} images, {given} boxes"
+                )
             if not self.margin >= 0:
                 raise DataError(f"bbox margin must be >= 0 (a share of the box's longer side), got {self.margin}")
         elif self.boxes is not None:
@@ -230,7 +230,9 @@ def decode_listing(listing: ImageListing, write: Callable[[torch.Tensor], None],
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
-        for result, path, label, box in zip(bar, paths, listing.labels, boxes):  # the bar first: zip stops at it, so it ends at 100%
+        for result, path, label, box in zip(
+            bar, paths, listing.labels, boxes
+        ):  # the bar first: zip stops at it, so it ends at 100%
             if isinstance(result, Exception):
                 done.skipped.append((str(path), str(result)))
                 continue

@@ -169,7 +169,9 @@ def list_stanford_cars(
             csvs.append(csv_path)
     if not paths:
         raise DataError(f"No images in class folders of split {split!r} under {root}")
-    listing = ImageListing(paths, labels, class_names, image_size, crop, boxes if crop == "bbox" else None, margin, tuple(csvs))
+    listing = ImageListing(
+        paths, labels, class_names, image_size, crop, boxes if crop == "bbox" else None, margin, tuple(csvs)
+    )
     return listing, counts
 
 

@@ -105,8 +105,13 @@ def _inset_window(cabin: list[tuple[float, float]], margin: float) -> list[tuple
 
 
 def _draw_car(
-    draw: ImageDraw.ImageDraw, shape: _BodyShape, color: Color, shadow: Color,
-    left: float, length: float, ground: float,
+    draw: ImageDraw.ImageDraw,
+    shape: _BodyShape,
+    color: Color,
+    shadow: Color,
+    left: float,
+    length: float,
+    ground: float,
 ) -> None:
     """Draw a right-facing car whose wheels touch ``ground``; all values in pixels."""
     radius = shape.wheel_radius * length
@@ -163,8 +168,13 @@ def render_toy_car(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int
     horizon = round((ground - horizon_gap) * canvas)
     image = _background(sky_top, sky_bottom, ground_color, horizon, canvas)
     _draw_car(
-        ImageDraw.Draw(image), _SHAPES[label], body_color, _scale(ground_color, 0.6),
-        left=(1.0 - length) * offset * canvas, length=length * canvas, ground=ground * canvas,
+        ImageDraw.Draw(image),
+        _SHAPES[label],
+        body_color,
+        _scale(ground_color, 0.6),
+        left=(1.0 - length) * offset * canvas,
+        length=length * canvas,
+        ground=ground * canvas,
     )
     image = image.reduce(factor)
     if rng.random() < 0.5:

@@ -14,4 +14,12 @@ from ddpm_cars.evaluation.guidance import guidance_accuracy
 from ddpm_cars.evaluation.likelihood import BitsPerDim, bits_per_dim
 from ddpm_cars.evaluation.scores import ReferenceData, load_inception, load_reference, score
 
-__all__ = ["BitsPerDim", "ReferenceData", "bits_per_dim", "guidance_accuracy", "load_inception", "load_reference", "score"]
+__all__ = [
+    "BitsPerDim",
+    "ReferenceData",
+    "bits_per_dim",
+    "guidance_accuracy",
+    "load_inception",
+    "load_reference",
+    "score",
+]

@@ -24,8 +24,12 @@ UPSAMPLE_BELOW = 32  # smaller inputs are enlarged to this first
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
     """Halve the resolution, then one more conv: each conv + BatchNorm + ReLU."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -66,9 +70,16 @@ def _check_labels(labels: torch.Tensor, count: int, num_classes: int, name: str)
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-    steps: int = 500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-    device: str | torch.device = "cpu", progress: bool = False,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> ImageClassifier:
     """Train an :class:`ImageClassifier` on uint8 ``images [N, 3, S, S]`` and ``labels [N]``
     with AdamW, a cosine learning rate and random horizontal flips; returned in eval mode.
@@ -94,7 +105,7 @@ def train_classifier(
     for _ in tqdm(range(steps), desc="Classifier", unit="step", disable=not progress, leave=False):
         if position + batch_size > n:  # a new epoch: reshuffle
             order, position = torch.randperm(n, generator=rng), 0
-        index = order[position:position + batch_size]
+        index = order[position : position + batch_size]
         position += batch_size
         x = to_model_range(images[index])
         flip = torch.rand(len(index), generator=rng) < 0.5
@@ -123,7 +134,7 @@ def predict(
     classifier.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         x = to_model_range(x) if x.dtype == torch.uint8 else x.float()
         out.append(classifier(x.to(device)).argmax(dim=1).cpu())
     classifier.train(was_training)

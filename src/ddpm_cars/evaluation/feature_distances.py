@@ -48,7 +48,11 @@ def frechet_distance(fake: FeatureStatistics, real: FeatureStatistics) -> float:
 
 
 def kernel_inception_distance(
-    fake: torch.Tensor, real: torch.Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Mean and std over ``subsets`` random subsets of the unbiased MMD^2 with the cubic
     polynomial kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018). The subset size is
@@ -59,8 +63,16 @@ def kernel_inception_distance(
     _check(real, "real features", 2)
     size = min(subset_size, fake.shape[0], real.shape[0])
     out = kid_features_to_metric(
-        fake.double(), real.double(), kid_subsets=subsets, kid_subset_size=size, kid_kernel="poly",
-        kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False,
+        fake.double(),
+        real.double(),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        kid_kernel="poly",
+        kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None,
+        kid_kernel_poly_coef0=1,
+        rng_seed=seed,
+        verbose=False,
     )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 

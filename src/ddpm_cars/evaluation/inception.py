@@ -45,8 +45,10 @@ def resolve_weights(path: str | Path | None = None, download: bool = True) -> Pa
     cached = hub_weights_path()
     if cached.is_file():
         return cached
-    how = (f"FID and KID need the Inception weights {WEIGHTS_FILE}: download {WEIGHTS_URL} and put it at "
-           f"{cached}, or pass --inception-weights PATH")
+    how = (
+        f"FID and KID need the Inception weights {WEIGHTS_FILE}: download {WEIGHTS_URL} and put it at "
+        f"{cached}, or pass --inception-weights PATH"
+    )
     if not download:
         raise InceptionUnavailable(f"{how} (not found)")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{path} is not a readable Inception state dict (refused: {str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"{path} is not a readable Inception state dict (refused: {str(err).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not an Inception state dict (expected parameter names mapped to tensors)")
     return state
@@ -98,8 +102,13 @@ class InceptionFeatures:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         chunks = []
-        for start in tqdm(range(0, images.shape[0], batch_size), desc="Inception features", unit="batch",
-                          disable=not progress, leave=False):
-            (pool,) = self.net(images[start:start + batch_size].to(self.device))
+        for start in tqdm(
+            range(0, images.shape[0], batch_size),
+            desc="Inception features",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            (pool,) = self.net(images[start : start + batch_size].to(self.device))
             chunks.append(pool.double().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM, dtype=torch.float64)

@@ -71,7 +71,12 @@ def bits_per_dim(
     generator = torch.Generator(device).manual_seed(seed)
     totals, priors, decoders, kls = [], [], [], []
     batches = range(0, images.shape[0], batch_size)
-    bar = tqdm(total=len(batches) * (T if timesteps is None else timesteps + 1), desc="Bits/dim", unit="call", disable=not progress)
+    bar = tqdm(
+        total=len(batches) * (T if timesteps is None else timesteps + 1),
+        desc="Bits/dim",
+        unit="call",
+        disable=not progress,
+    )
     for start in batches:
         x0 = images[start : start + batch_size]
         n = x0.shape[0]
@@ -81,7 +86,9 @@ def bits_per_dim(
             x_t = diffusion.q_sample(schedule, x0, t, noise)
             pred = denoiser.predict(x_t, t, clip_x0=sample.clip_x0, variance=sample.variance)
             bar.update(1)
-            return diffusion.vlb_term(schedule, x0, x_t, t, diffusion.posterior_mean(schedule, pred.x0, x_t, t), pred.log_var)
+            return diffusion.vlb_term(
+                schedule, x0, x_t, t, diffusion.posterior_mean(schedule, pred.x0, x_t, t), pred.log_var
+            )
 
         decoder = term(torch.zeros(n, dtype=torch.long, device=device))
         kl = torch.zeros(n, device=device)

@@ -29,7 +29,10 @@ def nearest_neighbours(
         raise ValueError(f"cannot compare {tuple(queries.shape)} with {tuple(keys.shape)}")
     dists, index = [], []
     for start in range(0, queries.shape[0], batch_size):
-        d = torch.cat([distance(queries[start:start + batch_size], keys[k:k + 4096]) for k in range(0, keys.shape[0], 4096)], 1)
+        d = torch.cat(
+            [distance(queries[start : start + batch_size], keys[k : k + 4096]) for k in range(0, keys.shape[0], 4096)],
+            1,
+        )
         best = d.min(dim=1)
         dists.append(best.values)
         index.append(best.indices)
@@ -70,7 +73,9 @@ class MemorizationCheck:
 
 
 def memorization_check(
-    samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor | None = None,
+    samples: torch.Tensor,
+    train: torch.Tensor,
+    heldout: torch.Tensor | None = None,
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> MemorizationCheck:
     """Nearest training images of ``samples`` (and of ``heldout``), all uint8 images;

@@ -12,13 +12,14 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ddpm_cars.data.cache import default_cache_dir
+
 
 def image_hash(images: torch.Tensor) -> str:
     """SHA-256 (first 16 hex digits) of a uint8 image tensor's shape and bytes."""
@@ -34,7 +35,10 @@ def cache_key(description: str, images: torch.Tensor, feature_name: str) -> str:
 
 
 def cached_features(
-    images: torch.Tensor, description: str, feature_name: str, compute: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    description: str,
+    feature_name: str,
+    compute: Callable[[torch.Tensor], torch.Tensor],
     cache_dir: Path | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``compute(images)``, from ``cache_dir/reference/KEY.safetensors`` when it is there;
@@ -51,7 +55,9 @@ def cached_features(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"features": features.contiguous()}, tmp, metadata={"description": description, "features": feature_name})
+        save_file(
+            {"features": features.contiguous()}, tmp, metadata={"description": description, "features": feature_name}
+        )
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_cars.evaluation.feature_distances import (
-    FeatureStatistics, frechet_distance, kernel_inception_distance, precision_recall,
+    FeatureStatistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
 )
 from ddpm_cars.evaluation.inception import InceptionFeatures
 from ddpm_cars.evaluation.reference import cached_features
@@ -33,8 +36,14 @@ def matched_subset(reference: torch.Tensor, count: int, seed: int) -> torch.Tens
 
 
 def sample_metrics(
-    samples: torch.Tensor, reference: torch.Tensor, *, description: str, inception: InceptionFeatures | None = None,
-    cache_dir=None, seed: int = 0, progress: bool = False,
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    description: str,
+    inception: InceptionFeatures | None = None,
+    cache_dir=None,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Metrics of ``samples`` against ``reference`` (uint8 images of one size), and the
     Inception features computed on the way (``{"samples": ..., "reference": ...}``, empty
@@ -46,7 +55,9 @@ def sample_metrics(
         raise ValueError(f"samples are {tuple(samples.shape[1:])}, reference images {tuple(reference.shape[1:])}")
     matched = matched_subset(reference, samples.shape[0], seed)
     metrics = sliced_wasserstein_distance(matched, samples, seed=seed).summary()
-    metrics["precision_pixels"], metrics["recall_pixels"] = precision_recall(pixel_features(samples), pixel_features(matched))
+    metrics["precision_pixels"], metrics["recall_pixels"] = precision_recall(
+        pixel_features(samples), pixel_features(matched)
+    )
     features: dict[str, torch.Tensor] = {}
     if inception is not None:
         ref_features, _ = cached_features(

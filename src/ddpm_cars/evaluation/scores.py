@@ -21,7 +21,6 @@ from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.files import atomic_write_text
 from ddpm_cars.parallel import World, generate_across_ranks
 from ddpm_cars.run import Run
-from ddpm_cars.samplers import sampling_description
 from ddpm_cars.viz import save_distance_histogram, save_rows
 
 EVAL_DIR = "eval"
@@ -41,7 +40,9 @@ class ReferenceData:
 
 
 def describe(data: DataConfig) -> str:
-    source = data.source if data.source in ("toy-cars", "stanford-cars") else str(Path(data.source).expanduser().resolve())
+    source = (
+        data.source if data.source in ("toy-cars", "stanford-cars") else str(Path(data.source).expanduser().resolve())
+    )
     extra = f"-{data.toy_count}" if data.source == "toy-cars" else ""
     return f"{source}{extra}-{data.split}-{data.image_size}px" + ("" if data.crop == "none" else f"-{data.crop}crop")
 
@@ -61,7 +62,9 @@ def load_reference(data: DataConfig, heldout_count: int, progress: bool = True) 
     return ReferenceData(images, describe(data), heldout)
 
 
-def load_inception(weights: str | Path | None, device: torch.device, download: bool = True) -> tuple[InceptionFeatures | None, str | None]:
+def load_inception(
+    weights: str | Path | None, device: torch.device, download: bool = True
+) -> tuple[InceptionFeatures | None, str | None]:
     """The Inception network, or None and the reason FID/KID are skipped."""
     try:
         return InceptionFeatures(resolve_weights(weights, download=download), device), None
@@ -70,27 +73,45 @@ def load_inception(weights: str | Path | None, device: torch.device, download: b
 
 
 def checkpoint_samples(
-    run: Path, num: int, seed: int, sample_overrides: dict, batch_size: int, device: torch.device, ema: bool = True,
+    run: Path,
+    num: int,
+    seed: int,
+    sample_overrides: dict,
+    batch_size: int,
+    device: torch.device,
+    ema: bool = True,
     world: World = World(),
 ) -> tuple[torch.Tensor | None, RunConfig, Path]:
     """``num`` uint8 samples from a run's checkpoint, with its sample settings overridden;
     shared out over the processes of ``world`` and gathered on rank 0 (None elsewhere)."""
     trained = Run.open(run, sample=sample_overrides)
-    images = generate_across_ranks(trained.denoiser(ema=ema, device=device), num, trained.config.sample, world,
-                                   seed=seed, batch_size=batch_size)
+    images = generate_across_ranks(
+        trained.denoiser(ema=ema, device=device), num, trained.config.sample, world, seed=seed, batch_size=batch_size
+    )
     return (to_uint8(images) if images is not None else None), trained.config, trained.checkpoint
 
 
 def score(
-    samples: torch.Tensor, reference: ReferenceData, inception: InceptionFeatures | None = None, *, seed: int = 0,
-    memorization: bool = True, cache_dir: Path | None = None, progress: bool = True,
+    samples: torch.Tensor,
+    reference: ReferenceData,
+    inception: InceptionFeatures | None = None,
+    *,
+    seed: int = 0,
+    memorization: bool = True,
+    cache_dir: Path | None = None,
+    progress: bool = True,
 ) -> tuple[dict[str, float], MemorizationCheck | None]:
     """The metrics of uint8 ``samples`` against ``reference`` (SWD and pixel precision/recall
     always; FID, KID and Inception precision/recall with an ``inception`` network) and,
     with ``memorization``, each sample's nearest training image."""
     metrics, features = sample_metrics(
-        samples, reference.images, description=reference.description, inception=inception, cache_dir=cache_dir,
-        seed=seed, progress=progress,
+        samples,
+        reference.images,
+        description=reference.description,
+        inception=inception,
+        cache_dir=cache_dir,
+        seed=seed,
+        progress=progress,
     )
     check = None
     if memorization:
@@ -102,7 +123,9 @@ def score(
     return metrics, check
 
 
-def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference: ReferenceData, check: MemorizationCheck | None) -> list[str]:
+def write_evaluation(
+    out: Path, summary: dict, samples: torch.Tensor, reference: ReferenceData, check: MemorizationCheck | None
+) -> list[str]:
     """``metrics.json`` and the memorisation pictures into ``out``; the names written."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
@@ -111,8 +134,10 @@ def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference:
         order = check.sample_distance.argsort()[:NEAREST_PAIRS].tolist()
         rows = [
             ("sample", [(f"d={check.sample_distance[i]:.3f}", to_model_range(samples[i])) for i in order]),
-            ("nearest\ntraining\nimage",
-             [(f"#{check.sample_index[i]}", to_model_range(reference.images[check.sample_index[i]])) for i in order]),
+            (
+                "nearest\ntraining\nimage",
+                [(f"#{check.sample_index[i]}", to_model_range(reference.images[check.sample_index[i]])) for i in order],
+            ),
         ]
         save_rows(rows, out / NEAREST_PICTURE, "Samples closest to a training image (RMS pixel distance d)")
         save_distance_histogram(check.sample_distance, check.heldout_distance, out / DISTANCES_PICTURE)
@@ -121,18 +146,28 @@ def write_evaluation(out: Path, summary: dict, samples: torch.Tensor, reference:
 
 
 def score_and_write(
-    samples: torch.Tensor, reference: ReferenceData, *, what: str, summary: dict, out: Path | None,
-    inception: InceptionFeatures | None = None, fid_skipped: str | None = None, seed: int = 0,
-    memorization: bool = True, cache_dir: Path | None = None,
+    samples: torch.Tensor,
+    reference: ReferenceData,
+    *,
+    what: str,
+    summary: dict,
+    out: Path | None,
+    inception: InceptionFeatures | None = None,
+    fid_skipped: str | None = None,
+    seed: int = 0,
+    memorization: bool = True,
+    cache_dir: Path | None = None,
 ) -> dict:
     """:func:`score` uint8 ``samples`` (described as ``what``), print the numbers, and write
     ``summary`` with them as ``metrics.json``, and the memorisation pictures, into ``out``
     (when given). Returns the summary."""
-    metrics, check = score(
-        samples, reference, inception, seed=seed, memorization=memorization, cache_dir=cache_dir
-    )
-    summary = {**summary, "num_samples": samples.shape[0], "metrics": metrics,
-               "reference": f"{reference.images.shape[0]} images of {reference.description}"}
+    metrics, check = score(samples, reference, inception, seed=seed, memorization=memorization, cache_dir=cache_dir)
+    summary = {
+        **summary,
+        "num_samples": samples.shape[0],
+        "metrics": metrics,
+        "reference": f"{reference.images.shape[0]} images of {reference.description}",
+    }
     if fid_skipped:
         summary["fid_skipped"] = fid_skipped
     print(f"{what} against {reference.images.shape[0]} reference images ({reference.description}):")
@@ -149,11 +184,15 @@ def score_and_write(
 def format_metrics(metrics: dict[str, float], fid_skipped: str | None) -> list[str]:
     """Human-readable lines for the terminal."""
     levels = " | ".join(f"{k[4:]}px {v:.2f}" for k, v in metrics.items() if k.startswith("swd_"))
-    lines = [f"  SWD x1e3 (lower is better): {metrics['swd']:.2f}  [{levels}]",
-             f"  precision / recall on 16x16 pixels: {metrics['precision_pixels']:.3f} / {metrics['recall_pixels']:.3f}"]
+    lines = [
+        f"  SWD x1e3 (lower is better): {metrics['swd']:.2f}  [{levels}]",
+        f"  precision / recall on 16x16 pixels: {metrics['precision_pixels']:.3f} / {metrics['recall_pixels']:.3f}",
+    ]
     if "fid" in metrics:
-        lines.append(f"  FID {metrics['fid']:.2f} | KID {metrics['kid']:.5f} +- {metrics['kid_std']:.5f} | "
-                     f"precision / recall (Inception) {metrics['precision']:.3f} / {metrics['recall']:.3f}")
+        lines.append(
+            f"  FID {metrics['fid']:.2f} | KID {metrics['kid']:.5f} +- {metrics['kid_std']:.5f} | "
+            f"precision / recall (Inception) {metrics['precision']:.3f} / {metrics['recall']:.3f}"
+        )
     else:
         lines.append(f"  FID and KID skipped: {fid_skipped}")
     return lines
@@ -162,6 +201,8 @@ def format_metrics(metrics: dict[str, float], fid_skipped: str | None) -> list[s
 def format_memorization(summary: dict[str, float]) -> str:
     line = f"  memorisation: median RMS distance to the nearest training image {summary['sample_to_train_median']:.4f}"
     if "heldout_to_train_median" in summary:
-        line += (f" (held-out real images: {summary['heldout_to_train_median']:.4f}); "
-                 f"{100 * summary['suspected_copies']:.1f}% of samples closer than 99% of held-out images")
+        line += (
+            f" (held-out real images: {summary['heldout_to_train_median']:.4f}); "
+            f"{100 * summary['suspected_copies']:.1f}% of samples closer than 99% of held-out images"
+        )
     return line

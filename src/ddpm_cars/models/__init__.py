@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import nn
 
@@ -21,7 +21,9 @@ def build_model(config: RunConfig) -> nn.Module:
     output (3 channels, or 6 when the variance is learned) and its classes."""
     m, out_channels = config.model, config.diffusion.out_channels
     if m.class_conditional and not m.class_names:
-        raise UserError("a class-conditional model needs its class names (they come from the data when training starts)")
+        raise UserError(
+            "a class-conditional model needs its class names (they come from the data when training starts)"
+        )
     if m.name == "simple_unet":
         return SimpleUnet(
             channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels, num_classes=m.num_classes

@@ -39,7 +39,9 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator, part: slice = slice(None), count: int | None = None) -> torch.Tensor:
+def random_hflip(
+    x: torch.Tensor, generator: torch.Generator, part: slice = slice(None), count: int | None = None
+) -> torch.Tensor:
     """Flip each image left-right with probability 1/2 (the seed's RandomHorizontalFlip).
     ``x`` may be the ``part`` of a batch of ``count`` images (the coins of the whole batch
     are drawn, so every process of a distributed run draws the same)."""

@@ -4,6 +4,7 @@ optimizer and generator state, atomically; a failed write stops training in one 
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from ddpm_cars import run as ckpt
@@ -21,16 +22,32 @@ class Checkpoints:
     """Writes the loss log, then the checkpoint (rank 0 only); a failed write stops
     training in one line and leaves the previous checkpoint as it was."""
 
-    def __init__(self, run_dir: Path, trainee: Trainee, rng: torch.Generator, log: LossLog, tracker: Tracker, enabled: bool):
-        self.run_dir, self.trainee, self.rng, self.log, self.tracker, self.enabled = run_dir, trainee, rng, log, tracker, enabled
+    def __init__(
+        self, run_dir: Path, trainee: Trainee, rng: torch.Generator, log: LossLog, tracker: Tracker, enabled: bool
+    ):
+        self.run_dir, self.trainee, self.rng, self.log, self.tracker, self.enabled = (
+            run_dir,
+            trainee,
+            rng,
+            log,
+            tracker,
+            enabled,
+        )
 
     def save(self, position: Position) -> None:
         if not self.enabled:
             return
         ema, scaler = self.trainee.ema, self.trainee.scaler
-        state = ckpt.TrainState(position.step, position.epoch, position.consumed, self.trainee.optimizer.state_dict(),
-                                self.rng.get_state(), ema.updates if ema is not None else 0, position.skipped,
-                                scaler.state_dict() if scaler is not None else None)
+        state = ckpt.TrainState(
+            position.step,
+            position.epoch,
+            position.consumed,
+            self.trainee.optimizer.state_dict(),
+            self.rng.get_state(),
+            ema.updates if ema is not None else 0,
+            position.skipped,
+            scaler.state_dict() if scaler is not None else None,
+        )
         try:  # the log first: rows past the checkpoint a resume starts from are dropped on reading
             self.log.write()
             ckpt.save_checkpoint(self.run_dir, self.trainee.model, state, ema.model if ema is not None else None)

@@ -32,17 +32,17 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
+from ddpm_cars.generation import generate
 from ddpm_cars.parallel import World
 from ddpm_cars.runtime import to_layout, use_tf32
-from ddpm_cars.generation import generate
 from ddpm_cars.training.batches import Batch, Batches, Position
 from ddpm_cars.training.checkpoints import Checkpoints
 from ddpm_cars.training.logs import LossLog, PendingSteps
 from ddpm_cars.training.optim import NonFiniteLossError, gradients_usable, lr_factor, set_lr, step_unless
 from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
-from ddpm_cars.training.trainee import Trainee
 from ddpm_cars.training.trackers import Tracker, open_tracker
+from ddpm_cars.training.trainee import Trainee
 from ddpm_cars.viz import grid_image, save_grid
 
 SAMPLE_SEED = 0  # the training-time grids all start from the same noise
@@ -64,10 +64,15 @@ def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world:
     for part in range(accum):
         micro = slice(part * micro_size, (part + 1) * micro_size)
         with parallel.no_sync(trainee.denoiser.network, sync=part == accum - 1):  # DDP averages only on the last
-            micro_loss = trainee.denoiser.loss(
-                to_layout(batch.x0[micro], tcfg.channels_last), batch.t[micro],
-                to_layout(batch.noise[micro], tcfg.channels_last), None if batch.y is None else batch.y[micro],
-            ) / accum
+            micro_loss = (
+                trainee.denoiser.loss(
+                    to_layout(batch.x0[micro], tcfg.channels_last),
+                    batch.t[micro],
+                    to_layout(batch.noise[micro], tcfg.channels_last),
+                    None if batch.y is None else batch.y[micro],
+                )
+                / accum
+            )
             trainee.backward(micro_loss)
         loss += micro_loss.detach()
     return parallel.mean_over_ranks(loss, world)  # the whole batch's loss, on every rank
@@ -104,7 +109,9 @@ class SampleGrids:
         self.last_step = step
         if self.enabled:
             num = self.config.sample.num_images
-            samples = generate(denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), progress=False)
+            samples = generate(
+                denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), progress=False
+            )
             save_grid(samples, self.run_dir / "samples" / f"{name}.png")
             self.tracker.image("samples", step, grid_image(samples))
 
@@ -116,7 +123,8 @@ def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
     names = tuple(class_names)
     if config.model.class_names and config.model.class_names != names:
         raise UserError(
-            f"the run was trained on {len(config.model.class_names)} classes ({', '.join(config.model.class_names[:3])}, ...) "
+            f"the run was trained on {len(config.model.class_names)} classes "
+            f"({', '.join(config.model.class_names[:3])}, ...) "
             f"but the data has {len(names)} ({', '.join(names[:3])}, ...); use the data the run was trained on"
         )
     return config.replace(model={"class_names": names})
@@ -190,12 +198,21 @@ class Session:
             evaluate = self.evaluate is not None and position.step % tcfg.eval_every_steps == 0
             checkpoint = position.step % tcfg.checkpoint_every_steps == 0
             epoch_end = position.consumed == self.batches.per_epoch
-            if evaluate or checkpoint or epoch_end or position.step % tcfg.log_every_steps == 0 or position.step == self.total_steps:
+            if (
+                evaluate
+                or checkpoint
+                or epoch_end
+                or position.step % tcfg.log_every_steps == 0
+                or position.step == self.total_steps
+            ):
                 self._read(bar)
             if evaluate:
                 row = self.evaluate(trainee.sampled, position.step)
                 self.tracker.scalars(position.step, {f"eval/{k}": v for k, v in row.items() if k != "step"})
-                bar.write(f"step {position.step}: SWD x1e3 {row['swd']:.2f}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
+                bar.write(
+                    f"step {position.step}: SWD x1e3 {row['swd']:.2f}"
+                    + (f", FID {row['fid']:.2f}" if "fid" in row else "")
+                )
             if checkpoint:
                 self.checkpoints.save(position)
             if epoch_end:
@@ -225,9 +242,17 @@ class Session:
                 position.skipped, position.bad_streak = position.skipped + 1, position.bad_streak + 1
         self._stop_if_diverged()
         if rows:  # all processes together
-            bar.set_postfix(epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped)
-            self.tracker.scalars(rows[-1][0], {"train/lr": self.trainee.optimizer.param_groups[0]["lr"],
-                                               "train/skipped_steps": position.skipped, "train/images_per_s": rate})
+            bar.set_postfix(
+                epoch=position.epoch + 1, loss=f"{self.log.last:.4f}", img_s=f"{rate:.0f}", skipped=position.skipped
+            )
+            self.tracker.scalars(
+                rows[-1][0],
+                {
+                    "train/lr": self.trainee.optimizer.param_groups[0]["lr"],
+                    "train/skipped_steps": position.skipped,
+                    "train/images_per_s": rate,
+                },
+            )
 
     def _stop_if_diverged(self) -> None:
         """Too many non-finite losses in a row (the same on every rank: the loss is averaged)."""
@@ -236,7 +261,8 @@ class Session:
             self.checkpoints.save(position)
             raise NonFiniteLossError(
                 f"the loss was not finite for {position.bad_streak} steps in a row (up to step {position.step}); the "
-                f"weights of the last good step are saved in {self.checkpoints.run_dir}. Try a lower --lr or --grad-clip 1.0"
+                f"weights of the last good step are saved in {self.checkpoints.run_dir}. Try a lower --lr or "
+                "--grad-clip 1.0"
             )
 
     def _end_epoch(self) -> None:
@@ -248,8 +274,15 @@ class Session:
         self.checkpoints.save(position)
 
 
-def start_session(config: RunConfig, run_dir: Path, resume: bool, device: str, dataset: ImageSet | None,
-                  progress: bool, inception_weights: str | Path | None) -> Session:
+def start_session(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    device: str,
+    dataset: ImageSet | None,
+    progress: bool,
+    inception_weights: str | Path | None,
+) -> Session:
     """Check the run directory and the data, build (or restore) what is trained."""
     world, dev = parallel.init_from_env(parallel.resolve_device(device))
     use_tf32(dev)
@@ -295,8 +328,14 @@ def train(
     run_dir = Path(run_dir)
     session = start_session(config, run_dir, resume, device, dataset, progress, inception_weights)
     world, position = session.world, session.position
-    bar = tqdm(total=session.total_steps, initial=position.step, desc="Training", unit="step",
-               disable=not (progress and world.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=session.total_steps,
+        initial=position.step,
+        desc="Training",
+        unit="step",
+        disable=not (progress and world.is_main),
+        dynamic_ncols=True,
+    )
     with contextlib.closing(session.tracker):  # the tracker's files are closed however the run ends
         with StopRequest() as stop, contextlib.closing(bar):  # the bar ends its line before any error message
             stopped = session.run(bar, stop)

@@ -9,7 +9,7 @@ they were where it is set, and the moving average is updated with a weight of ze
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -50,8 +50,14 @@ def write_metrics_log(run_dir: Path, rows: list[dict[str, float]]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row.get(c) is None or (isinstance(row.get(c), float) and math.isnan(row[c])) else
-                         (row[c] if c == "step" else f"{row[c]:.6g}") for c in columns])
+        writer.writerow(
+            [
+                ""
+                if row.get(c) is None or (isinstance(row.get(c), float) and math.isnan(row[c]))
+                else (row[c] if c == "step" else f"{row[c]:.6g}")
+                for c in columns
+            ]
+        )
     atomic_write_text(run_dir / METRICS_CSV, buf.getvalue())
     if rows:
         save_metric_curves(rows, run_dir / "metrics.png")
@@ -60,8 +66,15 @@ def write_metrics_log(run_dir: Path, rows: list[dict[str, float]]) -> None:
 class PeriodicEval:
     """Call with the denoiser to score and the step; appends the row and redraws the curves."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, train_images: torch.Tensor, resume_step: int = 0,
-                 inception_weights: str | Path | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        train_images: torch.Tensor,
+        resume_step: int = 0,
+        inception_weights: str | Path | None = None,
+        device: torch.device | str = "cpu",
+    ):
         pyramid_resolutions(config.data.image_size)  # SWD's sizes: fail now, not at the first evaluation
         self.config, self.run_dir = config, run_dir
         self.reference = ReferenceData(train_images.cpu(), describe(config.data), None)

@@ -47,7 +47,9 @@ class TensorBoard(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--log-with tensorboard needs TensorBoard: pip install tensorboard (the extra ddpm-cars[tensorboard])") from None
+            raise UserError(
+                "--log-with tensorboard needs TensorBoard: pip install tensorboard (the extra ddpm-cars[tensorboard])"
+            ) from None
         # a run resumed at start_step logs from start_step + 1: what the interrupted one logged from there is dropped
         self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
 
@@ -73,13 +75,16 @@ class WandB(Tracker):
         try:
             import wandb
         except ImportError:
-            raise UserError("--log-with wandb needs Weights & Biases: pip install wandb (the extra ddpm-cars[wandb])") from None
+            raise UserError(
+                "--log-with wandb needs Weights & Biases: pip install wandb (the extra ddpm-cars[wandb])"
+            ) from None
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B's id format
         id_file.write_text(run_id + "\n")
         self.wandb = wandb
-        self.run = wandb.init(project="ddpm-cars", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                              config=config.to_dict())
+        self.run = wandb.init(
+            project="ddpm-cars", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config.to_dict()
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

@@ -73,13 +73,17 @@ class Trainee:
         ckpt.load_weights(self.model, checkpoint, device)
         state = ckpt.load_train_state(checkpoint)
         if not state.optimizer:  # written by `ddpm-cars import`
-            raise UserError(f"{checkpoint} holds weights but no optimizer state (an imported run); start a new run "
-                            "from it with --init-from instead of --resume")
+            raise UserError(
+                f"{checkpoint} holds weights but no optimizer state (an imported run); start a new run "
+                "from it with --init-from instead of --resume"
+            )
         self.optimizer.load_state_dict(state.optimizer)
         try:
             rng.set_state(state.rng)
         except RuntimeError:
-            raise UserError(f"{checkpoint} was trained on another kind of device than {device}; resume with that --device") from None
+            raise UserError(
+                f"{checkpoint} was trained on another kind of device than {device}; resume with that --device"
+            ) from None
         if self.ema is not None:
             ckpt.load_weights(self.ema.model, checkpoint, device, ema=True)
             self.ema.updates = state.ema_updates
