@@ -1,4 +1,7 @@
-"""Bounding-box crops: box geometry, annotation CSVs and bbox loading of the Kaggle layout."""
+"""Bounding-box crops: box geometry, annotation CSVs and bbox loading of the Kaggle layout.
+
+Copies are loaded the way a run loads them, through :func:`ddpm_cars.data.build_dataset`
+(with the data cache off)."""
 
 from __future__ import annotations
 
@@ -10,18 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_cars.config import DataConfig
+from ddpm_cars.data import ImageSet, build_dataset
 from ddpm_cars.data.boxes import (
     Box,
     BoxWarning,
     crop_to_box,
     find_annotations,
     parse_annotations,
-    read_annotations,
     square_crop_region,
 )
 from ddpm_cars.data.dataset import DataError
-from ddpm_cars.data.folder import load_image, load_image_folder, load_images
-from ddpm_cars.data.stanford_cars import load_stanford_cars
+from ddpm_cars.data.folder import ImageListing, MemoryImages, decode_listing, load_image
 
 W, H = 40, 30  # every test image is 40 x 30
 CAR, BACKGROUND, MARK = (255, 0, 0), (0, 0, 255), (0, 255, 0)
@@ -75,8 +78,14 @@ def car_weight(image: torch.Tensor) -> torch.Tensor:
     return ((image[0].float() - image[2].float()) / 255 + 1).div(2).clamp(0, 1)
 
 
+def load(root: Path, split: str, size: int, crop: str = "bbox", margin: float = 0.1) -> ImageSet:
+    """The copy at ``root`` as ``build_dataset`` decodes it into memory."""
+    config = DataConfig(source=str(root), split=split, image_size=size, crop=crop, bbox_margin=margin, cache="off")
+    return build_dataset(config, progress=False)
+
+
 def load_one(root: Path, size: int, crop: str = "bbox", margin: float = 0.1, split: str = "train") -> torch.Tensor:
-    data = load_stanford_cars(root, split, size, crop, margin, progress=False)
+    data = load(root, split, size, crop, margin)
     assert len(data) == 1
     return data.images[0]
 
@@ -155,7 +164,7 @@ def test_crop_keeps_grey_and_palette_modes():
 # --- annotation CSVs -------------------------------------------------------------
 
 
-def test_read_annotations_parses_rows_and_counts_the_malformed(tmp_path):
+def test_parse_annotations_parses_rows_and_lists_the_malformed(tmp_path):
     path = tmp_path / "anno_train.csv"
     path.write_text(
         "\ufeff00001.jpg,39,116,569,375,14\n"  # a BOM before the first row is ignored
@@ -172,15 +181,14 @@ def test_read_annotations_parses_rows_and_counts_the_malformed(tmp_path):
         "00010.jpg,1,2,30,40,Audi\n"  # class id not a number
         "00001.jpg,0,0,5,5,1\n"  # repeated file name: the first row wins
     )
-    boxes, malformed = read_annotations(path)
+    boxes, malformed = parse_annotations(path)
     assert boxes == {"00001.jpg": Box(39, 116, 569, 375), "00002.jpg": Box(1.5, 2, 30.25, 40)}
-    assert malformed == 10
-    assert parse_annotations(path)[1] == ["file"] + [f"{i:05d}.jpg" for i in range(3, 11)] + ["00001.jpg"]
+    assert malformed == ["file"] + [f"{i:05d}.jpg" for i in range(3, 11)] + ["00001.jpg"]
 
 
 def test_missing_annotation_file_is_an_error(tmp_path):
     with pytest.raises(DataError, match="anno_train.csv does not exist"):
-        read_annotations(tmp_path / "anno_train.csv")
+        parse_annotations(tmp_path / "anno_train.csv")
 
 
 def test_find_annotations_walks_up_from_the_split_folder_nearest_first(tmp_path):
@@ -276,9 +284,9 @@ def test_rows_that_do_not_help_leave_images_uncropped_with_one_warning(tmp_path)
     )
     message = r"^bbox crop: 5 of 6 images used uncropped \(4 malformed rows, 1 without a row in anno_train\.csv\)$"
     with pytest.warns(BoxWarning, match=message) as record:
-        data = load_stanford_cars(tmp_path, "train", 18, "bbox", 0.25, progress=False)
+        data = load(tmp_path, "train", 18, "bbox", 0.25)
     assert len([w for w in record if issubclass(w.category, BoxWarning)]) == 1
-    squashed = load_stanford_cars(tmp_path, "train", 18, "none", progress=False)
+    squashed = load(tmp_path, "train", 18, "none")
     order = ["flipped", "good", "nonnumeric", "norow", "outside", "toofew"]  # sorted paths
     for name, image, plain in zip(order, data.images, squashed.images):
         if name == "good":
@@ -295,13 +303,13 @@ def test_counts_name_each_splits_csv(tmp_path):
     write_csv(tmp_path, "test", ["00001.jpg,x,8,22,14,1"])
     message = r"2 of 2 images.*\(1 malformed row, 1 without a row in anno_test\.csv\)"
     with pytest.warns(BoxWarning, match=message):
-        load_stanford_cars(tmp_path, "test", 16, "bbox", progress=False)
+        load(tmp_path, "test", 16)
     message = (
         r"3 of 4 images.*\(1 malformed row, 1 without a row in anno_train\.csv, "
         r"1 without a row in anno_test\.csv\)"
     )
     with pytest.warns(BoxWarning, match=message):
-        load_stanford_cars(tmp_path, "all", 16, "bbox", progress=False)
+        load(tmp_path, "all", 16)
 
 
 def test_no_warning_when_every_image_has_a_box(tmp_path):
@@ -317,18 +325,18 @@ def test_missing_csv_is_an_error_naming_the_file_and_where_it_looked(tmp_path):
     write_csv(tmp_path, "train", ["00001.jpg,10,8,22,14,1"])
     load_one(tmp_path, 16)  # the train split needs only anno_train.csv
     with pytest.raises(DataError) as excinfo:
-        load_stanford_cars(tmp_path, "all", 16, "bbox", progress=False)
+        load(tmp_path, "all", 16)
     message = str(excinfo.value)
     assert "anno_test.csv" in message and "\n" not in message
     for folder in (tmp_path, tmp_path / "car_data", tmp_path / "car_data" / "car_data"):
         assert str(folder.resolve()) in message
-    load_stanford_cars(tmp_path, "all", 16, "none", progress=False)  # other crops need no CSV
+    load(tmp_path, "all", 16, "none")  # other crops need no CSV
 
 
 def test_bbox_on_a_plain_folder_is_an_error(tmp_path):
     save_png(tmp_path / "cars" / "a.png", car_array((10, 8, 22, 14)))
     with pytest.raises(DataError, match="Stanford Cars Kaggle layout.*anno_train.csv / anno_test.csv"):
-        load_image_folder(tmp_path, 16, "bbox", progress=False)
+        load(tmp_path, "train", 16)
 
 
 @pytest.mark.parametrize("depth", ["", "car_data", "car_data/car_data"])
@@ -344,7 +352,7 @@ def test_train_and_test_each_use_their_own_csv(tmp_path):
     test = add_image(tmp_path, "test", "00001.jpg", car_array(test_box))
     write_csv(tmp_path, "train", ["00001.jpg,{},{},{},{},1".format(*train_box)])
     write_csv(tmp_path, "test", ["00001.jpg,{},{},{},{},1".format(*test_box)])
-    data = load_stanford_cars(tmp_path, "all", 18, "bbox", 0.25, progress=False)
+    data = load(tmp_path, "all", 18, "bbox", 0.25)
     # train: centre (8, 6) -> (-1, -3) shifted to (0, 0); test: centre (30, 21) -> (21, 12), fits
     assert torch.equal(data.images[0], expected_crop(train, (0, 0, 18, 18), 18))
     assert torch.equal(data.images[1], expected_crop(test, (21, 12, 39, 30), 18))
@@ -352,7 +360,7 @@ def test_train_and_test_each_use_their_own_csv(tmp_path):
         assert car_weight(image).mean().item() == pytest.approx(72 / 18**2, abs=0.01)
 
 
-# --- load_image / load_images with boxes -------------------------------------
+# --- load_image and a listing with boxes ---------------------------------------
 
 
 def test_load_image_bbox_without_a_usable_box_is_squashed(tmp_path):
@@ -363,15 +371,24 @@ def test_load_image_bbox_without_a_usable_box_is_squashed(tmp_path):
     assert not torch.equal(load_image(path, 16, "bbox", Box(10, 8, 22, 14)), squashed)
 
 
-def test_load_images_checks_the_boxes(tmp_path):
+def test_a_listing_checks_its_boxes(tmp_path):
     paths = [save_png(tmp_path / "a.png", car_array((10, 8, 22, 14)))]
     with pytest.raises(DataError, match="one box"):
-        load_images(paths, [0], ["a"], 16, "bbox", progress=False)
+        ImageListing(paths, [0], ["a"], 16, "bbox")
     with pytest.raises(DataError, match="one box"):
-        load_images(paths, [0], ["a"], 16, "bbox", boxes=[None, None], progress=False)
+        ImageListing(paths, [0], ["a"], 16, "bbox", boxes=[None, None])
     with pytest.raises(DataError, match="only used with crop 'bbox'"):
-        load_images(paths, [0], ["a"], 16, "none", boxes=[None], progress=False)
+        ImageListing(paths, [0], ["a"], 16, "none", boxes=[None])
     with pytest.raises(DataError, match="margin must be >= 0"):
-        load_images(paths, [0], ["a"], 16, "bbox", boxes=[Box(10, 8, 22, 14)], margin=-0.5, progress=False)
-    data = load_images(paths, [0], ["a"], 16, "bbox", boxes=[None], progress=False)
-    assert torch.equal(data.images[0], load_image(paths[0], 16))
+        ImageListing(paths, [0], ["a"], 16, "bbox", boxes=[Box(10, 8, 22, 14)], margin=-0.5)
+
+
+def test_a_listing_decodes_like_load_image_and_counts_boxes_outside(tmp_path):
+    path = save_png(tmp_path / "a.png", car_array((10, 8, 22, 14)))
+    boxes = [None, Box(10, 8, 22, 14), Box(50, 0, 60, 10)]  # none, inside, entirely outside the image
+    out = MemoryImages(3, 16)
+    decoded = decode_listing(ImageListing([path] * 3, [0] * 3, ["a"], 16, "bbox", boxes, 0.25), out, progress=False)
+    assert decoded.labels == [0, 0, 0] and decoded.skipped == [] and decoded.outside == 1
+    for image, box in zip(out.images, boxes):
+        assert torch.equal(image, load_image(path, 16, "bbox", box, 0.25))
+    assert torch.equal(out.images[0], out.images[2]) and torch.equal(out.images[0], load_image(path, 16))

@@ -197,6 +197,25 @@ def test_center_crop_of_a_folder(tmp_path):
     assert all(close(pixel(data.images[0], 4, x), GREEN, tol=10) for x in range(SIZE))
 
 
+@pytest.mark.parametrize("crop", ["none", "center"])
+def test_a_single_image_is_prepared_exactly_like_a_training_image(tmp_path, crop):
+    """``load_image`` (``sample --init-image``) gives the bytes ``build_dataset`` trains on."""
+    from ddpm_cars.config import DataConfig
+    from ddpm_cars.data import build_dataset
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    rng = np.random.default_rng(0)
+    save_array(tmp_path / "a" / "wide.png", rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    save_array(tmp_path / "a" / "rot.jpg", rng.integers(0, 256, (28, 52, 3), dtype=np.uint8), exif=exif)
+    save_array(tmp_path / "b" / "rgba.png", rng.integers(0, 256, (40, 20, 4), dtype=np.uint8))
+    save(tmp_path / "b" / "grey.jpg", 90, size=(33, 17), mode="L")
+    config = DataConfig(source=str(tmp_path), image_size=16, crop=crop, cache="off")
+    data = build_dataset(config, progress=False)
+    singles = [load_image(path, 16, crop) for path in find_images(tmp_path)]
+    assert len(data) == 4 and all(torch.equal(a, b) for a, b in zip(data.images, singles))
+
+
 # --- bad files and errors ----------------------------------------------------
 
 
@@ -258,12 +277,15 @@ def test_progress_bar_is_labelled_and_ends_at_every_file(tmp_path, capsys):
 def test_listing_orders_and_labels_like_sorted_paths(tmp_path):
     """The fast listing (path parts as strings) keeps the order of sorted Path objects,
     which differs from sorting the path strings ("a" before "a-b" before "a b/..."?)."""
-    from ddpm_cars.data.folder import label_images, list_image_folder
+    from ddpm_cars.data.folder import list_image_folder
 
+    root = tmp_path / "root"
     for name in ["a/x.png", "a-b/x.png", "a b/y.png", "A/z.png", "a/deep/er/w.png", "a.png", "a0/q.png", "b.png"]:
-        save(tmp_path / name)
-    listing = list_image_folder(tmp_path, SIZE)
-    expected = sorted(p for p in tmp_path.rglob("*.png"))
-    assert [Path(p) for p in listing.paths] == expected == find_images(tmp_path)
-    assert (listing.labels, listing.class_names) == label_images(tmp_path, expected)
-    assert [str(p.relative_to(tmp_path)) for p in expected][:3] == ["A/z.png", "a/deep/er/w.png", "a/x.png"]
+        save(root / name)
+    listing = list_image_folder(root, SIZE)
+    expected = sorted(p for p in root.rglob("*.png"))
+    assert [Path(p) for p in listing.paths] == expected == find_images(root)
+    assert [str(p.relative_to(root)) for p in expected][:3] == ["A/z.png", "a/deep/er/w.png", "a/x.png"]
+    assert listing.class_names == ["A", "a", "a b", "a-b", "a0", "root"]  # "root": the loose a.png and b.png
+    first_level = [p.relative_to(root).parts[0] if p.parent != root else "root" for p in expected]
+    assert [listing.class_names[label] for label in listing.labels] == first_level

@@ -1,26 +1,40 @@
-"""Stanford Cars: layout detection, splits, shared labels and download failures."""
+"""Stanford Cars: layout detection, splits, shared labels and download failures.
+
+Images are loaded the way a run loads them, through :func:`ddpm_cars.data.build_dataset`
+(with the data cache off); errors it cannot reach from a local folder are checked on the
+listing it uses, :func:`~ddpm_cars.data.stanford_cars.list_stanford_cars`."""
 
 from __future__ import annotations
 
 import sys
 import types
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from PIL import Image
 
+from ddpm_cars.config import Crop, DataConfig, Split
+from ddpm_cars.data import ImageSet, build_dataset
 from ddpm_cars.data.dataset import DataError
 from ddpm_cars.data.stanford_cars import (
     KAGGLE_DATASET,
     _chosen_splits,
     download_stanford_cars,
     find_split_dirs,
-    load_stanford_cars,
+    list_stanford_cars,
 )
 
 # split -> class -> number of images; each class has its own colour
 LAYOUT = {"train": {"A": 2, "B": 1}, "test": {"A": 1, "B": 1, "C": 2}}
 COLORS = {"A": (255, 0, 0), "B": (0, 255, 0), "C": (0, 0, 255)}
+SIZE = 16
+
+
+def load(source: Path | str, split: str, crop: str = "none") -> ImageSet:
+    """A split as ``build_dataset`` decodes it into memory."""
+    config = DataConfig(source=str(source), split=split, image_size=SIZE, crop=crop, cache="off")
+    return build_dataset(config, progress=False)
 
 
 def make_copy(base: Path, layout=LAYOUT) -> Path:
@@ -61,32 +75,46 @@ def test_a_copy_with_only_one_split(tmp_path):
 
 
 def test_unknown_split_lists_the_choices(kaggle_root):
-    with pytest.raises(DataError, match="train, test, all"):
+    assert get_args(Split) == ("train", "test", "all")  # the names the message lists come from the config
+    with pytest.raises(DataError, match="Unknown split 'val'; choose one of train, test, all"):
         _chosen_splits(kaggle_root, "val")
+    with pytest.raises(DataError, match="Unknown split 'val'; choose one of train, test, all"):
+        list_stanford_cars(kaggle_root, "val", SIZE)
 
 
 def test_missing_or_foreign_root_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        load_stanford_cars(tmp_path / "nope", "train", 8, progress=False)
+    with pytest.raises(DataError, match="Stanford Cars folder .*nope does not exist"):
+        list_stanford_cars(tmp_path / "nope", "train", SIZE)
     with pytest.raises(DataError, match="No Stanford Cars layout"):
-        load_stanford_cars(tmp_path, "train", 8, progress=False)
+        list_stanford_cars(tmp_path, "train", SIZE)
+
+
+def test_a_download_without_the_layout_is_an_error(monkeypatch, tmp_path):
+    fake_kagglehub(monkeypatch, lambda handle: str(tmp_path))
+    with pytest.raises(DataError, match="No Stanford Cars layout"):
+        load("stanford-cars", "train")
 
 
 @pytest.mark.parametrize("split, count", [("train", 3), ("test", 4), ("all", 7)])
 def test_split_sizes(kaggle_root, split, count):
-    data = load_stanford_cars(kaggle_root, split, 8, progress=False)
-    assert data.images.shape == (count, 3, 8, 8)
+    data = load(kaggle_root, split)
+    assert data.images.shape == (count, 3, SIZE, SIZE)
+
+
+def test_loose_files_in_a_split_folder_are_ignored(kaggle_root):
+    Image.new("RGB", (20, 12)).save(kaggle_root / "car_data" / "car_data" / "train" / "loose.jpg")
+    assert len(load(kaggle_root, "train")) == 3
 
 
 def test_train_and_test_share_class_indices(kaggle_root):
-    train = load_stanford_cars(kaggle_root, "train", 8, progress=False)
-    test = load_stanford_cars(kaggle_root, "test", 8, progress=False)
+    train = load(kaggle_root, "train")
+    test = load(kaggle_root, "test")
     assert train.class_names == test.class_names == ["A", "B", "C"]
     assert train.labels.tolist() == [0, 0, 1]
     assert test.labels.tolist() == [0, 1, 2, 2]
     for data in (train, test):  # each label matches the colour of its class folder
         for image, label in zip(data.images, data.labels):
-            brightest_channel = image[:, 4, 4].argmax().item()
+            brightest_channel = image[:, SIZE // 2, SIZE // 2].argmax().item()
             assert brightest_channel == label.item()
 
 
@@ -101,7 +129,8 @@ def test_download_returns_the_kagglehub_path(monkeypatch, kaggle_root):
     fake_kagglehub(monkeypatch, lambda handle: calls.append(handle) or str(kaggle_root))
     root = download_stanford_cars()
     assert calls == [KAGGLE_DATASET] and root == kaggle_root
-    assert len(load_stanford_cars(root, "all", 8, progress=False)) == 7
+    data = load("stanford-cars", "all")  # a run with --data stanford-cars downloads, then decodes
+    assert calls == [KAGGLE_DATASET] * 2 and len(data) == 7 and data.class_names == ["A", "B", "C"]
 
 
 def test_download_failure_explains_what_to_do(monkeypatch):
@@ -125,10 +154,11 @@ def test_missing_kagglehub_is_a_data_error(monkeypatch):
 
 @pytest.mark.parametrize("crop", ["none", "center"])
 def test_crops_other_than_bbox_need_no_annotations(kaggle_root, crop):
-    data = load_stanford_cars(kaggle_root, "all", 8, crop, progress=False)
-    assert data.images.shape == (7, 3, 8, 8)
+    data = load(kaggle_root, "all", crop)
+    assert data.images.shape == (7, 3, SIZE, SIZE)
 
 
 def test_unknown_crop_is_an_error(kaggle_root):
+    assert get_args(Crop) == ("none", "center", "bbox")  # the names the message lists come from the config
     with pytest.raises(DataError, match="Unknown crop 'square'; choose one of none, center, bbox"):
-        load_stanford_cars(kaggle_root, "train", 8, "square", progress=False)
+        list_stanford_cars(kaggle_root, "train", SIZE, "square")

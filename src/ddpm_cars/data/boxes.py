@@ -123,12 +123,6 @@ def parse_annotations(path: Path) -> tuple[dict[str, Box], list[str]]:
     return boxes, malformed
 
 
-def read_annotations(path: Path) -> tuple[dict[str, Box], int]:
-    """Boxes by file name, and how many rows were malformed (see :func:`parse_annotations`)."""
-    boxes, malformed = parse_annotations(path)
-    return boxes, len(malformed)
-
-
 def clip_box(box: Box, width: int, height: int) -> Box | None:
     """The part of ``box`` inside a ``width x height`` image, or None if nothing is inside."""
     x1, y1 = max(box.x1, 0), max(box.y1, 0)

@@ -10,27 +10,35 @@ Hidden files and folders (names starting with ``"."``) below ``root`` are
 skipped. Files that cannot be decoded are skipped with an
 :class:`ImageDecodeWarning` naming the file.
 
-Every image becomes ``S x S`` by one of :data:`CROPS`: ``"none"`` squashes the
-whole image, ``"center"`` keeps the centre square, ``"bbox"`` keeps a square
-around a given car bounding box (:mod:`ddpm_cars.data.boxes`; only Stanford
-Cars has boxes, so a plain folder cannot use it).
+Every image becomes ``S x S`` by one of the crops of :data:`ddpm_cars.config.Crop`:
+``"none"`` squashes the whole image, ``"center"`` keeps the centre square, ``"bbox"``
+keeps a square around a given car bounding box (:mod:`ddpm_cars.data.boxes`; only
+Stanford Cars has boxes, so a plain folder cannot use it).
+
+One function turns a file into a training image, :func:`_decode`: every data source
+decodes through it (:func:`decode_listing`, which :func:`ddpm_cars.data.build_dataset`
+runs), and so does :func:`load_image`, which prepares a single user image (``sample
+--init-image``) exactly like a training image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image
 from tqdm import tqdm
 
+from ddpm_cars.config import Crop
 from ddpm_cars.data.boxes import Box, crop_to_box
 from ddpm_cars.data.dataset import DataError, ImageSet
 
@@ -38,7 +46,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _WHITE = (255, 255, 255, 255)
-CROPS = ("none", "center", "bbox")
 # EXIF orientation -> the transpose that shows the image upright (as in ImageOps.exif_transpose)
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -85,9 +92,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def check_crop(crop: str) -> None:
-    """Raise :class:`DataError` unless ``crop`` is one of :data:`CROPS`."""
-    if crop not in CROPS:
-        raise DataError(f"Unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    """Raise :class:`DataError` unless ``crop`` is one of :data:`ddpm_cars.config.Crop`."""
+    choices = get_args(Crop)
+    if crop not in choices:
+        raise DataError(f"Unknown crop {crop!r}; choose one of {', '.join(choices)}")
 
 
 def _open(path: Path | str) -> Image.Image:
@@ -109,8 +117,18 @@ def _open(path: Path | str) -> Image.Image:
     return img
 
 
-def _decode(path: Path, image_size: int, crop: str, box: Box | None, margin: float) -> tuple[torch.Tensor, bool]:
-    """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``."""
+@contextlib.contextmanager
+def _bomb_warnings_ignored() -> Iterator[None]:
+    """:func:`_open` refuses images over the pixel limit with a clear error; PIL's own
+    warning would only repeat it. (Set from the calling thread: the filters are global.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode(path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float) -> tuple[torch.Tensor, bool]:
+    """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``: the one way a
+    file becomes an image, for a dataset (:func:`decode_listing`) or alone (:func:`load_image`)."""
     with _open(path) as img:
         img.load()
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
@@ -132,9 +150,9 @@ def _decode(path: Path, image_size: int, crop: str, box: Box | None, margin: flo
 
 
 def load_image(
-    path: Path, image_size: int, crop: str = "none", box: Box | None = None, margin: float = 0.1
+    path: Path | str, image_size: int, crop: Crop = "none", box: Box | None = None, margin: float = 0.1
 ) -> torch.Tensor:
-    """Decode one image fully into uint8 ``[3, S, S]``.
+    """Decode one image fully into uint8 ``[3, S, S]``, exactly as a dataset decodes it.
 
     ``crop="none"`` squashes the image to ``S x S``; ``"center"`` resizes its
     shorter side to ``S`` and keeps the centre ``S x S``; ``"bbox"`` keeps the
@@ -143,16 +161,13 @@ def load_image(
     entirely outside the image leaves the image uncropped, squashed as with ``"none"``.
     """
     check_crop(crop)
-    return _decode(path, image_size, crop, box, margin)[0]
-
-
-def label_images(root: Path, paths: list[Path]) -> tuple[list[int], list[str]]:
-    """Labels and sorted class names for ``paths`` under ``root`` (module rule)."""
-    return _labels(root, [path.relative_to(root).parts for path in paths])
+    with _bomb_warnings_ignored():
+        return _decode(path, image_size, crop, box, margin)[0]
 
 
 def _labels(root: Path, parts: list[tuple[str, ...]]) -> tuple[list[int], list[str]]:
-    """:func:`label_images` of the paths with these ``parts`` below ``root``."""
+    """Labels and sorted class names of the images with these path ``parts`` below ``root``
+    (the labelling rule of this module's docstring)."""
     subclasses = {p[0] for p in parts if len(p) > 1}
     loose_name = root.resolve().name or "images"
     while loose_name in subclasses:
@@ -164,7 +179,7 @@ def _labels(root: Path, parts: list[tuple[str, ...]]) -> tuple[list[int], list[s
 
 
 def _try_load(
-    path: Path, image_size: int, crop: str, box: Box | None, margin: float
+    path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float
 ) -> tuple[torch.Tensor, bool] | Exception:
     try:
         return _decode(path, image_size, crop, box, margin)
@@ -183,7 +198,7 @@ class ImageListing:
     labels: list[int]
     class_names: list[str]
     image_size: int
-    crop: str = "none"
+    crop: Crop = "none"
     boxes: list[Box | None] | None = None
     margin: float = 0.1
     also_read: tuple[Path, ...] = ()
@@ -225,9 +240,7 @@ def decode_listing(listing: ImageListing, write: Callable[[torch.Tensor], None],
     paths, size, crop, margin = listing.paths, listing.image_size, listing.crop, listing.margin
     boxes = listing.boxes if listing.boxes is not None else [None] * len(paths)
     done = Decoded([], listing.class_names)
-    with ThreadPoolExecutor() as pool, warnings.catch_warnings():
-        # _open refuses images over the limit with a clear skip; PIL's own warning would only repeat it
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with ThreadPoolExecutor() as pool, _bomb_warnings_ignored():
         results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
         for result, path, label, box in zip(
@@ -268,55 +281,7 @@ class MemoryImages:
         return self.buffer[: self.count]
 
 
-def decode_to_memory(listing: ImageListing, *, progress: bool = True) -> tuple[ImageSet, Decoded]:
-    """The listing decoded into an in-memory :class:`ImageSet` (skipped files warned about)."""
-    out = MemoryImages(len(listing.paths), listing.image_size)
-    decoded = decode_listing(listing, out, progress=progress)
-    warn_skipped(decoded.skipped)
-    return ImageSet(out.images, torch.tensor(decoded.labels, dtype=torch.int64), decoded.class_names), decoded
-
-
-def load_images_with_boxes(
-    paths: list[Path],
-    labels: list[int],
-    class_names: list[str],
-    image_size: int,
-    boxes: list[Box | None],
-    margin: float = 0.1,
-    *,
-    progress: bool = True,
-) -> tuple[ImageSet, int]:
-    """:func:`load_images` with ``crop="bbox"``; also how many boxes lay entirely outside their image.
-
-    Those images, like the ones whose box is None, are used uncropped.
-    """
-    data, decoded = decode_to_memory(
-        ImageListing(paths, labels, class_names, image_size, "bbox", boxes, margin), progress=progress
-    )
-    return data, decoded.outside
-
-
-def load_images(
-    paths: list[Path],
-    labels: list[int],
-    class_names: list[str],
-    image_size: int,
-    crop: str = "none",
-    *,
-    boxes: list[Box | None] | None = None,
-    margin: float = 0.1,
-    progress: bool = True,
-) -> ImageSet:
-    """Decode ``paths`` in a thread pool (order kept); skip undecodable files.
-
-    ``crop="bbox"`` needs ``boxes``, one per path; a None entry leaves that
-    image uncropped (squashed to ``S x S``). See :func:`load_image`.
-    """
-    listing = ImageListing(paths, labels, class_names, image_size, crop, boxes, margin)
-    return decode_to_memory(listing, progress=progress)[0]
-
-
-def list_image_folder(root: str | Path, image_size: int, crop: str = "none") -> ImageListing:
+def list_image_folder(root: str | Path, image_size: int, crop: Crop = "none") -> ImageListing:
     """Every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
     root = Path(root).expanduser()
     if not root.exists():
@@ -340,9 +305,14 @@ def list_image_folder(root: str | Path, image_size: int, crop: str = "none") -> 
 def load_image_folder(
     root: str | Path,
     image_size: int,
-    crop: str = "none",
+    crop: Crop = "none",
     *,
     progress: bool = True,
 ) -> ImageSet:
-    """Load every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
-    return decode_to_memory(list_image_folder(root, image_size, crop), progress=progress)[0]
+    """Every image under ``root`` decoded into memory, labelled by first-level subfolder;
+    ``crop`` is "none" or "center". Undecodable files are skipped with a warning."""
+    listing = list_image_folder(root, image_size, crop)
+    out = MemoryImages(len(listing.paths), image_size)
+    decoded = decode_listing(listing, out, progress=progress)
+    warn_skipped(decoded.skipped)
+    return ImageSet(out.images, torch.tensor(decoded.labels, dtype=torch.int64), decoded.class_names)

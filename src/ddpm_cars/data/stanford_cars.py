@@ -19,7 +19,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from ddpm_cars.config import Crop, Split
 from ddpm_cars.data.boxes import (
     Box,
     BoxWarning,
@@ -28,12 +30,12 @@ from ddpm_cars.data.boxes import (
     find_annotations,
     parse_annotations,
 )
-from ddpm_cars.data.dataset import DataError, ImageSet
-from ddpm_cars.data.folder import ImageListing, check_crop, decode_to_memory, find_images
+from ddpm_cars.data.dataset import DataError
+from ddpm_cars.data.folder import ImageListing, check_crop, find_images
 
 KAGGLE_DATASET = "jutrera/stanford-car-dataset-by-classes-folder"
-SPLITS = ("train", "test", "all")
-_SPLIT_FOLDERS = ("train", "test")
+_EVERY_SPLIT = "all"  # the split that stands for every split folder present
+_SPLIT_FOLDERS = tuple(name for name in get_args(Split) if name != _EVERY_SPLIT)  # train/ and test/
 _ROOT_DEPTHS = (".", "car_data", "car_data/car_data")
 
 
@@ -81,12 +83,14 @@ def _require_split_dirs(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def _chosen_splits(root: Path, split: str) -> dict[str, Path]:
-    """``{split name: folder}`` making up ``split``; ``"all"`` is every split present."""
-    if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+def _chosen_splits(root: Path, split: Split) -> dict[str, Path]:
+    """``{split name: folder}`` making up ``split`` (one of :data:`ddpm_cars.config.Split`);
+    ``"all"`` is every split present."""
+    choices = get_args(Split)
+    if split not in choices:
+        raise DataError(f"Unknown split {split!r}; choose one of {', '.join(choices)}")
     dirs = _require_split_dirs(root)
-    if split == "all":
+    if split == _EVERY_SPLIT:
         return dirs
     if split not in dirs:
         raise DataError(f"Split {split!r} is missing from {root} (found: {', '.join(dirs)})")
@@ -142,11 +146,12 @@ class BoxCounts:
 
 
 def list_stanford_cars(
-    root: Path, split: str, image_size: int, crop: str = "none", margin: float = 0.1
+    root: Path, split: Split, image_size: int, crop: Crop = "none", margin: float = 0.1
 ) -> tuple[ImageListing, BoxCounts]:
     """The images of a split, labelled by class folder; class indices come from all
-    splits present, so they agree. With ``crop="bbox"``, each image's box and how many
-    images have none."""
+    splits present, so they agree. Only images inside class folders count; files loose in
+    a split folder are ignored. With ``crop="bbox"``, each image's box (``margin`` is added
+    around it as a share of its longer side) and how many images have none."""
     check_crop(crop)
     chosen = _chosen_splits(root, split)
     every_split = _require_split_dirs(root).values()
@@ -173,24 +178,3 @@ def list_stanford_cars(
         paths, labels, class_names, image_size, crop, boxes if crop == "bbox" else None, margin, tuple(csvs)
     )
     return listing, counts
-
-
-def load_stanford_cars(
-    root: Path,
-    split: str,
-    image_size: int,
-    crop: str = "none",
-    margin: float = 0.1,
-    progress: bool = True,
-) -> ImageSet:
-    """Load a split into memory (see :func:`list_stanford_cars`).
-
-    Only images inside class folders count; files loose in a split folder are
-    ignored. ``crop`` is "none", "center" or "bbox" (see :func:`~ddpm_cars.data.folder.load_image`);
-    with "bbox", ``margin`` is added around each box as a share of its longer side.
-    """
-    listing, counts = list_stanford_cars(root, split, image_size, crop, margin)
-    data, decoded = decode_to_memory(listing, progress=progress)
-    if crop == "bbox":
-        counts.warn(len(listing.paths), decoded.outside)
-    return data
