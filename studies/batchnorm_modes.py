@@ -17,7 +17,7 @@ import torch
 
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.run import Run
 from ddpm_cars.viz import save_grid
 
@@ -48,7 +48,7 @@ def main() -> None:
     grids = []
     for mode in ("eval", "batch"):
         sample_config = dataclasses.replace(config.sample, batchnorm=mode)
-        images = generate(denoiser, args.num, sample_config, seed=0, batch_size=args.batch_size, progress=False)
+        images = generate(denoiser, args.num, sample_config, seed=0, batch_size=args.batch_size, watch=QUIET)
         print("| samples, --batchnorm {} | {:.3f} | {:.3f} |".format(mode, *colour_stats(images)))
         grids.append(images)
     pad = torch.ones(args.num, 3, config.data.image_size, 4)

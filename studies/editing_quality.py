@@ -23,10 +23,10 @@ import torch
 
 from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range, to_uint8
-from ddpm_cars.editing import Inpainting, strength_timesteps
-from ddpm_cars.evaluation.class_accuracy import predict, train_classifier
+from ddpm_cars.editing import Edit, Inpainting, strength_timesteps
+from ddpm_cars.evaluation.class_accuracy import ClassifierTraining, predict, train_classifier
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.run import Run
 from ddpm_cars.schedule import visited_timesteps
 from ddpm_cars.viz import save_grid
@@ -74,7 +74,7 @@ def inpainting(
     print("| images | img/s | SWD | SWD by level | SWD of the lower halves |\n| --- | ---: | ---: | --- | ---: |")
     print(_swd_row("held-out real images (the floor)", heldout, train), flush=True)
     tic = time.perf_counter()
-    samples = generate(denoiser, num, config.sample, seed=0, batch_size=batch, progress=False)
+    samples = generate(denoiser, num, config.sample, seed=0, batch_size=batch, watch=QUIET)
     print(_swd_row("ordinary samples", samples, train, time.perf_counter() - tic), flush=True)
     mask = lower_half_mask(init.shape[-1])
     pictures = [init[:SHOWN], init[:SHOWN] * (1 - mask)]
@@ -86,9 +86,8 @@ def inpainting(
             config.sample,
             seed=0,
             batch_size=batch,
-            init=init,
-            mask=Inpainting(mask, jumps=j, every=10),
-            progress=False,
+            edit=Edit(init, mask=Inpainting(mask, jumps=j, every=10)),
+            watch=QUIET,
         )
         label = "inpainted, no resampling" if j == 0 else f"inpainted, resampling {j} jumps every 10 steps"
         print(_swd_row(label, filled, train, time.perf_counter() - tic), flush=True)
@@ -102,7 +101,7 @@ def variations(
 ) -> None:
     denoiser, config = run.denoiser(ema=True), run.config
     names = run.config.model.class_names or build_dataset(config.data, progress=False).class_names
-    classifier = train_classifier(train, train_labels, len(names), steps=500, seed=0)
+    classifier = train_classifier(train, train_labels, len(names), ClassifierTraining(steps=500, seed=0))
     own = (predict(classifier, heldout) == labels).float().mean().item()
     print(
         f"\nVariations of {heldout.shape[0]} held-out toy cars, one each, judged by a classifier of the "
@@ -117,9 +116,8 @@ def variations(
             config.sample,
             seed=0,
             batch_size=batch,
-            init=init,
-            strength=strength,
-            progress=False,
+            edit=Edit(init, strength=strength),
+            watch=QUIET,
         )
         kept = (predict(classifier, varied) == labels).float().mean().item()
         rms = (varied - init).pow(2).mean().sqrt().item()

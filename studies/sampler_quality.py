@@ -54,7 +54,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_uint8
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.parallel import resolve_device
 from ddpm_cars.run import EMA_FILE, MODEL_FILE, Run
 from ddpm_cars.runtime import resolve_precision
@@ -257,7 +257,7 @@ def draw_groups(
         return [entries[k] for k in groups], None
     indices = [i for k in missing for i in range(k * num, (k + 1) * num)]
     tic = time.perf_counter()
-    images = generate(denoiser, indices, sample, seed=0, batch_size=min(len(indices), batch_size), progress=False)
+    images = generate(denoiser, indices, sample, seed=0, batch_size=min(len(indices), batch_size), watch=QUIET)
     rate = len(indices) / (time.perf_counter() - tic)
     for k, scores in zip(missing, score_groups(to_uint8(images), train, len(missing))):
         entries[k] = record.add(sample, k, rate, scores)
@@ -386,7 +386,7 @@ def main() -> None:
                 shown
                 if shown is not None
                 else generate(
-                    denoiser, range(first, first + min(6, args.num)), sample, seed=0, batch_size=6, progress=False
+                    denoiser, range(first, first + min(6, args.num)), sample, seed=0, batch_size=6, watch=QUIET
                 )
             )
             rows.append(shown[:6])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import sys
@@ -8,11 +9,11 @@ import torch
 from torch import nn
 
 from ddpm_cars.benchmarks import measure
-from ddpm_cars.benchmarks.bench import ROW_KEYS, format_table, run_benchmark
+from ddpm_cars.benchmarks.bench import ROW_KEYS, BenchSettings, format_table, run_benchmark
 from ddpm_cars.benchmarks.measure import DIFFUSERS, forward_flops
 from ddpm_cars.cli import main
 
-TINY_RUN = dict(image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=2, progress=False)
+TINY_RUN = dict(image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=2)
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def tiny_rows():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_benchmark(["tiny"], ["fp32", "bf16"], isolate=False, **TINY_RUN)
+        return run_benchmark(BenchSettings(["tiny"], ["fp32", "bf16"], isolate=False, **TINY_RUN), progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -73,7 +74,9 @@ def test_table_has_one_line_per_row_and_the_ratios(tiny_rows):
 def test_without_diffusers_the_comparison_is_skipped_with_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     assert not measure.diffusers_available()
-    rows = run_benchmark(["tiny"], ["fp32"], isolate=False, diffusers_reference="tiny", **TINY_RUN)
+    rows = run_benchmark(
+        BenchSettings(["tiny"], ["fp32"], isolate=False, diffusers_reference="tiny", **TINY_RUN), progress=False
+    )
     assert [r["preset"] for r in rows] == ["tiny"]
     assert any("diffusers is not installed" in n for n in rows.notes)
     assert "Note: diffusers UNet2DModel: skipped" in format_table(rows)
@@ -93,7 +96,9 @@ def test_diffusers_unet_is_measured_through_the_adapter(monkeypatch):
             return types.SimpleNamespace(sample=self.conv(sample))
 
     monkeypatch.setitem(sys.modules, "diffusers", types.SimpleNamespace(UNet2DModel=FakeUNet2DModel))
-    rows = run_benchmark(["tiny"], ["fp32"], isolate=False, diffusers_reference="tiny", **TINY_RUN)
+    rows = run_benchmark(
+        BenchSettings(["tiny"], ["fp32"], isolate=False, diffusers_reference="tiny", **TINY_RUN), progress=False
+    )
     assert [r["preset"] for r in rows] == ["tiny", DIFFUSERS]
     assert not any("diffusers" in n for n in rows.notes)
     assert made["block_out_channels"] == (128, 256, 384, 512) and made["out_channels"] == 6
@@ -167,34 +172,23 @@ def test_peak_flops_of_common_gpus_and_an_override():
     assert device_peak_flops(torch.device("cpu"), "fp32", peak_tflops=0.5) == 0.5e12
 
 
+# one timed step of the tiny preset at 16 px, in this process
+ONE_TINY_STEP = BenchSettings(
+    "tiny", "fp32", image_size=16, batch_size=2, repeats=1, warmup=0, sample_steps=1, device="cpu", isolate=False
+)
+
+
 def test_bench_reports_mfu_against_the_given_peak(capsys):
     rows = run_benchmark(
-        "tiny",
-        "fp32",
-        image_size=16,
-        batch_size=2,
-        repeats=1,
-        warmup=0,
-        sample_steps=1,
-        device="cpu",
+        dataclasses.replace(ONE_TINY_STEP, peak_tflops=0.001),
         progress=False,
-        isolate=False,
-        peak_tflops=0.001,
     )
     (row,) = rows
     assert row["peak_flop_s"] == 1e9 and row["mfu"] == pytest.approx(row["train_flop_s"] / 1e9)
     assert f"| {100 * row['mfu']:.1f}% |" in format_table(rows)
     unknown = run_benchmark(
-        "tiny",
-        "fp32",
-        image_size=16,
-        batch_size=2,
-        repeats=1,
-        warmup=0,
-        sample_steps=1,
-        device="cpu",
+        ONE_TINY_STEP,
         progress=False,
-        isolate=False,
     )
     assert unknown[0]["mfu"] is None and "MFU: training FLOP/s over the device's dense peak" in format_table(unknown)
 
@@ -207,17 +201,19 @@ def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_
     real_draw = Batches.draw
     monkeypatch.setattr(Batches, "draw", lambda self, *a: draws.append(1) or real_draw(self, *a))
     rows = run_benchmark(
-        "tiny",
-        "fp32",
-        image_size=16,
-        batch_size=2,
-        repeats=2,
-        warmup=1,
-        sample_steps=1,
-        device="cpu",
+        BenchSettings(
+            "tiny",
+            "fp32",
+            image_size=16,
+            batch_size=2,
+            repeats=2,
+            warmup=1,
+            sample_steps=1,
+            device="cpu",
+            isolate=False,
+            loop=True,
+        ),
         progress=False,
-        isolate=False,
-        loop=True,
     )
     (row,) = rows
     assert len(draws) == 3  # the warm-up step and the two timed ones, through the loop's own batches
@@ -227,4 +223,6 @@ def test_bench_loop_runs_the_real_training_loop_on_cached_data(monkeypatch, tmp_
     table = format_table(rows)
     assert "| loop img/s | to 1st step s |" in table and "Loop: the whole training loop" in table
     assert table.splitlines()[2].count("|") == table.splitlines()[4].count("|")  # header and row line up
-    assert "loop img/s" not in format_table(run_benchmark("tiny", "fp32", device="cpu", isolate=False, **TINY_RUN))
+    assert "loop img/s" not in format_table(
+        run_benchmark(BenchSettings("tiny", "fp32", device="cpu", isolate=False, **TINY_RUN), progress=False)
+    )

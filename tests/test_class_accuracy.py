@@ -7,6 +7,7 @@ import torch
 from ddpm_cars.data import TOY_CARS_TEST_SEED, toy_cars_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.evaluation.class_accuracy import (
+    ClassifierTraining,
     ImageClassifier,
     predict,
     requested_class_share,
@@ -43,12 +44,14 @@ def toy_cars():
 def classifier(toy_cars):
     train = toy_cars[0]
     with _threads(1):  # set up before the function-scoped _one_thread
-        return train_classifier(train.images, train.labels, len(train.class_names), steps=300)  # ~5 s
+        return train_classifier(
+            train.images, train.labels, len(train.class_names), ClassifierTraining(steps=300)
+        )  # ~5 s
 
 
 def _tiny_training(seed: int = 0) -> ImageClassifier:
     data = toy_cars_dataset(64, 16)
-    return train_classifier(data.images, data.labels, 6, steps=4, batch_size=16, seed=seed)
+    return train_classifier(data.images, data.labels, 6, ClassifierTraining(steps=4, batch_size=16, seed=seed))
 
 
 def test_classifier_recognises_held_out_toy_cars(classifier, toy_cars):
@@ -71,7 +74,7 @@ def test_classifier_trained_on_shuffled_labels_learns_nothing(toy_cars):
     train, heldout = toy_cars
     shuffled = train.labels[torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))]
     with _threads(1):
-        guesser = train_classifier(train.images, shuffled, 6, steps=300)
+        guesser = train_classifier(train.images, shuffled, 6, ClassifierTraining(steps=300))
     accuracy = (predict(guesser, heldout.images) == heldout.labels).float().mean().item()
     assert accuracy < 0.35  # chance is 1/6
 

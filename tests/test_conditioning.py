@@ -9,8 +9,8 @@ from torch import nn
 from ddpm_cars.conditioning import ClassifierFreeGuidance, class_labels, closest_classes, drop_labels, find_class, guide
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.generation import ClassRequest, generate
-from ddpm_cars.models import ResAttnUnet, SimpleUnet, num_classes
+from ddpm_cars.generation import QUIET, ClassRequest, generate
+from ddpm_cars.models import ResAttnUnet, SimpleUnet, UnetLayout, num_classes
 from ddpm_cars.schedule import build_schedule
 
 
@@ -25,7 +25,7 @@ def _randomised(model: nn.Module) -> nn.Module:
 
 
 def _unet(classes: int = 3, out_channels: int = 6) -> nn.Module:
-    return _randomised(ResAttnUnet(16, (8, 16), 1, (8,), 8, out_channels=out_channels, num_classes=classes))
+    return _randomised(ResAttnUnet(16, UnetLayout((8, 16), 1, (8,), 8), out_channels=out_channels, num_classes=classes))
 
 
 # -- the networks ---------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_labels_change_the_output_and_none_means_the_null_class(make):
 
 
 def test_unconditional_networks_refuse_labels_and_bad_labels_are_named():
-    plain = ResAttnUnet(16, (8, 16), 1, (8,), 8)
+    plain = ResAttnUnet(16, UnetLayout((8, 16), 1, (8,), 8))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     assert num_classes(plain) == 0
     with pytest.raises(ValueError, match="not class-conditional"):
@@ -150,8 +150,8 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
     config = SampleConfig(sampler=sampler, steps=4)
     labels = torch.tensor([0, 1, 2, 1, 0])
     classes = ClassRequest(labels, 2.0)
-    whole = generate(denoiser, 5, config, seed=7, batch_size=5, classes=classes, progress=False)
-    pieces = generate(denoiser, 5, config, seed=7, batch_size=2, classes=classes, progress=False)
+    whole = generate(denoiser, 5, config, seed=7, batch_size=5, classes=classes, watch=QUIET)
+    pieces = generate(denoiser, 5, config, seed=7, batch_size=2, classes=classes, watch=QUIET)
     torch.testing.assert_close(whole, pieces, atol=1e-4, rtol=1e-4)
     other = generate(
         denoiser,
@@ -160,19 +160,21 @@ def test_every_sampler_draws_the_same_guided_image_whatever_the_batch(sampler):
         seed=7,
         batch_size=5,
         classes=ClassRequest(torch.tensor([2, 1, 2, 0, 0]), 2.0),
-        progress=False,
+        watch=QUIET,
     )
     torch.testing.assert_close(whole[1:3], other[1:3], atol=1e-4, rtol=1e-4)  # the same classes asked for
     assert not torch.allclose(whole[0], other[0], atol=1e-3)  # class 0, then class 2
     with pytest.raises(ValueError, match="one label per image"):  # 5 labels for 4 images
-        generate(denoiser, 4, config, seed=7, classes=classes, progress=False)
+        generate(denoiser, 4, config, seed=7, classes=classes, watch=QUIET)
     with pytest.raises(ValueError, match="one label per image"):  # 3 labels for 4 images
-        generate(denoiser, 4, config, seed=7, classes=ClassRequest(labels[:3], 2.0), progress=False)
+        generate(denoiser, 4, config, seed=7, classes=ClassRequest(labels[:3], 2.0), watch=QUIET)
     with pytest.raises(ValueError, match=r"classes 0\.\.2 of the model"):  # 3 is the null class, not one to ask for
-        generate(denoiser, 5, config, seed=7, classes=ClassRequest(torch.tensor([0, 1, 3, 1, 0]), 2.0), progress=False)
-    unconditional = Denoiser(_randomised(ResAttnUnet(16, (8, 16), 1, (8,), 8)), schedule, diffusion, image_size=16)
+        generate(denoiser, 5, config, seed=7, classes=ClassRequest(torch.tensor([0, 1, 3, 1, 0]), 2.0), watch=QUIET)
+    unconditional = Denoiser(
+        _randomised(ResAttnUnet(16, UnetLayout((8, 16), 1, (8,), 8))), schedule, diffusion, image_size=16
+    )
     with pytest.raises(ValueError, match="not class-conditional"):
-        generate(unconditional, 5, config, seed=7, classes=classes, progress=False)
+        generate(unconditional, 5, config, seed=7, classes=classes, watch=QUIET)
 
 
 # -- class names --------------------------------------------------------------------------

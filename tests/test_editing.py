@@ -13,8 +13,16 @@ from PIL import Image
 from ddpm_cars import diffusion
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.editing import Inpainting, ddim_invert, interpolation_weights, repaint_moves, slerp, strength_timesteps
-from ddpm_cars.generation import decode, generate
+from ddpm_cars.editing import (
+    Edit,
+    Inpainting,
+    ddim_invert,
+    interpolation_weights,
+    repaint_moves,
+    slerp,
+    strength_timesteps,
+)
+from ddpm_cars.generation import QUIET, decode, generate
 from ddpm_cars.presets import TINY
 from ddpm_cars.run import Run
 from ddpm_cars.samplers import ddim_sample, image_generators, randn
@@ -72,15 +80,15 @@ def _lower_half(size=8):
 
 def test_strength_0_returns_the_image():
     image = _image()
-    out = generate(_den(Shrink()), 3, SampleConfig(steps=10), init=image, strength=0.0, progress=False)
+    out = generate(_den(Shrink()), 3, SampleConfig(steps=10), edit=Edit(image, strength=0.0), watch=QUIET)
     assert (out - image).abs().max() <= LEVEL / 2
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "heun"])
 def test_strength_1_is_ordinary_sampling_with_the_same_seed(sampler):
     den, config = _den(Shrink()), SampleConfig(sampler=sampler, steps=8, eta=0.5)
-    plain = generate(den, 3, config, seed=4, progress=False)
-    varied = generate(den, 3, config, seed=4, init=_image(), strength=1.0, progress=False)
+    plain = generate(den, 3, config, seed=4, watch=QUIET)
+    varied = generate(den, 3, config, seed=4, edit=Edit(_image(), strength=1.0), watch=QUIET)
     assert torch.equal(plain, varied)
 
 
@@ -93,7 +101,7 @@ def test_a_variation_starts_from_the_image_noised_to_strength_times_t_with_the_i
     steps = sampling_timesteps(40, 10)
     kept = steps[steps < 20]
     net.forward = lambda x, t, y=None, f=net.forward: (starts.append(x.clone()) if not starts else None) or f(x, t)
-    generate(den, 2, SampleConfig(sampler="ddim", steps=10), seed=7, init=image, strength=0.5, progress=False)
+    generate(den, 2, SampleConfig(sampler="ddim", steps=10), seed=7, edit=Edit(image, strength=0.5), watch=QUIET)
     noise = randn((3, 8, 8), image_generators(7, range(2)), "cpu")
     top = int(kept[-1])
     expected = diffusion.q_sample(den.schedule, image.expand(2, -1, -1, -1), torch.full((2,), top), noise)
@@ -113,7 +121,7 @@ def test_variations_of_one_image_differ_and_move_further_from_it_as_strength_ris
     image, den = _image(), _den(Shrink())
     distances = []
     for strength in (0.1, 0.5, 0.9):
-        out = generate(den, 4, SampleConfig(steps=20), seed=1, init=image, strength=strength, progress=False)
+        out = generate(den, 4, SampleConfig(steps=20), seed=1, edit=Edit(image, strength=strength), watch=QUIET)
         assert not torch.equal(out[0], out[1])
         distances.append((out - image).pow(2).mean().sqrt().item())
     assert distances == sorted(distances)
@@ -145,7 +153,7 @@ def test_repaint_moves_go_back_up_every_r_steps_j_times():
 def test_inpainting_keeps_every_unmasked_pixel(sampler, steps, jumps):
     image, mask = _image(2, seed=3), _lower_half()
     config = SampleConfig(sampler=sampler, steps=steps, eta=0.5)
-    out = generate(_den(Shrink()), 2, config, seed=0, init=image, mask=Inpainting(mask, jumps, 3), progress=False)
+    out = generate(_den(Shrink()), 2, config, seed=0, edit=Edit(image, mask=Inpainting(mask, jumps, 3)), watch=QUIET)
     keep = (mask == 0).expand_as(out)
     assert (out[keep] - image[keep]).abs().max() <= LEVEL / 2
     assert (out[~keep] - image[~keep]).abs().mean() > 0.05  # the masked half was redrawn
@@ -168,7 +176,7 @@ def test_inpainting_with_resampling_costs_the_extra_steps_and_fills_from_the_kep
     den = _den(torch.nn.Identity())
     oracle = Oracle(den.schedule)
     den = Denoiser(oracle, den.schedule, den.config, 8)
-    out = generate(den, 2, SampleConfig(steps=20), init=clean, mask=Inpainting(_lower_half(), 2, 5), progress=False)
+    out = generate(den, 2, SampleConfig(steps=20), edit=Edit(clean, mask=Inpainting(_lower_half(), 2, 5)), watch=QUIET)
     assert oracle.calls == 20 + 2 * 5 * 3  # jumps back from levels 0, 5 and 10
     assert torch.allclose(out, clean.expand_as(out), atol=1e-4)
 
@@ -177,7 +185,11 @@ def test_inpainting_with_resampling_costs_the_extra_steps_and_fills_from_the_kep
 def test_inpainting_refuses_multistep_samplers(sampler):
     with pytest.raises(ValueError, match="ddpm or ddim"):
         generate(
-            _den(Shrink()), 1, SampleConfig(sampler=sampler, steps=5), init=_image(), mask=_lower_half(), progress=False
+            _den(Shrink()),
+            1,
+            SampleConfig(sampler=sampler, steps=5),
+            edit=Edit(_image(), mask=_lower_half()),
+            watch=QUIET,
         )
 
 
@@ -189,12 +201,11 @@ def test_inpainting_refuses_multistep_samplers(sampler):
         ({"init": torch.zeros(3, 8, 8), "mask": torch.zeros(6, 6)}, "mask must be"),
         ({"init": torch.zeros(3, 8, 8), "strength": 1.5}, "strength must lie in"),
         ({"init": torch.zeros(3, 8, 8), "strength": -0.1}, "strength must lie in"),
-        ({"mask": torch.zeros(8, 8)}, "needs the image"),
     ],
 )
 def test_bad_edits_are_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as excinfo:
-        generate(_den(Shrink()), 2, SampleConfig(steps=5), progress=False, **kwargs)
+        generate(_den(Shrink()), 2, SampleConfig(steps=5), edit=Edit(**kwargs), watch=QUIET)
     assert len(str(excinfo.value).splitlines()) == 1
 
 
@@ -207,9 +218,9 @@ def test_each_edited_image_depends_on_its_seed_alone(edit):
         else {"init": images, "mask": Inpainting(_lower_half(), 1, 3)}
     )
     den, config = _den(Shrink()), SampleConfig(steps=9)
-    a = generate(den, 5, config, seed=2, batch_size=5, progress=False, **kwargs)
-    b = generate(den, 5, config, seed=2, batch_size=2, progress=False, **kwargs)
-    c = generate(den, [3, 4], config, seed=2, batch_size=2, progress=False, **kwargs)  # a share of the request
+    a = generate(den, 5, config, seed=2, batch_size=5, edit=Edit(**kwargs), watch=QUIET)
+    b = generate(den, 5, config, seed=2, batch_size=2, edit=Edit(**kwargs), watch=QUIET)
+    c = generate(den, [3, 4], config, seed=2, batch_size=2, edit=Edit(**kwargs), watch=QUIET)  # a share of the request
     assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a[3:], c, atol=1e-6)
 
 
@@ -282,7 +293,7 @@ def test_interpolation_ends_are_the_two_seeds_ordinary_samples(sampler):
     b = decode(den, frames, config, batch_size=2, progress=False)
     assert torch.allclose(a, b, atol=1e-6)
     for seed, frame in ((3, a[0]), (8, a[-1])):
-        assert torch.allclose(frame, generate(den, 1, config, seed=seed, progress=False)[0], atol=1e-6)
+        assert torch.allclose(frame, generate(den, 1, config, seed=seed, watch=QUIET)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 from ddpm_cars import run as ckpt
 from ddpm_cars.cli import main
 from ddpm_cars.errors import UserError
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.models import build_model
 from ddpm_cars.presets import TINY
 from ddpm_cars.run import Run
@@ -72,7 +72,7 @@ def test_ddpm_pipeline_draws_what_sample_draws(trained, tmp_path):
         batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=100, output_type="np"
     ).images  # [1, H, W, 3] in [0, 1]
     run = Run.open(trained)
-    ours = generate(run.denoiser(ema=True), 1, run.config.sample, seed=0, progress=False)  # image 0: seed 0's generator
+    ours = generate(run.denoiser(ema=True), 1, run.config.sample, seed=0, watch=QUIET)  # image 0: seed 0's generator
     assert run.config.sample.steps is None  # all T: the pipeline's 100 steps
     theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
     assert (theirs - ours).abs().max() < 1e-4, (theirs - ours).abs().max()
@@ -85,7 +85,7 @@ def test_an_import_of_the_export_samples_the_same_images(trained, tmp_path):
     assert a.config == b.config
     cfg = a.config.sample
     assert torch.equal(
-        generate(a.denoiser(), 3, cfg, seed=5, progress=False), generate(b.denoiser(), 3, cfg, seed=5, progress=False)
+        generate(a.denoiser(), 3, cfg, seed=5, watch=QUIET), generate(b.denoiser(), 3, cfg, seed=5, watch=QUIET)
     )
     notes = ckpt.init_weights(build_model(a.config), imported, a.config)  # train --init-from takes it
     assert notes[0].startswith("Starting from")
@@ -160,7 +160,7 @@ def _pipeline_and_ours(folder, run):
         batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np"
     ).images
     opened = Run.open(run)
-    ours = generate(opened.denoiser(ema=True), 1, opened.config.sample, seed=0, progress=False)
+    ours = generate(opened.denoiser(ema=True), 1, opened.config.sample, seed=0, watch=QUIET)
     return torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1, ours
 
 

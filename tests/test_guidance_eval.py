@@ -10,7 +10,8 @@ from PIL import Image
 
 from ddpm_cars.errors import UserError
 from ddpm_cars.evaluation import guidance
-from ddpm_cars.evaluation.guidance import format_guidance, guidance_accuracy
+from ddpm_cars.evaluation.guidance import GuidanceRequest, format_guidance, guidance_accuracy
+from ddpm_cars.run import Run
 from ddpm_cars.training import train
 
 
@@ -19,7 +20,8 @@ def test_each_scale_is_scored_and_pictured(tiny_config, tmp_path, monkeypatch):
     train(config, tmp_path / "run", progress=False, final_grid=False)
     monkeypatch.setattr(guidance, "HELDOUT_IMAGES", 30)
     out = tmp_path / "g"
-    summary = guidance_accuracy(tmp_path / "run", [0.0, 1.0, 2.5], 2, out, classifier_steps=3, progress=False)
+    request = GuidanceRequest((0.0, 1.0, 2.5), 2, classifier_steps=3)
+    summary = guidance_accuracy(Run.open(tmp_path / "run"), request, out, progress=False)
     assert [row["guidance"] for row in summary["rows"]] == [0.0, 1.0, 2.5]
     assert summary["classes"] == ["sedan", "hatchback", "suv", "pickup", "sports", "van"]
     for row in summary["rows"]:
@@ -37,11 +39,11 @@ def test_each_scale_is_scored_and_pictured(tiny_config, tmp_path, monkeypatch):
 def test_unconditional_runs_and_bad_scales_are_refused(tiny_config, tmp_path):
     train(tiny_config.replace(train={"max_steps": 1}), tmp_path / "run", progress=False, final_grid=False)
     with pytest.raises(ValueError, match="not class-conditional"):
-        guidance_accuracy(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
+        guidance_accuracy(Run.open(tmp_path / "run"), GuidanceRequest((1.0,), 2), tmp_path / "g", progress=False)
     with pytest.raises(ValueError, match="finite numbers >= 0"):
-        guidance_accuracy(tmp_path / "run", [math.inf], 2, tmp_path / "g", progress=False)
+        guidance_accuracy(Run.open(tmp_path / "run"), GuidanceRequest((math.inf,), 2), tmp_path / "g", progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     config["model"].update(class_conditional=True, class_names=["sedan"])  # a folder of loose images has one class
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="knows one class"):
-        guidance_accuracy(tmp_path / "run", [1.0], 2, tmp_path / "g", progress=False)
+        guidance_accuracy(Run.open(tmp_path / "run"), GuidanceRequest((1.0,), 2), tmp_path / "g", progress=False)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_cars.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
-from ddpm_cars.models import ResAttnUnet, build_model, count_parameters
+from ddpm_cars.models import ResAttnUnet, UnetLayout, build_model, count_parameters
 from ddpm_cars.models.res_attn_unet import (
     AttentionBlock,
     Downsample,
@@ -30,6 +30,11 @@ TINY = {
     "attention_resolutions": (16,),
     "head_channels": 32,
 }
+
+
+def unet(image_size: int = 64, dropout: float = 0.0, out_channels: int = 3, **layout) -> ResAttnUnet:
+    """A ResAttnUnet from flat settings: the fields of its :class:`UnetLayout`, dropout, output channels."""
+    return ResAttnUnet(image_size, UnetLayout(**layout), dropout=dropout, out_channels=out_channels)
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ def attention_input_sizes(model, x, t):
 @pytest.mark.parametrize("out_channels", [3, 6])
 def test_output_shape(size, resblock_updown, out_channels):
     torch.manual_seed(0)
-    model = ResAttnUnet(
+    model = unet(
         image_size=size,
         channels=(32, 64),
         num_res_blocks=1,
@@ -162,7 +167,7 @@ def test_output_shape(size, resblock_updown, out_channels):
 
 
 def test_input_size_not_divisible_by_downsample_factor_raises():
-    model = ResAttnUnet(**TINY)  # three levels: factor 4
+    model = unet(**TINY)  # three levels: factor 4
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.randn(1, 3, 18, 18), torch.tensor([1]))
     with pytest.raises(ValueError, match="divisible by 4"):
@@ -171,7 +176,7 @@ def test_input_size_not_divisible_by_downsample_factor_raises():
 
 def test_image_size_not_divisible_raises_at_construction():
     with pytest.raises(ValueError, match="divisible by 4"):
-        ResAttnUnet(**{**TINY, "image_size": 30})
+        unet(**{**TINY, "image_size": 30})
 
 
 # --------------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def test_parameter_count_of_smallest_model_by_hand():
     hand = sum(parts)
     assert hand == 705_859
     assert expected_parameter_count(16, (32, 64), 1, (), False) == hand
-    model = ResAttnUnet(image_size=16, channels=(32, 64), num_res_blocks=1, attention_resolutions=())
+    model = unet(image_size=16, channels=(32, 64), num_res_blocks=1, attention_resolutions=())
     assert count_parameters(model) == hand
 
 
@@ -228,7 +233,7 @@ def test_parameter_count_of_smallest_model_by_hand():
     ],
 )
 def test_parameter_count_matches_architecture(kwargs):
-    model = ResAttnUnet(**kwargs)
+    model = unet(**kwargs)
     expected = expected_parameter_count(
         kwargs["image_size"],
         kwargs["channels"],
@@ -243,7 +248,7 @@ def test_parameter_count_matches_architecture(kwargs):
 @pytest.mark.parametrize("resblock_updown", [False, True])
 def test_parameter_count_of_64px_default_widths(resblock_updown):
     with torch.device("meta"):  # construct only: no memory, no initialisation cost
-        model = ResAttnUnet(
+        model = unet(
             image_size=64,
             channels=(128, 256, 384, 512),
             num_res_blocks=3,
@@ -260,7 +265,7 @@ def test_group_norm_uses_32_groups_for_multiples_of_32():
         norm = group_norm(c)
         assert (norm.num_groups, norm.num_channels) == (32, c)
     with torch.device("meta"):
-        model = ResAttnUnet(image_size=64, channels=(128, 256, 384, 512), num_res_blocks=1)
+        model = unet(image_size=64, channels=(128, 256, 384, 512), num_res_blocks=1)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_groups == 32 for m in norms)
 
@@ -279,7 +284,7 @@ def test_group_norm_on_narrow_widths_still_divides_channels():
 
 def test_fresh_network_outputs_exactly_zero():
     torch.manual_seed(0)
-    model = ResAttnUnet(**{**TINY, "out_channels": 6})
+    model = unet(**{**TINY, "out_channels": 6})
     x = torch.randn(2, 3, 32, 32) * 3
     with torch.no_grad():
         out = model(x, torch.tensor([3, 777]))
@@ -287,7 +292,7 @@ def test_fresh_network_outputs_exactly_zero():
 
 
 def test_residual_branches_and_attention_projections_start_at_zero():
-    model = ResAttnUnet(**{**TINY, "resblock_updown": True})
+    model = unet(**{**TINY, "resblock_updown": True})
     resblocks = [m for m in model.modules() if isinstance(m, ResBlock)]
     attns = [m for m in model.modules() if isinstance(m, AttentionBlock)]
     assert resblocks and attns
@@ -456,7 +461,7 @@ def test_attention_matches_multi_head_reference(channels, head_channels):
 )
 def test_attention_is_placed_at_requested_resolutions(attention_resolutions, expected_sizes):
     torch.manual_seed(0)
-    model = ResAttnUnet(
+    model = unet(
         image_size=32,
         channels=(32, 64, 64),
         num_res_blocks=2,
@@ -474,7 +479,7 @@ def test_attention_is_placed_at_requested_resolutions(attention_resolutions, exp
 
 def test_output_depends_on_timestep():
     torch.manual_seed(0)
-    model = perturb_zero_init_(ResAttnUnet(**TINY)).eval()
+    model = perturb_zero_init_(unet(**TINY)).eval()
     x = torch.randn(1, 3, 32, 32).expand(2, -1, -1, -1)  # same image twice
     with torch.no_grad():
         out = model(x, torch.tensor([1, 500]))
@@ -484,7 +489,7 @@ def test_output_depends_on_timestep():
 
 def test_eval_mode_is_deterministic():
     torch.manual_seed(0)
-    model = perturb_zero_init_(ResAttnUnet(**{**TINY, "dropout": 0.3})).eval()
+    model = perturb_zero_init_(unet(**{**TINY, "dropout": 0.3})).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(model(x, t), model(x, t))
@@ -492,7 +497,7 @@ def test_eval_mode_is_deterministic():
 
 def test_dropout_varies_train_outputs_only():
     torch.manual_seed(0)
-    model = perturb_zero_init_(ResAttnUnet(**{**TINY, "dropout": 0.5}))
+    model = perturb_zero_init_(unet(**{**TINY, "dropout": 0.5}))
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         model.train()
@@ -501,14 +506,14 @@ def test_dropout_varies_train_outputs_only():
         evaluated = model(x, t)
         assert torch.equal(evaluated, model(x, t))
         # eval mode with dropout is exactly the network without dropout
-        no_dropout = ResAttnUnet(**TINY)
+        no_dropout = unet(**TINY)
         no_dropout.load_state_dict(model.state_dict())
         torch.testing.assert_close(no_dropout.eval()(x, t), evaluated)
 
 
 def test_dropout_zero_train_mode_is_deterministic():
     torch.manual_seed(0)
-    model = perturb_zero_init_(ResAttnUnet(**TINY)).train()
+    model = perturb_zero_init_(unet(**TINY)).train()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(model(x, t), model(x, t))

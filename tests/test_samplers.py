@@ -6,9 +6,10 @@ import torch
 from ddpm_cars import diffusion
 from ddpm_cars.config import DiffusionConfig, SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, Watch, generate
 from ddpm_cars.models import SimpleUnet
 from ddpm_cars.samplers import (
+    DdimNoise,
     ancestral_sample,
     ddim_sample,
     dpm_solver_sample,
@@ -149,9 +150,9 @@ def small_unet():
 
 def test_same_seed_same_images_and_batch_size_does_not_matter(small_unet):
     den, cfg = _den(small_unet, NoiseSchedule.linear(20), 16), SampleConfig(batchnorm="eval")
-    a = generate(den, 5, cfg, seed=3, batch_size=5, progress=False)
-    b = generate(den, 5, cfg, seed=3, batch_size=2, progress=False)
-    c = generate(den, 5, cfg, seed=4, batch_size=5, progress=False)
+    a = generate(den, 5, cfg, seed=3, batch_size=5, watch=QUIET)
+    b = generate(den, 5, cfg, seed=3, batch_size=2, watch=QUIET)
+    c = generate(den, 5, cfg, seed=4, batch_size=5, watch=QUIET)
     assert a.shape == (5, 3, 16, 16)
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, c)
@@ -163,8 +164,8 @@ def test_batch_statistics_mode_depends_on_the_batch(small_unet):
     den = _den(small_unet, NoiseSchedule.linear(20), 16)
     state = {k: v.clone() for k, v in small_unet.state_dict().items()}
     cfg = SampleConfig(batchnorm="batch")
-    a = generate(den, 4, cfg, seed=0, batch_size=4, progress=False)
-    b = generate(den, 4, cfg, seed=0, batch_size=2, progress=False)
+    a = generate(den, 4, cfg, seed=0, batch_size=4, watch=QUIET)
+    b = generate(den, 4, cfg, seed=0, batch_size=2, watch=QUIET)
     assert not torch.allclose(a, b)
     assert all(torch.equal(state[k], v) for k, v in small_unet.state_dict().items())
 
@@ -231,7 +232,7 @@ def test_deterministic_ddim_with_an_oracle_recovers_x0_from_any_t(prediction, st
         x_start,
         image_generators(0, range(2)),
         timesteps=ts,
-        eta=0.0,
+        noise=DdimNoise(eta=0.0),
         clip_x0=False,
     )
     assert torch.allclose(got, x0, atol=2e-4)
@@ -258,8 +259,7 @@ def test_every_sampler_starts_at_t_max_and_ends_at_0(sampler, timesteps, steps, 
         config,
         seed=0,
         batch_size=2,
-        progress=False,
-        callback=lambda t, x, x0: seen.append(t),
+        watch=Watch(progress=False, callback=lambda t, x, x0: seen.append(t)),
     )
     assert len(seen) == steps and seen[0] == timesteps - 1 and (steps == 1 or seen[-1] == 0)
     assert seen == sorted(seen, reverse=True) and len(set(seen)) == steps
@@ -268,7 +268,7 @@ def test_every_sampler_starts_at_t_max_and_ends_at_0(sampler, timesteps, steps, 
 def test_ddim_with_eta_1_on_all_steps_is_ancestral_sampling_with_beta_tilde():
     den = _den(Shrink(), _linear(30, 1e-3, 0.2))
     x_T = randn((3, 4, 4), image_generators(1, range(2)), "cpu")
-    ddim = ddim_sample(den, x_T, image_generators(5, range(2)), eta=1.0, clip_x0=False)
+    ddim = ddim_sample(den, x_T, image_generators(5, range(2)), noise=DdimNoise(eta=1.0), clip_x0=False)
     ddpm = ancestral_sample(den, x_T, image_generators(5, range(2)), variance="beta_tilde", clip_x0=False)
     assert torch.allclose(ddim, ddpm, atol=1e-4)
 
@@ -372,7 +372,7 @@ def test_respaced_ode_solves_match_a_solve_on_every_step_on_an_oracle(spacing):
     for ode, steps in ((reference, every), (from_the_top, torch.arange(1000))):  # two second-order solvers agree
         assert (solve(heun_sample, steps) - ode).abs().max() < 5e-4
     solvers = {
-        "ddim": (ddim_sample, {"eta": 0.0}, 0.1),
+        "ddim": (ddim_sample, {"noise": DdimNoise(eta=0.0)}, 0.1),
         "dpm++": (dpm_solver_sample, {}, 0.03),
         "dpm++3m": (dpm_solver_sample, {"order": 3}, 0.01),
         "heun": (heun_sample, {}, 0.03),
@@ -425,9 +425,9 @@ def test_fast_samplers_give_each_image_its_own_seed(small_unet, sampler, eta):
         small_unet, _linear(40, 1e-4, 0.02), 16
     )  # mild betas: an untrained network's samples stay well-conditioned
     cfg = SampleConfig(sampler=sampler, steps=8, eta=eta)
-    a = generate(den, 7, cfg, seed=2, batch_size=7, progress=False)
-    b = generate(den, 7, cfg, seed=2, batch_size=1, progress=False)
-    c = generate(den, 3, cfg, seed=2, batch_size=3, progress=False)
+    a = generate(den, 7, cfg, seed=2, batch_size=7, watch=QUIET)
+    b = generate(den, 7, cfg, seed=2, batch_size=1, watch=QUIET)
+    c = generate(den, 3, cfg, seed=2, batch_size=3, watch=QUIET)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[:3], c, atol=1e-5)
 
 
@@ -472,8 +472,7 @@ def test_noise_level_spacing_reaches_every_sampler(sampler, spacing):
         config,
         seed=0,
         batch_size=2,
-        progress=False,
-        callback=lambda t, x, x0: seen.append(t),
+        watch=Watch(progress=False, callback=lambda t, x, x0: seen.append(t)),
     )
     expected = sampling_timesteps(200, 9, spacing, schedule.alphas_cumprod_float64).flip(0).tolist()
     assert seen == expected and expected[0] < 199 and out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
@@ -500,7 +499,7 @@ def test_every_sampler_runs_from_pure_noise_on_a_zero_terminal_snr_schedule(samp
 
     den = _den(ZeroSnrOracle(x0, full, "v"), full, prediction="v", zero_terminal_snr=True)
     config = SampleConfig(sampler=sampler, steps=min(12, len(betas)), spacing=spacing)
-    got = generate(den, 2, config, seed=1, batch_size=2, progress=False)
+    got = generate(den, 2, config, seed=1, batch_size=2, watch=QUIET)
     assert torch.allclose(got, x0, atol=1e-3), (got - x0).abs().max()
 
 
@@ -525,7 +524,7 @@ def test_ddim_with_eta_1_and_a_learned_beta_tilde_is_ancestral_sampling(timestep
     den = _den(Learned(-1.0), _linear(30, 1e-3, 0.2), learn_variance=True)
     x_T = randn((3, 4, 4), image_generators(1, range(2)), "cpu")
     ddim = ddim_sample(
-        den, x_T, image_generators(5, range(2)), timesteps=timesteps, eta=1.0, sigma="learned", clip_x0=False
+        den, x_T, image_generators(5, range(2)), timesteps=timesteps, noise=DdimNoise(1.0, "learned"), clip_x0=False
     )
     ddpm = ancestral_sample(den, x_T, image_generators(5, range(2)), timesteps=timesteps, clip_x0=False)
     assert torch.allclose(ddim, ddpm, atol=1e-4)
@@ -536,8 +535,8 @@ def test_ddim_learned_sigma_is_eta_times_the_learned_standard_deviation():
     schedule = _linear(6, 1e-3, 0.3)
     den = _den(Learned(1.0), schedule, learn_variance=True)
     x_T = randn((3, 4, 4), image_generators(2, range(2)), "cpu")
-    got = ddim_sample(den, x_T, image_generators(7, range(2)), eta=0.5, sigma="learned", clip_x0=False)
-    song = ddim_sample(den, x_T, image_generators(7, range(2)), eta=0.5, clip_x0=False)
+    got = ddim_sample(den, x_T, image_generators(7, range(2)), noise=DdimNoise(0.5, "learned"), clip_x0=False)
+    song = ddim_sample(den, x_T, image_generators(7, range(2)), noise=DdimNoise(0.5), clip_x0=False)
     betas = torch.linspace(1e-3, 0.3, 6, dtype=torch.float64)
     ab = torch.cumprod(1 - betas, 0)
     gens, x = image_generators(7, range(2)), x_T.double()
@@ -560,7 +559,7 @@ def test_the_learned_ddim_sigma_needs_a_model_that_learned_it():
             _den(Shrink(), _linear(10, 1e-3, 0.2)),
             2,
             SampleConfig(sampler="ddim", eta=1.0, ddim_sigma="learned"),
-            progress=False,
+            watch=QUIET,
         )
 
 
@@ -603,12 +602,35 @@ def test_heun_churn_raises_the_level_inside_its_window_at_two_calls_per_step():
             assert abs(math.log(sigma[t_hat] / (sigma[t] * math.sqrt(2)))) < 0.05
 
 
+def test_heun_with_churn_reports_the_visited_steps_to_the_callback():
+    """Churn calls the network at a raised step, but the callback, as with every sampler, sees
+    each step of the schedule once, with its own timestep t: the frames of denoising.png,
+    kept by the visited timesteps, are all there."""
+    from ddpm_cars.commands.sampling import denoising_frames
+    from ddpm_cars.schedule import visited_timesteps
+
+    den = _den(Count(), NoiseSchedule.from_betas(cosine_betas(1000)))
+    ts = visited_timesteps(den.schedule, SampleConfig(sampler="heun", steps=12, spacing="karras", churn=40))
+    visited = ts.tolist()
+    seen = []
+    frames, predictions, keep = denoising_frames(visited, count=6)
+
+    def callback(t, x, x0):
+        seen.append(t)
+        keep(t, x, x0)
+
+    heun_sample(den, torch.randn(2, 3, 4, 4), image_generators(0, range(2)), timesteps=ts, churn=40, callback=callback)
+    assert set(den.network.calls[::2]) - set(visited)  # churn did call the network at raised steps
+    assert len(frames) == len(predictions) == 6, [label for label, _ in frames]
+    assert seen == visited[::-1]
+
+
 def test_heun_with_churn_gives_each_image_its_own_seed(small_unet):
     den = _den(small_unet, _linear(40, 1e-4, 0.02), 16)
     cfg = SampleConfig(sampler="heun", steps=8, churn=10)
-    a = generate(den, 7, cfg, seed=2, batch_size=7, progress=False)
-    b = generate(den, 7, cfg, seed=2, batch_size=1, progress=False)
-    plain = generate(den, 7, SampleConfig(sampler="heun", steps=8), seed=2, batch_size=7, progress=False)
+    a = generate(den, 7, cfg, seed=2, batch_size=7, watch=QUIET)
+    b = generate(den, 7, cfg, seed=2, batch_size=1, watch=QUIET)
+    plain = generate(den, 7, SampleConfig(sampler="heun", steps=8), seed=2, batch_size=7, watch=QUIET)
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)
 
 
@@ -711,7 +733,7 @@ def test_sde_solver_steps_written_out_by_hand():
     assert torch.allclose(got.double(), x, atol=1e-4)
     two = torch.tensor([0, 29])
     sde = sde_dpm_solver_sample(den, x_T, image_generators(5, range(2)), timesteps=two, clip_x0=False)
-    ddim = ddim_sample(den, x_T, image_generators(5, range(2)), timesteps=two, eta=1.0, clip_x0=False)
+    ddim = ddim_sample(den, x_T, image_generators(5, range(2)), timesteps=two, noise=DdimNoise(eta=1.0), clip_x0=False)
     assert torch.allclose(sde, ddim, atol=1e-5)
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -286,3 +287,43 @@ def test_a_conditional_run_stores_its_class_names_and_resumes_only_on_them(tmp_p
         saved.replace(train={"max_steps": 4}), tmp_path / "run", resume=True, progress=False, final_grid=False
     )
     assert result.step == 4
+
+
+def test_each_sample_grid_is_tiled_once_for_its_file_and_the_tracker(tmp_path, tiny_config, monkeypatch):
+    """The grid picture written to samples/NAME.png is the one the tracker gets: the samples
+    are tiled once per grid, and the file holds exactly that picture."""
+    from PIL import Image
+
+    from ddpm_cars import viz
+    from ddpm_cars.denoiser import Denoiser
+    from ddpm_cars.models import build_model
+    from ddpm_cars.training import loop
+    from ddpm_cars.training.trackers import Tracker
+
+    tiled = []
+
+    def counting_grid_image(images, nrow=None):
+        tiled.append(images.shape[0])
+        return real_grid_image(images, nrow)
+
+    real_grid_image = viz.grid_image
+    for module in (viz, loop):
+        monkeypatch.setattr(module, "grid_image", counting_grid_image, raising=False)
+
+    class Recorder(Tracker):
+        def __init__(self):
+            self.images = []
+
+        def image(self, name, step, grid):
+            self.images.append((name, step, grid))
+
+    tracker = Recorder()
+    grids = loop.SampleGrids(tmp_path, tiny_config, tracker, enabled=True)
+    denoiser = Denoiser.for_run(build_model(tiny_config), tiny_config)
+    grids.draw("epoch_0001", denoiser, 4)
+    grids.draw("final", denoiser, 8)
+    assert tiled == [4, 4]  # one tiling per grid
+    assert [(name, step) for name, step, _ in tracker.images] == [("samples", 4), ("samples", 8)]
+    for (_, _, grid), file in zip(tracker.images, ["epoch_0001.png", "final.png"]):
+        written = torch.from_numpy(np.array(Image.open(tmp_path / "samples" / file))).permute(2, 0, 1)
+        assert torch.equal(written, grid)

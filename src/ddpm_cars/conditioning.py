@@ -46,7 +46,8 @@ def guide(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float, 
 
 class ClassifierFreeGuidance(nn.Module):
     """``model`` seen by a sampler as an unconditional network ``net(x_t, t)`` that draws
-    image ``i`` of the batch towards class ``labels[i]`` with guidance ``scale``. Outputs
+    image ``i`` of the batch towards class ``labels[i]`` (every image towards ``labels[0]``
+    when there is one label) with guidance ``scale``. Outputs
     beyond the image's channels (a learned variance) are not guided.
 
     Scale 1 needs only the conditional pass and scale 0 only the unconditional one; any
@@ -63,6 +64,8 @@ class ClassifierFreeGuidance(nn.Module):
         if y is not None:
             raise ValueError("the guided model has its labels already")
         labels = self.labels.to(x.device)
+        if labels.shape[0] == 1:
+            labels = labels.expand(x.shape[0])
         if labels.shape[0] != x.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for a batch of {x.shape[0]}")
         if self.scale == 1.0:

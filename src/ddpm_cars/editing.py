@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpm_cars.config import SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.samplers import StepCallback, ancestral_step, ddim_step, randn, run_sampler
+from ddpm_cars.samplers import DdimNoise, StepCallback, ancestral_step, ddim_step, randn, run_sampler
 
 INPAINTING_SAMPLERS = ("ddpm", "ddim")  # RePaint takes one reverse step at a time from x_t to x_{t-1}
 
@@ -41,29 +41,34 @@ class Inpainting:
             raise ValueError(f"resampling needs jumps >= 0 and every >= 1; got jumps={self.jumps}, every={self.every}")
 
 
-def check_edit(
-    init: torch.Tensor | None,
-    strength: float,
-    mask: torch.Tensor | Inpainting | None,
-    size: int,
-    count: int,
-    sampler: str,
-) -> tuple[torch.Tensor | None, Inpainting | None]:
-    """``init`` as ``[1 or N, 3, S, S]`` and ``mask`` as an :class:`Inpainting` of ``[1 or N, 1, S, S]``
-    for a request of ``count`` images, or a ValueError in one line saying what does not fit."""
-    if not (0.0 <= strength <= 1.0):
-        raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 ignores it); got {strength}")
-    if mask is not None and init is None:
-        raise ValueError("a mask needs the image it applies to (init)")
-    if init is None:
-        return None, None
-    init = init[None] if init.ndim == 3 else init
-    if init.ndim != 4 or tuple(init.shape[1:]) != (3, size, size) or init.shape[0] not in (1, count):
-        raise ValueError(
-            f"init must be [3, {size}, {size}] or [{count}, 3, {size}, {size}] in [-1, 1]; got {tuple(init.shape)}"
-        )
-    if mask is None:
-        return init, None
+@dataclass(frozen=True)
+class Edit:
+    """Images drawn from given ones: ``init`` (``[3, S, S]`` for every image, or ``[N, 3, S, S]``,
+    in [-1, 1]) noised to the step ``strength`` x T and denoised (SDEdit: 0 returns the images,
+    1 ignores them); with a ``mask`` (1 = redraw; ``[S, S]``, ``[1, S, S]`` or ``[N, 1, S, S]``,
+    or an :class:`Inpainting` with RePaint's resampling) the other pixels of ``init`` are kept."""
+
+    init: torch.Tensor
+    strength: float = 1.0
+    mask: torch.Tensor | Inpainting | None = None
+
+    def checked(self, size: int, count: int, sampler: str) -> Edit:
+        """This edit with ``init`` as ``[1 or N, 3, S, S]`` and the mask as an :class:`Inpainting`
+        of ``[1 or N, 1, S, S]``, for a request of ``count`` images of ``size`` pixels drawn with
+        ``sampler``; or a ValueError in one line saying what does not fit."""
+        if not (0.0 <= self.strength <= 1.0):
+            raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 ignores it); got {self.strength}")
+        init = self.init[None] if self.init.ndim == 3 else self.init
+        if init.ndim != 4 or tuple(init.shape[1:]) != (3, size, size) or init.shape[0] not in (1, count):
+            raise ValueError(
+                f"init must be [3, {size}, {size}] or [{count}, 3, {size}, {size}] in [-1, 1]; got {tuple(init.shape)}"
+            )
+        if self.mask is None:
+            return Edit(init, self.strength)
+        return Edit(init, self.strength, _checked_mask(self.mask, size, count, sampler))
+
+
+def _checked_mask(mask: torch.Tensor | Inpainting, size: int, count: int, sampler: str) -> Inpainting:
     paint = mask if isinstance(mask, Inpainting) else Inpainting(mask)
     m = paint.mask
     m = m[None] if m.ndim == 2 else m
@@ -78,7 +83,7 @@ def check_edit(
             f"inpainting replaces the known pixels after every step, which needs a one-step sampler: "
             f"{' or '.join(INPAINTING_SAMPLERS)}, not {sampler}"
         )
-    return init, Inpainting(m.float(), paint.jumps, paint.every)
+    return Inpainting(m.float(), paint.jumps, paint.every)
 
 
 def strength_timesteps(timesteps: torch.Tensor, strength: float, trained_steps: int) -> torch.Tensor:
@@ -93,17 +98,18 @@ def edit_sample(
     noise: torch.Tensor,
     generators: Sequence[torch.Generator],
     config: SampleConfig,
-    edit: tuple[torch.Tensor, float, Inpainting | None],
+    edit: Edit,
     *,
     timesteps: torch.Tensor,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Images drawn from ``edit`` = (init ``[B, 3, S, S]``, strength, inpainting or None) with
-    ``config``'s sampler on the training steps ``timesteps``: the init noised with ``noise``
+    """Images drawn from ``edit`` (init ``[B, 3, S, S]``, an :class:`Inpainting` mask of
+    ``[B, 1, S, S]`` or none: see :meth:`Edit.checked`) with ``config``'s sampler on the
+    training steps ``timesteps``: the init noised with ``noise``
     (the x_T an ordinary request would start from) to the highest step below strength x T,
     then denoised; at strength 1 the start is ``noise`` itself, at strength 0 the init."""
-    init, strength, paint = edit
+    init, strength, paint = edit.init, edit.strength, edit.mask
     steps = strength_timesteps(timesteps, strength, denoiser.schedule.timesteps)
     if len(steps) == 0:
         return init.clone()
@@ -169,7 +175,7 @@ def repaint_sample(
         if config.sampler == "ddpm":
             x, x0 = ancestral_step(den, x, a, generators, clip_x0=config.clip_x0, variance=config.variance)
         else:
-            x, x0 = ddim_step(den, x, a, generators, eta=config.eta, sigma=config.ddim_sigma, clip_x0=config.clip_x0)
+            x, x0 = ddim_step(den, x, a, generators, noise=DdimNoise.of(config), clip_x0=config.clip_x0)
         if b >= 0:
             kept = abar[b].sqrt() * image + (1 - abar[b]).sqrt() * randn(x.shape[1:], generators, x.device)
         else:

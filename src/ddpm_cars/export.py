@@ -331,67 +331,89 @@ _VARIANCES = {"learned_range": None, "fixed_small": "beta_tilde", "fixed_large":
 
 def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> RunConfig:
     """Our config for a UNet2DModel and DDPMScheduler configuration with an exact twin here."""
-
-    def refuse(name: str, value: Any, wanted: str) -> UserError:
-        return UserError(f"cannot import: the diffusers config has {name}={value!r}; ddpm-cars needs {wanted}")
-
-    for name, (wanted, why) in _REQUIRED.items():
-        if unet.get(name, wanted) != wanted:
-            raise refuse(name, unet.get(name), f"{wanted!r} ({why})")
-    updown = unet.get("downsample_type", "conv") == "resnet"
-    plain = {"ResnetDownsampleBlock2D", "AttnDownBlock2D"} if updown else {"DownBlock2D", "AttnDownBlock2D"}
-    if not set(unet["down_block_types"]) <= plain:
-        raise refuse("down_block_types", unet["down_block_types"], f"blocks of {sorted(plain)}")
-    size, learned = int(unet["sample_size"]), unet["out_channels"] == 6
-    if unet["out_channels"] not in (3, 6) or learned != (scheduler.get("variance_type") == "learned_range"):
-        raise refuse("out_channels", unet["out_channels"], "3, or 6 with variance_type 'learned_range'")
-    for name, table in [
-        ("beta_schedule", _SCHEDULES),
-        ("prediction_type", _PREDICTIONS),
-        ("variance_type", _VARIANCES),
-    ]:
-        if scheduler.get(name) not in table:
-            raise refuse(name, scheduler.get(name), f"one of {sorted(table)}")
-    timesteps = int(scheduler["num_train_timesteps"])
-    attention = tuple(
-        size // 2**level for level, kind in enumerate(unet["down_block_types"]) if kind.startswith("Attn")
-    )
+    _check_importable(unet, scheduler)
     config = RunConfig.from_dict(
         {
-            "model": {
-                "name": "res_attn_unet",
-                "channels": list(unet["block_out_channels"]),
-                "num_res_blocks": unet["layers_per_block"],
-                "attention_resolutions": list(attention),
-                "head_channels": unet["attention_head_dim"],
-                "dropout": unet.get("dropout", 0.0),
-                "resblock_updown": updown,
-            },
-            "diffusion": {
-                "timesteps": timesteps,
-                "schedule": _SCHEDULES[scheduler["beta_schedule"]],
-                "learn_variance": learned,
-                "prediction": _PREDICTIONS[scheduler["prediction_type"]],
-                "loss": "l2",
-                # our linear betas are given for T = 1000 and scaled by 1000 / T
-                "beta_start": scheduler.get("beta_start", 1e-4) * timesteps / 1000,
-                "beta_end": scheduler.get("beta_end", 0.02) * timesteps / 1000,
-                "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
-            },
-            "data": {"image_size": size},
+            "model": _model_section(unet),
+            "diffusion": _diffusion_section(scheduler, learned=unet["out_channels"] == 6),
+            "data": {"image_size": int(unet["sample_size"])},
             "sample": {
                 "variance": _VARIANCES[scheduler["variance_type"]] or "beta",
                 "clip_x0": bool(scheduler.get("clip_sample", True)),
             },
         }
     )
+    _check_twin(config, unet, scheduler)
+    return config
+
+
+def _refusal(name: str, value: Any, wanted: str) -> UserError:
+    return UserError(f"cannot import: the diffusers config has {name}={value!r}; ddpm-cars needs {wanted}")
+
+
+def _check_importable(unet: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    """A UserError naming the first setting of the diffusers configs that ddpm-cars has no twin of."""
+    for name, (wanted, why) in _REQUIRED.items():
+        if unet.get(name, wanted) != wanted:
+            raise _refusal(name, unet.get(name), f"{wanted!r} ({why})")
+    updown = unet.get("downsample_type", "conv") == "resnet"
+    plain = {"ResnetDownsampleBlock2D", "AttnDownBlock2D"} if updown else {"DownBlock2D", "AttnDownBlock2D"}
+    if not set(unet["down_block_types"]) <= plain:
+        raise _refusal("down_block_types", unet["down_block_types"], f"blocks of {sorted(plain)}")
+    learned = unet["out_channels"] == 6
+    if unet["out_channels"] not in (3, 6) or learned != (scheduler.get("variance_type") == "learned_range"):
+        raise _refusal("out_channels", unet["out_channels"], "3, or 6 with variance_type 'learned_range'")
+    for name, table in [
+        ("beta_schedule", _SCHEDULES),
+        ("prediction_type", _PREDICTIONS),
+        ("variance_type", _VARIANCES),
+    ]:
+        if scheduler.get(name) not in table:
+            raise _refusal(name, scheduler.get(name), f"one of {sorted(table)}")
+
+
+def _model_section(unet: dict[str, Any]) -> dict[str, Any]:
+    """Our model section for a UNet2DModel config: attention at the levels of its Attn blocks."""
+    size = int(unet["sample_size"])
+    attention = tuple(
+        size // 2**level for level, kind in enumerate(unet["down_block_types"]) if kind.startswith("Attn")
+    )
+    return {
+        "name": "res_attn_unet",
+        "channels": list(unet["block_out_channels"]),
+        "num_res_blocks": unet["layers_per_block"],
+        "attention_resolutions": list(attention),
+        "head_channels": unet["attention_head_dim"],
+        "dropout": unet.get("dropout", 0.0),
+        "resblock_updown": unet.get("downsample_type", "conv") == "resnet",
+    }
+
+
+def _diffusion_section(scheduler: dict[str, Any], learned: bool) -> dict[str, Any]:
+    """Our diffusion section for a DDPMScheduler config (``learned``: the network outputs its variance)."""
+    timesteps = int(scheduler["num_train_timesteps"])
+    return {
+        "timesteps": timesteps,
+        "schedule": _SCHEDULES[scheduler["beta_schedule"]],
+        "learn_variance": learned,
+        "prediction": _PREDICTIONS[scheduler["prediction_type"]],
+        "loss": "l2",
+        # our linear betas are given for T = 1000 and scaled by 1000 / T
+        "beta_start": scheduler.get("beta_start", 1e-4) * timesteps / 1000,
+        "beta_end": scheduler.get("beta_end", 0.02) * timesteps / 1000,
+        "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
+    }
+
+
+def _check_twin(config: RunConfig, unet: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    """A UserError unless ``config`` exports back to ``unet``'s every setting and to the scheduler's betas."""
     for name, wanted in unet_config(config).items():  # whatever the checks above did not name
         if name in unet and unet[name] != wanted and not (isinstance(wanted, list) and list(unet[name]) == wanted):
-            raise refuse(name, unet[name], repr(wanted))
+            raise _refusal(name, unet[name], repr(wanted))
     theirs = scheduler.get("trained_betas")
     ours = training_betas(dataclasses.replace(config.diffusion, zero_terminal_snr=False))
     if theirs is not None and (
-        len(theirs) != timesteps or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6
+        len(theirs) != config.diffusion.timesteps
+        or (torch.tensor(theirs, dtype=torch.float64) - ours).abs().max() > 1e-6
     ):
         raise UserError("cannot import: the scheduler's trained_betas are neither a linear nor a cosine schedule")
-    return config

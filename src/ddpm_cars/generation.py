@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ddpm_cars.config import SampleConfig
 from ddpm_cars.denoiser import Denoiser
-from ddpm_cars.editing import Inpainting, check_edit, edit_sample
+from ddpm_cars.editing import Edit, Inpainting, edit_sample
 from ddpm_cars.errors import UserError
 from ddpm_cars.models import batchnorm_uses_batch_stats
 from ddpm_cars.samplers import StepCallback, image_generators, is_deterministic, randn, run_sampler
@@ -31,6 +31,18 @@ class ClassRequest:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class Watch:
+    """What the caller sees while images are drawn, never what is drawn: progress bars, and
+    a ``callback`` that sees each step of the first batch (see :data:`~ddpm_cars.samplers.StepCallback`)."""
+
+    progress: bool = True
+    callback: StepCallback | None = None
+
+
+QUIET = Watch(progress=False)
+
+
 def generate(
     denoiser: Denoiser,
     images: int | Sequence[int],
@@ -39,11 +51,8 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     classes: ClassRequest | None = None,
-    init: torch.Tensor | None = None,
-    strength: float = 1.0,
-    mask: torch.Tensor | Inpainting | None = None,
-    callback: StepCallback | None = None,
-    progress: bool = True,
+    edit: Edit | None = None,
+    watch: Watch = Watch(),
 ) -> torch.Tensor:
     """Samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with ``config``'s
     sampler on ``config.steps`` of the T steps (all by default). ``images`` is how many
@@ -51,42 +60,39 @@ def generate(
     ``i`` is the same either way.
 
     ``classes`` (a class-conditional model only) asks for a class per image, with
-    guidance; without it a conditional model samples unconditionally.
-
-    ``init`` (``[3, S, S]`` for every image, or ``[N, 3, S, S]``, in [-1, 1]) draws variations
-    of given images (SDEdit): each is noised to the step ``strength`` x T with the noise its
-    image would have started from, then denoised; 0 returns the images, 1 is ordinary
-    sampling. ``mask`` (1 = redraw; ``[S, S]``, ``[1, S, S]`` or ``[N, 1, S, S]``, or an
-    :class:`~ddpm_cars.editing.Inpainting` with RePaint's resampling) keeps the other pixels
-    of ``init`` (ancestral or DDIM sampler).
+    guidance; without it a conditional model samples unconditionally. ``edit`` draws
+    variations (SDEdit) or inpaintings (RePaint, ancestral or DDIM sampler) of given images:
+    see :class:`~ddpm_cars.editing.Edit`; each image is noised with the noise its image would
+    have started from.
 
     The network is put in eval mode; with ``config.batchnorm == "batch"`` BatchNorm layers
     normalise with each sampling batch's statistics instead (running stats untouched).
-    ``callback`` sees the first batch only.
     """
     wanted = list(range(images)) if isinstance(images, int) else list(images)
     if classes is not None:  # one label per image of the request
         count = images if isinstance(images, int) else max(wanted, default=-1) + 1
         _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
-    init, paint = check_edit(init, strength, mask, denoiser.image_size, max(wanted, default=-1) + 1, config.sampler)
+    if edit is not None:
+        edit = edit.checked(denoiser.image_size, max(wanted, default=-1) + 1, config.sampler)
     _check_sampler(denoiser, config)
     timesteps = visited_timesteps(denoiser.schedule, config)
     device, size = denoiser.device, denoiser.image_size
     out = []
     starts = range(0, len(wanted), batch_size)
     with _sampling_mode(denoiser.network, config) as ctx:
-        for start in tqdm(starts, desc="Sampling batches", disable=not progress or len(starts) == 1):
+        for start in tqdm(starts, desc="Sampling batches", disable=not watch.progress or len(starts) == 1):
             batch = wanted[start : start + batch_size]
             gens = image_generators(seed, batch, device)
             x_T = randn((3, size, size), gens, device)
             den = denoiser if classes is None else denoiser.guided(classes.labels[batch].to(device), classes.scale)
-            steps = {"timesteps": timesteps, "callback": callback if start == 0 else None, "progress": progress}
+            steps = {"timesteps": timesteps, "callback": watch.callback if start == 0 else None}
             with ctx():
-                if init is None:
-                    x = run_sampler(den, x_T, gens, config, **steps)
+                if edit is None:
+                    x = run_sampler(den, x_T, gens, config, progress=watch.progress, **steps)
                 else:
-                    edit = (_rows(init, batch).to(device), strength, _rows_of(paint, batch, device))
-                    x = edit_sample(den, x_T, gens, config, edit, **steps)
+                    x = edit_sample(
+                        den, x_T, gens, config, _rows_of(edit, batch, device), progress=watch.progress, **steps
+                    )
             out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, 3, size, size)
 
@@ -154,10 +160,12 @@ def _rows(tensor: torch.Tensor, batch: list[int]) -> torch.Tensor:
     return tensor.expand(len(batch), *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor[batch]
 
 
-def _rows_of(paint: Inpainting | None, batch: list[int], device: torch.device) -> Inpainting | None:
-    if paint is None:
-        return None
-    return Inpainting(_rows(paint.mask, batch).to(device), paint.jumps, paint.every)
+def _rows_of(edit: Edit, batch: list[int], device: torch.device) -> Edit:
+    """The rows of a checked ``edit`` for the images ``batch``, on ``device``."""
+    paint = edit.mask
+    if paint is not None:
+        paint = Inpainting(_rows(paint.mask, batch).to(device), paint.jumps, paint.every)
+    return Edit(_rows(edit.init, batch).to(device), edit.strength, paint)
 
 
 def _check_labels(labels: torch.Tensor, count: int, exact: bool, classes: int) -> None:

@@ -161,10 +161,21 @@ def generate_across_ranks(denoiser, num_images: int, config, world: World, **kwa
     """``generation.generate`` with the images of the request shared out over the ranks
     (rank r draws images r, r + size, ...) and gathered on rank 0, in order; per-image
     seeds make them the images one process would draw. None on the other ranks."""
-    from ddpm_cars.generation import generate
+    from ddpm_cars.generation import QUIET, generate
 
     indices = shard_indices(num_images, world)
     if not world.is_main:
-        kwargs = {**kwargs, "callback": None, "progress": False}
+        kwargs = {**kwargs, "watch": QUIET}
     images = generate(denoiser, indices, config, **kwargs)
     return gather_images(images, indices, num_images, world)
+
+
+def decode_across_ranks(denoiser, x_T: torch.Tensor, config, world: World, batch_size: int = 64) -> torch.Tensor | None:
+    """``generation.decode`` of the starting noises ``x_T`` ``[N, 3, S, S]`` shared out over
+    the ranks as :func:`generate_across_ranks` shares images, gathered on rank 0 in order
+    (None on the other ranks)."""
+    from ddpm_cars.generation import decode
+
+    indices = shard_indices(x_T.shape[0], world)
+    frames = decode(denoiser, x_T[indices], config, batch_size=batch_size, progress=world.is_main)
+    return gather_images(frames, indices, x_T.shape[0], world)

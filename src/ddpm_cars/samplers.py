@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -20,8 +21,10 @@ from ddpm_cars.config import NOISE_LEVEL_SPACINGS, SIGMA_MAX, DdimSigma, SampleC
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.schedule import sigmas
 
-# callback(t, x, x0_pred): called after each reverse step with the training timestep t the
-# network was just called at, the new state and the predicted x_0.
+# callback(t, x, x0_pred): called once after each reverse step with the training timestep t
+# of the step visited (one of the sampler's ``timesteps``, from the noisiest down), the new
+# state and the predicted x_0. Heun's churn calls the network at a noisier step than t, but
+# reports t.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -93,6 +96,21 @@ def ancestral_step(
     return mean, pred.x0
 
 
+@dataclass(frozen=True)
+class DdimNoise:
+    """The noise each DDIM step adds, sigma_t = ``eta`` times ``sigma``: Song et al.'s
+    sigma of Eq. 16 (``"song"``) or the model's learned standard deviation (``"learned"``).
+    The default, eta 0, adds none."""
+
+    eta: float = 0.0
+    sigma: DdimSigma = "song"
+
+    @classmethod
+    def of(cls, sample: SampleConfig) -> DdimNoise:
+        """The noise ``sample``'s settings ask for (its eta and DDIM sigma)."""
+        return cls(sample.eta, sample.ddim_sigma)
+
+
 @torch.no_grad()
 def ddim_sample(
     denoiser: Denoiser,
@@ -100,8 +118,7 @@ def ddim_sample(
     generators: Sequence[torch.Generator],
     *,
     timesteps: torch.Tensor | None = None,
-    eta: float = 0.0,
-    sigma: DdimSigma = "song",
+    noise: DdimNoise = DdimNoise(),
     clip_x0: bool = True,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -111,20 +128,20 @@ def ddim_sample(
         x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
         sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)   (Eq. 16),
 
-    or, with ``sigma="learned"``, sigma = eta times the model's learned standard deviation
-    (Nichol & Dhariwal 2021, Eq. 15) on the steps visited. ``eta = 0`` is deterministic;
-    ``eta = 1`` on all T steps is ancestral sampling with sigma^2 = beta-tilde (Eq. 16),
-    and with the learned sigma it differs from ancestral sampling only in the mean's form.
-    ``generators`` are only drawn from when ``eta > 0``.
+    with eta and the kind of sigma from ``noise``: with ``sigma="learned"``, sigma = eta times
+    the model's learned standard deviation (Nichol & Dhariwal 2021, Eq. 15) on the steps
+    visited. ``eta = 0`` is deterministic; ``eta = 1`` on all T steps is ancestral sampling
+    with sigma^2 = beta-tilde (Eq. 16), and with the learned sigma it differs from ancestral
+    sampling only in the mean's form. ``generators`` are only drawn from when ``eta > 0``.
     """
-    assert len(generators) == x_T.shape[0] and eta >= 0, "one generator per image; eta >= 0"
-    assert sigma == "song" or denoiser.config.learn_variance, (
+    assert len(generators) == x_T.shape[0] and noise.eta >= 0, "one generator per image; eta >= 0"
+    assert noise.sigma == "song" or denoiser.config.learn_variance, (
         "the learned sigma needs a model that learned its variance"
     )
     x = x_T
     den, steps = _steps(denoiser, timesteps, x, "Sampling (DDIM)", progress)
     for i, t, _ in steps:
-        x, x0 = ddim_step(den, x, i, generators, eta=eta, sigma=sigma, clip_x0=clip_x0)
+        x, x0 = ddim_step(den, x, i, generators, noise=noise, clip_x0=clip_x0)
         if callback is not None:
             callback(t, x, x0)
     return x
@@ -136,18 +153,17 @@ def ddim_step(
     i: int,
     generators: Sequence[torch.Generator],
     *,
-    eta: float = 0.0,
-    sigma: DdimSigma = "song",
+    noise: DdimNoise = DdimNoise(),
     clip_x0: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of :func:`ddim_sample` from x_i, at step ``i`` of ``den``'s schedule:
     (x_{i-1}, the predicted x_0)."""
-    schedule = den.schedule
+    schedule, eta = den.schedule, noise.eta
     idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
     x0, eps, log_var = den.predict(x, idx, clip_x0=clip_x0)
     ab = schedule.gather(schedule.alphas_cumprod, idx, x)
     ab_prev = schedule.gather(schedule.alphas_cumprod_prev, idx, x)
-    if sigma == "learned":
+    if noise.sigma == "learned":
         std = eta * torch.exp(0.5 * log_var)
     else:
         std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
@@ -330,7 +346,7 @@ def heun_sample(
     to sigma_{i-1} takes an Euler step, evaluates the slope again at its end and moves by
     the mean of the two slopes; the step from sigma_0 to 0 is Euler alone (it returns the
     predicted x_0). So n steps cost 2n - 1 network evaluations; the callback sees each step
-    once, with the step's first call.
+    once, with the step's timestep t.
 
     ``churn`` (EDM's S_churn) first raises each step's noise from sigma_i to
     sigma_i (1 + gamma), gamma = min(churn / n, sqrt(2) - 1), where sigma_i lies in
@@ -367,7 +383,7 @@ def heun_sample(
             d_next, _ = slope(euler, k_next)
             x = x + (sigma[k_next] - sigma[k_hat]) * 0.5 * (d + d_next)
         if callback is not None:
-            callback(den.network_step(k_hat), x * scale[k_next] if n < len(steps) - 1 else x, x0)
+            callback(den.network_step(k), x * scale[k_next] if n < len(steps) - 1 else x, x0)
     return x
 
 
@@ -412,7 +428,7 @@ def run_sampler(
     churn, variance, clipping) on the training steps ``timesteps`` (all by default)."""
     sample_fn, extra = {
         "ddpm": (ancestral_sample, {"variance": config.variance}),
-        "ddim": (ddim_sample, {"eta": config.eta, "sigma": config.ddim_sigma}),
+        "ddim": (ddim_sample, {"noise": DdimNoise.of(config)}),
         "dpm++": (dpm_solver_sample, {}),
         "dpm++3m": (dpm_solver_sample, {"order": 3}),
         "dpm++sde": (sde_dpm_solver_sample, {}),

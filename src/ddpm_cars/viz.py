@@ -49,12 +49,18 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Images in [-1, 1] ``[N, 3, H, W]`` as one PNG grid, ``nrow`` per row (default: square)."""
+    return save_picture(grid_image(images, nrow), path, scale)
+
+
+def save_picture(picture: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
+    """A uint8 picture ``[3, H, W]`` (a :func:`grid_image`) as a PNG, each pixel ``scale`` x
+    ``scale``; the folder is made if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = Image.fromarray(grid_image(images, nrow).permute(1, 2, 0).numpy())
+    image = Image.fromarray(picture.permute(1, 2, 0).numpy())
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)
     return path
 
 

@@ -1,12 +1,12 @@
 """``ddpm-cars bench``: parameters, FLOPs, training and sampling speed, and peak memory of
 the presets' networks at each precision on this device.
 
-:func:`run_benchmark` makes one measurement (:func:`ddpm_cars.benchmarks.measure.measure`,
-whose docstring says what each number means) per preset x precision -- on the CPU each in
-a fresh process, so that its peak RSS is its own -- and :func:`format_table` /
-:func:`report` show them. When ``diffusers`` is installed and the improved preset is
-benchmarked, diffusers' ``UNet2DModel`` at a comparable size is measured in the same run
-for comparison.
+:func:`run_benchmark` makes, as its :class:`BenchSettings` say, one measurement
+(:func:`ddpm_cars.benchmarks.measure.measure`, whose docstring says what each number means)
+per preset x precision -- on the CPU each in a fresh process, so that its peak RSS is its
+own -- and :func:`format_table` / :func:`report` show them. When ``diffusers`` is
+installed and the improved preset is benchmarked, diffusers' ``UNet2DModel`` at a
+comparable size is measured in the same run for comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -158,71 +159,84 @@ def _measure_one(spec: dict, label: str, progress: bool) -> dict | None:
     return row
 
 
-def run_benchmark(
-    presets: Sequence[str] | str,
-    precisions: Sequence[str] | str = PRECISIONS,
-    image_size: int = 64,
-    batch_size: int | None = None,
-    repeats: int = 5,
-    warmup: int = 2,
-    sample_steps: int = 5,
-    device: str = "auto",
-    compile: bool = False,
-    progress: bool = True,
-    *,
-    isolate: bool | None = None,
-    diffusers_reference: str = DIFFUSERS_REFERENCE,
-    peak_tflops: float | None = None,
-    activation_checkpointing: bool = False,
-    loop: bool = False,
-    data: str = "toy-cars",
-) -> BenchmarkRows:
-    """One row per preset x precision (see :mod:`ddpm_cars.benchmarks.measure` for what each
-    number means), plus diffusers' ``UNet2DModel`` at each precision when ``diffusers`` is
-    installed and ``diffusers_reference`` is among the presets; ``rows.notes`` says what was
-    skipped.
+@dataclass(frozen=True)
+class BenchSettings:
+    """What :func:`run_benchmark` measures, and how.
 
-    ``isolate`` (default: on for the CPU, off for CUDA) measures each row in a fresh
-    ``spawn`` child so that the CPU peak RSS is that measurement's alone. Each row's
-    ``mfu`` is its training FLOP rate over the device's peak for its precision
-    (:mod:`ddpm_cars.benchmarks.peaks`, or ``peak_tflops``); None when that is unknown.
-    With ``loop``, each preset's row also times the whole training loop on ``data``
+    ``presets`` and ``precisions`` are names or ``"a,b"`` strings; ``batch_size`` None is
+    the device's default (:data:`DEFAULT_BATCH`). ``isolate`` (None: on for the CPU, off for
+    CUDA) measures each row in a fresh ``spawn`` child so that the CPU peak RSS is that
+    measurement's alone. ``peak_tflops`` overrides the device's peak for the MFU. With
+    ``loop``, each preset's row also times the whole training loop on ``data``
     (:mod:`ddpm_cars.benchmarks.loop`).
     """
-    presets = parse_names(presets, list(PRESETS), "preset")
-    precisions = parse_names(precisions, PRECISIONS, "precision")
-    _check_counts(repeats, warmup, sample_steps)
-    dev, batch = _device_and_batch(device, batch_size)
-    for name in presets:  # a bad image size fails here, before anything is measured
-        bench_config(name, image_size)
-    isolate = dev.type == "cpu" if isolate is None else isolate
 
-    models, notes = _models_and_notes(presets, diffusers_reference, dev.type == "cpu", isolate, compile, warmup)
+    presets: Sequence[str] | str
+    precisions: Sequence[str] | str = PRECISIONS
+    image_size: int = 64
+    batch_size: int | None = None
+    repeats: int = 5
+    warmup: int = 2
+    sample_steps: int = 5
+    device: str = "auto"
+    compile: bool = False
+    isolate: bool | None = None
+    diffusers_reference: str = DIFFUSERS_REFERENCE
+    peak_tflops: float | None = None
+    activation_checkpointing: bool = False
+    loop: bool = False
+    data: str = "toy-cars"
+
+
+def _spec(settings: BenchSettings, name: str, precision: str, device: torch.device, batch: int, isolate: bool) -> dict:
+    """What one measurement (:func:`ddpm_cars.benchmarks.measure.measure`) is given."""
+    return {
+        "preset": name,
+        "precision": precision,
+        "image_size": settings.image_size,
+        "batch_size": batch,
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
+        "sample_steps": settings.sample_steps,
+        "device": str(device),
+        "compile": settings.compile,
+        "reference": settings.diffusers_reference,
+        "isolated": isolate,
+        "activation_checkpointing": settings.activation_checkpointing,
+        "loop": settings.loop,
+        "data": settings.data,
+    }
+
+
+def run_benchmark(settings: BenchSettings, *, progress: bool = True) -> BenchmarkRows:
+    """One row per preset x precision (see :mod:`ddpm_cars.benchmarks.measure` for what each
+    number means), plus diffusers' ``UNet2DModel`` at each precision when ``diffusers`` is
+    installed and ``settings.diffusers_reference`` is among the presets; ``rows.notes`` says
+    what was skipped. Each row's ``mfu`` is its training FLOP rate over the device's peak
+    for its precision (:mod:`ddpm_cars.benchmarks.peaks`, or ``settings.peak_tflops``);
+    None when that is unknown. With ``progress``, a line per measurement on stderr.
+    """
+    presets = parse_names(settings.presets, list(PRESETS), "preset")
+    precisions = parse_names(settings.precisions, PRECISIONS, "precision")
+    _check_counts(settings.repeats, settings.warmup, settings.sample_steps)
+    dev, batch = _device_and_batch(settings.device, settings.batch_size)
+    for name in presets:  # a bad image size fails here, before anything is measured
+        bench_config(name, settings.image_size)
+    isolate = dev.type == "cpu" if settings.isolate is None else settings.isolate
+
+    models, notes = _models_and_notes(
+        presets, settings.diffusers_reference, dev.type == "cpu", isolate, settings.compile, settings.warmup
+    )
     jobs = [(name, precision) for name in models for precision in precisions]
     rows = BenchmarkRows(notes=notes)
     for i, (name, precision) in enumerate(jobs, 1):
-        spec = {
-            "preset": name,
-            "precision": precision,
-            "image_size": image_size,
-            "batch_size": batch,
-            "repeats": repeats,
-            "warmup": warmup,
-            "sample_steps": sample_steps,
-            "device": str(dev),
-            "compile": compile,
-            "reference": diffusers_reference,
-            "isolated": isolate,
-            "activation_checkpointing": activation_checkpointing,
-            "loop": loop,
-            "data": data,
-        }
-        label = f"[{i}/{len(jobs)}] {name} {precision}: {image_size}x{image_size}, batch {batch} on {dev} ..."
-        row = _measure_one(spec, label, progress)
+        size = settings.image_size
+        label = f"[{i}/{len(jobs)}] {name} {precision}: {size}x{size}, batch {batch} on {dev} ..."
+        row = _measure_one(_spec(settings, name, precision, dev, batch, isolate), label, progress)
         if row is None:
             rows.notes.append(f"{name} {precision}: skipped, out of GPU memory at batch {batch}")
         else:
-            peak = device_peak_flops(dev, precision, peak_tflops)
+            peak = device_peak_flops(dev, precision, settings.peak_tflops)
             rows.append({**row, "peak_flop_s": peak, "mfu": row["train_flop_s"] / peak if peak else None})
     return rows
 

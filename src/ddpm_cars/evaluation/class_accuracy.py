@@ -9,6 +9,7 @@ Its accuracy on held-out real images is the ceiling to read that share against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,24 +70,33 @@ def _check_labels(labels: torch.Tensor, count: int, num_classes: int, name: str)
         raise ValueError(f"{name} must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
 
 
+@dataclass(frozen=True)
+class ClassifierTraining:
+    """How the judge is trained: AdamW at ``lr`` for ``steps`` batches of ``batch_size``
+    images, its initial weights, batches and flips drawn from ``seed``."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
+    training: ClassifierTraining = ClassifierTraining(),
     *,
-    steps: int = 500,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ImageClassifier:
     """Train an :class:`ImageClassifier` on uint8 ``images [N, 3, S, S]`` and ``labels [N]``
     with AdamW, a cosine learning rate and random horizontal flips; returned in eval mode.
 
-    Deterministic given ``seed`` on the CPU (GPU convolutions may not be); the global RNG
-    is left untouched.
+    Deterministic given ``training.seed`` on the CPU (GPU convolutions may not be); the
+    global RNG is left untouched.
     """
+    steps, batch_size, lr, seed = training.steps, training.batch_size, training.lr, training.seed
     _check_images(images)
     if images.dtype != torch.uint8:
         raise ValueError(f"training images must be uint8, got {images.dtype}")

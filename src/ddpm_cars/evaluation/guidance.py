@@ -12,17 +12,22 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from ddpm_cars.config import DataConfig, SampleConfig
 from ddpm_cars.data import build_dataset
+from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
-from ddpm_cars.evaluation.class_accuracy import predict, requested_class_share, train_classifier
-from ddpm_cars.evaluation.scores import has_heldout, sampling_description
+from ddpm_cars.evaluation.class_accuracy import ClassifierTraining, predict, requested_class_share, train_classifier
+from ddpm_cars.evaluation.scores import has_heldout
 from ddpm_cars.files import atomic_write_text
-from ddpm_cars.generation import ClassRequest, generate
+from ddpm_cars.generation import ClassRequest, Watch, generate
 from ddpm_cars.run import Run
+from ddpm_cars.samplers import sampling_description
 from ddpm_cars.viz import save_rows
 
 RESULT_FILE = "guidance.json"
@@ -31,66 +36,79 @@ SHOWN_PER_SCALE = 4  # images of each class per scale in the picture
 HELDOUT_IMAGES = 1000  # real held-out images that measure the classifier itself
 
 
+@dataclass(frozen=True)
+class GuidanceRequest:
+    """What :func:`guidance_accuracy` measures: ``per_class`` samples of every class at each
+    of the guidance ``scales``, drawn from ``seed`` (image ``i`` of class ``c`` from the same
+    x_T at every scale) ``batch_size`` at a time, from the moving-average weights with
+    ``ema``; the judge trained for ``classifier_steps`` steps from the same ``seed``."""
+
+    scales: tuple[float, ...]
+    per_class: int
+    seed: int = 0
+    batch_size: int = 64
+    ema: bool = True
+    classifier_steps: int = 500
+
+
 def _check_scales(scales: Sequence[float]) -> list[float]:
     if not scales or any(not (s >= 0 and math.isfinite(s)) for s in scales):
         raise UserError(f"guidance scales must be finite numbers >= 0; got {list(scales)}")
     return list(scales)
 
 
-def guidance_accuracy(
-    run: Path,
-    scales: Sequence[float],
-    per_class: int,
-    out: Path,
-    *,
-    seed: int = 0,
-    sample_overrides: dict | None = None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    ema: bool = True,
-    classifier_steps: int = 500,
-    progress: bool = True,
-) -> dict:
-    """Draw ``per_class`` samples of every class of a class-conditional run at each guidance
-    scale, classify them, and write ``guidance.json`` and ``guidance.png`` (one row per class,
-    a block of columns per scale) into ``out``. Returns the summary written."""
-    scales = _check_scales(scales)
-    trained = Run.open(run, sample=sample_overrides)
-    config, checkpoint = trained.config, trained.checkpoint
-    names = list(config.model.class_names)
+def _class_names(trained: Run) -> list[str]:
+    """The run's class names; an error unless it is conditional on two or more classes."""
+    names = list(trained.config.model.class_names)
     if not names:
         raise UserError(f"{trained.dir} is not class-conditional: train with --class-conditional to measure guidance")
     if len(names) < 2:
         raise UserError(
             f"{trained.dir} knows one class ({names[0]!r}): guidance is measured between two or more classes"
         )
-    # the judge: a classifier on the run's own (real) training images, measured on held-out ones
-    data = build_dataset(config.data, progress=progress)
-    tic = time.perf_counter()
-    classifier = train_classifier(
-        data.images, data.labels, len(names), steps=classifier_steps, seed=seed, device=device, progress=progress
-    )
-    ceiling = None
-    if has_heldout(config.data) and config.data.split != "test":
-        test = build_dataset(
-            dataclasses.replace(config.data, split="test", toy_count=HELDOUT_IMAGES), progress=progress
-        )
-        ceiling, _ = requested_class_share(predict(classifier, test.images, device=device), test.labels, len(names))
-    classifier_seconds = time.perf_counter() - tic
+    return names
 
-    denoiser = trained.denoiser(ema=ema, device=device)
-    labels = torch.arange(len(names)).repeat_interleave(per_class)
+
+def _train_judge(
+    data: DataConfig, num_classes: int, request: GuidanceRequest, device: torch.device | str, progress: bool
+) -> tuple[nn.Module, float | None, float]:
+    """The judge: a classifier trained on the run's own (real) training images; its accuracy on
+    held-out ones (None when the source has none), and the seconds both took."""
+    train = build_dataset(data, progress=progress)
+    tic = time.perf_counter()
+    training = ClassifierTraining(steps=request.classifier_steps, seed=request.seed)
+    classifier = train_classifier(train.images, train.labels, num_classes, training, device=device, progress=progress)
+    ceiling = None
+    if has_heldout(data) and data.split != "test":
+        test = build_dataset(dataclasses.replace(data, split="test", toy_count=HELDOUT_IMAGES), progress=progress)
+        ceiling, _ = requested_class_share(predict(classifier, test.images, device=device), test.labels, num_classes)
+    return classifier, ceiling, time.perf_counter() - tic
+
+
+def _judge_samples(
+    denoiser: Denoiser,
+    sample: SampleConfig,
+    classifier: nn.Module,
+    names: list[str],
+    request: GuidanceRequest,
+    device: torch.device | str,
+    progress: bool,
+) -> tuple[list[dict], dict[float, torch.Tensor]]:
+    """One row per scale -- the share of samples judged to be the class asked for, overall and
+    per class -- and the first :data:`SHOWN_PER_SCALE` samples of each class
+    (``[classes, shown, 3, S, S]``) per scale."""
+    labels = torch.arange(len(names)).repeat_interleave(request.per_class)
     rows, shown = [], {}
-    for scale in scales:
+    for scale in request.scales:
         tic = time.perf_counter()
         samples = generate(
             denoiser,
             len(labels),
-            config.sample,
-            seed=seed,
-            batch_size=batch_size,
+            sample,
+            seed=request.seed,
+            batch_size=request.batch_size,
             classes=ClassRequest(labels, scale),
-            progress=progress,
+            watch=Watch(progress=progress),
         )
         share, per = requested_class_share(predict(classifier, samples, device=device), labels, len(names))
         rows.append(
@@ -101,19 +119,14 @@ def guidance_accuracy(
                 "seconds": round(time.perf_counter() - tic, 1),
             }
         )
-        shown[scale] = samples.view(len(names), per_class, *samples.shape[1:])[:, :SHOWN_PER_SCALE]
-    summary = {
-        "checkpoint": str(checkpoint),
-        "sampler": sampling_description(config.sample),
-        "seed": seed,
-        "samples_per_class": per_class,
-        "classes": names,
-        "classifier_heldout_accuracy": ceiling,
-        "classifier_seconds": round(classifier_seconds, 1),
-        "rows": rows,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+        shown[scale] = samples.view(len(names), request.per_class, *samples.shape[1:])[:, :SHOWN_PER_SCALE]
+    return rows, shown
+
+
+def _save_picture(
+    shown: dict[float, torch.Tensor], scales: list[float], names: list[str], sampler: str, path: Path
+) -> None:
+    """One row per class, a block of columns per scale."""
     picture_rows = [
         (
             name,
@@ -123,10 +136,42 @@ def guidance_accuracy(
     ]
     save_rows(
         picture_rows,
-        out / PICTURE_FILE,
-        f"Samples asked for each class ({sampling_description(config.sample)}), "
-        f"at guidance {', '.join(f'{s:g}' for s in scales)}",
+        path,
+        f"Samples asked for each class ({sampler}), at guidance {', '.join(f'{s:g}' for s in scales)}",
     )
+
+
+def guidance_accuracy(
+    trained: Run,
+    request: GuidanceRequest,
+    out: Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Draw ``request.per_class`` samples of every class of a class-conditional run (opened
+    with the sample settings to use) at each guidance scale, classify them, and write
+    ``guidance.json`` and ``guidance.png`` (one row per class, a block of columns per scale)
+    into ``out``. Returns the summary written."""
+    scales = _check_scales(request.scales)
+    names = _class_names(trained)
+    config = trained.config
+    classifier, ceiling, classifier_seconds = _train_judge(config.data, len(names), request, device, progress)
+    denoiser = trained.denoiser(ema=request.ema, device=device)
+    rows, shown = _judge_samples(denoiser, config.sample, classifier, names, request, device, progress)
+    summary = {
+        "checkpoint": str(trained.checkpoint),
+        "sampler": sampling_description(config.sample),
+        "seed": request.seed,
+        "samples_per_class": request.per_class,
+        "classes": names,
+        "classifier_heldout_accuracy": ceiling,
+        "classifier_seconds": round(classifier_seconds, 1),
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+    _save_picture(shown, scales, names, sampling_description(config.sample), out / PICTURE_FILE)
     return summary
 
 

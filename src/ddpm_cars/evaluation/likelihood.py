@@ -66,44 +66,53 @@ def bits_per_dim(
     assert timesteps is None or timesteps >= 1, timesteps
     sample = sample or SampleConfig()
     denoiser.network.eval()
-    schedule = denoiser.schedule
-    T, device = schedule.timesteps, images.device
-    generator = torch.Generator(device).manual_seed(seed)
-    totals, priors, decoders, kls = [], [], [], []
+    generator = torch.Generator(images.device).manual_seed(seed)
     batches = range(0, images.shape[0], batch_size)
-    bar = tqdm(
-        total=len(batches) * (T if timesteps is None else timesteps + 1),
-        desc="Bits/dim",
-        unit="call",
-        disable=not progress,
-    )
+    calls = denoiser.schedule.timesteps if timesteps is None else timesteps + 1  # network calls per batch
+    bar = tqdm(total=len(batches) * calls, desc="Bits/dim", unit="call", disable=not progress)
+    parts = []  # (total, prior, decoder, kl) of each batch
     for start in batches:
-        x0 = images[start : start + batch_size]
-        n = x0.shape[0]
-
-        def term(t: torch.Tensor) -> torch.Tensor:
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            x_t = diffusion.q_sample(schedule, x0, t, noise)
-            pred = denoiser.predict(x_t, t, clip_x0=sample.clip_x0, variance=sample.variance)
-            bar.update(1)
-            return diffusion.vlb_term(
-                schedule, x0, x_t, t, diffusion.posterior_mean(schedule, pred.x0, x_t, t), pred.log_var
-            )
-
-        decoder = term(torch.zeros(n, dtype=torch.long, device=device))
-        kl = torch.zeros(n, device=device)
-        if T > 1:
-            if timesteps is None:
-                steps = [torch.full((n,), s, dtype=torch.long, device=device) for s in range(1, T)]
-            else:
-                steps = [torch.randint(1, T, (n,), generator=generator, device=device) for _ in range(timesteps)]
-            for t in steps:
-                kl += term(t)
-            kl *= (T - 1) / len(steps)
-        prior = diffusion.prior_bpd(schedule, x0)
-        totals.append((prior + decoder + kl).cpu())
-        priors.append(prior.cpu())
-        decoders.append(decoder.cpu())
-        kls.append(kl.cpu())
+        parts.append(_batch_bound(denoiser, images[start : start + batch_size], sample, timesteps, generator, bar))
     bar.close()
-    return BitsPerDim(torch.cat(totals), torch.cat(priors), torch.cat(decoders), torch.cat(kls), timesteps)
+    totals, priors, decoders, kls = (torch.cat([part[k] for part in parts]) for k in range(4))
+    return BitsPerDim(totals, priors, decoders, kls, timesteps)
+
+
+def _batch_bound(
+    denoiser: Denoiser,
+    x0: torch.Tensor,
+    sample: SampleConfig,
+    timesteps: int | None,
+    generator: torch.Generator,
+    bar: tqdm,
+) -> tuple[torch.Tensor, ...]:
+    """Bits/dim of the bound on one batch x0 ``[n, 3, S, S]`` and of its prior, decoder and
+    KL parts, each ``[n]`` on the CPU (see :func:`bits_per_dim`)."""
+    schedule, n, device = denoiser.schedule, x0.shape[0], x0.device
+    T = schedule.timesteps
+    decoder = _term(denoiser, x0, torch.zeros(n, dtype=torch.long, device=device), sample, generator)
+    bar.update(1)
+    kl = torch.zeros(n, device=device)
+    if T > 1:
+        if timesteps is None:
+            steps = [torch.full((n,), s, dtype=torch.long, device=device) for s in range(1, T)]
+        else:
+            steps = [torch.randint(1, T, (n,), generator=generator, device=device) for _ in range(timesteps)]
+        for t in steps:
+            kl += _term(denoiser, x0, t, sample, generator)
+            bar.update(1)
+        kl *= (T - 1) / len(steps)
+    prior = diffusion.prior_bpd(schedule, x0)
+    return (prior + decoder + kl).cpu(), prior.cpu(), decoder.cpu(), kl.cpu()
+
+
+def _term(
+    denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, sample: SampleConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The bound's term at steps ``t`` ``[n]`` (L_0 at t = 0, else L_{t-1}) in bits/dim, on
+    x_t drawn from q(x_t | x_0) with fresh noise."""
+    schedule = denoiser.schedule
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    pred = denoiser.predict(x_t, t, clip_x0=sample.clip_x0, variance=sample.variance)
+    return diffusion.vlb_term(schedule, x0, x_t, t, diffusion.posterior_mean(schedule, pred.x0, x_t, t), pred.log_var)

@@ -145,6 +145,19 @@ def write_evaluation(
     return written
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How :func:`score_and_write` scores: with the ``inception`` network (None: FID and KID
+    skipped, for the reason ``fid_skipped``), the metrics' ``seed``, the memorisation
+    check or not, and the folder of cached reference features (None: the default)."""
+
+    inception: InceptionFeatures | None = None
+    fid_skipped: str | None = None
+    seed: int = 0
+    memorization: bool = True
+    cache_dir: Path | None = None
+
+
 def score_and_write(
     samples: torch.Tensor,
     reference: ReferenceData,
@@ -152,16 +165,20 @@ def score_and_write(
     what: str,
     summary: dict,
     out: Path | None,
-    inception: InceptionFeatures | None = None,
-    fid_skipped: str | None = None,
-    seed: int = 0,
-    memorization: bool = True,
-    cache_dir: Path | None = None,
+    options: ScoreOptions = ScoreOptions(),
 ) -> dict:
     """:func:`score` uint8 ``samples`` (described as ``what``), print the numbers, and write
     ``summary`` with them as ``metrics.json``, and the memorisation pictures, into ``out``
     (when given). Returns the summary."""
-    metrics, check = score(samples, reference, inception, seed=seed, memorization=memorization, cache_dir=cache_dir)
+    fid_skipped = options.fid_skipped
+    metrics, check = score(
+        samples,
+        reference,
+        options.inception,
+        seed=options.seed,
+        memorization=options.memorization,
+        cache_dir=options.cache_dir,
+    )
     summary = {
         **summary,
         "num_samples": samples.shape[0],

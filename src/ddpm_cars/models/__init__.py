@@ -10,10 +10,18 @@ from torch import nn
 from ddpm_cars.config import RunConfig
 from ddpm_cars.errors import UserError
 from ddpm_cars.models.embeddings import ClassEmbedding
-from ddpm_cars.models.res_attn_unet import ResAttnUnet
+from ddpm_cars.models.res_attn_unet import ResAttnUnet, UnetLayout
 from ddpm_cars.models.simple_unet import SimpleUnet
 
-__all__ = ["ResAttnUnet", "SimpleUnet", "build_model", "count_parameters", "num_classes", "batchnorm_uses_batch_stats"]
+__all__ = [
+    "ResAttnUnet",
+    "SimpleUnet",
+    "UnetLayout",
+    "build_model",
+    "count_parameters",
+    "num_classes",
+    "batchnorm_uses_batch_stats",
+]
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -29,16 +37,9 @@ def build_model(config: RunConfig) -> nn.Module:
             channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels, num_classes=m.num_classes
         )
     if m.name == "res_attn_unet":
+        layout = UnetLayout(m.channels, m.num_res_blocks, m.attention_resolutions, m.head_channels, m.resblock_updown)
         return ResAttnUnet(
-            image_size=config.data.image_size,
-            channels=m.channels,
-            num_res_blocks=m.num_res_blocks,
-            attention_resolutions=m.attention_resolutions,
-            head_channels=m.head_channels,
-            dropout=m.dropout,
-            resblock_updown=m.resblock_updown,
-            out_channels=out_channels,
-            num_classes=m.num_classes,
+            config.data.image_size, layout, dropout=m.dropout, out_channels=out_channels, num_classes=m.num_classes
         )
     raise ValueError(f"unknown model {m.name!r}; available: 'simple_unet', 'res_attn_unet'")
 

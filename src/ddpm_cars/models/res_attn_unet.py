@@ -11,6 +11,7 @@ residual branch (and the whole network) starts as the identity (or zero).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +127,28 @@ class TimestepSequential(nn.ModuleList):
         return x
 
 
-class ResAttnUnet(nn.Module):
-    """``model(x_t [B, 3, S, S], t [B], y [B] | None) -> [B, out_channels, S, S]``; S divisible
-    by 2^(levels-1).
+@dataclass(frozen=True)
+class UnetLayout:
+    """The shape of a :class:`ResAttnUnet`: its level widths, top to bottom (``channels``:
+    base width times the multipliers), ``num_res_blocks`` residual blocks per level, the
+    feature-map sizes that get self-attention (``attention_resolutions``, in pixels) with
+    ``head_channels`` channels per head, and whether residual blocks resample (BigGAN,
+    ``resblock_updown``) instead of plain convolutions."""
 
-    ``channels`` are the level widths (base width times the multipliers); attention is
-    used at every level whose feature map is one of ``attention_resolutions`` pixels wide
-    for ``image_size`` inputs (and always in the middle block). With ``num_classes`` the
+    channels: tuple[int, ...] = (128, 256, 384, 512)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    head_channels: int = 64
+    resblock_updown: bool = False
+
+
+class ResAttnUnet(nn.Module):
+    """``model(x_t [B, in_channels, S, S], t [B], y [B] | None) -> [B, out_channels, S, S]``;
+    S divisible by 2^(levels-1).
+
+    ``layout`` places the widths, blocks and attention: attention is used at every level
+    whose feature map is one of ``layout.attention_resolutions`` pixels wide for
+    ``image_size`` inputs (and always in the middle block). With ``num_classes`` the
     network is class-conditional: a learned embedding of the label ``y`` is added to the
     timestep embedding (Dhariwal & Nichol 2021, Sec. 3), and label ``num_classes`` (also
     what ``y=None`` means) is the null class of classifier-free guidance.
@@ -141,17 +157,16 @@ class ResAttnUnet(nn.Module):
     def __init__(
         self,
         image_size: int = 64,
-        channels: tuple[int, ...] = (128, 256, 384, 512),
-        num_res_blocks: int = 2,
-        attention_resolutions: tuple[int, ...] = (16, 8),
-        head_channels: int = 64,
+        layout: UnetLayout = UnetLayout(),
+        *,
         dropout: float = 0.0,
-        resblock_updown: bool = False,
         in_channels: int = 3,
         out_channels: int = 3,
         num_classes: int = 0,
     ):
         super().__init__()
+        channels, num_res_blocks, head_channels = layout.channels, layout.num_res_blocks, layout.head_channels
+        attention_resolutions, resblock_updown = layout.attention_resolutions, layout.resblock_updown
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two widths, got {channels}")
         self.downsample_factor = 2 ** (len(channels) - 1)

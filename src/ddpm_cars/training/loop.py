@@ -32,7 +32,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import ImageSet
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.parallel import World
 from ddpm_cars.runtime import to_layout, use_tf32
 from ddpm_cars.training.batches import Batch, Batches, Position
@@ -43,7 +43,7 @@ from ddpm_cars.training.periodic_eval import PeriodicEval
 from ddpm_cars.training.signals import StopRequest, TrainingInterrupted
 from ddpm_cars.training.trackers import Tracker, open_tracker
 from ddpm_cars.training.trainee import Trainee
-from ddpm_cars.viz import grid_image, save_grid
+from ddpm_cars.viz import grid_image, save_picture
 
 SAMPLE_SEED = 0  # the training-time grids all start from the same noise
 
@@ -110,10 +110,11 @@ class SampleGrids:
         if self.enabled:
             num = self.config.sample.num_images
             samples = generate(
-                denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), progress=False
+                denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), watch=QUIET
             )
-            save_grid(samples, self.run_dir / "samples" / f"{name}.png")
-            self.tracker.image("samples", step, grid_image(samples))
+            grid = grid_image(samples)  # [3, H', W'] uint8: the file's picture and the tracker's
+            save_picture(grid, self.run_dir / "samples" / f"{name}.png")
+            self.tracker.image("samples", step, grid)
 
 
 def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
@@ -259,10 +260,13 @@ class Session:
         position = self.position
         if position.bad_streak >= self.config.train.max_nonfinite_steps:
             self.checkpoints.save(position)
+            saved = ckpt.latest_checkpoint(self.checkpoints.run_dir)
+            lower = f"{self.config.train.lr / 10:g}"
             raise NonFiniteLossError(
-                f"the loss was not finite for {position.bad_streak} steps in a row (up to step {position.step}); the "
-                f"weights of the last good step are saved in {self.checkpoints.run_dir}. Try a lower --lr or "
-                "--grad-clip 1.0"
+                f"the loss was not finite for {position.bad_streak} steps in a row (up to step {position.step}); "
+                f"the weights of the last good step are saved in {saved}: resume from them with a lower learning "
+                f"rate or clipped gradients, e.g. ddpm-cars train --out {self.checkpoints.run_dir} --resume "
+                f"--lr {lower} --grad-clip 1.0; if it diverges again, start a new run with a lower --lr"
             )
 
     def _end_epoch(self) -> None:

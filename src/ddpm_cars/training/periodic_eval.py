@@ -21,7 +21,7 @@ from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.evaluation.scores import ReferenceData, describe, load_inception, score
 from ddpm_cars.evaluation.swd import pyramid_resolutions
 from ddpm_cars.files import atomic_write_text
-from ddpm_cars.generation import generate
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.viz import save_metric_curves
 
 METRICS_CSV = "metrics.csv"
@@ -83,7 +83,7 @@ class PeriodicEval:
 
     def __call__(self, denoiser: Denoiser, step: int) -> dict[str, float]:
         num = self.config.train.eval_samples
-        samples = generate(denoiser, num, self.config.sample, seed=EVAL_SEED, batch_size=min(num, 256), progress=False)
+        samples = generate(denoiser, num, self.config.sample, seed=EVAL_SEED, batch_size=min(num, 256), watch=QUIET)
         metrics, _ = score(to_uint8(samples), self.reference, self.inception, memorization=False, progress=False)
         row = {"step": step, **metrics}
         self.rows.append(row)
