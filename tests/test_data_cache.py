@@ -301,14 +301,12 @@ def test_batches_from_the_cache_equal_batches_from_memory_across_epochs_and_a_re
         assert torch.equal(batch.x0, x0) and torch.equal(batch.t, t) and torch.equal(batch.noise, noise)
 
 
-def test_another_cache_folder_is_allowed_on_resume(tmp_path, tiny_config):
-    from ddpm_cars.commands import _resume_config
+def test_another_cache_folder_is_allowed_on_resume(tiny_config):
     from ddpm_cars.errors import UserError
 
-    tiny_config.save(tmp_path / "config.json")
-    assert _resume_config(tmp_path, {"data": {"cache": "off"}}).data.cache == "off"
+    assert tiny_config.resumed_with({"data": {"cache": "off"}}).data.cache == "off"
     with pytest.raises(UserError, match="cannot change data.toy_count when resuming"):
-        _resume_config(tmp_path, {"data": {"toy_count": 5}})
+        tiny_config.resumed_with({"data": {"toy_count": 5}})
 
 
 def test_only_a_relative_folder_path_ties_the_entry_to_the_working_directory(tmp_path, monkeypatch):

@@ -136,10 +136,11 @@ def test_a_crafted_pickle_in_a_run_is_refused_not_executed(tmp_path, capsys):
 
 def test_a_diverging_learning_rate_stops_with_the_last_good_weights(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--steps", "40", "--lr", "1e12", "--grad-clip", "1e30", *TINY]) == 2
+    assert main(["train", "--out", str(run), "--steps", "40", "--lr", "1e12", "--grad-clip", "1e30", *TINY]) == 3
     line = _one_error_line(capsys)
     streak = re.search(r"the loss was not finite for (\d+) steps in a row \(up to step (\d+)\)", line)
-    assert streak and "lower --lr" in line
+    assert streak and str(ckpt.latest_checkpoint(run)) in line  # the checkpoint to resume from
+    assert f"ddpm-cars train --out {run} --resume --lr 1e+11 --grad-clip 1.0" in line  # what to try
     state = ckpt.load_train_state(ckpt.latest_checkpoint(run))
     # counted when the losses are read (every 10 steps, at checkpoints and epoch ends): at least the limit of 10
     assert 10 <= int(streak[1]) == state.skipped_steps < 20 and state.step == int(streak[2]) < 40

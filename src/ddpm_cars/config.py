@@ -38,6 +38,7 @@ Crop = Literal["none", "center", "bbox"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
 
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale of `sample --class`
+RESAMPLE_EVERY = 10  # steps between RePaint's jumps back, and their length, of `sample --mask`
 
 # Where noise-level spacings start by default: EDM's sigma_max (Karras et al. 2022). x_T ~ N(0, I)
 # is exact only where alphabar = 0; at sigma = 80 it is off by alphabar = 1.6e-4 of the data,
@@ -53,23 +54,32 @@ def option(
     flag: str | None = None,
     metavar: str | None = None,
     limits: Limits | None = None,
-    cli: bool = True,
+    commands: Literal["all", "train", "none"] = "all",
     sampling_flag: str | None = None,
-    train_only: bool = False,
+    role: Literal["recipe", "resumable", "network"] = "recipe",
 ) -> Any:
     """A config field with what the command line needs to offer it: its ``help``, its
-    ``flag`` (default: ``--`` and the field name with dashes; none when not ``cli``), the
-    ``metavar`` in the usage line and the ``limits`` of its values. A field of
-    :class:`SampleConfig` is also a flag of ``sample``, ``eval`` and ``guidance`` (there
-    named ``sampling_flag`` when given) unless it is ``train_only``."""
+    ``flag`` (default: ``--`` and the field name with dashes), the ``metavar`` in the usage
+    line and the ``limits`` of its values. ``commands`` says where it is a flag: a field of
+    :class:`SampleConfig` is one of ``train`` and also of ``sample``, ``eval`` and
+    ``guidance`` (there named ``sampling_flag`` when given) unless it is for ``"train"``
+    only; ``"none"`` offers it nowhere.
+
+    Its ``role`` is the rule that travels with it: a ``"resumable"`` field may change when
+    a run is resumed (how long it goes on, how it reports, how the same computation is
+    carried out, how it samples); a ``"network"`` field defines the shapes of the network's
+    weights (``--init-from`` needs it equal); neither may change on resume, as both would
+    change what is being trained."""
     metadata = {
         "help": help,
         "flag": flag,
         "metavar": metavar,
         "limits": limits,
-        "cli": cli,
+        "cli": commands != "none",
         "sampling_flag": sampling_flag,
-        "train_only": train_only,
+        "train_only": commands == "train",
+        "resumable": role == "resumable",
+        "network": role == "network",
     }
     return field(default=default, metadata=metadata)
 
@@ -83,32 +93,39 @@ class ModelConfig:
         "simple_unet",
         "network: the improved residual U-Net with attention and AdaGN, or the seed's SimpleUnet",
         flag="--model",
+        role="network",
     )
     channels: tuple[int, ...] = option(
         (64, 128, 256, 512, 1024),
         "U-Net widths, top to bottom (base width times the channel multipliers)",
         metavar="W1,W2,...",
         limits=Limits(low=1, min_items=2),
+        role="network",
     )
     # res_attn_unet embeds t in channels[0] dims instead
-    time_emb_dim: int = option(32, "sinusoidal time embedding size (simple_unet)", limits=Limits(low=4, even=True))
-    num_res_blocks: int = option(2, "residual blocks per level (res_attn_unet)", limits=POSITIVE)
+    time_emb_dim: int = option(
+        32, "sinusoidal time embedding size (simple_unet)", limits=Limits(low=4, even=True), role="network"
+    )
+    num_res_blocks: int = option(2, "residual blocks per level (res_attn_unet)", limits=POSITIVE, role="network")
     attention_resolutions: tuple[int, ...] = option(
         (16, 8),
         "feature-map sizes that get self-attention, or none (res_attn_unet)",
         metavar="S1,S2,...",
         limits=POSITIVE,
+        role="network",
     )
-    head_channels: int = option(64, "channels per attention head (res_attn_unet)", limits=POSITIVE)
+    head_channels: int = option(64, "channels per attention head (res_attn_unet)", limits=POSITIVE, role="network")
     dropout: float = option(0.0, "dropout in the residual blocks (res_attn_unet)", limits=PROBABILITY)
-    resblock_updown: bool = option(False, "BigGAN-style resampling inside residual blocks (res_attn_unet)")
+    resblock_updown: bool = option(
+        False, "BigGAN-style resampling inside residual blocks (res_attn_unet)", role="network"
+    )
     # a class embedding added to the time embedding
     class_conditional: bool = option(
         False,
         "condition on the class (class subfolders; the body type for toy-cars) so `sample --class` can ask for one",
     )
     class_names: tuple[str, ...] = option(
-        (), "the classes it knows, filled from the data when training starts", cli=False
+        (), "the classes it knows, filled from the data when training starts", commands="none"
     )
 
     def __post_init__(self) -> None:
@@ -136,12 +153,14 @@ class DiffusionConfig:
     schedule: Schedule = option(
         "linear", "noise schedule: linear betas 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal)"
     )
-    beta_start: float = option(1e-4, "first beta of the linear schedule", cli=False)
-    beta_end: float = option(0.02, "last beta of the linear schedule", cli=False)
+    beta_start: float = option(1e-4, "first beta of the linear schedule", commands="none")
+    beta_end: float = option(0.02, "last beta of the linear schedule", commands="none")
     loss: Loss = option("l1", "loss on the prediction target (l2 on eps is L_simple)")
     prediction: Prediction = option("eps", "what the network predicts: the noise, the clean image, or v")
     # 6 output channels: the mean target and the variance interpolation (Nichol & Dhariwal 2021)
-    learn_variance: bool = option(False, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)")
+    learn_variance: bool = option(
+        False, "learn the reverse variance with the hybrid loss (Nichol & Dhariwal)", role="network"
+    )
     # lambda of L_hybrid = L_simple + lambda * L_vlb
     vlb_weight: float = option(0.001, "weight of L_vlb in the hybrid loss", metavar="LAMBDA", limits=NON_NEGATIVE)
     min_snr_gamma: float = option(
@@ -179,7 +198,7 @@ class DataConfig:
         "toy-cars", "toy-cars, stanford-cars (Kaggle download), or an image folder", flag="--data", metavar="SOURCE"
     )
     split: Split = option("train", "Stanford Cars split (for toy-cars, test draws other images)")
-    image_size: int = option(64, "training resolution in pixels", limits=Limits(low=16))
+    image_size: int = option(64, "training resolution in pixels", limits=Limits(low=16), role="network")
     crop: Crop = option(
         "none",
         "none: squash each image to a square; center: resize the short side and keep the centre square; "
@@ -199,6 +218,7 @@ class DataConfig:
         "auto: data/ in $DDPM_CARS_CACHE, else in ~/.cache/ddpm-cars; off: decode into memory every time",
         flag="--data-cache",
         metavar="DIR",
+        role="resumable",
     )
 
     def __post_init__(self) -> None:
@@ -214,11 +234,18 @@ class SampleConfig:
     ``guidance``, where the run's own values are the defaults."""
 
     # sigma_t^2 = beta_t (Algorithm 2) or beta_tilde_t
-    variance: Variance = option("beta", "fixed reverse variance sigma_t^2")
-    clip_x0: bool = option(True, "clip the predicted x_0 to [-1, 1] at every step", flag="--clip")
-    batchnorm: BatchNormMode = option("eval", "BatchNorm statistics when sampling: running (eval) or per batch")
+    variance: Variance = option("beta", "fixed reverse variance sigma_t^2", role="resumable")
+    clip_x0: bool = option(True, "clip the predicted x_0 to [-1, 1] at every step", flag="--clip", role="resumable")
+    batchnorm: BatchNormMode = option(
+        "eval", "BatchNorm statistics when sampling: running (eval) or per batch", role="resumable"
+    )
     num_images: int = option(
-        64, "images in each training-time sample grid", flag="--num-sample-images", limits=POSITIVE, train_only=True
+        64,
+        "images in each training-time sample grid",
+        flag="--num-sample-images",
+        limits=POSITIVE,
+        commands="train",
+        role="resumable",
     )
     # ancestral (Ho et al.), DDIM (Song et al.), DPM-Solver++(2M)/(3M) and its SDE form (Lu et al.),
     # Heun (Karras et al.)
@@ -226,6 +253,7 @@ class SampleConfig:
         "ddpm",
         "ancestral DDPM, DDIM, DPM-Solver++(2M) or (3M), SDE-DPM-Solver++(2M) (dpm++sde, stochastic), "
         "or EDM's Heun (2 calls per step)",
+        role="resumable",
     )
     steps: int | None = option(
         None,
@@ -234,12 +262,16 @@ class SampleConfig:
         sampling_flag="--steps",
         metavar="N",
         limits=POSITIVE,
+        role="resumable",
     )
-    eta: float = option(0.0, "ddim only: its noise, 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE)
+    eta: float = option(
+        0.0, "ddim only: its noise, 0 deterministic, 1 like DDPM", metavar="ETA", limits=NON_NEGATIVE, role="resumable"
+    )
     ddim_sigma: DdimSigma = option(
         "song",
         "ddim only: its noise sigma_t, times eta: Song et al.'s Eq. 16, or the run's learned variance (learned: "
         "a run trained with one)",
+        role="resumable",
     )
     churn: float = option(
         0.0,
@@ -247,11 +279,13 @@ class SampleConfig:
         "per step (0: deterministic)",
         metavar="S",
         limits=NON_NEGATIVE,
+        role="resumable",
     )
     spacing: Spacing = option(
         "uniform",
         "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
         "level from --sigma-max down (karras: rho 7; logsnr: even in log SNR)",
+        role="resumable",
     )
     sigma_max: float = option(
         SIGMA_MAX,
@@ -259,6 +293,7 @@ class SampleConfig:
         "from, at the trained step nearest it (T - 1 where the schedule ends below it)",
         metavar="SIGMA",
         limits=Limits(low=0, low_open=True),
+        role="resumable",
     )
 
     def __post_init__(self) -> None:
@@ -290,13 +325,22 @@ _READ_BY = {
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = option(128, "images per optimizer step", limits=POSITIVE)
-    lr: float = option(1e-3, "learning rate", limits=Limits(low=0, low_open=True))
-    epochs: int = option(100, "passes over the data", limits=POSITIVE)
+    lr: float = option(1e-3, "learning rate", limits=Limits(low=0, low_open=True), role="resumable")
+    epochs: int = option(100, "passes over the data", limits=POSITIVE, role="resumable")
     max_steps: int | None = option(
-        None, "stop after this many optimizer steps (overrides --epochs)", flag="--steps", limits=POSITIVE
+        None,
+        "stop after this many optimizer steps (overrides --epochs)",
+        flag="--steps",
+        limits=POSITIVE,
+        role="resumable",
     )
     sample_every_epochs: int = option(
-        5, "draw a sample grid every this many epochs", flag="--sample-every", metavar="EPOCHS", limits=POSITIVE
+        5,
+        "draw a sample grid every this many epochs",
+        flag="--sample-every",
+        metavar="EPOCHS",
+        limits=POSITIVE,
+        role="resumable",
     )
     log_every_steps: int = option(
         10,
@@ -304,6 +348,7 @@ class TrainConfig:
         flag="--log-every",
         metavar="STEPS",
         limits=POSITIVE,
+        role="resumable",
     )
     checkpoint_every_steps: int = option(
         500,
@@ -311,6 +356,7 @@ class TrainConfig:
         flag="--checkpoint-every",
         metavar="STEPS",
         limits=POSITIVE,
+        role="resumable",
     )
     seed: int = option(
         0,
@@ -332,10 +378,14 @@ class TrainConfig:
     )
     # the global gradient norm
     grad_clip: float | None = option(
-        None, "clip the gradient norm to this; None: off", metavar="NORM", limits=Limits(low=0, low_open=True)
+        None,
+        "clip the gradient norm to this; None: off",
+        metavar="NORM",
+        limits=Limits(low=0, low_open=True),
+        role="resumable",
     )
     max_nonfinite_steps: int = option(
-        10, "consecutive non-finite losses before the run stops", limits=POSITIVE, cli=False
+        10, "consecutive non-finite losses before the run stops", limits=POSITIVE, commands="none"
     )
     grad_accum_steps: int = option(
         1,
@@ -343,22 +393,26 @@ class TrainConfig:
         flag="--grad-accum",
         metavar="N",
         limits=POSITIVE,
+        role="resumable",
     )
     precision: Precision = option(
         "auto",
         "autocast convolutions and matmuls to bfloat16 or float16 (with loss scaling); auto: bf16 on GPUs "
         "that have it, else fp16 on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else fp32",
+        role="resumable",
     )
-    channels_last: bool = option(False, "NHWC memory layout")  # for the network and its inputs
+    channels_last: bool = option(False, "NHWC memory layout", role="resumable")  # for the network and its inputs
     activation_checkpointing: bool = option(
         False,
         "recompute each residual and attention block's activations in the backward pass instead of storing "
         "them: the same gradients in less memory, for about a third more compute (res_attn_unet)",
+        role="resumable",
     )
     compile: bool | None = option(
         None,
         "torch.compile the network (uncompiled, with a warning, where compiling fails); none: on for CUDA, "
         "off on the CPU",
+        role="resumable",
     )
     eval_every_steps: int = option(
         0,
@@ -367,8 +421,11 @@ class TrainConfig:
         flag="--eval-every",
         metavar="STEPS",
         limits=NON_NEGATIVE,
+        role="resumable",
     )
-    eval_samples: int = option(256, "samples scored at each --eval-every", metavar="N", limits=Limits(low=4))
+    eval_samples: int = option(
+        256, "samples scored at each --eval-every", metavar="N", limits=Limits(low=4), role="resumable"
+    )
     label_dropout: float = option(
         0.1,
         "--class-conditional: share of labels replaced by the null class, for classifier-free guidance",
@@ -379,6 +436,7 @@ class TrainConfig:
         "none",
         "also log the losses, learning rate, metrics and sample grids to TensorBoard (RUN/tensorboard) or "
         "Weights & Biases (an optional extra each)",
+        role="resumable",
     )
     init_from: str | None = option(
         None,
@@ -421,9 +479,8 @@ class RunConfig:
             )
         if self.train.activation_checkpointing and self.model.name != "res_attn_unet":
             raise UserError(
-                "--activation-checkpointing is for the res_attn_unet model: recomputing SimpleUnet's blocks would "
-                "count "
-                "each batch twice in its BatchNorm statistics"
+                "--activation-checkpointing is for the res_attn_unet model: recomputing SimpleUnet's blocks "
+                "would count each batch twice in its BatchNorm statistics"
             )
         factor = self.model.downsample_factor
         if self.data.image_size % factor:
@@ -474,6 +531,31 @@ class RunConfig:
         if "sample" in sections:
             changed["sample"].check_read(sections["sample"])
         return dataclasses.replace(self, **changed)
+
+    def resumed_with(self, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+        """This saved config with the options given to a resume, of which only the fields
+        declared ``resumable`` may differ from it: a one-line ``UserError`` names any other."""
+        for section, values in overrides.items():
+            declared = {f.name: f for f in fields(getattr(self, section))}
+            for name, value in values.items():
+                current = getattr(getattr(self, section), name)
+                if not declared[name].metadata["resumable"] and current != value:
+                    raise UserError(
+                        f"cannot change {section}.{name} when resuming (the run has {current!r}); "
+                        "start a new run with another --out"
+                    )
+        return self.replace(**overrides)
+
+    def network_differences(self, other: RunConfig) -> list[tuple[str, Any, Any]]:
+        """``(section.field, ours, theirs)`` for each field declared ``network`` on which the
+        two configs differ: weights of one fit the other's network only when this is empty."""
+        return [
+            (f"{section.name}.{f.name}", getattr(mine, f.name), getattr(getattr(other, section.name), f.name))
+            for section in fields(self)
+            for mine in [getattr(self, section.name)]
+            for f in fields(mine)
+            if f.metadata["network"] and getattr(mine, f.name) != getattr(getattr(other, section.name), f.name)
+        ]
 
 
 _SECTION_TYPES = {

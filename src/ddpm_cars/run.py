@@ -18,6 +18,7 @@ place, so a reader only ever sees complete checkpoints, even after a SIGKILL.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -194,34 +195,17 @@ def load_weights(
 
 
 # The fields of two runs that must agree for one to start from the other's weights.
-_NETWORK_FIELDS = (
-    "name",
-    "channels",
-    "time_emb_dim",
-    "num_res_blocks",
-    "attention_resolutions",
-    "head_channels",
-    "resblock_updown",
-)
-
-
 def check_init_source(source: str | Path, config: RunConfig) -> tuple[Path, RunConfig]:
     """The checkpoint directory and config of ``source``, a run or checkpoint to fine-tune
     from; a one-line ``UserError`` unless its network and image size are ``config``'s.
     Cheap: training checks it before it reads the data."""
     run_dir, checkpoint = resolve_checkpoint(source)
     theirs = RunConfig.load(run_dir / CONFIG_FILE)
-    pairs = [(f"model.{name}", getattr(theirs.model, name), getattr(config.model, name)) for name in _NETWORK_FIELDS]
-    pairs += [
-        ("data.image_size", theirs.data.image_size, config.data.image_size),
-        ("diffusion.learn_variance", theirs.diffusion.learn_variance, config.diffusion.learn_variance),
-    ]
-    for name, was, now in pairs:
-        if was != now:
-            raise UserError(
-                f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
-                "(--init-from needs the same network and image size)"
-            )
+    for name, was, now in theirs.network_differences(config):
+        raise UserError(
+            f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
+            "(--init-from needs the same network and image size)"
+        )
     return checkpoint, theirs
 
 
@@ -296,8 +280,11 @@ class Run:
     @classmethod
     def open(cls, path: str | Path, *, sample: dict[str, Any] | None = None) -> Run:
         run_dir, checkpoint = resolve_checkpoint(path)
-        config = RunConfig.load(run_dir / CONFIG_FILE)
-        return cls(run_dir, checkpoint, config.replace(sample=sample) if sample else config)
+        return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE)).with_sampling(sample or {})
+
+    def with_sampling(self, sample: dict[str, Any]) -> Run:
+        """This run with its config's sampling settings overridden (``{"steps": 50}``)."""
+        return dataclasses.replace(self, config=self.config.replace(sample=sample)) if sample else self
 
     def network(self, *, ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
         """The network built from the config with the checkpoint's weights (the moving

@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from ddpm_cars import run as ckpt
+from ddpm_cars.errors import EnvironmentFailure
 from ddpm_cars.training.batches import Position
 from ddpm_cars.training.logs import LossLog
 from ddpm_cars.training.trackers import Tracker
 from ddpm_cars.training.trainee import Trainee
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(EnvironmentFailure):
     """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
 
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ddpm_cars.config import TrainConfig
-from ddpm_cars.errors import UserError
+from ddpm_cars.errors import RunDiverged
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused Adam(W) kernels run
 
 
-class NonFiniteLossError(UserError):
+class NonFiniteLossError(RunDiverged):
     """The loss stayed non-finite for too many consecutive steps."""
 
 
