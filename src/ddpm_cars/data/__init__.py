@@ -1,8 +1,11 @@
 """Data sources: toy cars (embedded), Stanford Cars (Kaggle or local copy), any image folder.
 
 Each produces an :class:`ImageSet` of uint8 images already resized to the training size.
-:func:`build_dataset` decodes a source once into the data cache (:mod:`ddpm_cars.data.cache`)
-and memory-maps it from there on every later run.
+:func:`build_dataset` is the way in: it lists a source's files
+(:func:`~ddpm_cars.data.folder.list_image_folder`, :func:`~ddpm_cars.data.stanford_cars.list_stanford_cars`),
+decodes them once through :func:`~ddpm_cars.data.folder.decode_listing` into the data cache
+(:mod:`ddpm_cars.data.cache`), or into memory when the cache is ``off``, and memory-maps the
+cache from there on every later run.
 """
 
 from __future__ import annotations
@@ -60,9 +63,8 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
         listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin)
     else:
         listing = list_image_folder(root, size, crop)
-    data, decoded = cache.load(
-        _listing_key(listing, root), len(listing.paths), _listing_fill(listing, progress), cache_dir, progress=progress
-    )
+    key, fill = _listing_key(listing, root), _listing_fill(listing, progress)
+    data, decoded = cache.load(key, len(listing.paths), fill, cache_dir, progress=progress, source=str(root.resolve()))
     warn_skipped(decoded.skipped)
     if counts is not None and crop == "bbox":
         counts.warn(len(listing.paths), decoded.outside)

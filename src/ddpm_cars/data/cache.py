@@ -4,7 +4,9 @@ An entry is a folder ``<cache dir>/<key>/`` holding
 
     images.u8    the images, [N, 3, S, S] uint8 in C order and nothing else
     labels.npy   [N] int64
-    meta.json    N, S, the class names and what decoding skipped; written last
+    meta.json    N, S, the class names, what decoding skipped, the source (its full path,
+                 or what generated it) and when the entry was built; written last. Its
+                 modification time is the entry's last use, set each time it is opened
 
 The key hashes everything the images depend on: the source's files with their sizes and
 modification times (or the toy-car generator's arguments), the image size, the crop and
@@ -14,6 +16,9 @@ build killed halfway leaves nothing a later run reads as complete, and processes
 the same entry at once (torchrun's ranks on one machine, two runs) build it once -- the
 first takes the lock, the others wait for it and open what it built. An entry that does
 not open cleanly (a truncated file, a missing part) is rebuilt, never read.
+
+Listing, removing and bounding the entries (``ddpm-cars cache``, ``$DDPM_CARS_CACHE_MAX_GB``)
+is :mod:`ddpm_cars.caches`.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import numpy as np
 import PIL
 import torch
 
+from ddpm_cars import caches
+from ddpm_cars.caches import CACHE_ENV as CACHE_ENV  # where the cache folder is: re-exported
+from ddpm_cars.caches import default_cache_dir
 from ddpm_cars.data.dataset import DataError, ImageSet
 from ddpm_cars.data.folder import Decoded, MemoryImages
 
 FORMAT = 1  # bump when the entry layout changes
-CACHE_ENV = "DDPM_CARS_CACHE"  # overrides the default cache folder
-IMAGES, LABELS, META = "images.u8", "labels.npy", "meta.json"
+IMAGES, LABELS, META = caches.DATA_IMAGES, "labels.npy", caches.DATA_RECORD
 
 Writer = Callable[[torch.Tensor], None]  # takes [k, 3, S, S] uint8 images, in order
 Fill = Callable[[Writer], Decoded]  # writes every image of a source, says what it kept
@@ -48,15 +55,6 @@ Fill = Callable[[Writer], Decoded]  # writes every image of a source, says what 
 
 class CacheWarning(UserWarning):
     """The data cache could not be used; the data was decoded into memory instead."""
-
-
-def default_cache_dir() -> Path:
-    """Where ddpm-cars caches what it computes: ``$DDPM_CARS_CACHE``, else
-    ``$XDG_CACHE_HOME/ddpm-cars``, else ``~/.cache/ddpm-cars``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "ddpm-cars"
 
 
 def resolve_dir(setting: str) -> Path | None:
@@ -102,11 +100,18 @@ def entry_name(key: dict[str, Any]) -> str:
 
 
 def load(
-    key: dict[str, Any], capacity: int, fill: Fill, cache_dir: Path | None, *, progress: bool = True
+    key: dict[str, Any],
+    capacity: int,
+    fill: Fill,
+    cache_dir: Path | None,
+    *,
+    progress: bool = True,
+    source: str | None = None,
 ) -> tuple[ImageSet, Decoded]:
     """The images ``fill`` writes (at most ``capacity`` of ``key['image_size']`` pixels):
     from the cache entry of ``key`` in ``cache_dir``, built first when missing or damaged;
-    decoded into memory when ``cache_dir`` is None or cannot be written."""
+    decoded into memory when ``cache_dir`` is None or cannot be written. ``source`` is what
+    a new entry records it was decoded from (a folder's full path; default: from ``key``)."""
     size = key["image_size"]
     if cache_dir is not None:
         try:
@@ -126,16 +131,27 @@ def load(
         decoded = fill(out)
         return ImageSet(out.images, torch.tensor(decoded.labels, dtype=torch.int64), decoded.class_names), decoded
     entry = cache_dir / entry_name(key)
-    opened = open_entry(entry)
+    opened, built = open_entry(entry), False
     if opened is None:
-        with _locked(cache_dir / f"{entry.name}.lock", progress):
+        with _locked(caches.lock_path(entry), progress):
             opened = open_entry(entry)  # another process may have built it while this one waited
             if opened is None:
-                _build(entry, key, capacity, fill, progress)
-                opened = open_entry(entry)
+                _build(entry, key, capacity, fill, progress, source or describe_source(key))
+                opened, built = open_entry(entry), True
                 if opened is None:
                     raise OSError(f"the data cache entry {entry} was written but does not open")
+    caches.mark_used(entry / META)
+    if built:
+        caches.enforce_limit(caches.cache_root(cache_dir), entry)
     return opened
+
+
+def describe_source(key: dict[str, Any]) -> str:
+    """What an entry was decoded from, as far as its key tells: the generator's arguments
+    for toy cars, else the source's name (callers with a folder pass its full path)."""
+    if key.get("name") == "toy-cars" and "seed" in key:
+        return f"toy-cars (seed {key['seed']}, {key.get('count', '?')} images)"
+    return str(key.get("name", "unknown"))
 
 
 def open_entry(entry: Path) -> tuple[ImageSet, Decoded] | None:
@@ -179,8 +195,9 @@ def _locked(path: Path, progress: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress: bool) -> None:
-    """Write the entry in a partial folder, then rename it into place (the lock is held)."""
+def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress: bool, source: str) -> None:
+    """Write the entry, recording ``source``, in a partial folder, then rename it into place
+    (the lock is held)."""
     size = key["image_size"]
     needed = capacity * 3 * size * size
     free = shutil.disk_usage(entry.parent).free
@@ -189,11 +206,11 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
             f"the data cache needs {needed / 1e9:.2f} GB in {entry.parent} and {free / 1e9:.2f} GB are free; "
             "make room, point --data-cache at another folder, or pass --data-cache off"
         )
-    for stale in entry.parent.glob(f"{entry.name}.partial-*"):  # left by a build that was killed
+    for stale in entry.parent.glob(f"{entry.name}{caches.PARTIAL}*"):  # left by a build that was killed
         shutil.rmtree(stale, ignore_errors=True)
     if entry.exists():  # damaged: it did not open
         shutil.rmtree(entry)
-    partial = entry.parent / f"{entry.name}.partial-{os.getpid()}"
+    partial = entry.parent / f"{entry.name}{caches.PARTIAL}{os.getpid()}"
     partial.mkdir()
     started = time.perf_counter()
     try:
@@ -209,6 +226,8 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
             "class_names": decoded.class_names,
             "skipped": decoded.skipped,
             "outside": decoded.outside,
+            "source": source,
+            "built": caches.now_iso(),
             "key": key,
         }
         with open(partial / META, "w") as handle:

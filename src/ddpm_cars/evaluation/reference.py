@@ -3,7 +3,9 @@
 Extracting Inception features from 8,144 Stanford Cars images takes minutes on a CPU; the
 result depends only on the images and the feature network. The cache key names both --
 a readable description and a hash of the image bytes -- so a changed folder, another
-split or another resolution is a new entry, never a stale hit.
+split or another resolution is a new entry, never a stale hit. The file's metadata records
+what the features were computed from and when; each use touches its marker in
+``reference-used/``, for ``ddpm-cars cache`` and the size limit (:mod:`ddpm_cars.caches`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddpm_cars.data.cache import default_cache_dir
+from ddpm_cars import caches
 
 
 def image_hash(images: torch.Tensor) -> str:
@@ -43,22 +45,31 @@ def cached_features(
 ) -> tuple[torch.Tensor, bool]:
     """``compute(images)``, from ``cache_dir/reference/KEY.safetensors`` when it is there;
     returns the features and whether they came from the cache. Writes are atomic."""
-    folder = (cache_dir or default_cache_dir()) / "reference"
+    root = cache_dir or caches.default_cache_dir()
+    folder = root / caches.FEATURES_DIR
     path = folder / f"{cache_key(description, images, feature_name)}.safetensors"
     if path.is_file():
         try:
-            return load_file(path)["features"], True
+            features = load_file(path)["features"]
+            caches.mark_used(caches.features_marker(path))
+            return features, True
         except Exception:  # a damaged entry is recomputed and replaced
             pass
     features = compute(images)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    metadata = {
+        "description": description,
+        "features": feature_name,
+        "source": f"{description} ({images.shape[0]} images, {feature_name})",
+        "built": caches.now_iso(),
+    }
     try:
-        save_file(
-            {"features": features.contiguous()}, tmp, metadata={"description": description, "features": feature_name}
-        )
+        save_file({"features": features.contiguous()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    caches.mark_used(caches.features_marker(path))
+    caches.enforce_limit(root, path)
     return features, False
