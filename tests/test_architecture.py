@@ -16,7 +16,7 @@ import pytest
 SRC = Path(__file__).parents[1] / "src" / "ddpm_cars"
 
 LAYERS = [
-    {"errors", "files", "validation", "config", "presets"},
+    {"errors", "files", "validation", "config", "presets", "caches"},
     {"schedule", "runtime", "conditioning"},
     {"diffusion", "models"},
     {"denoiser"},
@@ -26,7 +26,7 @@ LAYERS = [
     {"run", "parallel"},
     {"evaluation", "report", "export"},
     {"training"},
-    {"benchmarks", "commands", "image_edits"},
+    {"benchmarks", "commands"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -137,7 +137,7 @@ def test_the_package_does_not_import_the_studies():
 
 def test_the_walk_sees_nested_and_aliased_imports():
     graph = _graph()
-    assert "run" in graph["commands"] and "parallel" in graph["commands"]  # `from ddpm_cars import run as ckpt`
+    assert "run" in graph["commands.training"] and "parallel" in graph["commands.training"]  # `import run as ckpt`
     assert "generation" in graph["parallel"]  # imported inside generate_across_ranks
 
 
@@ -178,6 +178,16 @@ def test_the_parameter_count_sees_every_kind_of_parameter():
     assert _parameters(fn) == ["a", "b", "c", "d", "rest", "more"]
     (fn,) = ast.parse("def g(x, y): pass").body
     assert _parameters(fn) == ["x", "y"]
+
+
+def test_only_the_command_line_knows_argparse():
+    """Commands are functions of typed requests: only ``cli.py`` parses."""
+    knows = [
+        p.relative_to(SRC).as_posix()
+        for p in sorted(SRC.rglob("*.py"))
+        if "argparse" in _absolute_imports(p.read_text())
+    ]
+    assert knows == ["cli.py"]
 
 
 def test_the_checkpoint_loading_sequence_exists_once():

@@ -347,7 +347,7 @@ def test_forward_picture_of_toy_cars_leaves_no_cache_entry(tmp_path, monkeypatch
 
 def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     monkeypatch.setattr(
-        commands, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8})
+        commands.training, "DEMO", tiny_config.replace(train={"epochs": 1, "eval_every_steps": 2, "eval_samples": 8})
     )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID is skipped, said why
     out = tmp_path / "demo"
@@ -374,7 +374,7 @@ def test_demo_draws_every_figure(tmp_path, monkeypatch, tiny_config, capsys):
     assert [e.step for e in events.Scalars("eval/swd")] == [2, 4] and len(events.Images("samples")) == 1
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert "grid.png, denoising.png, forward_process.png, loss.png, metrics.png, eval/, samples/;" in closing
-    assert len(list((out / "images").iterdir())) == commands.DEMO_EVAL_SAMPLES
+    assert len(list((out / "images").iterdir())) == commands.training.DEMO_EVAL_SAMPLES
     assert Image.open(out / "grid.png").size == (
         6 * 18 + 2,
         6 * 18 + 2,
@@ -433,6 +433,18 @@ def test_class_conditional_run_lists_its_classes_and_draws_them_by_name_or_index
     assert main(["sample", "--checkpoint", str(run), "--out", str(out), "--class", "truck"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown class 'truck'; closest:" in err[0] and "ddpm-cars classes RUN" in err[0]
+
+    # an interpolation within one class: its ends are the class's images of those seeds
+    lerp, ends = tmp_path / "lerp", tmp_path / "ends"
+    common = f"--checkpoint {run} --class van --guidance 2 --steps 3 --sampler ddim --spacing karras".split()
+    assert main(["sample", *common, "--out", str(lerp), "--interpolate", "1", "2", "--frames", "3"]) == 0
+    assert "between seeds 1 and 2 in class van, guidance 2" in capsys.readouterr().out
+    assert main(["sample", *common, "--out", str(ends), "--num", "1", "--seed", "2"]) == 0
+    last = np.asarray(Image.open(lerp / "images" / "0002.png"), dtype=np.int16)
+    assert np.abs(last - np.asarray(Image.open(ends / "images" / "0000.png"), dtype=np.int16)).max() <= 1
+    capsys.readouterr()
+    two = ["sample", *common, "--class", "suv", "--out", str(tmp_path / "x"), "--interpolate", "1", "2"]
+    assert main(two) == 2 and "stays within one class" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -557,8 +569,9 @@ def test_a_missing_data_folder_is_one_error_line_without_traceback(tmp_path, cap
 
 
 def test_commands_do_not_import_the_command_line():
-    source = Path(commands.__file__).read_text()
-    assert "ddpm_cars.cli" not in source and "from ddpm_cars import cli" not in source
+    for module in Path(commands.__file__).parent.glob("*.py"):
+        source = module.read_text()
+        assert "ddpm_cars.cli" not in source and "from ddpm_cars import cli" not in source, module.name
 
 
 @pytest.mark.parametrize(

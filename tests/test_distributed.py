@@ -101,31 +101,68 @@ def test_the_global_batch_must_split_over_the_processes():
     assert distributed.shard_indices(7, world) == [1, 4]
 
 
+def _sample_request(run_dir, out, **given):
+    from ddpm_cars.commands import SampleRequest
+
+    return SampleRequest(
+        Path(run_dir), Path(out), 5, seed=1, batch_size=2, device="cpu", sampling={"steps": 4}, **given
+    )
+
+
 def _sample_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
-    from ddpm_cars.commands import sample_run
+    from ddpm_cars.commands import sample
 
     _join(rank, world, port)
     try:
-        result = sample_run(
-            Path(run_dir), Path(out), 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4}
-        )
+        result = sample(_sample_request(run_dir, out))
         assert (result is None) == (rank != 0)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_sample_the_images_of_one(tmp_path):
-    from ddpm_cars.commands import sample_run
+    from ddpm_cars.commands import sample
 
     run = tmp_path / "run"
     train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
-    sample_run(run, tmp_path / "one", 5, seed=1, batch_size=2, device="cpu", sample_overrides={"steps": 4})
+    sample(_sample_request(run, tmp_path / "one"))
     mp.spawn(_sample_worker, args=(2, _free_port(), str(run), str(tmp_path / "two")), nprocs=2)
-    names = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) and len(names) == 5
+    _assert_same_images(tmp_path / "one", tmp_path / "two", 5)
+
+
+def _assert_same_images(one: Path, two: Path, count: int) -> None:
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert names == sorted(p.name for p in (two / "images").iterdir()) and len(names) == count
     for name in names:
-        a, b = (np.asarray(Image.open(tmp_path / d / "images" / name), dtype=int) for d in ("one", "two"))
+        a, b = (np.asarray(Image.open(d / "images" / name), dtype=int) for d in (one, two))
         assert np.abs(a - b).max() <= 1, name  # same seeds; other batches, so at most a rounding step apart
+
+
+def _interpolate_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    from ddpm_cars import generation
+    from ddpm_cars.commands import Interpolation, sample
+
+    _join(rank, world, port)
+    decode, decoded = generation.decode, []
+    generation.decode = lambda den, x_T, *a, **k: (decoded.append(x_T.shape[0]), decode(den, x_T, *a, **k))[1]
+    try:
+        sample(_sample_request(run_dir, out, interpolation=Interpolation(seeds=(3, 4), frames=5)))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, f"decoded_{rank}.json").write_text(json.dumps(sum(decoded)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_frames_of_an_interpolation(tmp_path):
+    from ddpm_cars.commands import Interpolation, sample
+
+    run = tmp_path / "run"
+    train(CONFIG.replace(train={"max_steps": 2}), run, device="cpu", progress=False)
+    sample(_sample_request(run, tmp_path / "one", interpolation=Interpolation(seeds=(3, 4), frames=5)))
+    mp.spawn(_interpolate_worker, args=(2, _free_port(), str(run), str(tmp_path / "two")), nprocs=2)
+    shares = [json.loads((tmp_path / "two" / f"decoded_{rank}.json").read_text()) for rank in (0, 1)]
+    assert shares == [3, 2]  # frames 0, 2, 4 and 1, 3: each rank decodes its share, not all five
+    _assert_same_images(tmp_path / "one", tmp_path / "two", 5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun end to end on Linux")

@@ -555,7 +555,7 @@ def test_fuzzed_train_flags_run_or_exit_2_with_one_line(flags, monkeypatch, tmp_
         started.append(config)
         return types.SimpleNamespace(step=0, last_loss=0.0, run_dir=run_dir)
 
-    monkeypatch.setattr(commands, "train_run", fake_train)
+    monkeypatch.setattr(commands.training, "train_run", fake_train)
     out = tmp_path / "never"
     code, err = run_cli(["train", "--out", out, *TINY] + [f"{flag}={value}" for flag, value in flags])
     if started:

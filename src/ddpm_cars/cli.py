@@ -17,12 +17,36 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from ddpm_cars.config import DEFAULT_GUIDANCE, Crop, DataConfig, DiffusionConfig, RunConfig, Schedule, Split
-from ddpm_cars.errors import UserError
+from ddpm_cars.config import (
+    DEFAULT_GUIDANCE,
+    RESAMPLE_EVERY,
+    Crop,
+    DataConfig,
+    DiffusionConfig,
+    RunConfig,
+    Schedule,
+    Split,
+)
+from ddpm_cars.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_FAILURE,
+    EXIT_OK,
+    RunDiverged,
+    UserError,
+    is_environment_failure,
+)
 from ddpm_cars.presets import DEFAULT_PRESET, PRESETS, SEED
 from ddpm_cars.validation import NON_NEGATIVE, POSITIVE, Limits, describe, field_types, is_optional, problem
 
 PROG = "ddpm-cars"
+EXIT_CODES = """\
+exit codes (RELIABILITY.md):
+  0    done
+  1    an environment failure (a full disk, a permission: one line) or a bug (its traceback)
+  2    bad input: an option, a path, a config, a data folder (one line)
+  3    a training run diverged (one line naming the checkpoint to resume from and what to try)
+  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM, after saving a checkpoint when training"""
 
 
 class Switch(argparse.BooleanOptionalAction):
@@ -115,17 +139,80 @@ def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return sections
 
 
-def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    """``ddpm_cars.commands.<name>``, imported when it runs: torch loads only once the arguments are good."""
+def _command(name: str, request: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    """``ddpm_cars.commands.<name>`` called with the typed request ``request(args)`` builds,
+    imported when it runs: torch loads only once the arguments are good."""
 
     def run(args: argparse.Namespace) -> int:
         from ddpm_cars import commands, parallel
 
-        code = getattr(commands, name)(args)
+        getattr(commands, name)(request(args))
         parallel.leave()  # under torchrun, every process finishes before any exits
-        return code
+        return EXIT_OK
 
     return run
+
+
+def _fields(kind: type, args: argparse.Namespace, **given: Any) -> Any:
+    """``kind(...)``, a request dataclass, from the parsed options of its fields' names and ``given``."""
+    names = {f.name for f in dataclasses.fields(kind)} - set(given)
+    return kind(**{name: getattr(args, name) for name in names if hasattr(args, name)}, **given)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return config_overrides(args).get("sample", {})
+
+
+def _train_request(args: argparse.Namespace) -> Any:
+    from ddpm_cars.commands import TrainRequest
+
+    return _fields(TrainRequest, args, overrides=config_overrides(args))
+
+
+def _sample_request(args: argparse.Namespace) -> Any:
+    from ddpm_cars.commands import ImageEdit, Interpolation, SampleRequest
+
+    if args.init_image is None and (args.mask is not None or args.strength is not None):
+        flag = "--mask" if args.mask is not None else "--strength"
+        raise UserError(f"{flag} needs --init-image, the image it applies to")
+    edit = None
+    if args.init_image is not None:
+        edit = ImageEdit(args.init_image, args.strength, args.mask, args.resample_jumps, args.resample_every)
+    elif args.resample_jumps or args.resample_every != RESAMPLE_EVERY:
+        raise UserError("--resample-jumps/--resample-every are RePaint's resampling: they need --mask")
+    ends = None
+    if args.interpolate is not None or args.interpolate_images is not None:
+        seeds, images = args.interpolate, args.interpolate_images
+        ends = Interpolation(seeds and tuple(seeds), images and tuple(images), args.frames)
+    return _fields(
+        SampleRequest, args, classes=tuple(args.classes or ()), edit=edit, interpolation=ends, sampling=_sampling(args)
+    )
+
+
+def _forward_request(args: argparse.Namespace) -> Any:
+    from ddpm_cars.commands import ForwardRequest
+
+    data = DataConfig(source=args.data, split=args.split, image_size=args.image_size, crop=args.crop)
+    diffusion = DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule)
+    return _fields(ForwardRequest, args, data=data, diffusion=diffusion)
+
+
+def _bench_request(args: argparse.Namespace) -> Any:
+    from ddpm_cars.benchmarks.bench import BenchSettings
+    from ddpm_cars.commands import BenchRequest
+
+    return BenchRequest(_fields(BenchSettings, args), json=args.json, command_line=tuple(args.argv))
+
+
+def _plain(kind: str, sampling: bool = False) -> Callable[[argparse.Namespace], Any]:
+    """The request ``ddpm_cars.commands.<kind>`` from the options of the same names (and the sampling options)."""
+
+    def build(args: argparse.Namespace) -> Any:
+        from ddpm_cars import commands
+
+        return _fields(getattr(commands, kind), args, **({"sampling": _sampling(args)} if sampling else {}))
+
+    return build
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +236,7 @@ def _train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train", help="train a model", description="Train a DDPM; checkpoints, samples and loss go to --out."
     )
-    train.set_defaults(func=_command("train"))
+    train.set_defaults(func=_command("train", _train_request))
     train.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory (required)")
     recipe = train.add_mutually_exclusive_group()
     recipe.add_argument(
@@ -181,14 +268,16 @@ def _train_parser(sub: Any) -> None:
     _add_config_options(train, PRESETS[DEFAULT_PRESET], f" in the {DEFAULT_PRESET} preset")
 
 
-SAMPLER_ADVICE = """\
-Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps;
-docs/benchmarks/samplers_eps.md, samplers_v.md):
-  eps models (improved preset): dpm++sde --steps 20 --spacing karras, the default, 38.3 against 37.4 for 1,000 steps;
-  ddpm --spacing uniform --steps 20 43.2, 35 35.3; ddim, dpm++, heun without churn keep noise at any steps (72-119);
-  heun --churn 20 --spacing karras --steps 25 35.5, 50 20.4.
-  v models: dpm++sde as above 22.3 against 22.2 for 1,000 steps; dpm++ --steps 10 --spacing karras 22.9;
-  heun --churn 20 --steps 10 --spacing karras (19 calls) 19.3."""
+SAMPLER_ADVICE = (  # three lines below the heading, as printed
+    "Picking a sampler (SWD x1e3, lower is better, on toy-car models trained 3,000 steps; "
+    "docs/benchmarks/samplers_eps.md, samplers_v.md):\n"
+    "  eps models (improved preset): dpm++sde --steps 20 --spacing karras, the default, 38.3 against 37.4 for "
+    "1,000 steps;\n"
+    "  ddpm --spacing uniform --steps 20 43.2, 35 35.3; ddim, dpm++, heun without churn keep noise at any steps "
+    "(72-119); heun --churn 20 --spacing karras --steps 25 35.5, 50 20.4.\n"
+    "  v models: dpm++sde as above 22.3 against 22.2 for 1,000 steps; dpm++ --steps 10 --spacing karras 22.9; "
+    "heun --churn 20 --steps 10 --spacing karras (19 calls) 19.3."
+)
 
 
 def _sample_parser(sub: Any) -> None:
@@ -199,7 +288,14 @@ def _sample_parser(sub: Any) -> None:
         epilog=SAMPLER_ADVICE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sample.set_defaults(func=_command("sample"))
+    sample.set_defaults(func=_command("sample", _sample_request))
+    _sample_run_and_output_options(sample)
+    _sample_class_options(sample)
+    _own_image_options(sample)
+    _sampling_options(sample)
+
+
+def _sample_run_and_output_options(sample: argparse.ArgumentParser) -> None:
     sample.add_argument(
         "--checkpoint",
         required=True,
@@ -233,6 +329,9 @@ def _sample_parser(sub: Any) -> None:
         help="also draw trajectory.png: image 0's x_t and predicted x_0 along the way (default: off)",
     )
     _ema_option(sample)
+
+
+def _sample_class_options(sample: argparse.ArgumentParser) -> None:
     sample.add_argument(
         "--class",
         dest="classes",
@@ -254,14 +353,17 @@ def _sample_parser(sub: Any) -> None:
             f"(default: {DEFAULT_GUIDANCE:g})"
         ),
     )
-    _own_image_options(sample)
-    _sampling_options(sample)
 
 
 def _own_image_options(sample: argparse.ArgumentParser) -> None:
     own = sample.add_argument_group(
         "variations, inpainting and interpolation", "Use the model on an image of your own, or between two seeds."
     )
+    _variation_and_inpainting_options(own)
+    _interpolation_options(own)
+
+
+def _variation_and_inpainting_options(own: argparse._ArgumentGroup) -> None:
     own.add_argument(
         "--init-image",
         type=Path,
@@ -302,10 +404,13 @@ def _own_image_options(sample: argparse.ArgumentParser) -> None:
     own.add_argument(
         "--resample-every",
         type=value_type(int, POSITIVE),
-        default=10,
+        default=RESAMPLE_EVERY,
         metavar="R",
         help="steps between RePaint's jumps back, and their length (default: 10)",
     )
+
+
+def _interpolation_options(own: argparse._ArgumentGroup) -> None:
     ends = own.add_mutually_exclusive_group()
     ends.add_argument(
         "--interpolate",
@@ -338,7 +443,7 @@ def _forward_parser(sub: Any) -> None:
     forward = sub.add_parser(
         "forward", help="picture the forward (noising) process", description="One image at about ten evenly spaced t."
     )
-    forward.set_defaults(func=_command("forward"))
+    forward.set_defaults(func=_command("forward", _forward_request))
     forward.add_argument(
         "--data",
         default="toy-cars",
@@ -394,7 +499,15 @@ def _eval_parser(sub: Any) -> None:
         "weights are available), and the nearest training image of each sample. Results go to RUN/eval/ and the "
         "run's report.html. --nll adds the likelihood bound on held-out images.",
     )
-    evaluate.set_defaults(func=_command("evaluate"))
+    evaluate.set_defaults(func=_command("evaluate", _plain("EvalRequest", sampling=True)))
+    _eval_source_options(evaluate)
+    _eval_sample_metric_options(evaluate)
+    _eval_likelihood_options(evaluate)
+    _eval_run_and_output_options(evaluate)
+    _sampling_options(evaluate)
+
+
+def _eval_source_options(evaluate: argparse.ArgumentParser) -> None:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--checkpoint",
@@ -414,6 +527,9 @@ def _eval_parser(sub: Any) -> None:
             "default toy-cars)"
         ),
     )
+
+
+def _eval_sample_metric_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--num-samples",
         type=value_type(int, POSITIVE),
@@ -452,6 +568,10 @@ def _eval_parser(sub: Any) -> None:
         metavar="DIR",
         help="where reference features are cached (default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)",
     )
+
+
+def _eval_likelihood_options(evaluate: argparse.ArgumentParser) -> None:
+    # --data, --split and --image-size pick the reference images of the sample metrics too
     evaluate.add_argument(
         "--nll",
         action="store_true",
@@ -485,6 +605,9 @@ def _eval_parser(sub: Any) -> None:
         metavar="K",
         help="--nll: estimate the KL sum from K random t per image instead of all T terms (default: all, exact)",
     )
+
+
+def _eval_run_and_output_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--batch-size", type=value_type(int, POSITIVE), default=64, help="images per network call (default: 64)"
     )
@@ -506,7 +629,6 @@ def _eval_parser(sub: Any) -> None:
         metavar="FILE",
         help="also write the numbers to this JSON file (default: none)",
     )
-    _sampling_options(evaluate)
 
 
 def _guidance_parser(sub: Any) -> None:
@@ -517,7 +639,7 @@ def _guidance_parser(sub: Any) -> None:
         "a small classifier trained on the run's real images: the share classified as the class asked for, overall and "
         "per class, into guidance.json, and guidance.png with one row per class.",
     )
-    guidance.set_defaults(func=_command("guidance"))
+    guidance.set_defaults(func=_command("guidance", _plain("GuidanceRequest", sampling=True)))
     guidance.add_argument(
         "run", type=Path, metavar="RUN", help="class-conditional run directory or checkpoint directory (required)"
     )
@@ -563,7 +685,7 @@ def _classes_parser(sub: Any) -> None:
         help="list the classes a class-conditional run can draw",
         description="Print the index and name of each class of a class-conditional run, for `sample --class`.",
     )
-    classes.set_defaults(func=_command("classes"))
+    classes.set_defaults(func=_command("classes", _plain("ClassesRequest")))
     classes.add_argument("run", type=Path, metavar="RUN", help="run directory or checkpoint directory (required)")
 
 
@@ -576,7 +698,7 @@ def _report_and_demo_parsers(sub: Any) -> None:
             "metrics and memorisation check."
         ),
     )
-    report.set_defaults(func=_command("report"))
+    report.set_defaults(func=_command("report", _plain("ReportRequest")))
     report.add_argument("run", type=Path, metavar="RUN", help="run directory (required)")
     report.add_argument(
         "--out", type=Path, default=None, metavar="FILE", help="HTML file to write (default: RUN/report.html)"
@@ -587,7 +709,7 @@ def _report_and_demo_parsers(sub: Any) -> None:
         help="train a small model on toy cars and draw every figure",
         description="Train, sample and draw all figures into --out, in minutes on a CPU.",
     )
-    demo.set_defaults(func=_command("demo"))
+    demo.set_defaults(func=_command("demo", _plain("DemoRequest")))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     demo.add_argument(
         "--steps",
@@ -611,7 +733,7 @@ def _exchange_parsers(sub: Any) -> None:
         description="Write a run's network and "
         "schedule as a folder that diffusers.DDPMPipeline.from_pretrained loads, with a model card (README.md).",
     )
-    export.set_defaults(func=_command("export"))
+    export.set_defaults(func=_command("export", _plain("ExportRequest")))
     export.add_argument(
         "run", type=Path, metavar="RUN", help="run directory (latest checkpoint) or a checkpoint directory (required)"
     )
@@ -626,7 +748,7 @@ def _exchange_parsers(sub: Any) -> None:
         description="Turn a diffusers folder written "
         "by `ddpm-cars export` into a run directory that sample, eval and train --init-from take.",
     )
-    imported.set_defaults(func=_command("import_run"))
+    imported.set_defaults(func=_command("import_run", _plain("ImportRequest")))
     imported.add_argument("folder", type=Path, metavar="DIR", help="the exported folder (required)")
     imported.add_argument(
         "--out", required=True, type=Path, metavar="RUN_DIR", help="run directory to create (required)"
@@ -639,7 +761,30 @@ def _bench_parser(sub: Any) -> None:
         help="measure parameters, FLOPs, training and sampling speed and memory of the presets",
         description="Benchmark each preset's network at each precision on this device and print a Markdown table.",
     )
-    bench.set_defaults(func=_command("bench"))
+    bench.set_defaults(func=_command("bench", _bench_request))
+    _bench_subject_options(bench)
+    _bench_method_options(bench)
+    bench.add_argument(
+        "--peak-tflops",
+        type=value_type(float, Limits(low=0, low_open=True)),
+        default=None,
+        metavar="TFLOPS",
+        help=(
+            "the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; "
+            "none on CPUs)"
+        ),
+    )
+    _device_option(bench)
+    bench.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the rows and metadata to this JSON file (default: none)",
+    )
+
+
+def _bench_subject_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--presets",
         default="seed,improved",
@@ -664,6 +809,9 @@ def _bench_parser(sub: Any) -> None:
         default=None,
         help="images per training step and per sampling batch (default: 128 on CUDA, 8 on CPU)",
     )
+
+
+def _bench_method_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--repeats",
         type=value_type(int, POSITIVE),
@@ -708,29 +856,57 @@ def _bench_parser(sub: Any) -> None:
         metavar="SOURCE",
         help="the data of --loop: toy-cars, stanford-cars or an image folder (default: toy-cars)",
     )
-    bench.add_argument(
-        "--peak-tflops",
-        type=value_type(float, Limits(low=0, low_open=True)),
-        default=None,
-        metavar="TFLOPS",
-        help=(
-            "the device's peak for the precisions measured, for the MFU column (default: the table of common GPUs; "
-            "none on CPUs)"
-        ),
+
+
+def _cache_parser(sub: Any) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="list the cached datasets and reference features, or remove some",
+        description="List what the cache folder holds -- decoded datasets (data/) and reference images' features "
+        "(reference/) -- with each entry's size, last use, build time and source, or remove entries: all of them, "
+        "those not used for DAYS days, or the least recently used until the rest fits in GB gigabytes. Set "
+        "DDPM_CARS_CACHE_MAX_GB (a positive number of gigabytes) to bound the cache automatically: writing an entry "
+        "then evicts the least recently used others until the cache fits. Entries being built are left alone.",
     )
-    _device_option(bench)
-    bench.add_argument(
-        "--json",
+
+    def run(args: argparse.Namespace) -> int:
+        from ddpm_cars.caches import CacheRequest, cache_command  # no torch: the cache is files
+
+        return cache_command(CacheRequest(args.cache_dir, args.clear, args.older_than, args.max_size))
+
+    cache.set_defaults(func=run)
+    cache.add_argument(
+        "--cache-dir",
         type=Path,
         default=None,
-        metavar="FILE",
-        help="also write the rows and metadata to this JSON file (default: none)",
+        metavar="DIR",
+        help="the cache folder, holding data/ and reference/; a --data-cache folder works too "
+        "(default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)",
+    )
+    cache.add_argument("--clear", action="store_true", help="remove every entry (default: off)")
+    cache.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="remove the entries not used in the last DAYS days (default: none)",
+    )
+    cache.add_argument(
+        "--max-size",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="remove the least recently used entries until the rest fits in GB gigabytes of 10^9 bytes "
+        "(default: none; DDPM_CARS_CACHE_MAX_GB applies a limit on every write)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train DDPMs on cars (or any images) and generate new ones."
+        prog=PROG,
+        description="Train DDPMs on cars (or any images) and generate new ones.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
@@ -742,29 +918,39 @@ def build_parser() -> argparse.ArgumentParser:
     _report_and_demo_parsers(sub)
     _exchange_parsers(sub)
     _bench_parser(sub)
+    _cache_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` asks for and return its exit code (see :data:`EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
-    args.overrides = config_overrides(args)
     try:
         return args.func(args)
     except UserError as err:  # bad input the user can fix (MissingFileError included)
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a lost mount: the run's checkpoints stay as they were
+        return EXIT_BAD_INPUT
+    except RunDiverged as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
+    except OSError as err:  # a full disk, a lost mount: the run's checkpoints stay as they were
+        if not is_environment_failure(err):
+            return _bug()
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt as err:  # exit codes as a shell reports a signal: 130 for SIGINT, 143 for SIGTERM
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"{PROG}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except Exception:  # anything else is a bug in ddpm-cars, not in what the user asked
-        traceback.print_exc()
-        print(
-            f"{PROG}: internal error: this is a bug in {PROG}; please report it with the traceback above",
-            file=sys.stderr,
-        )
-        return 1
+        return _bug()
+
+
+def _bug() -> int:
+    """The exception being handled, a bug in ddpm-cars: its traceback and a line saying so."""
+    traceback.print_exc()
+    print(
+        f"{PROG}: internal error: this is a bug in {PROG}; please report it with the traceback above", file=sys.stderr
+    )
+    return EXIT_FAILURE
