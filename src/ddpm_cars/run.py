@@ -270,7 +270,7 @@ class Run:
     """A trained run: its directory, the checkpoint chosen, and its config.
 
     ``Run.open(path)`` takes a run directory (its latest checkpoint) or a checkpoint
-    directory; ``sample`` overrides the config's sampling settings (``{"steps": 50}``).
+    directory; ``run.with_sampling({"steps": 50})`` overrides the config's sampling settings.
     """
 
     dir: Path
@@ -278,9 +278,9 @@ class Run:
     config: RunConfig
 
     @classmethod
-    def open(cls, path: str | Path, *, sample: dict[str, Any] | None = None) -> Run:
+    def open(cls, path: str | Path) -> Run:
         run_dir, checkpoint = resolve_checkpoint(path)
-        return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE)).with_sampling(sample or {})
+        return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE))
 
     def with_sampling(self, sample: dict[str, Any]) -> Run:
         """This run with its config's sampling settings overridden (``{"steps": 50}``)."""

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cars.config import DataConfig, RunConfig
+from ddpm_cars.config import DataConfig
 from ddpm_cars.data import build_dataset
-from ddpm_cars.data.dataset import to_model_range, to_uint8
+from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.evaluation.inception import InceptionFeatures, InceptionUnavailable, resolve_weights
 from ddpm_cars.evaluation.memorization import MemorizationCheck, memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.files import atomic_write_text
-from ddpm_cars.parallel import World, generate_across_ranks
-from ddpm_cars.run import Run
 from ddpm_cars.viz import save_distance_histogram, save_rows
 
 EVAL_DIR = "eval"
@@ -70,25 +68,6 @@ def load_inception(
         return InceptionFeatures(resolve_weights(weights, download=download), device), None
     except InceptionUnavailable as err:
         return None, str(err)
-
-
-def checkpoint_samples(
-    run: Path,
-    num: int,
-    seed: int,
-    sample_overrides: dict,
-    batch_size: int,
-    device: torch.device,
-    ema: bool = True,
-    world: World = World(),
-) -> tuple[torch.Tensor | None, RunConfig, Path]:
-    """``num`` uint8 samples from a run's checkpoint, with its sample settings overridden;
-    shared out over the processes of ``world`` and gathered on rank 0 (None elsewhere)."""
-    trained = Run.open(run, sample=sample_overrides)
-    images = generate_across_ranks(
-        trained.denoiser(ema=ema, device=device), num, trained.config.sample, world, seed=seed, batch_size=batch_size
-    )
-    return (to_uint8(images) if images is not None else None), trained.config, trained.checkpoint
 
 
 def score(
