@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import types
@@ -32,7 +33,12 @@ TINY = [
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    # the session's data cache (conftest): nothing under the user's home
+    env = {
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "PATH": "/usr/bin:/bin",
+        "DDPM_CARS_CACHE": os.environ["DDPM_CARS_CACHE"],
+    }
     return subprocess.run(
         [sys.executable, "-m", "ddpm_cars", *args], capture_output=True, text=True, env=env, timeout=300
     )
