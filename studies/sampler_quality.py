@@ -59,6 +59,7 @@ from ddpm_cars.parallel import resolve_device
 from ddpm_cars.run import EMA_FILE, MODEL_FILE, Run
 from ddpm_cars.runtime import resolve_precision
 from ddpm_cars.viz import save_grid
+from studies.provenance import provenance
 
 SETTINGS = "ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpm++:50,dpm++:20,dpm++:10"
 Setting = tuple[str, int, str, dict[str, bool | float | str]]  # sampler, steps, spacing, other sampling fields
@@ -173,10 +174,12 @@ class ScoreRecord:
     nothing measured is lost when a long campaign stops. ``identity`` (weights, device,
     precision, group size, seed) must match for a line to count; of two lines for one
     group the later wins; a line cut short by a crash is ignored; a line older than a
-    sampling field reads as drawn with :data:`ADDED_FIELDS`' value of it."""
+    sampling field reads as drawn with :data:`ADDED_FIELDS`' value of it. Each new line also
+    records its ``provenance`` (the command, the commit and the machine's kind); lines
+    written before that have none and count as older (:func:`older`)."""
 
-    def __init__(self, path: Path, identity: dict[str, object]):
-        self.path, self.identity = path, identity
+    def __init__(self, path: Path, identity: dict[str, object], provenance: dict[str, str] | None = None):
+        self.path, self.identity, self.provenance = path, identity, provenance or {}
         self.groups: dict[tuple[str, int], dict] = {}
         lines = path.read_text().splitlines() if path.is_file() else []
         for line in lines:
@@ -211,6 +214,7 @@ class ScoreRecord:
             "img_s": rate,
             "scores": scores,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "provenance": self.provenance,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
@@ -219,6 +223,11 @@ class ScoreRecord:
             os.fsync(f.fileno())
         self.groups[self._key(entry["sample"], group)] = entry
         return entry
+
+
+def older(entries: list[dict]) -> int:
+    """How many of ``entries`` were recorded before lines named their command, commit and machine."""
+    return sum(1 for entry in entries if not entry.get("provenance"))
 
 
 def _number_or_text(text: str) -> bool | float | str:
@@ -338,6 +347,7 @@ def main() -> None:
             "num": args.num,
             "seed": 0,
         },
+        provenance(device),
     )
     train = build_dataset(config.data, progress=False).images
     groups = range(args.first_group, args.first_group + args.groups)
@@ -362,7 +372,7 @@ def main() -> None:
     )
     print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
     print(_row("held-out real images", "", "", floor, levels), flush=True)
-    rows, results = [], {}
+    rows, results, shown_entries = [], {}, []
     for budget, (sampler, steps, spacing, extra) in settings:
         name, trained = label(sampler, spacing, extra), denoiser.schedule.timesteps
         if steps > trained or budget in results.get(name, {}):  # said aside, so that the table stays whole
@@ -373,7 +383,7 @@ def main() -> None:
         entries, shown = draw_groups(
             denoiser, sample, record, groups, args.num, args.batch_size, train, args.redraw, name
         )
-        metrics = [entry["scores"] for entry in entries]
+        metrics, shown_entries = [entry["scores"] for entry in entries], shown_entries + entries
         rate = statistics.fmean(entry["img_s"] for entry in entries)
         calls = network_calls(sampler, steps)
         print(
@@ -392,6 +402,11 @@ def main() -> None:
             rows.append(shown[:6])
     if grid and results:
         print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))
+    if older(shown_entries):
+        print(
+            f"\n{older(shown_entries)} of the {len(shown_entries)} groups above come from record lines written "
+            "before lines named their command, commit and machine"
+        )
     if args.out is not None and rows:
         save_grid(torch.cat(rows), args.out, nrow=6)
         print(f"\nWrote {args.out}: one row per setting, in the table's order")

@@ -3,6 +3,7 @@ sampler study end to end on a run trained for two steps."""
 
 import dataclasses
 import json
+import re
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from ddpm_cars import training
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
+from ddpm_cars.runtime import cpu_kind
 from studies import editing_quality, offline_metric, sampler_quality
 
 
@@ -147,6 +149,8 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(
 
     monkeypatch.setattr(sampler_quality, "generate", counting_generate)
 
+    printed = []
+
     def table(*extra):
         drawn.clear()
         monkeypatch.setattr(
@@ -167,6 +171,7 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(
         )
         sampler_quality.main()
         out, err = capsys.readouterr()
+        printed.append(out)
         row = [line for line in out.splitlines() if line.startswith("| ddpm |")][0].split(" | ")
         return row[:2] + row[3:], err, list(drawn)  # all but the img/s cell
 
@@ -189,6 +194,24 @@ def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(
 
     ours = json.loads(record.read_text().splitlines()[0])["identity"]
     assert ours["device"] == "cpu" and ours["precision"] == "fp32" and ours["num"] == 6 and len(ours["weights"]) == 16
+    made = json.loads(record.read_text().splitlines()[0])["provenance"]  # what draws the line again
+    assert (
+        made["command"].startswith("python -m studies.sampler_quality --run ")
+        and "--settings ddpm:4" in made["command"]
+    )
+    assert made["machine"] == f"CPU, {cpu_kind()}" and re.fullmatch(r"[0-9a-f]{7,}(-dirty)?|unknown", made["commit"])
+    assert "written before lines named" not in printed[-1]
+
+    # a line written before lines named their command, commit and machine still counts, said once
+    unnamed = []
+    for line in record.read_text().splitlines():
+        try:
+            unnamed.append({k: v for k, v in json.loads(line).items() if k != "provenance"})
+        except json.JSONDecodeError:  # the line the crash cut short
+            pass
+    record.write_text("".join(json.dumps(entry) + "\n" for entry in unnamed))
+    table("--groups", "2")
+    assert "2 of the 2 groups above come from record lines written before" in printed[-1]
     sample = dataclasses.replace(tiny_config.sample, sampler="ddpm", steps=4)
     assert sampler_quality.ScoreRecord(record, ours).get(sample, 0) is not None
     assert sampler_quality.ScoreRecord(record, {**ours, "weights": "0" * 16}).get(sample, 0) is None  # another model

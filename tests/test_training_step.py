@@ -184,6 +184,19 @@ def test_the_masked_average_moves_only_where_the_step_applied():
     )
 
 
+def test_the_cpu_kind_is_named_by_its_bfloat16_instructions(tmp_path):
+    flags = tmp_path / "cpuinfo"
+    for line, kind in [
+        ("fpu sse2 avx2 fma", "AVX2"),
+        ("fpu avx2 avx512f avx512_bf16", "AVX-512 BF16"),
+        ("fpu avx2 avx512_bf16 amx_bf16 amx_tile", "AMX"),
+        ("fpu sse2", "other"),
+    ]:
+        flags.write_text(f"processor\t: 0\nflags\t\t: {line}\n")
+        assert runtime.cpu_kind(flags) == kind, line
+    assert runtime.cpu_kind(tmp_path / "missing") == "unknown"
+
+
 def test_auto_precision_follows_the_device(tmp_path, monkeypatch):
     flags = tmp_path / "cpuinfo"
     flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")

@@ -38,6 +38,20 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The kind of CPU as the benchmarks name it: "AMX", "AVX-512 BF16", "AVX2" (no bfloat16
+    instructions) or "other"; "unknown" where the flags cannot be read (other than Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown"
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    for flag, kind in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx2", "AVX2")):
+        if flag in flags:
+            return kind
+    return "other"
+
+
 def resolve_precision(precision: Precision, device: torch.device | str) -> Precision:
     """The precision ``precision`` means on ``device``: itself, or for ``auto`` bf16 on
     CUDA GPUs with bfloat16, else fp16 on CUDA, bf16 on CPUs with native bfloat16 and
