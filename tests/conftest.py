@@ -32,7 +32,20 @@ def _data_cache_in_tmp(tmp_path_factory):
     folder: nothing is written under the user's home, and toy cars are generated once."""
     import os
 
-    os.environ["DDPM_CARS_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ["DDPM_CARS_CACHE"] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def judge_16px(_data_cache_in_tmp):
+    """The ``judge/`` folder of the session's cache folder, holding the toy-car judge at 16 px
+    (trained at its first use): tests with a cache folder of their own copy it rather than
+    train the judge again."""
+    from ddpm_cars.evaluation.judge import load_judge
+
+    load_judge(16, cache_dir=_data_cache_in_tmp)
+    return _data_cache_in_tmp / "judge"
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""The cache folder: entries of both kinds listed with their size, source and times, removed
-by age, by size (least recently used first) or all, bounded on every write by
-$DDPM_CARS_CACHE_MAX_GB, and ``ddpm-cars cache`` on top."""
+"""The cache folder: entries of every kind (data, reference features, the toy-car judge)
+listed with their size, source and times, removed by age, by size (least recently used
+first) or all, bounded on every write by $DDPM_CARS_CACHE_MAX_GB, and ``ddpm-cars cache``
+on top."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ from ddpm_cars.cli import main
 from ddpm_cars.config import DataConfig
 from ddpm_cars.data import build_dataset, cache
 from ddpm_cars.errors import UserError
+from ddpm_cars.evaluation.class_accuracy import ClassifierTraining
+from ddpm_cars.evaluation.judge import JudgeRecipe, describe_judge, load_judge
 from ddpm_cars.evaluation.reference import cached_features
 
 DAY = 86400
+SMALL_JUDGE = JudgeRecipe(images=32, training=ClassifierTraining(steps=2, batch_size=16))
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +48,12 @@ def features_entry(root: Path, count: int = 6, description: str = "toy-cars-trai
     images = torch.arange(count * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 3, 4, 4)
     cached_features(images, description, "mean", lambda x: x.flatten(1).double().mean(1, keepdim=True), root)
     return only(root / "reference", f"{description}_n{count}_")
+
+
+def judge_entry(root: Path, size: int = 16) -> Path:
+    """A judge entry under ``root/judge``: a small recipe's weights, trained at first use."""
+    load_judge(size, SMALL_JUDGE, root)
+    return only(root / "judge", f"toy-cars-judge_{size}px_")
 
 
 def only(folder: Path, prefix: str, keep=lambda p: True) -> Path:
@@ -66,7 +76,7 @@ def image_folder(root: Path, count: int = 4) -> Path:
 
 def used_at(entry: Path, seconds: float) -> None:
     """Set an entry's last use (what opening it records) to ``seconds``."""
-    marker = entry / cache.META if entry.is_dir() else caches.features_marker(entry)
+    marker = entry / cache.META if entry.is_dir() else caches.used_marker(entry)
     os.utime(marker, (seconds, seconds))
 
 
@@ -77,17 +87,18 @@ def by_path(entries: list[CacheEntry]) -> dict[Path, CacheEntry]:
 # --- listing ---------------------------------------------------------------------
 
 
-def test_entries_of_both_kinds_list_their_size_source_and_times(tmp_path):
+def test_entries_of_every_kind_list_their_size_source_and_times(tmp_path):
     started = time.time()
-    toy, features = toy_entry(tmp_path), features_entry(tmp_path)
+    toy, features, judge = toy_entry(tmp_path), features_entry(tmp_path), judge_entry(tmp_path)
     entries = by_path(caches.list_entries(tmp_path))
-    assert set(entries) == {toy, features}
-    assert entries[toy].kind == "data" and entries[features].kind == "features"
+    assert set(entries) == {toy, features, judge}
+    assert entries[toy].kind == "data" and entries[features].kind == "features" and entries[judge].kind == "judge"
     for path, entry in entries.items():
         assert entry.size == disk_bytes(path) > 0
         assert started - 1 <= entry.built <= entry.last_used <= time.time()
     assert entries[toy].source == "toy-cars (seed 0, 20 images)"
     assert entries[features].source == "toy-cars-train-16px (6 images, mean)"
+    assert entries[judge].source == describe_judge(16, SMALL_JUDGE)
     assert json.loads((toy / cache.META).read_text())["source"] == "toy-cars (seed 0, 20 images)"
 
 
@@ -100,14 +111,15 @@ def test_a_folder_entry_records_the_full_path_of_its_folder(tmp_path, monkeypatc
 
 
 def test_opening_an_entry_records_its_last_use(tmp_path):
-    toy, features = toy_entry(tmp_path), features_entry(tmp_path)
+    toy, features, judge = toy_entry(tmp_path), features_entry(tmp_path), judge_entry(tmp_path)
     long_ago = time.time() - 30 * DAY
-    for path in (toy, features):
+    for path in (toy, features, judge):
         used_at(path, long_ago)
     before = caches.list_entries(tmp_path)
     assert all(e.last_used == pytest.approx(long_ago) for e in before)
     toy_entry(tmp_path)  # opened from the cache
     features_entry(tmp_path)
+    judge_entry(tmp_path)
     after = caches.list_entries(tmp_path)
     assert all(e.last_used > long_ago + 29 * DAY for e in after)
     assert {e.path: e.built for e in after} == {e.path: e.built for e in before}  # opened, not rebuilt
@@ -117,7 +129,7 @@ def test_a_read_only_marker_never_fails_a_run(tmp_path, monkeypatch):
     toy = toy_entry(tmp_path)
     monkeypatch.setattr(Path, "touch", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "read-only")))
     assert build_dataset(DataConfig(source="toy-cars", image_size=16, toy_count=20, cache=str(toy.parent)), False)
-    assert features_entry(tmp_path).is_file()
+    assert features_entry(tmp_path).is_file() and judge_entry(tmp_path).is_file()
 
 
 def test_entries_written_before_the_record_list_as_unknown_used_when_last_written(tmp_path):
@@ -146,11 +158,14 @@ def test_builds_in_progress_locks_and_temporary_files_are_not_entries(tmp_path):
     (partial / cache.META).write_text("{}")
     (tmp_path / "reference").mkdir()
     (tmp_path / "reference" / ".x.safetensors.123.tmp").write_bytes(b"half")
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / ".y.safetensors.456.tmp").write_bytes(b"half")
     (tmp_path / "data" / "notes").mkdir()  # not of the cache's layout
     assert [e.path for e in caches.list_entries(tmp_path)] == [toy]
     assert main(["cache", "--cache-dir", str(tmp_path), "--clear"]) == 0
     assert partial.is_dir() and caches.lock_path(toy).is_file() and (tmp_path / "data" / "notes").is_dir()
     assert (tmp_path / "reference" / ".x.safetensors.123.tmp").is_file() and not toy.exists()
+    assert (tmp_path / "judge" / ".y.safetensors.456.tmp").is_file()
 
 
 def test_a_data_cache_folder_of_its_own_lists_too(tmp_path):
@@ -207,7 +222,11 @@ def test_remove_touches_nothing_outside_the_cache_layout(tmp_path):
     (stranger / "meta.json").write_text("{}")  # no images: not a data entry
     lone = tmp_path / "notes.safetensors"  # not in a reference/ folder
     lone.write_bytes(b"x")
-    fake = [CacheEntry("data", stranger, 2, "?", 0, 0), CacheEntry("features", lone, 1, "?", 0, 0)]
+    fake = [
+        CacheEntry("data", stranger, 2, "?", 0, 0),
+        CacheEntry("features", lone, 1, "?", 0, 0),
+        CacheEntry("judge", lone, 1, "?", 0, 0),
+    ]
     assert caches.remove(fake) == [] and stranger.is_dir() and lone.is_file()
 
 
@@ -230,6 +249,18 @@ def test_the_size_limit_evicts_least_recently_used_entries_when_one_is_written(t
     assert [e.kind for e in caches.list_entries(tmp_path)] == ["data"]
 
 
+def test_judge_entries_are_removed_by_age_and_bound_the_cache_when_written(tmp_path, monkeypatch):
+    toy, judge = toy_entry(tmp_path), judge_entry(tmp_path)
+    now = time.time()
+    used_at(judge, now - 10 * DAY)
+    stale = caches.older_than(caches.list_entries(tmp_path), 5, now)
+    assert [e.path for e in caches.remove(stale)] == [judge]
+    assert not judge.exists() and not caches.used_marker(judge).exists() and toy.is_dir()
+    monkeypatch.setenv(caches.MAX_GB_ENV, "1e-9")  # 1 byte: writing the judge evicts the rest
+    judge = judge_entry(tmp_path)  # trained again: it was removed
+    assert [(e.kind, e.path) for e in caches.list_entries(tmp_path)] == [("judge", judge)] and not toy.exists()
+
+
 def test_a_bad_size_limit_warns_and_bounds_nothing(tmp_path, monkeypatch):
     toy_entry(tmp_path, 20)
     for bad in ("lots", "-1", "0", "nan"):
@@ -246,14 +277,15 @@ def test_a_bad_size_limit_warns_and_bounds_nothing(tmp_path, monkeypatch):
 
 
 def test_cache_command_lists_a_table_with_a_total(tmp_path, capsys):
-    toy, features = toy_entry(tmp_path), features_entry(tmp_path)
+    toy, features, judge = toy_entry(tmp_path), features_entry(tmp_path), judge_entry(tmp_path)
     assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["kind", "size", "last", "used", "built", "source"]
     assert any(line.startswith("data ") and "toy-cars (seed 0, 20 images)" in line for line in out)
     assert any(line.startswith("features ") and "toy-cars-train-16px (6 images, mean)" in line for line in out)
-    total = caches.human_size(disk_bytes(toy) + disk_bytes(features))
-    assert out[-1] == f"Total: 2 entries, {total} in {tmp_path}" and len(out) == 4
+    assert any(line.startswith("judge ") and "toy-car judge: " in line and "at 16 px" in line for line in out)
+    total = caches.human_size(disk_bytes(toy) + disk_bytes(features) + disk_bytes(judge))
+    assert out[-1] == f"Total: 3 entries, {total} in {tmp_path}" and len(out) == 5
 
 
 def test_cache_command_uses_the_default_folder_and_an_empty_one_is_fine(tmp_path, monkeypatch, capsys):

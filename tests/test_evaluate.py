@@ -1,8 +1,10 @@
-"""``ddpm-cars eval`` and ``--eval-every`` end to end on a tiny run: the offline metric
-always, FID/KID with (random stand-in) Inception weights, a clear reason when they are
-skipped, the reference cache, the memorisation check, metrics.csv and the report."""
+"""``ddpm-cars eval`` and ``--eval-every`` end to end on a tiny run: the offline metrics
+(SWD, FD/KID on the toy-car judge's features) always, FID/KID with (random stand-in)
+Inception weights, a clear reason when they are skipped, the reference cache, the
+memorisation check, metrics.csv and the report."""
 
 import json
+import shutil
 import urllib.error
 
 import pytest
@@ -16,10 +18,12 @@ from ddpm_cars.training.periodic_eval import METRICS_CSV, read_metrics_log
 
 
 @pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    """No weights in torch's hub cache, downloads fail, caches under tmp_path."""
+def _offline(tmp_path, monkeypatch, judge_16px):
+    """No weights in torch's hub cache, downloads fail, caches under tmp_path (the 16 px
+    toy-car judge copied there, as its first use left it)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("DDPM_CARS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(judge_16px, tmp_path / "cache" / "judge")
 
     def offline(url, dst, progress=True):
         raise urllib.error.URLError("Temporary failure in name resolution")
@@ -41,11 +45,24 @@ def test_eval_offline_reports_the_offline_metric_and_says_why_fid_was_skipped(ru
     assert main(["eval", "--checkpoint", str(run), *EVAL]) == 0
     out = capsys.readouterr().out
     assert "SWD x1e3" in out and "precision / recall on 16x16 pixels" in out and "memorisation" in out
+    assert "FD / KID on toy-car judge features (lower is better): FD " in out
     assert "FID and KID skipped: FID and KID need the Inception weights weights-inception-2015-12-05" in out
     assert "download failed" in out and "--inception-weights" in out
     summary = json.loads((run / "eval" / "metrics.json").read_text())
     metrics = summary["metrics"]
-    assert set(metrics) == {"swd", "swd_16", "precision_pixels", "recall_pixels"} and metrics["swd"] > 0
+    assert set(metrics) == {
+        "swd",
+        "swd_16",
+        "precision_pixels",
+        "recall_pixels",
+        "judge_fd",
+        "judge_kid",
+        "judge_kid_std",
+    }
+    assert metrics["swd"] > 0 and metrics["judge_fd"] > 0 and metrics["judge_kid_std"] >= 0
+    assert summary["judge_features"].startswith("toy-car judge: ") and "at 16 px" in summary["judge_features"]
+    (judge,) = (run.parent / "cache" / "judge").iterdir()  # read from the cache folder, not trained again
+    assert judge.name.startswith("toy-cars-judge_16px_") and judge.suffix == ".safetensors"
     assert summary["num_samples"] == 12 and summary["sampler"] == "ddpm" and summary["steps"] == 4
     assert "weights-inception" in summary["fid_skipped"]
     assert summary["memorization"]["heldout_to_train_median"] > 0
@@ -53,6 +70,7 @@ def test_eval_offline_reports_the_offline_metric_and_says_why_fid_was_skipped(ru
         assert Image.open(run / "eval" / picture).size[0] > 100
     report = (run / "report.html").read_text()
     assert "weights-inception-2015-12-05" in report and "metrics.swd" in report
+    assert "metrics.judge_fd (Frechet distance on toy-car judge features, lower is better)" in report
 
 
 def test_eval_with_inception_weights_gives_fid_and_kid_and_caches_the_reference(
@@ -73,11 +91,12 @@ def test_eval_with_inception_weights_gives_fid_and_kid_and_caches_the_reference(
     first = json.loads((tmp_path / "a.json").read_text())
     assert {"fid", "kid", "kid_std", "precision", "recall"} <= set(first["metrics"]) and "fid_skipped" not in first
     assert first["metrics"]["fid"] > 0 and "feature_sample_to_train_median" in first["memorization"]
-    entries = list((tmp_path / "cache" / "reference").iterdir())
-    assert len(entries) == 1 and "toy-cars-48-train-16px_n48" in entries[0].name
-    stamp = entries[0].stat().st_mtime_ns
+    entries = sorted((tmp_path / "cache" / "reference").iterdir())  # Inception's features and the judge's
+    assert len(entries) == 2 and all("toy-cars-48-train-16px_n48" in e.name for e in entries)
+    assert [e.name.endswith(".safetensors") and "toy-cars-judge_16px" in e.name for e in entries].count(True) == 1
+    stamps = [e.stat().st_mtime_ns for e in entries]
     assert main(args[:-1] + [str(tmp_path / "b.json")]) == 0  # the same request again
-    assert entries[0].stat().st_mtime_ns == stamp and len(list(entries[0].parent.iterdir())) == 1
+    assert [e.stat().st_mtime_ns for e in entries] == stamps and sorted(entries[0].parent.iterdir()) == entries
     assert json.loads((tmp_path / "b.json").read_text())["metrics"] == first["metrics"]
 
 
@@ -116,6 +135,7 @@ def test_eval_every_logs_metrics_and_resume_keeps_the_log_consistent(tmp_path, t
     train(config, tmp_path / "run", progress=False)
     rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)
     assert [r["step"] for r in rows] == [2, 4] and all(r["swd"] > 0 and 0 <= r["recall_pixels"] <= 1 for r in rows)
+    assert all(r["judge_fd"] > 0 and r["judge_kid_std"] >= 0 for r in rows)
     assert (tmp_path / "run" / "metrics.png").is_file()
     train(config.replace(train={"max_steps": 6}), tmp_path / "run", resume=True, progress=False)
     rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)

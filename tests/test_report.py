@@ -178,6 +178,20 @@ def test_evaluation_flattened_and_formatted(full_run: Path) -> None:
     assert "fid_skipped" not in row  # shown in the note box instead
 
 
+def test_the_judge_metrics_say_what_they_measure(full_run: Path) -> None:
+    evaluation = json.loads((full_run / "eval" / "metrics.json").read_text())
+    evaluation["metrics"].update({"judge_fd": 1.25, "judge_kid": 0.0123, "judge_kid_std": 0.002})
+    (full_run / "eval" / "metrics.json").write_text(json.dumps(evaluation))
+    (full_run / "metrics.csv").write_text("step,swd,judge_fd\n100,12.3,2.5\n")
+    _, page = _page(full_run)
+    row = dict(zip(page.cells[::2], page.cells[1::2]))
+    assert row["metrics.judge_fd (Frechet distance on toy-car judge features, lower is better)"] == "1.25"
+    assert row["metrics.judge_kid (KID on toy-car judge features, lower is better)"] == "0.0123"
+    assert row["metrics.judge_kid_std (std of judge_kid over subsets)"] == "0.002"
+    assert row["judge_fd (Frechet distance on toy-car judge features, lower is better)"] == "2.5"  # metrics.csv
+    assert row["metrics.swd"] == "12.35"  # names that say what they are stay as they are
+
+
 def test_summary_and_last_metrics_row(full_run: Path) -> None:
     text, page = _page(full_run)
     row = dict(zip(page.cells[::2], page.cells[1::2]))

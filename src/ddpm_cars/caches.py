@@ -1,6 +1,6 @@
 """The cache folder: what ddpm-cars keeps there, how big it is, and how to bound it.
 
-Two kinds of entry live under one folder (:func:`default_cache_dir`)::
+Three kinds of entry live under one folder (:func:`default_cache_dir`)::
 
     data/<key>/                    decoded images (ddpm_cars.data.cache); meta.json records
                                    the source and when the entry was built, and its
@@ -8,6 +8,9 @@ Two kinds of entry live under one folder (:func:`default_cache_dir`)::
     reference/<key>.safetensors    reference images' features (ddpm_cars.evaluation.reference);
                                    the file's metadata records the source and when it was built
     reference-used/<key>           an empty file whose modification time is the features' last use
+    judge/<key>.safetensors        the weights of the toy-car judge whose features judge_fd and
+                                   judge_kid compare (ddpm_cars.evaluation.judge), same record
+    judge-used/<key>               the judge's last use, as for the features
 
 A folder given to ``--data-cache`` holds data entries directly; :func:`list_entries` finds
 those too. Entries written before sources were recorded list with the source "unknown" and
@@ -41,13 +44,15 @@ from ddpm_cars.errors import UserError
 
 CACHE_ENV = "DDPM_CARS_CACHE"  # overrides the default cache folder
 MAX_GB_ENV = "DDPM_CARS_CACHE_MAX_GB"  # bounds the cache folder when an entry is written
-DATA_DIR, FEATURES_DIR, FEATURES_USED_DIR = "data", "reference", "reference-used"
+DATA_DIR, FEATURES_DIR, JUDGE_DIR = "data", "reference", "judge"
+USED_SUFFIX = "-used"  # reference-used/, judge-used/: the markers of the files' last use
 DATA_RECORD, DATA_IMAGES = "meta.json", "images.u8"  # a data entry's record (written last) and its images
 PARTIAL = ".partial-"  # in the name of a data entry being built (or removed)
 GB = 1e9
 DAY = 86400.0
 
-Kind = Literal["data", "features"]
+Kind = Literal["data", "features", "judge"]
+FILE_KINDS: dict[str, Kind] = {FEATURES_DIR: "features", JUDGE_DIR: "judge"}  # folders of safetensors entries
 
 
 class CacheLimitWarning(UserWarning):
@@ -59,7 +64,7 @@ class CacheEntry:
     """One entry of the cache; times are seconds since the epoch."""
 
     kind: Kind
-    path: Path  # a data entry's folder, or a features file
+    path: Path  # a data entry's folder, or a features or judge file
     size: int  # bytes, of every file of the entry
     source: str  # what it was computed from; "unknown" for entries that predate the record
     built: float
@@ -107,9 +112,10 @@ def lock_path(entry: Path) -> Path:
     return entry.parent / f"{entry.name}.lock"
 
 
-def features_marker(features: Path) -> Path:
-    """The empty file whose modification time is the last use of a features file."""
-    return features.parent.parent / FEATURES_USED_DIR / features.stem
+def used_marker(entry: Path) -> Path:
+    """The empty file whose modification time is the last use of a features or judge file:
+    ``reference/KEY.safetensors`` -> ``reference-used/KEY``."""
+    return entry.parent.parent / f"{entry.parent.name}{USED_SUFFIX}" / entry.stem
 
 
 def now_iso() -> str:
@@ -134,7 +140,9 @@ def mark_used(path: Path) -> None:
 def list_entries(cache_dir: Path) -> list[CacheEntry]:
     """Every entry of the cache folder ``cache_dir``, most recently used first."""
     cache_dir = Path(cache_dir)
-    found = _data_entries(cache_dir / DATA_DIR) + _data_entries(cache_dir) + _feature_entries(cache_dir / FEATURES_DIR)
+    found = _data_entries(cache_dir / DATA_DIR) + _data_entries(cache_dir)
+    for folder, kind in FILE_KINDS.items():
+        found += _file_entries(cache_dir / folder, kind)
     return sorted(found, key=lambda e: (-e.last_used, str(e.path)))
 
 
@@ -169,7 +177,7 @@ def _data_entries(folder: Path) -> list[CacheEntry]:
     return found
 
 
-def _feature_entries(folder: Path) -> list[CacheEntry]:
+def _file_entries(folder: Path, kind: Kind) -> list[CacheEntry]:
     found = []
     for path in _children(folder):
         if path.name.startswith(".") or path.suffix != ".safetensors" or path.is_symlink():
@@ -177,10 +185,10 @@ def _feature_entries(folder: Path) -> list[CacheEntry]:
         try:
             stat = path.stat()
             meta = _safetensors_metadata(path)
-            marker = features_marker(path)
+            marker = used_marker(path)
             used = marker.stat().st_mtime if marker.is_file() else stat.st_mtime
             built = _parse_time(meta.get("built")) or stat.st_mtime
-            found.append(CacheEntry("features", path, stat.st_size, meta.get("source", "unknown"), built, used))
+            found.append(CacheEntry(kind, path, stat.st_size, meta.get("source", "unknown"), built, used))
         except OSError:
             continue
     return found
@@ -242,7 +250,7 @@ def remove(entries: Iterable[CacheEntry]) -> list[CacheEntry]:
     removed = []
     for entry in entries:
         try:
-            done = _remove_data(entry.path) if entry.kind == "data" else _remove_features(entry.path)
+            done = _remove_data(entry.path) if entry.kind == "data" else _remove_file(entry.path)
         except OSError:
             done = False
         if done:
@@ -262,11 +270,11 @@ def _remove_data(path: Path) -> bool:
     return True
 
 
-def _remove_features(path: Path) -> bool:
-    if path.suffix != ".safetensors" or path.parent.name != FEATURES_DIR or path.is_symlink() or not path.is_file():
+def _remove_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or path.parent.name not in FILE_KINDS or path.is_symlink() or not path.is_file():
         return False
     path.unlink()
-    features_marker(path).unlink(missing_ok=True)
+    used_marker(path).unlink(missing_ok=True)
     return True
 
 
@@ -338,7 +346,9 @@ def cache_command(request: CacheRequest) -> int:
     what is left. Returns the exit code."""
     root = (request.cache_dir or default_cache_dir()).expanduser()
     if root.exists() and not root.is_dir():
-        raise UserError(f"--cache-dir {root} is a file; it must be a cache folder (holding data/ and reference/)")
+        raise UserError(
+            f"--cache-dir {root} is a file; it must be a cache folder (holding data/, reference/ and judge/)"
+        )
     entries = list_entries(root)
     if not request.removes:
         print(format_entries(entries, root))

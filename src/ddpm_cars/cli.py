@@ -861,12 +861,13 @@ def _bench_method_options(bench: argparse.ArgumentParser) -> None:
 def _cache_parser(sub: Any) -> None:
     cache = sub.add_parser(
         "cache",
-        help="list the cached datasets and reference features, or remove some",
-        description="List what the cache folder holds -- decoded datasets (data/) and reference images' features "
-        "(reference/) -- with each entry's size, last use, build time and source, or remove entries: all of them, "
-        "those not used for DAYS days, or the least recently used until the rest fits in GB gigabytes. Set "
-        "DDPM_CARS_CACHE_MAX_GB (a positive number of gigabytes) to bound the cache automatically: writing an entry "
-        "then evicts the least recently used others until the cache fits. Entries being built are left alone.",
+        help="list the cached datasets, reference features and judge weights, or remove some",
+        description="List what the cache folder holds -- decoded datasets (data/), reference images' features "
+        "(reference/) and the toy-car judge's weights (judge/) -- with each entry's size, last use, build time and "
+        "source, or remove entries: all of them, those not used for DAYS days, or the least recently used until the "
+        "rest fits in GB gigabytes. Set DDPM_CARS_CACHE_MAX_GB (a positive number of gigabytes) to bound the cache "
+        "automatically: writing an entry then evicts the least recently used others until the cache fits. Entries "
+        "being built are left alone.",
     )
 
     def run(args: argparse.Namespace) -> int:
@@ -880,7 +881,7 @@ def _cache_parser(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the cache folder, holding data/ and reference/; a --data-cache folder works too "
+        help="the cache folder, holding data/, reference/ and judge/; a --data-cache folder works too "
         "(default: $DDPM_CARS_CACHE or ~/.cache/ddpm-cars)",
     )
     cache.add_argument("--clear", action="store_true", help="remove every entry (default: off)")

@@ -27,6 +27,12 @@ from ddpm_cars.run import CONFIG_FILE, list_checkpoints
 REPORT_FILE = "report.html"
 GALLERY_MAX = 12  # training-time grids shown, evenly spaced, first and last included
 _EPOCH = re.compile(r"^epoch_(\d+)\.png$")
+# what metric names that do not say it themselves measure (keys of metrics.json and metrics.csv)
+METRIC_MEANINGS = {
+    "judge_fd": "Frechet distance on toy-car judge features, lower is better",
+    "judge_kid": "KID on toy-car judge features, lower is better",
+    "judge_kid_std": "std of judge_kid over subsets",
+}
 _CSS = """
 body { max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222;
   font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; line-height: 1.45; }
@@ -65,6 +71,12 @@ def _cell(text: str) -> Any:
         except ValueError:
             pass
     return None if text.strip() == "" else text
+
+
+def _label(key: str) -> str:
+    """A metric's key, with what it measures when the name does not say it."""
+    meaning = METRIC_MEANINGS.get(key.rsplit(".", 1)[-1])
+    return f"{key} ({meaning})" if meaning else key
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -186,7 +198,7 @@ def _curves(run_dir: Path) -> str:
     if rows:
         last = rows[-1]
         parts.append(f"<p>Metrics at step {escape(_fmt(last[0]))} (last row of metrics.csv):</p>")
-        parts.append(_table(list(zip(header[1:], last[1:])), ("metric", "value")))
+        parts.append(_table([(_label(k), v) for k, v in zip(header[1:], last[1:])], ("metric", "value")))
     if not metrics.is_file() and not rows:
         parts.append(_missing("The metric curves (metrics.png, metrics.csv)", "ddpm-cars train ... --eval-every N"))
     return "\n".join(parts)
@@ -219,7 +231,7 @@ def _evaluation(flat: dict[str, Any] | str | None, run: str) -> str:
     notes = "".join(
         f'<div class="note"><strong>{escape(k)}</strong>: {escape(v)}</div>' for k, v in flat.items() if _is_note(k, v)
     )
-    rows = [(k, v) for k, v in flat.items() if not _is_note(k, v) and not k.startswith(_MEMORISATION)]
+    rows = [(_label(k), v) for k, v in flat.items() if not _is_note(k, v) and not k.startswith(_MEMORISATION)]
     return notes + _table(rows, ("metric", "value"))  # the memorisation numbers have their own section
 
 

@@ -166,8 +166,9 @@ def save_distance_histogram(samples: torch.Tensor, heldout: torch.Tensor | None,
 
 
 def save_metric_curves(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
-    """One panel per metric family (SWD and its levels, precision/recall, FID, KID) against
-    the optimizer step; ``rows`` are dicts with a ``step`` key, missing values skipped."""
+    """One panel per metric family (SWD and its levels, precision/recall, FID, KID, and FD
+    and KID on the toy-car judge's features) against the optimizer step; ``rows`` are dicts
+    with a ``step`` key, missing values skipped."""
     names = [
         k
         for k in dict.fromkeys(k for r in rows for k in r)
@@ -182,7 +183,7 @@ def save_metric_curves(rows: Sequence[dict[str, float]], path: str | Path) -> Pa
             if name.split("_")[0] in ("precision", "recall")
             else name
         )
-        if name != "kid_std":
+        if not name.endswith("kid_std"):
             families.setdefault(family, []).append(name)
     plt = _figure()
     fig, axes = plt.subplots(1, max(len(families), 1), figsize=(4 * max(len(families), 1), 3.2), squeeze=False)

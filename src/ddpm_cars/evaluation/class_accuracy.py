@@ -52,10 +52,14 @@ class ImageClassifier(nn.Module):
         self.features = nn.Sequential(_stage(3, c1), _stage(c1, c2), _stage(c2, c3))
         self.head = nn.Linear(c3, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations: the last stage's output, average-pooled, ``[B, channels[2]]``."""
         if x.shape[-1] < UPSAMPLE_BELOW:
             x = F.interpolate(x, size=UPSAMPLE_BELOW, mode="nearest")
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.features(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -6,21 +6,22 @@ a readable description and a hash of the image bytes -- so a changed folder, ano
 split or another resolution is a new entry, never a stale hit. The file's metadata records
 what the features were computed from and when; each use touches its marker in
 ``reference-used/``, for ``ddpm-cars cache`` and the size limit (:mod:`ddpm_cars.caches`).
+:func:`load_entry` and :func:`save_entry` read and write such an entry; the judge's
+weights (:mod:`ddpm_cars.evaluation.judge`) are kept the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ddpm_cars import caches
+from ddpm_cars.files import atomic_write_bytes
 
 
 def image_hash(images: torch.Tensor) -> str:
@@ -36,6 +37,28 @@ def cache_key(description: str, images: torch.Tensor, feature_name: str) -> str:
     return f"{readable}_n{images.shape[0]}_{image_hash(images)}_{feature_name}"
 
 
+def load_entry(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of the safetensors cache entry ``path``, its use recorded; None when it is
+    not there or damaged (then recomputed and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+    except Exception:  # a damaged entry
+        return None
+    caches.mark_used(caches.used_marker(path))
+    return tensors
+
+
+def save_entry(root: Path, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the safetensors cache entry ``path`` of the cache folder ``root`` atomically, with
+    ``metadata`` and the time it was built; record its use and bound the cache's size."""
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={**metadata, "built": caches.now_iso()})
+    atomic_write_bytes(path, data)
+    caches.mark_used(caches.used_marker(path))
+    caches.enforce_limit(root, path)
+
+
 def cached_features(
     images: torch.Tensor,
     description: str,
@@ -46,30 +69,15 @@ def cached_features(
     """``compute(images)``, from ``cache_dir/reference/KEY.safetensors`` when it is there;
     returns the features and whether they came from the cache. Writes are atomic."""
     root = cache_dir or caches.default_cache_dir()
-    folder = root / caches.FEATURES_DIR
-    path = folder / f"{cache_key(description, images, feature_name)}.safetensors"
-    if path.is_file():
-        try:
-            features = load_file(path)["features"]
-            caches.mark_used(caches.features_marker(path))
-            return features, True
-        except Exception:  # a damaged entry is recomputed and replaced
-            pass
+    path = root / caches.FEATURES_DIR / f"{cache_key(description, images, feature_name)}.safetensors"
+    cached = load_entry(path)
+    if cached is not None and "features" in cached:
+        return cached["features"], True
     features = compute(images)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     metadata = {
         "description": description,
         "features": feature_name,
         "source": f"{description} ({images.shape[0]} images, {feature_name})",
-        "built": caches.now_iso(),
     }
-    try:
-        save_file({"features": features.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    caches.mark_used(caches.features_marker(path))
-    caches.enforce_limit(root, path)
+    save_entry(root, path, {"features": features}, metadata)
     return features, False

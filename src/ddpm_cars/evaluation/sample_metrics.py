@@ -1,8 +1,9 @@
 """The sample-quality metrics of generated images against reference images, in one call.
 
-Always: the sliced Wasserstein distance on Laplacian-pyramid patches (no downloaded
-weights needed) and precision/recall on 16x16 pixels. With an Inception network: FID, KID
-and precision/recall on its features, the reference features read from the cache.
+Always, with no downloaded weights: the sliced Wasserstein distance on Laplacian-pyramid
+patches, precision/recall on 16x16 pixels, and FD/KID on the features of the toy-car judge
+(:mod:`ddpm_cars.evaluation.judge`). With an Inception network: FID, KID and
+precision/recall on its features. Reference features are read from the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ddpm_cars.evaluation.feature_distances import (
     precision_recall,
 )
 from ddpm_cars.evaluation.inception import InceptionFeatures
+from ddpm_cars.evaluation.judge import judge_distances, judge_features, judge_key, load_judge
 from ddpm_cars.evaluation.reference import cached_features
 from ddpm_cars.evaluation.swd import sliced_wasserstein_distance
 
@@ -47,10 +49,10 @@ def sample_metrics(
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Metrics of ``samples`` against ``reference`` (uint8 images of one size), and the
     Inception features computed on the way (``{"samples": ..., "reference": ...}``, empty
-    without a network) for reuse. Lower SWD/FID/KID is better, higher precision/recall.
+    without a network) for reuse. Lower SWD/FD/KID is better, higher precision/recall.
 
     SWD and precision/recall compare equal counts: a random subset of the reference the
-    size of the sample set. FID and KID use every reference image (the standard)."""
+    size of the sample set. FD/FID and KID use every reference image (the standard)."""
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples are {tuple(samples.shape[1:])}, reference images {tuple(reference.shape[1:])}")
     matched = matched_subset(reference, samples.shape[0], seed)
@@ -58,6 +60,7 @@ def sample_metrics(
     metrics["precision_pixels"], metrics["recall_pixels"] = precision_recall(
         pixel_features(samples), pixel_features(matched)
     )
+    metrics.update(_judge_metrics(samples, reference, description, cache_dir, seed, progress))
     features: dict[str, torch.Tensor] = {}
     if inception is not None:
         ref_features, _ = cached_features(
@@ -70,3 +73,14 @@ def sample_metrics(
         matched_features = matched_subset(ref_features, samples.shape[0], seed)
         metrics["precision"], metrics["recall"] = precision_recall(fake_features, matched_features)
     return metrics, features
+
+
+def _judge_metrics(
+    samples: torch.Tensor, reference: torch.Tensor, description: str, cache_dir, seed: int, progress: bool
+) -> dict[str, float]:
+    """``judge_fd``, ``judge_kid`` and ``judge_kid_std``: the toy-car judge at the samples'
+    resolution (trained at first use), the reference features read from the cache."""
+    size = samples.shape[-1]
+    judge = load_judge(size, cache_dir=cache_dir, progress=progress)
+    real, _ = cached_features(reference, description, judge_key(size), lambda x: judge_features(judge, x), cache_dir)
+    return judge_distances(judge_features(judge, samples), real, seed=seed)

@@ -16,6 +16,7 @@ from ddpm_cars.data import build_dataset
 from ddpm_cars.data.dataset import to_model_range
 from ddpm_cars.data.stanford_cars import find_split_dirs
 from ddpm_cars.evaluation.inception import InceptionFeatures, InceptionUnavailable, resolve_weights
+from ddpm_cars.evaluation.judge import describe_judge
 from ddpm_cars.evaluation.memorization import MemorizationCheck, memorization_check
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
 from ddpm_cars.files import atomic_write_text
@@ -80,9 +81,10 @@ def score(
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], MemorizationCheck | None]:
-    """The metrics of uint8 ``samples`` against ``reference`` (SWD and pixel precision/recall
-    always; FID, KID and Inception precision/recall with an ``inception`` network) and,
-    with ``memorization``, each sample's nearest training image."""
+    """The metrics of uint8 ``samples`` against ``reference`` (SWD, pixel precision/recall and
+    FD/KID on the toy-car judge's features always; FID, KID and Inception precision/recall
+    with an ``inception`` network) and, with ``memorization``, each sample's nearest
+    training image."""
     metrics, features = sample_metrics(
         samples,
         reference.images,
@@ -163,6 +165,7 @@ def score_and_write(
         "num_samples": samples.shape[0],
         "metrics": metrics,
         "reference": f"{reference.images.shape[0]} images of {reference.description}",
+        "judge_features": describe_judge(samples.shape[-1]),
     }
     if fid_skipped:
         summary["fid_skipped"] = fid_skipped
@@ -183,6 +186,8 @@ def format_metrics(metrics: dict[str, float], fid_skipped: str | None) -> list[s
     lines = [
         f"  SWD x1e3 (lower is better): {metrics['swd']:.2f}  [{levels}]",
         f"  precision / recall on 16x16 pixels: {metrics['precision_pixels']:.3f} / {metrics['recall_pixels']:.3f}",
+        f"  FD / KID on toy-car judge features (lower is better): FD {metrics['judge_fd']:.3f} | "
+        f"KID {metrics['judge_kid']:.5f} +- {metrics['judge_kid_std']:.5f}",
     ]
     if "fid" in metrics:
         lines.append(

@@ -2,8 +2,9 @@
 (EMA) weights, scored against the training images, one row of ``metrics.csv`` each time,
 drawn in ``metrics.png``.
 
-The offline metric (SWD) is always computed; FID and KID too when the Inception weights
-are already on disk (training never waits for a download).
+The offline metrics (SWD, and FD/KID on the toy-car judge's features: the judge is trained
+at the first evaluation, in seconds, then read from the cache) are always computed; FID and
+KID too when the Inception weights are already on disk (training never waits for a download).
 """
 
 from __future__ import annotations
