@@ -1,10 +1,14 @@
 r"""Quality and speed of each sampler against its step count, on a trained run.
 
-Quality is the offline sample metric of ``ddpm-cars eval``: the sliced Wasserstein
-distance on Laplacian-pyramid patches (x1e3; lower is better) against the run's training
-images, per level and averaged, with pixel precision/recall. Residual noise, the typical
-failure of a sampler with too few steps, shows at the finest level. The first row scores
-held-out real images the same way: the floor a perfect sampler would reach.
+Quality is the offline sample metric of ``ddpm-cars eval``, both of its measures against
+the run's training images (lower is better): the sliced Wasserstein distance (SWD) on
+Laplacian-pyramid patches (x1e3), per level and averaged, and the judge's FD and KID (the
+Frechet and kernel distances on the features of the small toy-car judge network; KID shown
+x1e3), with pixel precision/recall. Residual noise, the typical failure of a sampler with
+too few steps, shows at SWD's finest level. The first row scores held-out real images the
+same way: the floor a perfect sampler would reach. Groups from record lines written before
+the judge existed have no judge scores: a row with any such group leaves its judge cells
+empty.
 
 Usage:
     python -m studies.sampler_quality --run runs/demo --num 500 --groups 3 --out docs/benchmarks/samplers/samplers.png
@@ -29,7 +33,8 @@ can be drawn one group per call and then tabled whole:
 ``--redraw`` draws every group anew (its scores then replace the recorded ones).
 
 ``--samplers`` with ``--nfe`` measures each sampler at each number of network calls (Heun
-on the most steps whose 2n - 1 calls fit) and ends with a table of SWD against calls:
+on the most steps whose 2n - 1 calls fit) and ends with a table of SWD (and the judge's FD)
+against calls:
 
     python -m studies.sampler_quality --run runs/long-v --groups 3 --nfe 10,20,35,50,100 \
         --samplers ddpm,dpm++:karras,heun:karras:churn=20 --settings ddpm:1000
@@ -75,14 +80,36 @@ def steps_for_calls(sampler: str, calls: int) -> int:
     return max(1, (calls + 1) // 2) if sampler == "heun" else calls
 
 
+JUDGE = ("judge_fd", "judge_kid")  # the judge's scores, absent from record lines older than the judge
+
+
+def _header(levels: list[str]) -> str:
+    """The main table's header and alignment lines, the columns of :func:`_row`."""
+    return (
+        "| sampler | steps (calls) | img/s | SWD | "
+        + " | ".join(f"SWD {k[4:]}px" for k in levels)
+        + (" | " if levels else "")
+        + "judge FD | judge KID x1e3 | precision / recall |\n"
+        + "| --- | ---: | ---: | ---: |"
+        + " ---: |" * (len(levels) + 3)
+    )
+
+
 def _row(label: str, steps: str, rate: str, groups: list[dict[str, float]], levels: list[str]) -> str:
     """One table row: each score's mean over the groups, SWD with its spread (the range
-    of the group scores) when there is more than one group."""
-    mean = {k: statistics.fmean(g[k] for g in groups) for k in groups[0]}
+    of the group scores) when there is more than one group. The judge's FD and KID (x1e3)
+    come after SWD's levels, empty when any group lacks them (an older record line)."""
+    mean = {k: statistics.fmean(g[k] for g in groups) for k in groups[0] if all(k in g for g in groups)}
     swd = f"{mean['swd']:.2f}"
     if len(groups) > 1:
         swd += f" ({min(g['swd'] for g in groups):.1f}-{max(g['swd'] for g in groups):.1f})"
-    cells = [swd, *(f"{mean[k]:.2f}" for k in levels), f"{mean['precision_pixels']:.2f} / {mean['recall_pixels']:.2f}"]
+    judge = [f"{mean['judge_fd']:.2f}", f"{mean['judge_kid'] * 1e3:.2f}"] if all(k in mean for k in JUDGE) else ["", ""]
+    cells = [
+        swd,
+        *(f"{mean[k]:.2f}" for k in levels),
+        *judge,
+        f"{mean['precision_pixels']:.2f} / {mean['recall_pixels']:.2f}",
+    ]
     return f"| {label} | {steps} | {rate} | " + " | ".join(cells) + " |"
 
 
@@ -127,9 +154,11 @@ def calls_table(
     results: dict[str, dict[int, tuple[int, list[dict[str, float]]]]], floor: list[dict[str, float]]
 ) -> str:
     """SWD (mean, and the range of the groups when there are several) with one row per
-    sampler and one column per budget of network calls, after the held-out floor.
-    ``results[sampler][budget]`` is (the calls made, the group scores); a setting that made
-    fewer calls than its column's budget (Heun's 2n - 1) says how many in brackets."""
+    sampler and one column per budget of network calls, after the held-out floor; each cell
+    then gives the mean of the judge's FD when every group has it (not so for record lines
+    older than the judge): ``38.32 (36.5-39.8); FD 1.85``. ``results[sampler][budget]`` is
+    (the calls made, the group scores); a setting that made fewer calls than its column's
+    budget (Heun's 2n - 1) says how many in brackets."""
     columns = sorted({n for row in results.values() for n in row})
 
     def cell(groups: list[dict[str, float]] | None, calls: int | None = None, budget: int | None = None) -> str:
@@ -137,6 +166,8 @@ def calls_table(
             return ""
         swd = [g["swd"] for g in groups]
         text = f"{statistics.fmean(swd):.2f}" + (f" ({min(swd):.1f}-{max(swd):.1f})" if len(swd) > 1 else "")
+        if all("judge_fd" in g for g in groups):
+            text += f"; FD {statistics.fmean(g['judge_fd'] for g in groups):.2f}"
         return text + (f" [{calls}]" if calls != budget else "")
 
     lines = [
@@ -365,12 +396,7 @@ def main() -> None:
         f"{run.checkpoint}, {what} samples per setting, images {first}-{end - 1} of seed 0; "
         f"against {train.shape[0]} training images\n"
     )
-    print(
-        "| sampler | steps (calls) | img/s | SWD | "
-        + " | ".join(f"SWD {k[4:]}px" for k in levels)
-        + " | precision / recall |"
-    )
-    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(levels) + " ---: |")
+    print(_header(levels))
     print(_row("held-out real images", "", "", floor, levels), flush=True)
     rows, results, shown_entries = [], {}, []
     for budget, (sampler, steps, spacing, extra) in settings:
@@ -401,7 +427,7 @@ def main() -> None:
             )
             rows.append(shown[:6])
     if grid and results:
-        print("\nSWD against network calls per image:\n\n" + calls_table(results, floor))
+        print("\nSWD (and the judge's FD) against network calls per image:\n\n" + calls_table(results, floor))
     if older(shown_entries):
         print(
             f"\n{older(shown_entries)} of the {len(shown_entries)} groups above come from record lines written "

@@ -129,6 +129,10 @@ def test_sampler_quality_draws_a_later_group_as_the_whole_run_draws_it(tmp_path,
             two,
         )  # printed to 0.1
     assert second.splitlines()[-1].startswith("| heun, karras | ") and second.splitlines()[-1].endswith(" [3] |")
+    table_lines = [line for line in both.splitlines() if line.startswith("| ")]
+    fd = table_lines[0].split(" | ").index("judge FD")  # new record lines carry the judge: both metrics shown
+    assert all(float(row.split(" | ")[fd]) >= 0 and row.split(" | ")[fd + 1] for row in table_lines[2:5])
+    assert "; FD " in both.splitlines()[-1]
 
 
 def test_sampler_quality_takes_recorded_groups_and_draws_only_the_missing_ones(
@@ -242,6 +246,70 @@ def test_sampler_quality_scores_each_group_and_reports_the_mean_and_range():
     assert cells[3] == f"{(low + high) / 2:.2f} ({low:.1f}-{high:.1f})"
     assert cells[4] == f"{(groups[0][levels[0]] + groups[1][levels[0]]) / 2:.2f}"
     assert sampler_quality._row("x", "1", "", groups[:1], levels).split(" | ")[3] == f"{groups[0]['swd']:.2f}"
+
+
+def test_sampler_quality_row_shows_the_judge_means_and_leaves_older_groups_blank():
+    """The judge's FD and KID (x1e3) follow SWD's levels, each the mean over the groups; a
+    row with any group from a record line older than the judge leaves both cells empty."""
+    levels = ["swd_16", "swd_8"]
+    new = [
+        {
+            "swd": 30.0,
+            "swd_16": 20.0,
+            "swd_8": 40.0,
+            "judge_fd": 1.3,
+            "judge_kid": 0.0021,
+            "judge_kid_std": 0.0004,
+            "precision_pixels": 0.5,
+            "recall_pixels": 0.7,
+        },
+        {
+            "swd": 34.0,
+            "swd_16": 22.0,
+            "swd_8": 46.0,
+            "judge_fd": 2.6,
+            "judge_kid": 0.0043,
+            "judge_kid_std": 0.0006,
+            "precision_pixels": 0.6,
+            "recall_pixels": 0.8,
+        },
+    ]
+    old = [{k: v for k, v in g.items() if not k.startswith("judge_")} for g in new]
+    header = sampler_quality._header(levels).splitlines()
+    names = header[0].split(" | ")
+    fd, kid = names.index("judge FD"), names.index("judge KID x1e3")
+    assert names[3:fd] == ["SWD", "SWD 16px", "SWD 8px"] and kid == fd + 1  # after SWD's levels
+    assert header[0].count("|") == header[1].count("|")
+
+    cells = sampler_quality._row("x", "1", "", new, levels).split(" | ")
+    assert len(cells) == len(names)
+    assert cells[fd] == f"{sum(g['judge_fd'] for g in new) / len(new):.2f}" == "1.95"
+    assert cells[kid] == f"{1e3 * sum(g['judge_kid'] for g in new) / len(new):.2f}" == "3.20"
+    assert cells[3] == "32.00 (30.0-34.0)" and cells[4:fd] == ["21.00", "43.00"]  # SWD's cells stay as they were
+    assert cells[-1] == "0.55 / 0.75 |"
+    one = sampler_quality._row("x", "1", "", new[:1], levels).split(" | ")
+    assert one[fd] == "1.30" and one[kid] == "2.10"
+
+    for groups in (old, [new[0], old[1]], [old[0], new[1]]):  # older lines, alone or beside newer ones
+        cells = sampler_quality._row("x", "1", "", groups, levels).split(" | ")
+        assert len(cells) == len(names) and cells[fd] == cells[kid] == ""
+        assert cells[3] == "32.00 (30.0-34.0)" and cells[-1] == "0.55 / 0.75 |"
+
+
+def test_sampler_quality_calls_table_adds_the_judge_fd_when_every_group_has_it():
+    def scores(*pairs):
+        return [{"swd": swd} if fd is None else {"swd": swd, "judge_fd": fd} for swd, fd in pairs]
+
+    table = sampler_quality.calls_table(
+        {
+            "ddpm": {10: (10, scores((30.0, 4.0), (40.0, 5.5))), 20: (20, scores((20.0, 2.0), (22.0, None)))},
+            "heun, karras": {10: (9, scores((25.0, 3.0), (27.0, 3.5)))},
+        },
+        scores((16.0, 0.25), (18.0, 0.75)),
+    ).splitlines()
+    assert table[2] == "| held-out real images | 17.00 (16.0-18.0); FD 0.50 | |"
+    assert table[3] == "| ddpm | 35.00 (30.0-40.0); FD 4.75 | 21.00 (20.0-22.0) |"  # a group without: SWD alone
+    assert table[4] == "| heun, karras | 26.00 (25.0-27.0); FD 3.25 [9] |  |"
 
 
 def test_offline_metric_table_has_the_levels_of_the_image_size(capsys):
