@@ -47,9 +47,11 @@ from pathlib import Path
 import torch
 
 from ddpm_cars.data import build_dataset
+from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.parallel import resolve_device
 from ddpm_cars.run import Run
 from ddpm_cars.runtime import resolve_precision
+from ddpm_cars.viz import save_grid
 from studies.provenance import commit, machine, provenance
 from studies.sampler_quality import ScoreRecord, draw_groups, label, network_calls, parse_settings, weights_digest
 
@@ -157,10 +159,13 @@ class Plan:
         return range(self.tune_groups, self.tune_groups + self.verdict_groups)
 
 
-def score_run(path: Path, plan: Plan, record_file: Path, settings: dict[str, list[str]], redraw: bool = False) -> dict:
+def score_run(
+    path: Path, plan: Plan, record_file: Path, settings: dict[str, list[str]], shown: list[torch.Tensor] | None = None
+) -> dict:
     """``{kind: {setting: [group scores]}}`` of one run for the settings of each kind
     ("tuning", "verdict", "reference", "converge"): recorded groups are taken from the
-    record, the others drawn and recorded."""
+    record, the others drawn and recorded. With ``shown``, the first 8 images of the first
+    verdict group drawn with the verdict's setting are appended to it."""
     run = Run.open(path)
     device = resolve_device("cpu")
     denoiser = run.denoiser(ema=True, device=device)
@@ -186,9 +191,12 @@ def score_run(path: Path, plan: Plan, record_file: Path, settings: dict[str, lis
             ((sampler, steps, spacing, extra),) = parse_settings(text)
             sample = dataclasses.replace(run.config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
             entries, _ = draw_groups(
-                denoiser, sample, record, groups[kind], plan.num, plan.batch_size, train, redraw, f"{path.name} {text}"
+                denoiser, sample, record, groups[kind], plan.num, plan.batch_size, train, name=f"{path.name} {text}"
             )
             out.setdefault(kind, {})[text] = [e["scores"] for e in entries]
+            if shown is not None and kind == "verdict":
+                indices = range(first * plan.num, first * plan.num + min(8, plan.num))
+                shown.append(generate(denoiser, indices, sample, seed=0, batch_size=8, watch=QUIET))
     return out
 
 
@@ -297,14 +305,14 @@ def score(args: argparse.Namespace) -> None:
     chosen = {}
     for arm in sorted({arm_of(p.name) for p in paths}):
         chosen[arm] = choose_sampler({c: {r: tuning[r][c] for r in tuning if arm_of(r) == arm} for c in candidates})
-    runs = {}
+    runs, shown = {}, ([] if args.grid else None)
     for p in paths:
         settings = {"verdict": [chosen[arm_of(p.name)]]}
         if plan.reference_groups:
             settings["reference"] = [plan.reference]
         if p.name in converge:
             settings["converge"] = [plan.converge]
-        runs[p.name] = score_run(p, plan, args.record, settings)
+        runs[p.name] = score_run(p, plan, args.record, settings, shown)
     print(f"\nTuning (mean over each arm's trainings, groups 0-{plan.tune_groups - 1}):\n")
     print("| arm | sampler | SWD | judge FD | judge KID |\n| --- | --- | ---: | ---: | ---: |")
     for arm in chosen:
@@ -317,6 +325,9 @@ def score(args: argparse.Namespace) -> None:
     for name, t in train.items():
         print(f"\n{name}: {t['command']} (commit {t['commit']}, {t['machine']})", end="")
     print()
+    if shown:
+        save_grid(torch.cat(shown), args.grid, nrow=shown[0].shape[0])
+        print(f"Wrote {args.grid}: a row per training ({', '.join(p.name for p in paths)}), its arm's sampler")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -342,6 +353,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--converge", default="", metavar="RUN,...", help="runs drawn with --converge-steps too")
     s.add_argument("--converge-steps", default="ddpm:1000", help="the reference's check (default: ddpm:1000)")
     s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
+    s.add_argument("--grid", type=Path, default=None, help="PNG: the first 8 verdict images of each training")
     args = parser.parse_args(argv)
     return args
 

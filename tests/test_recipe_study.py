@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_cars import training
 from studies import recipe
@@ -98,7 +99,7 @@ def test_score_tunes_on_other_groups_than_the_verdict_and_draws_nothing_twice(tm
     argv = ["score", "--root", str(tmp_path / "runs"), "--record", str(record), "--num", "6", "--batch-size", "6"]
     argv += ["--verdict-groups", "2", "--candidates", "ddpm:4,ddim:4", "--reference", "ddpm:8"]
     argv += ["--converge", "v-s1", "--converge-steps", "ddpm:20"]
-    recipe.main(argv)
+    recipe.main([*argv, "--grid", str(tmp_path / "grid.png")])
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     by = {}
@@ -116,5 +117,6 @@ def test_score_tunes_on_other_groups_than_the_verdict_and_draws_nothing_twice(tm
     assert len(rows) == 2 and rows[1].startswith("| v | ddpm:8 | 2 | ")  # the tuned sampler's, the reference's
     assert all(row.count("[") == 3 and row.count("%") == 3 for row in rows)
     assert "| v-s1 | " in out.split("Convergence")[1]
+    assert Image.open(tmp_path / "grid.png").size == (6 * 16 + 7 * 2, 4 * 16 + 5 * 2)  # a row of 6 per training
     recipe.main(argv)  # everything recorded: nothing drawn again
     assert len(record.read_text().splitlines()) == len(lines)
