@@ -642,8 +642,8 @@ def test_every_config_field_with_a_flag_is_on_train_and_sampling_ones_on_sample(
         assert flags(name) == sampling
 
 
-def test_sample_help_says_how_to_pick_a_sampler_in_three_lines(capsys):
+def test_sample_help_says_how_to_pick_a_sampler_in_four_lines(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     advice = capsys.readouterr().out.split("Picking a sampler")[1].strip().splitlines()[1:]  # below the heading
-    assert len(advice) == 3 and all(any(c.isdigit() for c in line) for line in advice)
+    assert len(advice) == 4 and all(any(c.isdigit() for c in line) for line in advice)

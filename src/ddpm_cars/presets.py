@@ -76,8 +76,10 @@ TINY = RunConfig(
 # than resampling residual blocks), learned variance, cosine schedule, precision auto, 4
 # epochs (512 steps) of batch 32 at lr 1e-3 with an EMA over about the last 100 steps:
 # what a short run needs (docs/benchmarks/demo.md, "The demo in minutes"). Contiguous layout:
-# channels-last trained slower in fp32. The demo samples and scores 144 images
-# (ancestral, 50 of the 1000 steps) when training ends, with no evaluation during it.
+# channels-last trained slower in fp32. v-prediction with Min-SNR-5 weighting and
+# DPM-Solver++(2M) on 20 karras steps: over three trainings per arm, SWD 20% lower than eps
+# prediction (95% interval 1.8-30.4 points) with the judge's FD not worse (docs/benchmarks/recipe.md).
+# The demo samples and scores 144 images when training ends, with no evaluation during it.
 DEMO = RunConfig(
     model=ModelConfig(
         name="res_attn_unet",
@@ -86,7 +88,7 @@ DEMO = RunConfig(
         attention_resolutions=(8,),
         head_channels=64,
     ),
-    diffusion=DiffusionConfig(schedule="cosine", loss="l2", learn_variance=True),
+    diffusion=DiffusionConfig(schedule="cosine", loss="l2", prediction="v", learn_variance=True, min_snr_gamma=5.0),
     data=DataConfig(source="toy-cars", image_size=32, toy_count=4096),
     train=TrainConfig(
         batch_size=32,
@@ -99,7 +101,7 @@ DEMO = RunConfig(
         sample_every_epochs=10,
         checkpoint_every_steps=200,
     ),
-    sample=SampleConfig(num_images=16, steps=50),  # respaced ancestral sampling: as clean as 1000 steps here
+    sample=SampleConfig(num_images=16, sampler="dpm++", steps=20, spacing="karras"),
 )
 
 PRESETS: dict[str, RunConfig] = {"improved": IMPROVED, "seed": SEED, "demo": DEMO, "tiny": TINY}
