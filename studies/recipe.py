@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cars.data import build_dataset
+from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.parallel import resolve_device
 from ddpm_cars.run import Run
@@ -159,13 +161,10 @@ class Plan:
         return range(self.tune_groups, self.tune_groups + self.verdict_groups)
 
 
-def score_run(
-    path: Path, plan: Plan, record_file: Path, settings: dict[str, list[str]], shown: list[torch.Tensor] | None = None
-) -> dict:
-    """``{kind: {setting: [group scores]}}`` of one run for the settings of each kind
-    ("tuning", "verdict", "reference", "converge"): recorded groups are taken from the
-    record, the others drawn and recorded. With ``shown``, the first 8 images of the first
-    verdict group drawn with the verdict's setting are appended to it."""
+@functools.cache
+def _opened(path: Path, num: int, record_file: Path) -> tuple[Run, Denoiser, ScoreRecord, torch.Tensor]:
+    """A run opened for scoring, once for all the passes of one ``score``: its sampling
+    network, its record (groups of ``num`` images) and its training images."""
     run = Run.open(path)
     device = resolve_device("cpu")
     denoiser = run.denoiser(ema=True, device=device)
@@ -173,11 +172,21 @@ def score_run(
         "weights": weights_digest(run.checkpoint),
         "device": device.type,
         "precision": resolve_precision(denoiser.precision, device),
-        "num": plan.num,
+        "num": num,
         "seed": 0,
     }
     record = ScoreRecord(record_file, identity, provenance(device))
-    train = build_dataset(run.config.data, progress=False).images
+    return run, denoiser, record, build_dataset(run.config.data, progress=False).images
+
+
+def score_run(
+    path: Path, plan: Plan, record_file: Path, settings: dict[str, list[str]], shown: list[torch.Tensor] | None = None
+) -> dict:
+    """``{kind: {setting: [group scores]}}`` of one run for the settings of each kind
+    ("tuning", "verdict", "reference", "converge"): recorded groups are taken from the
+    record, the others drawn and recorded. With ``shown``, the first 8 images of the first
+    verdict group drawn with the verdict's setting are appended to it."""
+    run, denoiser, record, train = _opened(path, plan.num, record_file)
     first = plan.verdict[0]
     groups = {
         "tuning": range(plan.tune_groups),
@@ -284,6 +293,7 @@ def tables(runs: dict[str, dict], train: dict[str, dict], chosen: dict[str, str]
 
 
 def score(args: argparse.Namespace) -> None:
+    _opened.cache_clear()  # runs and records may have changed since an earlier call in this process
     plan = Plan(
         args.num,
         args.tune_groups,
