@@ -187,7 +187,7 @@ def score_run(
     record, the others drawn and recorded. With ``shown``, the first 8 images of the first
     verdict group drawn with the verdict's setting are appended to it."""
     run, denoiser, record, train = _opened(path, plan.num, record_file)
-    first = plan.verdict[0]
+    first = plan.tune_groups
     groups = {
         "tuning": range(plan.tune_groups),
         "verdict": plan.verdict,
@@ -316,7 +316,7 @@ def score(args: argparse.Namespace) -> None:
     for arm in sorted({arm_of(p.name) for p in paths}):
         chosen[arm] = choose_sampler({c: {r: tuning[r][c] for r in tuning if arm_of(r) == arm} for c in candidates})
     runs, shown = {}, ([] if args.grid else None)
-    for p in paths:
+    for p in paths if plan.verdict_groups else ():
         settings = {"verdict": [chosen[arm_of(p.name)]]}
         if plan.reference_groups:
             settings["reference"] = [plan.reference]
@@ -331,7 +331,8 @@ def score(args: argparse.Namespace) -> None:
             mark = " (chosen)" if c == chosen[arm] else ""
             print(f"| {arm} | {c}{mark} | " + " | ".join(_fmt(m, _mean(groups, m)) for m in METRICS) + " |")
     print()
-    print(tables(runs, train, chosen, plan, args.baseline))
+    if runs:
+        print(tables(runs, train, chosen, plan, args.baseline))
     for name, t in train.items():
         print(f"\n{name}: {t['command']} (commit {t['commit']}, {t['machine']})", end="")
     print()
@@ -356,7 +357,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--arms", default=None, help="only these arms, comma-separated (default: all)")
     s.add_argument("--num", type=int, default=128, help="images a group (default: 128)")
     s.add_argument("--tune-groups", type=int, default=1, help="groups the samplers are tuned on (default: 1)")
-    s.add_argument("--verdict-groups", type=int, default=3, help="groups the verdict is drawn on (default: 3)")
+    s.add_argument(
+        "--verdict-groups",
+        type=int,
+        default=3,
+        help="groups the verdict is drawn on; 0: tune only, as a screening (default: 3)",
+    )
     s.add_argument("--candidates", default=CANDIDATES, help=f"samplers to tune over (default: {CANDIDATES})")
     s.add_argument("--reference", default="ddpm:250", help="the reference sampler (default: ddpm:250)")
     s.add_argument("--reference-groups", type=int, default=1, help="verdict groups drawn with it (default: 1)")

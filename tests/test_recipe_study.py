@@ -120,3 +120,15 @@ def test_score_tunes_on_other_groups_than_the_verdict_and_draws_nothing_twice(tm
     assert Image.open(tmp_path / "grid.png").size == (6 * 16 + 7 * 2, 4 * 16 + 5 * 2)  # a row of 6 per training
     recipe.main(argv)  # everything recorded: nothing drawn again
     assert len(record.read_text().splitlines()) == len(lines)
+
+    # a screening (no verdict groups) draws the tuning groups alone and prints the tuning table alone
+    capsys.readouterr()
+    screen = tmp_path / "screen.jsonl"
+    recipe.main(
+        ["score", "--root", str(tmp_path / "runs"), "--record", str(screen), "--num", "6", "--batch-size", "6"]
+        + ["--verdict-groups", "0", "--candidates", "ddpm:4,ddim:4"]
+    )
+    out = capsys.readouterr().out
+    screened = [json.loads(line) for line in screen.read_text().splitlines()]
+    assert len(screened) == 4 * 2 and {line["group"] for line in screened} == {0}
+    assert "| v | ddim:4" in out and "Every training" not in out and "Each arm against" not in out
