@@ -618,6 +618,8 @@ def test_commands_do_not_import_the_command_line():
         (["eval", "--checkpoint", "c", "--steps", "none"], "sample", {"steps": None}),
         (["guidance", "run", "--eta", "0.5"], "sample", {"eta": 0.5}),
         (["train", "--out", "r"], None, {}),
+        (["train", "--out", "r", "--epochs", "2"], "train", {"epochs": 2, "max_steps": None}),  # a preset's steps
+        (["train", "--out", "r", "--epochs", "2", "--steps", "9"], "train", {"epochs": 2, "max_steps": 9}),
     ],
 )
 def test_flags_become_config_overrides_and_only_given_ones(argv, section, values):

@@ -130,12 +130,17 @@ def _add_config_options(parser: argparse.ArgumentParser, shown: RunConfig, note:
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``{section: {field: value}}`` of the config options given on the command line."""
+    """``{section: {field: value}}`` of the config options given on the command line.
+    ``--epochs`` without ``--steps`` also clears the step count a preset may set, so that
+    the epochs asked for are trained."""
     sections: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
         section, dot, name = dest.partition(".")
         if dot:
             sections.setdefault(section, {})[name] = value
+    train = sections.get("train", {})
+    if "epochs" in train:
+        train.setdefault("max_steps", None)
     return sections
 
 
