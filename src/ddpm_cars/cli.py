@@ -283,9 +283,9 @@ SAMPLER_ADVICE = (  # four lines below the heading, as printed
     "  v models (3,000 steps): dpm++sde as above 22.5 against 23.0 for 1,000 steps "
     "(bf16 model, the groups recorded for both); "
     "fp32 model: dpm++ --steps 10 --spacing karras 21.0, heun --churn 20 --steps 10 --spacing karras (19 calls) 18.8.\n"
-    "  demo preset (v, Min-SNR 5, 512 steps; 3 trainings): dpm++ --steps 20 --spacing karras, the default, SWD 65.9, "
-    "FD 2.71; on other images, ddim --steps 20 54.9/3.48, dpm++sde 58.2/4.82, heun --steps 10 68.5/3.16, "
-    "ddpm 95.8/5.06."
+    "  demo preset (v, Min-SNR 5, 300 steps; 3 trainings): dpm++sde --steps 20 --spacing karras, the default, "
+    "SWD 81.6, FD 4.68; on other images, ddim --steps 20 68.7/6.70, dpm++ 77.9/5.43, heun --steps 10 88.5/4.68, "
+    "ddpm 153.4/22.7."
 )
 
 
@@ -724,7 +724,7 @@ def _report_and_demo_parsers(sub: Any) -> None:
         "--steps",
         type=value_type(int, POSITIVE),
         default=None,
-        help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.epochs} epochs)",
+        help=f"optimizer steps (default: the demo preset's {PRESETS['demo'].train.max_steps})",
     )
     demo.add_argument(
         "--log-with",

@@ -82,7 +82,7 @@ DEMO_SAMPLE_BATCH = 36  # images per network call: on a CPU, 144 at once run at 
 @dataclass(frozen=True)
 class DemoRequest:
     """``ddpm-cars demo``: train the demo preset into ``out`` (``steps`` optimizer steps, or
-    its 4 epochs), sample, score and draw every figure."""
+    its own 300), sample, score and draw every figure."""
 
     out: Path = Path("runs/demo")
     steps: int | None = None
