@@ -11,7 +11,7 @@ the judge existed have no judge scores: a row with any such group leaves its jud
 empty.
 
 Usage:
-    python -m studies.sampler_quality --run runs/demo --num 500 --groups 3 --out docs/benchmarks/samplers/samplers.png
+    python -m studies.sampler_quality --run runs/demo --num 500 --groups 3 --out runs/demo/samplers.png
 
 With ``--groups G`` each setting draws G x NUM samples (seeds 0 to G x NUM - 1) and scores
 them as G groups: the table gives the mean and, for SWD, the range of the groups.

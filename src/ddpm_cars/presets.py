@@ -79,7 +79,7 @@ TINY = RunConfig(
 # three trainings per arm, as good as the eps-prediction demo of 64-128-128 widths trained 512
 # steps on SWD (-0.4, 95% interval -7.8 to +7.0) with the judge's FD not separable (+1.33,
 # -0.48 to +3.14), in a third of the training time (docs/benchmarks/recipe.md, "The demo in
-# half the time"). Contiguous layout: channels-last trained slower on CPUs.
+# half the time"). Contiguous layout: channels-last trained slower in fp32.
 # The demo samples and scores 144 images when training ends, with no evaluation during it.
 DEMO = RunConfig(
     model=ModelConfig(
