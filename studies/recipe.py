@@ -199,13 +199,16 @@ def score_run(
         for text in names:
             ((sampler, steps, spacing, extra),) = parse_settings(text)
             sample = dataclasses.replace(run.config.sample, sampler=sampler, steps=steps, spacing=spacing, **extra)
-            entries, _ = draw_groups(
+            entries, drawn = draw_groups(
                 denoiser, sample, record, groups[kind], plan.num, plan.batch_size, train, name=f"{path.name} {text}"
             )
             out.setdefault(kind, {})[text] = [e["scores"] for e in entries]
             if shown is not None and kind == "verdict":
-                indices = range(first * plan.num, first * plan.num + min(8, plan.num))
-                shown.append(generate(denoiser, indices, sample, seed=0, batch_size=8, watch=QUIET))
+                shown_count = min(8, plan.num)
+                if drawn is None:  # the first verdict group came from the record: draw its first images again
+                    indices = range(first * plan.num, first * plan.num + shown_count)
+                    drawn = generate(denoiser, indices, sample, seed=0, batch_size=8, watch=QUIET)
+                shown.append(drawn[:shown_count])
     return out
 
 

@@ -118,8 +118,9 @@ def test_score_tunes_on_other_groups_than_the_verdict_and_draws_nothing_twice(tm
     assert all(row.count("[") == 3 and row.count("%") == 3 for row in rows)
     assert "| v-s1 | " in out.split("Convergence")[1]
     assert Image.open(tmp_path / "grid.png").size == (6 * 16 + 7 * 2, 4 * 16 + 5 * 2)  # a row of 6 per training
-    recipe.main(argv)  # everything recorded: nothing drawn again
+    recipe.main([*argv, "--grid", str(tmp_path / "again.png")])  # everything recorded: nothing drawn again
     assert len(record.read_text().splitlines()) == len(lines)
+    assert Image.open(tmp_path / "again.png").size == Image.open(tmp_path / "grid.png").size  # its images redrawn
 
     # a screening (no verdict groups) draws the tuning groups alone and prints the tuning table alone
     capsys.readouterr()
