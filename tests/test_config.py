@@ -27,7 +27,7 @@ def test_improved_preset_is_the_default_and_the_published_recipe():
         0.9999,
         "auto",
     )  # bf16 on GPUs with it
-    assert d.out_channels == 6 and SEED.diffusion.out_channels == 3
+    assert d.out_channels(3) == 6 and SEED.diffusion.out_channels(3) == 3 and d.out_channels(1) == 2
 
 
 def test_json_round_trip(tmp_path):
@@ -137,3 +137,24 @@ def test_unreadable_config_file(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read config"):
         RunConfig.load(tmp_path / "c.json")
+
+
+def test_image_channels_default_to_auto_and_a_run_saved_before_them_loads_as_three(tmp_path):
+    assert DataConfig().image_channels == "auto" and RunConfig().image_channels == 3  # not yet read from data
+    assert RunConfig(data=DataConfig(image_channels="1")).image_channels == 1
+    old = RunConfig().to_dict()
+    del old["data"]["image_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunConfig.load(tmp_path / "config.json", saved_run=True).data.image_channels == "3"
+    assert RunConfig.load(tmp_path / "config.json").data.image_channels == "auto"  # a recipe: read from the data
+    assert RunConfig.from_dict({}, saved_run=True).image_channels == 3
+    hand = RunConfig.from_dict({"data": {"image_channels": 1}})  # a number written by hand
+    assert hand.data.image_channels == "1"
+    with pytest.raises(UserError, match="data.image_channels"):
+        RunConfig.from_dict({"data": {"image_channels": "2"}})
+
+
+def test_an_auto_channel_count_differs_from_no_other_but_one_and_three_differ():
+    auto, grey, rgb = (RunConfig(data=DataConfig(image_channels=c)) for c in ("auto", "1", "3"))
+    assert auto.network_differences(grey) == [] and rgb.network_differences(auto) == []
+    assert grey.network_differences(rgb) == [("data.image_channels", "1", "3")]

@@ -3,6 +3,7 @@ changes or it is damaged, never read half-built, built once by concurrent proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -318,3 +319,54 @@ def test_only_a_relative_folder_path_ties_the_entry_to_the_working_directory(tmp
     monkeypatch.chdir(folder)
     build_dataset(DataConfig(source=str(folder), image_size=16, cache=str(cache_dir)), progress=False)
     assert len(entries(cache_dir)) == 2  # an absolute path's entry is found from anywhere
+
+
+def grey_folder(root: Path, count: int = 6) -> Path:
+    """``count`` small grayscale PNGs (mode L) in one class folder."""
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        path = root / "scans" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 9 + i), dtype=np.uint8)).save(path)
+    return root
+
+
+def test_an_entry_records_its_channel_count_and_each_choice_is_its_own_entry(tmp_path):
+    folder, cache_dir = grey_folder(tmp_path / "imgs"), tmp_path / "cache"
+    config = DataConfig(source=str(folder), image_size=16, cache=str(cache_dir))
+    grey = build_dataset(config, progress=False)
+    assert grey.images.shape == (6, 1, 16, 16) and mapped_file(grey.images) is not None
+    entry = cache_dir / entries(cache_dir)[0]
+    meta = json.loads((entry / cache.META).read_text())
+    assert meta["channels"] == 1 and meta["format"] == cache.FORMAT == 2
+    assert (entry / cache.IMAGES).stat().st_size == 6 * 1 * 16 * 16
+    expected = load_image_folder(folder, 16, progress=False).images
+    assert torch.equal(build_dataset(config, progress=False).images, expected)  # opened, not decoded again
+    rgb = build_dataset(dataclasses.replace(config, image_channels="3"), progress=False)
+    assert rgb.images.shape == (6, 3, 16, 16) and torch.equal(rgb.images, expected.expand(-1, 3, -1, -1))
+    assert torch.equal(build_dataset(dataclasses.replace(config, image_channels="1"), progress=False).images, expected)
+    assert len(entries(cache_dir)) == 3  # auto, 3 and 1: each names what it asked for
+
+
+def test_an_entry_from_before_the_channel_count_is_rebuilt_never_misread(tmp_path):
+    folder, cache_dir = grey_folder(tmp_path / "imgs"), tmp_path / "cache"
+    config = DataConfig(source=str(folder), image_size=16, cache=str(cache_dir))
+    expected = build_dataset(config, progress=False).images.clone()
+    entry = cache_dir / entries(cache_dir)[0]
+    # the layout of format 1: three channels, no "channels" in meta.json, same byte count as 3 x this entry's
+    meta = json.loads((entry / cache.META).read_text())
+    del meta["channels"]
+    (entry / cache.META).write_text(json.dumps({**meta, "format": 1, "count": 2}))
+    assert cache.open_entry(entry) is None
+    assert torch.equal(build_dataset(config, progress=False).images, expected)
+    assert json.loads((entry / cache.META).read_text())["channels"] == 1
+
+
+def test_grey_toy_cars_are_the_luma_of_the_colour_ones(tmp_path):
+    config = DataConfig(image_size=16, toy_count=8, cache=str(tmp_path / "cache"))
+    rgb = build_dataset(config, progress=False).images
+    grey = build_dataset(dataclasses.replace(config, image_channels="1"), progress=False).images
+    assert rgb.shape == (8, 3, 16, 16) and grey.shape == (8, 1, 16, 16)
+    first = np.asarray(Image.fromarray(rgb[0].permute(1, 2, 0).numpy()).convert("L"))
+    assert np.array_equal(grey[0, 0].numpy(), first)  # PIL's own conversion of the colour image
+    assert torch.equal(build_dataset(dataclasses.replace(config, image_channels="3"), progress=False).images, rgb)

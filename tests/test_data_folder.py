@@ -15,8 +15,10 @@ from ddpm_cars.data.folder import (
     IMAGE_EXTENSIONS,
     ImageDecodeWarning,
     find_images,
+    is_grayscale,
     load_image,
     load_image_folder,
+    luma,
 )
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -289,3 +291,63 @@ def test_listing_orders_and_labels_like_sorted_paths(tmp_path):
     assert listing.class_names == ["A", "a", "a b", "a-b", "a0", "root"]  # "root": the loose a.png and b.png
     first_level = [p.relative_to(root).parts[0] if p.parent != root else "root" for p in expected]
     assert [listing.class_names[label] for label in listing.labels] == first_level
+
+
+# --- channels ----------------------------------------------------------------
+
+
+def test_pil_luma_is_reproduced_exactly_by_the_tensor_conversion():
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grey = luma(torch.from_numpy(rgb).permute(2, 0, 1))
+    assert grey.shape == (1, 5, 7) and grey.dtype == torch.uint8
+    assert np.array_equal(grey[0].numpy(), np.asarray(Image.fromarray(rgb).convert("L")))
+    # by hand: round(0.299 R + 0.587 G + 0.114 B) on a few pixels
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    assert np.abs(grey[0].numpy() - (0.299 * r + 0.587 * g + 0.114 * b)).max() <= 0.5 + 1e-6
+
+
+def test_grayscale_by_header_or_by_equal_channels_and_colour_otherwise(tmp_path):
+    grey = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (6, 1))
+    assert is_grayscale(save_array(tmp_path / "l.png", grey))
+    assert is_grayscale(save_array(tmp_path / "i16.png", grey.astype(np.uint16) * 257))
+    assert is_grayscale(save_array(tmp_path / "rgb_grey.png", np.stack([grey] * 3, axis=-1)))  # an X-ray saved as RGB
+    tinted = np.stack([grey] * 3, axis=-1)
+    tinted[2, 3, 0] += 1  # one pixel off gray
+    assert not is_grayscale(save_array(tmp_path / "tinted.png", tinted))
+    assert not is_grayscale(save(tmp_path / "red.png", RED))
+
+
+def test_auto_channels_give_one_for_an_all_grey_folder_and_three_for_a_mixed_one(tmp_path):
+    grey_root = tmp_path / "grey"
+    save(grey_root / "a" / "1.png", 30, mode="L")
+    save(grey_root / "b" / "2.jpg", 200, mode="L", format="JPEG")
+    save(grey_root / "b" / "3.png", (90, 90, 90))  # gray pixels in an RGB file
+    (grey_root / "b" / "4.png").write_bytes(b"broken")  # decides nothing
+    with pytest.warns(ImageDecodeWarning):
+        data = load_image_folder(grey_root, SIZE, progress=False)
+    assert data.images.shape == (3, 1, SIZE, SIZE) and data.channels == 1
+    assert [int(data.images[i, 0, 0, 0]) for i in range(3)] == [30, 200, 90]
+    with pytest.warns(ImageDecodeWarning):
+        forced = load_image_folder(grey_root, SIZE, progress=False, image_channels="3")
+    assert forced.images.shape == (3, 3, SIZE, SIZE) and torch.equal(forced.images, data.images.expand(-1, 3, -1, -1))
+
+    mixed = tmp_path / "mixed"
+    save(mixed / "1.png", 30, mode="L")
+    save(mixed / "2.png", RED)
+    data = load_image_folder(mixed, SIZE, progress=False)
+    assert data.images.shape == (2, 3, SIZE, SIZE) and pixel(data.images[0], 0, 0) == (30, 30, 30)
+    grey = load_image_folder(mixed, SIZE, progress=False, image_channels="1")  # forced: PIL's luma of red
+    assert grey.images.shape == (2, 1, SIZE, SIZE) and int(grey.images[1, 0, 0, 0]) == round(0.299 * 255)
+
+
+def test_one_image_in_one_channel_is_the_folder_decoding_of_it(tmp_path):
+    path = save_array(tmp_path / "x.png", bands(20, 12, [(RED, 10), (GREEN, 10)]))
+    alone = load_image(path, SIZE, channels=1)
+    assert alone.shape == (1, SIZE, SIZE)
+    assert torch.equal(alone, load_image_folder(tmp_path, SIZE, progress=False, image_channels="1").images[0])
+    assert torch.equal(alone, luma(load_image(path, SIZE)))  # grey before or after resizing: the same here
+    with pytest.raises(DataError, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels, not 2"):
+        load_image(path, SIZE, channels=2)
+    with pytest.raises(DataError, match="Unknown image channels '2'"):
+        load_image_folder(tmp_path, SIZE, progress=False, image_channels="2")

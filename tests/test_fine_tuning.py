@@ -143,3 +143,17 @@ def test_a_saved_config_trains_the_same_recipe(tmp_path, pretrained, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert main(["train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "y")]) == 2
     assert "cannot read config" in capsys.readouterr().err
+
+
+def test_fine_tuning_on_a_grey_folder_keeps_the_sources_channels_unless_told_otherwise(tmp_path, pretrained):
+    source, config = pretrained
+    folder = tmp_path / "grey"
+    images, _ = generate_toy_cars(32, 16, seed=7)
+    for i, image in enumerate(images):
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image.mean(axis=0).astype(np.uint8), mode="L").save(folder / f"{i:03d}.png")
+    recipe = config.replace(data={"source": str(folder), "cache": "off"}, train={"init_from": str(source)})
+    train(recipe.replace(train={"max_steps": 1}), tmp_path / "ft", progress=False, final_grid=False)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["data"]["image_channels"] == "3"
+    with pytest.raises(UserError, match="its data.image_channels is '3', this run's '1'"):
+        train(recipe.replace(data={"image_channels": "1"}), tmp_path / "x", progress=False)

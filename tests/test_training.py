@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ddpm_cars import run as ckpt
 from ddpm_cars.config import RunConfig
+from ddpm_cars.errors import UserError
 from ddpm_cars.training import train
 from ddpm_cars.training.batches import epoch_order, random_hflip
 from ddpm_cars.training.logs import read_loss_log
@@ -327,3 +328,21 @@ def test_each_sample_grid_is_tiled_once_for_its_file_and_the_tracker(tmp_path, t
     for (_, _, grid), file in zip(tracker.images, ["epoch_0001.png", "final.png"]):
         written = torch.from_numpy(np.array(Image.open(tmp_path / "samples" / file))).permute(2, 0, 1)
         assert torch.equal(written, grid)
+
+
+def test_auto_channels_become_the_datas_and_a_named_count_must_match_it(tmp_path, tiny_config):
+    from ddpm_cars.data import ImageSet, toy_cars_dataset
+    from ddpm_cars.data.folder import luma
+
+    toys = toy_cars_dataset(32, 16)
+    grey = ImageSet(luma(toys.images), toys.labels, toys.class_names)
+    config = tiny_config.replace(train={"max_steps": 1})
+    train(config, tmp_path / "grey", dataset=grey, progress=False, final_grid=False)
+    saved = RunConfig.load(tmp_path / "grey" / "config.json", saved_run=True)
+    assert saved.data.image_channels == "1"
+    weights = _weights(tmp_path / "grey")
+    assert weights["conv0.weight"].shape[1] == 1 and weights["output.weight"].shape[0] == 1
+    train(config, tmp_path / "rgb", progress=False, final_grid=False)
+    assert RunConfig.load(tmp_path / "rgb" / "config.json").data.image_channels == "3"
+    with pytest.raises(UserError, match="says 3 image channels .* but the data has 1"):
+        train(config.replace(data={"image_channels": "3"}), tmp_path / "x", dataset=grey, progress=False)

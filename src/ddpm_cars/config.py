@@ -35,6 +35,7 @@ DdimSigma = Literal["song", "learned"]
 Tracking = Literal["none", "tensorboard", "wandb"]
 Split = Literal["train", "test", "all"]
 Crop = Literal["none", "center", "bbox"]
+ImageChannels = Literal["auto", "1", "3"]
 ModelName = Literal["res_attn_unet", "simple_unet"]
 
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale of `sample --class`
@@ -185,11 +186,10 @@ class DiffusionConfig:
                 "--zero-terminal-snr needs --prediction v or x0: at alphabar_T = 0 the noise says nothing about x_0"
             )
 
-    @property
-    def out_channels(self) -> int:
-        """Channels the network must output for RGB images: the mean target, plus the
-        variance interpolation when the variance is learned."""
-        return 6 if self.learn_variance else 3
+    def out_channels(self, image_channels: int) -> int:
+        """Channels the network outputs for images of ``image_channels``: the mean target,
+        then as many for the variance interpolation when the variance is learned."""
+        return 2 * image_channels if self.learn_variance else image_channels
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,13 @@ class DataConfig:
         metavar="FRACTION",
         limits=Limits(low=0, high=1),
     )
+    # the network's input and output channels; a run records what "auto" found
+    image_channels: ImageChannels = option(
+        "auto",
+        "channels of the images and the network: 1 (grayscale) or 3 (RGB), converting images that differ; "
+        "auto: 1 when every image of the source is grayscale, else 3",
+        role="network",
+    )
     flip: bool = option(True, "random horizontal flips")
     toy_count: int = option(8192, "number of images generated for --data toy-cars", limits=POSITIVE)
     cache: str = option(
@@ -225,6 +232,12 @@ class DataConfig:
         check_fields(self, "data")
         if not self.source:
             raise UserError("data.source must be 'toy-cars', 'stanford-cars' or a folder path")
+
+    @property
+    def channel_count(self) -> int:
+        """Channels of the images: ``image_channels``, which training sets from the data when
+        it is ``auto``; 3 for a recipe not yet trained."""
+        return 3 if self.image_channels == "auto" else int(self.image_channels)
 
 
 @dataclass(frozen=True)
@@ -489,18 +502,29 @@ class RunConfig:
                 f"{len(self.model.channels)} widths; got {self.data.image_size}"
             )
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images and of the network's input (:attr:`DataConfig.channel_count`)."""
+        return self.data.channel_count
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, data: dict[str, Any], *, saved_run: bool = False) -> RunConfig:
+        """The config of ``data`` (sections of fields; a missing field takes its default).
+        With ``saved_run``, ``data`` is a trained run's: one from before ``data.image_channels``
+        existed trained on 3 channels, whatever its data."""
         sections = {f.name: f.type for f in fields(cls)}
         if not isinstance(data, dict):
             raise UserError(f"a config must be an object of sections {sorted(sections)}; got {reprlib.repr(data)}")
         unknown = set(data) - set(sections)
         if unknown:
             raise UserError(f"unknown config sections {sorted(map(str, unknown))}; allowed: {sorted(sections)}")
-        return cls(**{name: _section(name, data.get(name, {})) for name in sections})
+        values = {name: data.get(name, {}) for name in sections}
+        if saved_run and isinstance(values["data"], dict) and "image_channels" not in values["data"]:
+            values["data"] = {**values["data"], "image_channels": "3"}
+        return cls(**{name: _section(name, section) for name, section in values.items()})
 
     def save(self, path: str | Path) -> None:
         from ddpm_cars.files import atomic_write_text
@@ -508,13 +532,14 @@ class RunConfig:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
+    def load(cls, path: str | Path, *, saved_run: bool = False) -> RunConfig:
+        """The config in the JSON file ``path``; ``saved_run``: a trained run's (see :meth:`from_dict`)."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
             raise UserError(f"cannot read config {path}: {err}") from err
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, saved_run=saved_run)
         except UserError as err:
             raise UserError(f"bad config {path}: {err}") from err
 
@@ -548,13 +573,15 @@ class RunConfig:
 
     def network_differences(self, other: RunConfig) -> list[tuple[str, Any, Any]]:
         """``(section.field, ours, theirs)`` for each field declared ``network`` on which the
-        two configs differ: weights of one fit the other's network only when this is empty."""
+        two configs differ: weights of one fit the other's network only when this is empty.
+        An ``auto`` channel count, not yet read from the data, differs from none."""
         return [
-            (f"{section.name}.{f.name}", getattr(mine, f.name), getattr(getattr(other, section.name), f.name))
+            (f"{section.name}.{f.name}", ours, theirs)
             for section in fields(self)
             for mine in [getattr(self, section.name)]
             for f in fields(mine)
-            if f.metadata["network"] and getattr(mine, f.name) != getattr(getattr(other, section.name), f.name)
+            for ours, theirs in [(getattr(mine, f.name), getattr(getattr(other, section.name), f.name))]
+            if f.metadata["network"] and ours != theirs and "auto" not in (ours, theirs)
         ]
 
 
@@ -577,6 +604,8 @@ def _section(name: str, values: dict[str, Any]) -> Any:
     if name == "train" and "lr_decay" in values:  # config.json of runs from before train.lr_schedule
         values = {**values, "lr_schedule": {"none": "constant"}.get(values["lr_decay"], values["lr_decay"])}
         del values["lr_decay"]
+    if name == "data" and type(values.get("image_channels")) is int:  # 1 or 3 written by hand
+        values = {**values, "image_channels": str(values["image_channels"])}
     allowed = {f.name for f in fields(kind)}
     unknown = set(values) - allowed
     if unknown:

@@ -37,7 +37,8 @@ class Prediction(NamedTuple):
 
 @dataclass(frozen=True)
 class Denoiser:
-    """``network`` read through ``config``'s parameterisation on ``schedule``.
+    """``network`` read through ``config``'s parameterisation on ``schedule``, for images of
+    ``image_size`` pixels and ``image_channels`` channels.
 
     Steps ``t`` given to its methods index ``schedule``; when the schedule is respaced
     (:meth:`respaced`), ``timesteps[t]`` is the training step the network is told.
@@ -50,12 +51,18 @@ class Denoiser:
     image_size: int
     precision: Precision = "fp32"
     timesteps: torch.Tensor | None = None  # [len(schedule)] training steps of a respaced schedule
+    image_channels: int = 3  # C of the images x_t [B, C, S, S] it denoises
 
     @classmethod
     def for_run(cls, network: nn.Module, config: RunConfig) -> Denoiser:
         """The denoiser of a run's network: its schedule, parameterisation, size and precision."""
         return cls(
-            network, build_schedule(config.diffusion), config.diffusion, config.data.image_size, config.train.precision
+            network,
+            build_schedule(config.diffusion),
+            config.diffusion,
+            config.data.image_size,
+            config.train.precision,
+            image_channels=config.image_channels,
         )
 
     @property
@@ -88,7 +95,7 @@ class Denoiser:
 
     def output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The raw network output at steps ``t`` ``[B]``, float32: the mean's target
-        (3 channels), then the variance interpolation when it is learned (3 more)."""
+        (the image's C channels), then the variance interpolation when it is learned (C more)."""
         if self.timesteps is not None:
             t = self.timesteps.to(t.device)[t]
         with autocast(x_t.device, self.precision):

@@ -6,7 +6,7 @@ the way down, from the image noised with q(x_t | x_0); RePaint (Lugmayr et al. 2
 the sampler's steps one at a time and puts the known pixels back after each, noised to the
 new step's level, going back up now and then (resampling) so the fill and the known part
 agree; DDIM inversion (Song et al. 2021, Sec. 4.3; Dhariwal & Nichol 2021, App. F) runs the
-deterministic ODE from the image up to x_T. Images are ``[B, 3, S, S]`` in [-1, 1]; masks are
+deterministic ODE from the image up to x_T. Images are ``[B, C, S, S]`` in [-1, 1] (C: 1 or 3); masks are
 ``[B, 1, S, S]`` with 1 where the model draws and 0 where the image is kept. Like the
 samplers, nothing here reads files or draws from a global generator.
 """
@@ -43,7 +43,7 @@ class Inpainting:
 
 @dataclass(frozen=True)
 class Edit:
-    """Images drawn from given ones: ``init`` (``[3, S, S]`` for every image, or ``[N, 3, S, S]``,
+    """Images drawn from given ones: ``init`` (``[C, S, S]`` for every image, or ``[N, C, S, S]``,
     in [-1, 1]) noised to the step ``strength`` x T and denoised (SDEdit: 0 returns the images,
     1 ignores them); with a ``mask`` (1 = redraw; ``[S, S]``, ``[1, S, S]`` or ``[N, 1, S, S]``,
     or an :class:`Inpainting` with RePaint's resampling) the other pixels of ``init`` are kept."""
@@ -52,16 +52,18 @@ class Edit:
     strength: float = 1.0
     mask: torch.Tensor | Inpainting | None = None
 
-    def checked(self, size: int, count: int, sampler: str) -> Edit:
-        """This edit with ``init`` as ``[1 or N, 3, S, S]`` and the mask as an :class:`Inpainting`
-        of ``[1 or N, 1, S, S]``, for a request of ``count`` images of ``size`` pixels drawn with
-        ``sampler``; or a ValueError in one line saying what does not fit."""
+    def checked(self, size: int, count: int, sampler: str, channels: int = 3) -> Edit:
+        """This edit with ``init`` as ``[1 or N, C, S, S]`` and the mask as an :class:`Inpainting`
+        of ``[1 or N, 1, S, S]``, for a request of ``count`` images of ``channels`` C and ``size``
+        pixels drawn with ``sampler``; or a ValueError in one line saying what does not fit."""
         if not (0.0 <= self.strength <= 1.0):
             raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 ignores it); got {self.strength}")
         init = self.init[None] if self.init.ndim == 3 else self.init
-        if init.ndim != 4 or tuple(init.shape[1:]) != (3, size, size) or init.shape[0] not in (1, count):
+        c = channels
+        if init.ndim != 4 or tuple(init.shape[1:]) != (c, size, size) or init.shape[0] not in (1, count):
             raise ValueError(
-                f"init must be [3, {size}, {size}] or [{count}, 3, {size}, {size}] in [-1, 1]; got {tuple(init.shape)}"
+                f"init must be [{c}, {size}, {size}] or [{count}, {c}, {size}, {size}] in [-1, 1]; "
+                f"got {tuple(init.shape)}"
             )
         if self.mask is None:
             return Edit(init, self.strength)
@@ -104,7 +106,7 @@ def edit_sample(
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Images drawn from ``edit`` (init ``[B, 3, S, S]``, an :class:`Inpainting` mask of
+    """Images drawn from ``edit`` (init ``[B, C, S, S]``, an :class:`Inpainting` mask of
     ``[B, 1, S, S]`` or none: see :meth:`Edit.checked`) with ``config``'s sampler on the
     training steps ``timesteps``: the init noised with ``noise``
     (the x_T an ordinary request would start from) to the highest step below strength x T,

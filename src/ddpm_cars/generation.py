@@ -54,10 +54,10 @@ def generate(
     edit: Edit | None = None,
     watch: Watch = Watch(),
 ) -> torch.Tensor:
-    """Samples in [-1, 1], ``[N, 3, S, S]`` on the CPU, drawn in batches with ``config``'s
-    sampler on ``config.steps`` of the T steps (all by default). ``images`` is how many
-    to draw, or which images of a request (a share of one spread over processes): image
-    ``i`` is the same either way.
+    """Samples in [-1, 1], ``[N, C, S, S]`` on the CPU (C: the denoiser's image channels),
+    drawn in batches with ``config``'s sampler on ``config.steps`` of the T steps (all by
+    default). ``images`` is how many to draw, or which images of a request (a share of one
+    spread over processes): image ``i`` is the same either way.
 
     ``classes`` (a class-conditional model only) asks for a class per image, with
     guidance; without it a conditional model samples unconditionally. ``edit`` draws
@@ -73,17 +73,17 @@ def generate(
         count = images if isinstance(images, int) else max(wanted, default=-1) + 1
         _check_labels(classes.labels, count, isinstance(images, int), denoiser.num_classes)
     if edit is not None:
-        edit = edit.checked(denoiser.image_size, max(wanted, default=-1) + 1, config.sampler)
+        edit = edit.checked(denoiser.image_size, max(wanted, default=-1) + 1, config.sampler, denoiser.image_channels)
     _check_sampler(denoiser, config)
     timesteps = visited_timesteps(denoiser.schedule, config)
-    device, size = denoiser.device, denoiser.image_size
+    device, size, channels = denoiser.device, denoiser.image_size, denoiser.image_channels
     out = []
     starts = range(0, len(wanted), batch_size)
     with _sampling_mode(denoiser.network, config) as ctx:
         for start in tqdm(starts, desc="Sampling batches", disable=not watch.progress or len(starts) == 1):
             batch = wanted[start : start + batch_size]
             gens = image_generators(seed, batch, device)
-            x_T = randn((3, size, size), gens, device)
+            x_T = randn((channels, size, size), gens, device)
             den = denoiser if classes is None else denoiser.guided(classes.labels[batch].to(device), classes.scale)
             steps = {"timesteps": timesteps, "callback": watch.callback if start == 0 else None}
             with ctx():
@@ -94,7 +94,7 @@ def generate(
                         den, x_T, gens, config, _rows_of(edit, batch, device), progress=watch.progress, **steps
                     )
             out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 3, size, size)
+    return torch.cat(out) if out else torch.empty(0, channels, size, size)
 
 
 def decode(
@@ -105,8 +105,8 @@ def decode(
     batch_size: int = 64,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Images in [-1, 1] ``[N, 3, S, S]`` on the CPU drawn from the given starting noises
-    ``x_T`` ``[N, 3, S, S]`` with ``config``'s sampler, which must be deterministic (see
+    """Images in [-1, 1] ``[N, C, S, S]`` on the CPU drawn from the given starting noises
+    ``x_T`` ``[N, C, S, S]`` with ``config``'s sampler, which must be deterministic (see
     :func:`~ddpm_cars.samplers.is_deterministic`): from the noise of image ``i`` of seed ``s``
     it draws image ``i`` of ``generate(..., seed=s)``."""
     require_deterministic(config)

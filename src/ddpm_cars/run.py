@@ -200,7 +200,7 @@ def check_init_source(source: str | Path, config: RunConfig) -> tuple[Path, RunC
     from; a one-line ``UserError`` unless its network and image size are ``config``'s.
     Cheap: training checks it before it reads the data."""
     run_dir, checkpoint = resolve_checkpoint(source)
-    theirs = RunConfig.load(run_dir / CONFIG_FILE)
+    theirs = RunConfig.load(run_dir / CONFIG_FILE, saved_run=True)
     for name, was, now in theirs.network_differences(config):
         raise UserError(
             f"cannot start from {source}: its {name} is {was!r}, this run's {now!r} "
@@ -280,7 +280,7 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> Run:
         run_dir, checkpoint = resolve_checkpoint(path)
-        return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE))
+        return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE, saved_run=True))
 
     def with_sampling(self, sample: dict[str, Any]) -> Run:
         """This run with its config's sampling settings overridden (``{"steps": 50}``)."""

@@ -104,13 +104,13 @@ def diffusers_unet(image_size: int, out_channels: int = 6) -> nn.Module:
 # -- counting, timing, memory --------------------------------------------------------------
 
 
-def forward_flops(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> int:
-    """FLOPs of one float32 forward pass on one ``image_size`` image (2 per multiply-add)."""
+def forward_flops(model: nn.Module, image_size: int, device: torch.device | str = "cpu", channels: int = 3) -> int:
+    """FLOPs of one float32 forward pass on one ``image_size`` image of ``channels`` (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
-    x = torch.randn(1, 3, image_size, image_size, device=device)
+    x = torch.randn(1, channels, image_size, image_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -184,9 +184,10 @@ def measure(spec: dict) -> dict:
     dcfg = config.diffusion
     base_rss = None if cuda else _peak_rss_mib()  # Python and torch alone, before the model
     torch.manual_seed(0)
-    model = (diffusers_unet(size, dcfg.out_channels) if name == DIFFUSERS else build_model(config)).to(device)
+    out_channels = dcfg.out_channels(config.image_channels)
+    model = (diffusers_unet(size, out_channels) if name == DIFFUSERS else build_model(config)).to(device)
     params = count_parameters(model)
-    flops = forward_flops(model, size, device)
+    flops = forward_flops(model, size, device, config.image_channels)
     checkpointing = bool(spec.get("activation_checkpointing")) and hasattr(model, "set_activation_checkpointing")
     if checkpointing:
         model.set_activation_checkpointing(True)  # recomputation is not counted in the FLOPs: the model's own
@@ -238,7 +239,7 @@ def _time_training(model: nn.Module, denoiser: Denoiser, config: RunConfig, spec
     _reset_peak_memory(device)
     optimizer = build_optimizer(model.parameters(), dataclasses.replace(tcfg, optimizer="adamw"), device)
     g = torch.Generator(device).manual_seed(0)
-    x0 = torch.rand(batch, 3, size, size, generator=g, device=device) * 2 - 1
+    x0 = torch.rand(batch, config.image_channels, size, size, generator=g, device=device) * 2 - 1
     model.train()
 
     def train_step() -> None:
@@ -265,7 +266,7 @@ def _time_sampling(model: nn.Module, denoiser: Denoiser, config: RunConfig, spec
     steps = spec["warmup"] + spec["sample_steps"]
     short = build_schedule(dataclasses.replace(config.diffusion, timesteps=steps))  # the preset's, truncated
     gens = image_generators(0, range(batch), device)
-    x_T = randn((3, size, size), gens, device)
+    x_T = randn((config.image_channels, size, size), gens, device)
     stamps: list[float] = []
 
     def tick(*_: Any) -> None:

@@ -21,7 +21,7 @@ from ddpm_cars.editing import INPAINTING_SAMPLERS, Edit, Inpainting
 from ddpm_cars.errors import MissingFileError, UserError
 from ddpm_cars.generation import require_deterministic
 from ddpm_cars.samplers import is_deterministic
-from ddpm_cars.viz import save_image, save_samples, save_strip
+from ddpm_cars.viz import picture_image, save_image, save_samples, save_strip
 
 VARIATION_STRENGTH = 0.5  # --strength without --mask
 INTERPOLATION_SPACING = "karras"  # of the DDIM chosen for interpolation when no sampler is named
@@ -64,7 +64,7 @@ class ImageEdit:
     def read(self, data: DataConfig) -> Edit:
         """The :class:`~ddpm_cars.editing.Edit` of this request, its files read and prepared
         like the run's training images (``data``)."""
-        init = read_image(self.image, data.image_size, data.crop)
+        init = read_image(self.image, data.image_size, data.crop, channels=data.channel_count)
         if self.mask is None:
             return Edit(init, self.chosen_strength)
         mask = read_mask(self.mask, self.image, data.image_size, data.crop)
@@ -128,11 +128,13 @@ def _size_of(path: Path, flag: str) -> tuple[int, int]:
         raise UserError(f"{flag} {path} is not an image this tool can read ({type(err).__name__}: {err})") from None
 
 
-def read_image(path: Path, size: int, crop: str, flag: str = "--init-image") -> torch.Tensor:
-    """The image at ``path`` as ``[3, S, S]`` in [-1, 1], cropped and resized like training images."""
+def read_image(path: Path, size: int, crop: str, flag: str = "--init-image", channels: int = 3) -> torch.Tensor:
+    """The image at ``path`` as ``[channels, S, S]`` in [-1, 1] (3: RGB, 1: grayscale), cropped
+    and resized like training images."""
     _size_of(path, flag)
     try:
-        return to_model_range(load_image(path, size, crop))  # "bbox" without a box: squashed, as "none"
+        # "bbox" without a box: squashed, as "none"
+        return to_model_range(load_image(path, size, crop, channels=channels))
     except (OSError, ValueError, DataError) as err:
         raise UserError(f"{flag} {path} could not be decoded ({err})") from None
 
@@ -173,8 +175,7 @@ def write_interpolation(out: Path, frames: torch.Tensor, weights: list[float], t
 
     save_samples(frames, out, nrow=len(frames))
     save_strip([(f"{w:.2f}", f) for w, f in zip(weights, frames)], out / "interpolation.png", title)
-    pixels = to_uint8(frames).permute(0, 2, 3, 1).numpy()
     size = frames.shape[-1] * GIF_SCALE
-    pictures = [Image.fromarray(p).resize((size, size), Image.NEAREST) for p in pixels]
+    pictures = [picture_image(p).resize((size, size), Image.NEAREST) for p in to_uint8(frames)]
     loop = pictures + pictures[-2:0:-1]
     loop[0].save(out / "interpolation.gif", save_all=True, append_images=loop[1:], duration=GIF_FRAME_MS, loop=0)

@@ -160,11 +160,13 @@ def _interpolate(
     if classes is not None:  # every frame, and the inversion, in the one class asked for
         denoiser = denoiser.guided(classes.labels[:1].to(device), classes.scale)
     if ends.seeds is not None:
-        x = torch.cat([randn((3, size, size), image_generators(seed, [0], device), device) for seed in ends.seeds])
+        shape = (denoiser.image_channels, size, size)
+        x = torch.cat([randn(shape, image_generators(seed, [0], device), device) for seed in ends.seeds])
         what = f"seeds {ends.seeds[0]} and {ends.seeds[1]}"
     else:
         crop = trained.config.data.crop
-        images = torch.stack([read_image(p, size, crop, "--interpolate-images") for p in ends.images])
+        channels = trained.config.image_channels
+        images = torch.stack([read_image(p, size, crop, "--interpolate-images", channels) for p in ends.images])
         x = ddim_invert(
             denoiser, images.to(device), timesteps=visited_timesteps(denoiser.schedule, sample), progress=True
         )

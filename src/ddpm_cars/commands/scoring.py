@@ -132,7 +132,8 @@ def sample_scores(
             "seed": request.seed,
         }
     else:
-        samples = load_image_folder(request.images, size).images
+        channels = str(reference.images.shape[1])  # the folder is compared with the reference, in its channels
+        samples = load_image_folder(request.images, size, image_channels=channels).images
         what, summary = f"{samples.shape[0]} images of {request.images}", {"images": str(request.images)}
     out = request.out or (opened.dir / scores.EVAL_DIR if opened is not None else None)
     options = scores.ScoreOptions(

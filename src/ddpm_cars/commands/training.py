@@ -57,7 +57,7 @@ def saved_config(run_dir: Path) -> RunConfig:
     config_file = run_dir / ckpt.CONFIG_FILE
     if not config_file.is_file():
         raise MissingFileError(f"nothing to resume: {config_file} does not exist")
-    return RunConfig.load(config_file)
+    return RunConfig.load(config_file, saved_run=True)
 
 
 def train(request: TrainRequest) -> TrainResult | None:

@@ -36,7 +36,7 @@ def toy_cars_dataset(count: int, image_size: int, seed: int = TOY_CARS_SEED) -> 
 def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
     """The dataset named by ``config.source`` (``toy-cars``, ``stanford-cars`` or a folder
     path), through the data cache that ``config.cache`` names."""
-    size, crop = config.image_size, config.crop
+    size, crop, channels = config.image_size, config.crop, config.image_channels
     cache_dir = cache.resolve_dir(config.cache)
     if config.source == "toy-cars":
         if crop == "bbox":
@@ -49,9 +49,10 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
             "seed": seed,
             "code": cache.code_stamp(toy_cars),
         }
-        return cache.load(
-            key, config.toy_count, _toy_cars_fill(config.toy_count, size, seed), cache_dir, progress=progress
-        )[0]
+        if channels == "1":  # "auto" and "3" are the generator's RGB, as before
+            key["channels"] = channels
+        fill = _toy_cars_fill(config.toy_count, size, seed, grey=channels == "1")
+        return cache.load(key, config.toy_count, fill, cache_dir, progress=progress)[0]
     if config.source == "stanford-cars":
         root = download_stanford_cars()
     else:
@@ -60,9 +61,9 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
             raise DataError(f"--data must be 'toy-cars', 'stanford-cars' or an existing folder; {root} does not exist")
     counts = None
     if config.source == "stanford-cars" or find_split_dirs(root) is not None:
-        listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin)
+        listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin, channels)
     else:
-        listing = list_image_folder(root, size, crop)
+        listing = list_image_folder(root, size, crop, channels)
     key, fill = _listing_key(listing, root), _listing_fill(listing, progress)
     data, decoded = cache.load(key, len(listing.paths), fill, cache_dir, progress=progress, source=str(root.resolve()))
     warn_skipped(decoded.skipped)
@@ -71,11 +72,14 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
     return data
 
 
-def _toy_cars_fill(count: int, size: int, seed: int) -> cache.Fill:
+def _toy_cars_fill(count: int, size: int, seed: int, grey: bool = False) -> cache.Fill:
+    """Toy cars in RGB, or with ``grey`` their luma (:func:`~ddpm_cars.data.folder.luma`)."""
+
     def fill(write: cache.Writer) -> Decoded:
         images, labels = generate_toy_cars(count, size, seed)
-        write(torch.from_numpy(images))
-        return Decoded(labels.tolist(), list(BODY_TYPES))
+        images = torch.from_numpy(images)
+        write(folder.luma(images) if grey else images)
+        return Decoded(labels.tolist(), list(BODY_TYPES), channels=1 if grey else 3)
 
     return fill
 
@@ -90,6 +94,7 @@ def _listing_key(listing: ImageListing, root: Path) -> dict:
         "name": root.resolve().name or "images",
         "image_size": listing.image_size,
         "crop": listing.crop,
+        "channels": listing.image_channels,
         "cwd": None if root.is_absolute() else os.getcwd(),  # the paths below are relative to it
         "margin": listing.margin if listing.crop == "bbox" else None,
         "class_names": listing.class_names,

@@ -2,15 +2,16 @@
 
 An entry is a folder ``<cache dir>/<key>/`` holding
 
-    images.u8    the images, [N, 3, S, S] uint8 in C order and nothing else
+    images.u8    the images, [N, C, S, S] uint8 in C order and nothing else
     labels.npy   [N] int64
-    meta.json    N, S, the class names, what decoding skipped, the source (its full path,
+    meta.json    N, C (1 or 3), S, the class names, what decoding skipped, the source (its full path,
                  or what generated it) and when the entry was built; written last. Its
                  modification time is the entry's last use, set each time it is opened
 
 The key hashes everything the images depend on: the source's files with their sizes and
 modification times (or the toy-car generator's arguments), the image size, the crop and
-box margin, and the code and library versions that decode. An entry is written in a
+box margin, the channels asked for, and the code and library versions that decode. An
+entry of an older format (one without its channel count) is never read: it is rebuilt. An entry is written in a
 ``<key>.partial-<pid>`` folder and renamed into place once complete, under a lock file: a
 build killed halfway leaves nothing a later run reads as complete, and processes that want
 the same entry at once (torchrun's ranks on one machine, two runs) build it once -- the
@@ -43,13 +44,13 @@ import torch
 from ddpm_cars import caches
 from ddpm_cars.caches import CACHE_ENV as CACHE_ENV  # where the cache folder is: re-exported
 from ddpm_cars.caches import default_cache_dir
-from ddpm_cars.data.dataset import DataError, ImageSet
+from ddpm_cars.data.dataset import IMAGE_CHANNELS, DataError, ImageSet
 from ddpm_cars.data.folder import Decoded, MemoryImages
 
-FORMAT = 1  # bump when the entry layout changes
+FORMAT = 2  # bump when the entry layout changes (2: meta.json records the channel count)
 IMAGES, LABELS, META = caches.DATA_IMAGES, "labels.npy", caches.DATA_RECORD
 
-Writer = Callable[[torch.Tensor], None]  # takes [k, 3, S, S] uint8 images, in order
+Writer = Callable[[torch.Tensor], None]  # takes [k, C, S, S] uint8 images, in order
 Fill = Callable[[Writer], Decoded]  # writes every image of a source, says what it kept
 
 
@@ -159,16 +160,17 @@ def open_entry(entry: Path) -> tuple[ImageSet, Decoded] | None:
     what decoding kept; None unless every part is there, whole and consistent."""
     try:
         meta = json.loads((entry / META).read_text())
-        count, size = int(meta["count"]), int(meta["image_size"])
-        if meta.get("format") != FORMAT or count < 1 or (entry / IMAGES).stat().st_size != count * 3 * size * size:
+        count, size, channels = int(meta["count"]), int(meta["image_size"]), int(meta["channels"])
+        if meta.get("format") != FORMAT or count < 1 or channels not in IMAGE_CHANNELS:
+            return None
+        if (entry / IMAGES).stat().st_size != count * channels * size * size:
             return None
         labels = np.load(entry / LABELS, allow_pickle=False)
         if labels.shape != (count,) or labels.dtype != np.int64:
             return None
-        images = np.memmap(entry / IMAGES, dtype=np.uint8, mode="c", shape=(count, 3, size, size))
-        decoded = Decoded(
-            labels.tolist(), list(meta["class_names"]), [tuple(s) for s in meta["skipped"]], int(meta["outside"])
-        )
+        images = np.memmap(entry / IMAGES, dtype=np.uint8, mode="c", shape=(count, channels, size, size))
+        skipped = [tuple(s) for s in meta["skipped"]]
+        decoded = Decoded(labels.tolist(), list(meta["class_names"]), skipped, int(meta["outside"]), channels)
         return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), decoded.class_names), decoded
     except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or malformed: not a usable entry
         return None
@@ -199,7 +201,7 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
     """Write the entry, recording ``source``, in a partial folder, then rename it into place
     (the lock is held)."""
     size = key["image_size"]
-    needed = capacity * 3 * size * size
+    needed = capacity * 3 * size * size  # at most 3 channels
     free = shutil.disk_usage(entry.parent).free
     if needed > free:
         raise DataError(
@@ -222,6 +224,7 @@ def _build(entry: Path, key: dict[str, Any], capacity: int, fill: Fill, progress
         meta = {
             "format": FORMAT,
             "count": len(decoded.labels),
+            "channels": decoded.channels,
             "image_size": size,
             "class_names": decoded.class_names,
             "skipped": decoded.skipped,

@@ -10,7 +10,9 @@ Hidden files and folders (names starting with ``"."``) below ``root`` are
 skipped. Files that cannot be decoded are skipped with an
 :class:`ImageDecodeWarning` naming the file.
 
-Every image becomes ``S x S`` by one of the crops of :data:`ddpm_cars.config.Crop`:
+Every image becomes RGB, or grayscale for a one-channel model (``image_channels``
+``"1"``; ``"auto"`` chooses it when every image of the listing is grayscale, see
+:func:`detect_channels`), and ``S x S`` by one of the crops of :data:`ddpm_cars.config.Crop`:
 ``"none"`` squashes the whole image, ``"center"`` keeps the centre square, ``"bbox"``
 keeps a square around a given car bounding box (:mod:`ddpm_cars.data.boxes`; only
 Stanford Cars has boxes, so a plain folder cannot use it).
@@ -38,13 +40,14 @@ import torch
 from PIL import ExifTags, Image
 from tqdm import tqdm
 
-from ddpm_cars.config import Crop
+from ddpm_cars.config import Crop, ImageChannels
 from ddpm_cars.data.boxes import Box, crop_to_box
-from ddpm_cars.data.dataset import DataError, ImageSet
+from ddpm_cars.data.dataset import IMAGE_CHANNELS, DataError, ImageSet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_GREY_MODES = ("1", "L", "LA", "La", "F", *_SIXTEEN_BIT_MODES)  # grayscale by their header alone
 _WHITE = (255, 255, 255, 255)
 # EXIF orientation -> the transpose that shows the image upright (as in ImageOps.exif_transpose)
 _UPRIGHT = {
@@ -91,6 +94,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> RGB (``channels`` 3) or 8-bit grayscale ("L", ``channels`` 1) through
+    :func:`to_rgb`; PIL's ITU-R 601 luma, which keeps a gray pixel's value."""
+    rgb = to_rgb(img)
+    return rgb if channels == 3 else rgb.convert("L")
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[..., 3, H, W]`` -> grayscale ``[..., 1, H, W]`` by exactly the integer
+    arithmetic of PIL's ``convert("L")`` (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B)."""
+    r, g, b = images.unbind(-3)
+    weighted = r.int() * 19595 + g.int() * 38470 + b.int() * 7471 + 0x8000
+    return (weighted >> 16).to(torch.uint8).unsqueeze(-3)
+
+
+def is_grayscale(path: Path | str) -> bool:
+    """Whether the image file holds gray pixels only: by its header for grayscale modes,
+    else by its decoded pixels (R = G = B everywhere, as in an X-ray saved as RGB)."""
+    with _open(path) as img:
+        if img.mode in _GREY_MODES:
+            return True
+        img.load()
+        pixels = np.asarray(to_rgb(img))
+    return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+
+
+def detect_channels(paths: list[Path] | list[str], *, progress: bool = True) -> int:
+    """1 when every decodable file of ``paths`` is grayscale (:func:`is_grayscale`), else 3;
+    stops at the first colour image."""
+    with _bomb_warnings_ignored():
+        for path in tqdm(paths, desc="Checking for colour", unit="img", disable=not progress, leave=False):
+            try:
+                if not is_grayscale(path):
+                    return 3
+            except Exception:  # undecodable: decoding skips it, so it decides nothing
+                continue
+    return 1
+
+
 def check_crop(crop: str) -> None:
     """Raise :class:`DataError` unless ``crop`` is one of :data:`ddpm_cars.config.Crop`."""
     choices = get_args(Crop)
@@ -126,13 +168,15 @@ def _bomb_warnings_ignored() -> Iterator[None]:
         yield
 
 
-def _decode(path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float) -> tuple[torch.Tensor, bool]:
-    """The ``[3, S, S]`` uint8 image and whether it was cropped to ``box``: the one way a
+def _decode(
+    path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float, channels: int
+) -> tuple[torch.Tensor, bool]:
+    """The ``[channels, S, S]`` uint8 image and whether it was cropped to ``box``: the one way a
     file becomes an image, for a dataset (:func:`decode_listing`) or alone (:func:`load_image`)."""
     with _open(path) as img:
         img.load()
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-        rgb = to_rgb(img)
+        rgb = to_channels(img, channels)
     from torchvision.transforms.v2 import functional as F  # here: importing torchvision takes seconds
 
     cropped = False
@@ -150,9 +194,15 @@ def _decode(path: Path | str, image_size: int, crop: Crop, box: Box | None, marg
 
 
 def load_image(
-    path: Path | str, image_size: int, crop: Crop = "none", box: Box | None = None, margin: float = 0.1
+    path: Path | str,
+    image_size: int,
+    crop: Crop = "none",
+    box: Box | None = None,
+    margin: float = 0.1,
+    channels: int = 3,
 ) -> torch.Tensor:
-    """Decode one image fully into uint8 ``[3, S, S]``, exactly as a dataset decodes it.
+    """Decode one image fully into uint8 ``[channels, S, S]`` (3: RGB, 1: grayscale), exactly
+    as a dataset decodes it.
 
     ``crop="none"`` squashes the image to ``S x S``; ``"center"`` resizes its
     shorter side to ``S`` and keeps the centre ``S x S``; ``"bbox"`` keeps the
@@ -161,8 +211,10 @@ def load_image(
     entirely outside the image leaves the image uncropped, squashed as with ``"none"``.
     """
     check_crop(crop)
+    if channels not in IMAGE_CHANNELS:
+        raise DataError(f"an image has 1 (grayscale) or 3 (RGB) channels, not {channels}")
     with _bomb_warnings_ignored():
-        return _decode(path, image_size, crop, box, margin)[0]
+        return _decode(path, image_size, crop, box, margin, channels)[0]
 
 
 def _labels(root: Path, parts: list[tuple[str, ...]]) -> tuple[list[int], list[str]]:
@@ -179,10 +231,10 @@ def _labels(root: Path, parts: list[tuple[str, ...]]) -> tuple[list[int], list[s
 
 
 def _try_load(
-    path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float
+    path: Path | str, image_size: int, crop: Crop, box: Box | None, margin: float, channels: int
 ) -> tuple[torch.Tensor, bool] | Exception:
     try:
-        return _decode(path, image_size, crop, box, margin)
+        return _decode(path, image_size, crop, box, margin, channels)
     except Exception as exc:  # any decoder failure means "skip this file"
         return exc
 
@@ -190,7 +242,7 @@ def _try_load(
 @dataclass(frozen=True)
 class ImageListing:
     """What a data source decodes: its image files with their labels, and how each one
-    becomes ``S x S`` (see :func:`load_image`). ``crop="bbox"`` needs ``boxes``, one per
+    becomes ``S x S`` (see :func:`load_image`) of ``image_channels``. ``crop="bbox"`` needs ``boxes``, one per
     path (None: that image stays uncropped). ``also_read`` names the other files the
     result depends on (box annotations), so a cache of it can tell when they change."""
 
@@ -202,9 +254,11 @@ class ImageListing:
     boxes: list[Box | None] | None = None
     margin: float = 0.1
     also_read: tuple[Path, ...] = ()
+    image_channels: ImageChannels = "auto"
 
     def __post_init__(self) -> None:
         check_crop(self.crop)
+        check_image_channels(self.image_channels)
         if self.image_size < 1:
             raise DataError(f"image_size must be positive, got {self.image_size}")
         if not self.paths:
@@ -224,24 +278,29 @@ class ImageListing:
 @dataclass
 class Decoded:
     """What decoding a listing gave besides the images: the kept images' labels, the
-    files skipped (path and reason) and how many boxes lay entirely outside their image."""
+    files skipped (path and reason), how many boxes lay entirely outside their image and
+    the images' channel count."""
 
     labels: list[int]
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     outside: int = 0
+    channels: int = 3
 
 
 def decode_listing(listing: ImageListing, write: Callable[[torch.Tensor], None], *, progress: bool = True) -> Decoded:
-    """Decode the listing's files in a thread pool and ``write`` each ``[1, 3, S, S]`` image
-    in order; undecodable files are skipped (and listed), at least one must decode."""
+    """Decode the listing's files in a thread pool and ``write`` each ``[1, C, S, S]`` image
+    in order (C from ``listing.image_channels``, found by :func:`detect_channels` when it is
+    ``auto``); undecodable files are skipped (and listed), at least one must decode."""
     import torchvision.transforms.v2  # noqa: F401  (once, before the threads that use it)
 
     paths, size, crop, margin = listing.paths, listing.image_size, listing.crop, listing.margin
     boxes = listing.boxes if listing.boxes is not None else [None] * len(paths)
-    done = Decoded([], listing.class_names)
+    wanted = listing.image_channels
+    channels = detect_channels(paths, progress=progress) if wanted == "auto" else int(wanted)
+    done = Decoded([], listing.class_names, channels=channels)
     with ThreadPoolExecutor() as pool, _bomb_warnings_ignored():
-        results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin), paths, boxes)
+        results = pool.map(lambda p, b: _try_load(p, size, crop, b, margin, channels), paths, boxes)
         bar = tqdm(results, total=len(paths), desc="Loading images", unit="img", disable=not progress)
         for result, path, label, box in zip(
             bar, paths, listing.labels, boxes
@@ -266,23 +325,40 @@ def warn_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 class MemoryImages:
-    """A writer for :func:`decode_listing` that keeps the images in one preallocated tensor."""
+    """A writer for :func:`decode_listing` that keeps the images in one tensor, allocated for
+    ``capacity`` images when the first arrives (its channels are known then)."""
 
     def __init__(self, capacity: int, image_size: int):
-        self.buffer = torch.empty((capacity, 3, image_size, image_size), dtype=torch.uint8)
+        self.capacity, self.image_size = capacity, image_size
+        self.buffer: torch.Tensor | None = None
         self.count = 0
 
     def __call__(self, images: torch.Tensor) -> None:
+        if self.buffer is None:
+            size = self.image_size
+            self.buffer = torch.empty((self.capacity, images.shape[1], size, size), dtype=torch.uint8)
         self.buffer[self.count : self.count + images.shape[0]] = images
         self.count += images.shape[0]
 
     @property
     def images(self) -> torch.Tensor:
+        if self.buffer is None:
+            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
         return self.buffer[: self.count]
 
 
-def list_image_folder(root: str | Path, image_size: int, crop: Crop = "none") -> ImageListing:
-    """Every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or "center"."""
+def check_image_channels(image_channels: str) -> None:
+    """Raise :class:`DataError` unless ``image_channels`` is one of :data:`ddpm_cars.config.ImageChannels`."""
+    choices = get_args(ImageChannels)
+    if image_channels not in choices:
+        raise DataError(f"Unknown image channels {image_channels!r}; choose one of {', '.join(choices)}")
+
+
+def list_image_folder(
+    root: str | Path, image_size: int, crop: Crop = "none", image_channels: ImageChannels = "auto"
+) -> ImageListing:
+    """Every image under ``root``, labelled by first-level subfolder; ``crop`` is "none" or
+    "center"; ``image_channels`` "auto" (grayscale when every image is), "1" or "3"."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"Image folder {root} does not exist")
@@ -299,7 +375,8 @@ def list_image_folder(root: str | Path, image_size: int, crop: Crop = "none") ->
         raise DataError(f"No image files in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
     labels, class_names = _labels(root, parts)
     base = os.fspath(root)  # paths as strings: 50,000 Path objects take half a second to make
-    return ImageListing([os.path.join(base, *p) for p in parts], labels, class_names, image_size, crop)
+    paths = [os.path.join(base, *p) for p in parts]
+    return ImageListing(paths, labels, class_names, image_size, crop, image_channels=image_channels)
 
 
 def load_image_folder(
@@ -307,11 +384,13 @@ def load_image_folder(
     image_size: int,
     crop: Crop = "none",
     *,
+    image_channels: ImageChannels = "auto",
     progress: bool = True,
 ) -> ImageSet:
     """Every image under ``root`` decoded into memory, labelled by first-level subfolder;
-    ``crop`` is "none" or "center". Undecodable files are skipped with a warning."""
-    listing = list_image_folder(root, image_size, crop)
+    ``crop`` is "none" or "center"; grayscale images ``[N, 1, S, S]`` when every image is
+    (``image_channels`` "auto"; "1" or "3" converts). Undecodable files are skipped with a warning."""
+    listing = list_image_folder(root, image_size, crop, image_channels)
     out = MemoryImages(len(listing.paths), image_size)
     decoded = decode_listing(listing, out, progress=progress)
     warn_skipped(decoded.skipped)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
-from ddpm_cars.config import Crop, Split
+from ddpm_cars.config import Crop, ImageChannels, Split
 from ddpm_cars.data.boxes import (
     Box,
     BoxWarning,
@@ -146,12 +146,18 @@ class BoxCounts:
 
 
 def list_stanford_cars(
-    root: Path, split: Split, image_size: int, crop: Crop = "none", margin: float = 0.1
+    root: Path,
+    split: Split,
+    image_size: int,
+    crop: Crop = "none",
+    margin: float = 0.1,
+    image_channels: ImageChannels = "auto",
 ) -> tuple[ImageListing, BoxCounts]:
     """The images of a split, labelled by class folder; class indices come from all
     splits present, so they agree. Only images inside class folders count; files loose in
     a split folder are ignored. With ``crop="bbox"``, each image's box (``margin`` is added
-    around it as a share of its longer side) and how many images have none."""
+    around it as a share of its longer side) and how many images have none. The images
+    have ``image_channels`` (see :class:`~ddpm_cars.data.folder.ImageListing`)."""
     check_crop(crop)
     chosen = _chosen_splits(root, split)
     every_split = _require_split_dirs(root).values()
@@ -175,6 +181,14 @@ def list_stanford_cars(
     if not paths:
         raise DataError(f"No images in class folders of split {split!r} under {root}")
     listing = ImageListing(
-        paths, labels, class_names, image_size, crop, boxes if crop == "bbox" else None, margin, tuple(csvs)
+        paths,
+        labels,
+        class_names,
+        image_size,
+        crop,
+        boxes if crop == "bbox" else None,
+        margin,
+        tuple(csvs),
+        image_channels=image_channels,
     )
     return listing, counts

@@ -25,21 +25,32 @@ __all__ = [
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """The network of a run: its model section, sized for its images, its diffusion's
-    output (3 channels, or 6 when the variance is learned) and its classes."""
-    m, out_channels = config.model, config.diffusion.out_channels
+    """The network of a run: its model section, sized for its images and their channels,
+    its diffusion's output (the image's channels, twice when the variance is learned) and
+    its classes."""
+    m, channels = config.model, config.image_channels
+    out_channels = config.diffusion.out_channels(channels)
     if m.class_conditional and not m.class_names:
         raise UserError(
             "a class-conditional model needs its class names (they come from the data when training starts)"
         )
     if m.name == "simple_unet":
         return SimpleUnet(
-            channels=m.channels, time_emb_dim=m.time_emb_dim, out_channels=out_channels, num_classes=m.num_classes
+            channels=m.channels,
+            time_emb_dim=m.time_emb_dim,
+            image_channels=channels,
+            out_channels=out_channels,
+            num_classes=m.num_classes,
         )
     if m.name == "res_attn_unet":
         layout = UnetLayout(m.channels, m.num_res_blocks, m.attention_resolutions, m.head_channels, m.resblock_updown)
         return ResAttnUnet(
-            config.data.image_size, layout, dropout=m.dropout, out_channels=out_channels, num_classes=m.num_classes
+            config.data.image_size,
+            layout,
+            dropout=m.dropout,
+            in_channels=channels,
+            out_channels=out_channels,
+            num_classes=m.num_classes,
         )
     raise ValueError(f"unknown model {m.name!r}; available: 'simple_unet', 'res_attn_unet'")
 

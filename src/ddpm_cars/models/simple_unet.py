@@ -36,7 +36,7 @@ class Block(nn.Module):
 
 
 class SimpleUnet(nn.Module):
-    """``model(x_t [B, 3, H, W], t [B], y [B] | None) -> [B, out_channels, H, W]``; H, W divisible
+    """``model(x_t [B, image_channels, H, W], t [B], y [B] | None) -> [B, out_channels, H, W]``; H, W divisible
     by 2^(levels-1). With ``num_classes`` a label embedding is added to the time embedding
     (label ``num_classes``, or ``y=None``, is the null class)."""
 

@@ -112,7 +112,7 @@ class SampleGrids:
             samples = generate(
                 denoiser, num, self.config.sample, seed=SAMPLE_SEED, batch_size=min(num, 256), watch=QUIET
             )
-            grid = grid_image(samples)  # [3, H', W'] uint8: the file's picture and the tracker's
+            grid = grid_image(samples)  # [C, H', W'] uint8: the file's picture and the tracker's
             save_picture(grid, self.run_dir / "samples" / f"{name}.png")
             self.tracker.image("samples", step, grid)
 
@@ -129,6 +129,19 @@ def with_class_names(config: RunConfig, class_names: list[str]) -> RunConfig:
             f"but the data has {len(names)} ({', '.join(names[:3])}, ...); use the data the run was trained on"
         )
     return config.replace(model={"class_names": names})
+
+
+def with_image_channels(config: RunConfig, channels: int) -> RunConfig:
+    """The config with the channel count of its data (1 or 3) in place of ``auto``; one that
+    names a count must have data of that count."""
+    if config.data.image_channels == "auto":
+        return config.replace(data={"image_channels": str(channels)})
+    if config.image_channels != channels:
+        raise UserError(
+            f"the config says {config.image_channels} image channels (data.image_channels) but the data has "
+            f"{channels}; convert the data, or train with its count"
+        )
+    return config
 
 
 def _check_start(run_dir: Path, resume: bool) -> Path | None:
@@ -292,9 +305,12 @@ def start_session(
     use_tf32(dev)
     latest = _check_start(run_dir, resume)
     if not resume and config.train.init_from is not None:
-        ckpt.check_init_source(config.train.init_from, config)  # a wrong network is refused before the data is read
+        # a wrong network is refused before the data is read, which is then read with the source's channels
+        theirs = ckpt.check_init_source(config.train.init_from, config)[1]
+        if config.data.image_channels == "auto":
+            config = config.replace(data={"image_channels": theirs.data.image_channels})
     data = dataset if dataset is not None else build_dataset(config.data, progress=progress)
-    config = with_class_names(config, data.class_names)
+    config = with_image_channels(with_class_names(config, data.class_names), data.channels)
     _check_data(data, config, world)
     batches = Batches(data, config, world, dev)
     trainee = Trainee.build(config, world, dev, init_from=None if resume else config.train.init_from)
