@@ -120,7 +120,42 @@ def test_bad_inputs_are_rejected(classifier):
     with pytest.raises(ValueError, match="uint8 in"):
         predict(classifier, images.long())
     with pytest.raises(ValueError, match="square"):
-        predict(classifier, images[:, :1])
+        predict(classifier, images[..., :8])
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        predict(classifier, images[:, :2])
+    with pytest.raises(ValueError, match=r"3-channel images, got \(4, 1, 16, 16\)"):
+        predict(classifier, images[:, :1])  # grayscale images for an RGB classifier
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> [N, 1, S, S], the mean of the three channels."""
+    return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+
+
+def test_a_classifier_trained_on_grayscale_images_takes_one_channel_and_learns():
+    train, heldout = toy_cars_dataset(256, 16), toy_cars_dataset(200, 16, TOY_CARS_TEST_SEED)
+    model = train_classifier(_gray(train.images), train.labels, 6, ClassifierTraining(steps=80, batch_size=32))
+    assert model.in_channels == 1 and model.features[0][0].weight.shape == (16, 1, 3, 3)
+    predicted = predict(model, _gray(heldout.images))
+    assert predicted.dtype == torch.int64 and predicted.shape == (200,)
+    assert (predicted == heldout.labels).float().mean().item() > 0.4  # chance is 1/6; measured 0.6
+    assert torch.equal(predict(model, to_model_range(_gray(heldout.images)), batch_size=64), predicted)
+    with pytest.raises(ValueError, match=r"1-channel images, got \(200, 3, 16, 16\)"):
+        predict(model, heldout.images)
+
+
+def test_the_first_layer_takes_in_channels_and_the_weights_round_trip():
+    rgb, gray = ImageClassifier(6), ImageClassifier(6, in_channels=1)
+    assert rgb.in_channels == 3 and rgb.features[0][0].weight.shape == (16, 3, 3, 3)  # the default: RGB
+    assert gray(torch.zeros(2, 1, 16, 16)).shape == (2, 6)
+    assert rgb.state_dict().keys() == gray.state_dict().keys()  # the same names, one shape differs
+    copy = ImageClassifier(6, in_channels=1)
+    copy.load_state_dict(gray.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(gray.state_dict().values(), copy.state_dict().values()))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ImageClassifier(6).load_state_dict(gray.state_dict())
+    with pytest.raises(ValueError, match="in_channels"):
+        ImageClassifier(6, in_channels=2)
 
 
 def test_requested_class_share_by_hand():

@@ -141,3 +141,41 @@ def test_eval_every_logs_metrics_and_resume_keeps_the_log_consistent(tmp_path, t
     rows = read_metrics_log(tmp_path / "run" / METRICS_CSV, 10**9)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert read_metrics_log(tmp_path / "run" / METRICS_CSV, 5) == rows[:2]  # a resume from step 5 drops step 6
+
+
+def test_score_and_write_grayscale_images_with_inception(tmp_path, random_inception_weights):
+    """Grayscale samples against grayscale reference images: every metric (FID on the
+    one channel repeated to RGB), the memorisation check, the pictures; RGB samples
+    against them are refused."""
+    from ddpm_cars.evaluation.inception import InceptionFeatures
+    from ddpm_cars.evaluation.scores import ReferenceData, score, write_evaluation
+
+    def gray(images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+
+    train = gray(toy_cars_dataset(12, 16).images)
+    reference = ReferenceData(train, "toy-cars-gray-train-16px", gray(toy_cars_dataset(4, 16, seed=1).images))
+    samples = torch.cat([train[[3, 7]], gray(toy_cars_dataset(4, 16, seed=2).images)])  # 2 copies, 4 new
+    metrics, check = score(samples, reference, InceptionFeatures(random_inception_weights), progress=False)
+    assert set(metrics) == {
+        "swd",
+        "swd_16",
+        "precision_pixels",
+        "recall_pixels",
+        "judge_fd",
+        "judge_kid",
+        "judge_kid_std",
+        "fid",
+        "kid",
+        "kid_std",
+        "precision",
+        "recall",
+    }
+    assert metrics["swd"] > 0 and metrics["judge_fd"] > 0 and metrics["fid"] > 0
+    assert check.sample_index[:2].tolist() == [3, 7] and check.sample_distance[:2].max() < 1e-6
+    assert check.summary()["suspected_copies"] >= 2 / 6 and check.sample_feature_distance is not None
+    written = write_evaluation(tmp_path / "eval", {"metrics": metrics}, samples, reference, check)
+    assert written == ["metrics.json", "nearest.png", "nearest_distances.png"]
+    assert Image.open(tmp_path / "eval" / "nearest.png").size[0] > 100
+    with pytest.raises(ValueError, match=r"\(6, 3, 16, 16\) and reference \(12, 1, 16, 16\)"):
+        score(samples.repeat(1, 3, 1, 1), reference, memorization=False, progress=False)

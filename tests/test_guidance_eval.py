@@ -47,3 +47,30 @@ def test_unconditional_runs_and_bad_scales_are_refused(tiny_config, tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="knows one class"):
         guidance_accuracy(Run.open(tmp_path / "run"), GuidanceRequest((1.0,), 2), tmp_path / "g", progress=False)
+
+
+def test_a_grayscale_run_is_judged_by_a_one_channel_classifier(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config.replace(
+        model={"class_conditional": True},
+        data={"image_channels": "1"},
+        train={"max_steps": 1},
+        sample={"steps": 2},
+    )
+    train(config, tmp_path / "run", progress=False, final_grid=False)
+    monkeypatch.setattr(guidance, "HELDOUT_IMAGES", 30)
+    judges = []
+    real = guidance.train_classifier
+
+    def kept(images, *args, **kwargs):
+        judges.append((images.shape, real(images, *args, **kwargs)))
+        return judges[-1][1]
+
+    monkeypatch.setattr(guidance, "train_classifier", kept)
+    request = GuidanceRequest((0.0, 2.0), 2, classifier_steps=3)
+    summary = guidance_accuracy(Run.open(tmp_path / "run"), request, tmp_path / "g", progress=False)
+    ((shape, judge),) = judges
+    assert shape[1:] == (1, 16, 16) and judge.in_channels == 1  # trained on the run's grayscale images
+    assert [row["guidance"] for row in summary["rows"]] == [0.0, 2.0]
+    assert all(0.0 <= row["share"] <= 1.0 for row in summary["rows"])
+    assert 0.0 <= summary["classifier_heldout_accuracy"] <= 1.0  # held-out images: grayscale too
+    assert Image.open(tmp_path / "g" / "guidance.png").size == (4 * 150, 40 + 6 * 160)

@@ -25,6 +25,30 @@ def test_features_through_the_real_network(random_inception_weights):
         net(images.float())
 
 
+def test_a_grayscale_batch_gets_the_features_of_its_repeat_to_three_channels(random_inception_weights):
+    net = inc.InceptionFeatures(random_inception_weights)
+    rgb = toy_cars_dataset(2, 16).images
+    gray = rgb.float().mean(1, keepdim=True).round().to(torch.uint8)  # [2, 1, 16, 16]
+    feats = net(gray, batch_size=1)
+    assert feats.shape == (2, inc.FEATURE_DIM) and feats.dtype == torch.float64
+    assert torch.equal(feats, net(gray.expand(-1, 3, -1, -1).contiguous()))
+    assert not torch.allclose(feats[0], feats[1])
+    with pytest.raises(ValueError, match=r"\[N, 1 or 3, H, W\]"):
+        net(rgb[:, :2])
+
+
+def test_as_rgb_repeats_one_channel_and_passes_three_through():
+    rgb = toy_cars_dataset(2, 16).images
+    assert inc.as_rgb(rgb) is rgb
+    gray = rgb[:, 1:2]
+    repeated = inc.as_rgb(gray)
+    assert repeated.shape == (2, 3, 16, 16) and repeated.dtype == torch.uint8
+    assert all(torch.equal(repeated[:, c], rgb[:, 1]) for c in range(3))
+    for bad in (rgb[:, :2], rgb[0], torch.zeros(1, 4, 16, 16, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="C = 1 or 3"):
+            inc.as_rgb(bad)
+
+
 def test_explicit_weights_path_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
         inc.resolve_weights(tmp_path / "missing.pth")

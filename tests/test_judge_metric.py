@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from ddpm_cars.data import toy_cars, toy_cars_dataset
 from ddpm_cars.data.dataset import to_model_range, to_uint8
 from ddpm_cars.evaluation import class_accuracy, judge
+from ddpm_cars.evaluation import sample_metrics as sample_metrics_module
 from ddpm_cars.evaluation.class_accuracy import ClassifierTraining, predict
 from ddpm_cars.evaluation.judge import JudgeRecipe, judge_features, judge_key, load_judge
 from ddpm_cars.evaluation.sample_metrics import sample_metrics
@@ -179,3 +180,54 @@ def test_the_features_are_the_pooled_penultimate_activations(tmp_path):
     assert judge_features(model, images[:0]).shape == (0, 64)
     with pytest.raises(ValueError, match="uint8"):
         judge_features(model, to_model_range(images))
+
+
+# --- grayscale images: repeated to the RGB the judge was trained on ----------------------
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> [N, 1, S, S], the mean of the three channels."""
+    return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+
+
+def test_a_grayscale_image_gets_the_judge_features_of_its_repeat_to_three_channels(tmp_path):
+    model = load_judge(16, SMALL, tmp_path)
+    gray = _gray(toy_cars_dataset(10, 16, seed=3).images)
+    features = judge_features(model, gray, batch_size=4)
+    assert features.shape == (10, 64) and features.dtype == torch.float32
+    assert torch.equal(features, judge_features(model, gray.repeat(1, 3, 1, 1)))
+    with torch.no_grad():  # the judge itself is the RGB one: three input channels
+        assert torch.allclose(features, model.embed(to_model_range(gray).expand(-1, 3, -1, -1)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[N, 1 or 3, S, S\]"):
+        judge_features(model, torch.zeros(2, 2, 16, 16, dtype=torch.uint8))
+
+
+def test_sample_metrics_of_grayscale_images(tmp_path, monkeypatch):
+    """The judge's distances of grayscale sets are those of the same sets repeated to RGB, and
+    so are pixel precision/recall (the repeat scales every pixel distance by sqrt(3)); SWD
+    works on the one channel. Grayscale against RGB is refused."""
+    monkeypatch.setattr(sample_metrics_module, "load_judge", lambda size, **_: load_judge(size, SMALL, tmp_path))
+    samples, reference = _gray(toy_cars_dataset(20, 16, seed=5).images), _gray(toy_cars_dataset(30, 16).images)
+    gray, _ = sample_metrics(samples, reference, description="gray", cache_dir=tmp_path)
+    rgb, _ = sample_metrics(
+        samples.repeat(1, 3, 1, 1), reference.repeat(1, 3, 1, 1), description="gray", cache_dir=tmp_path
+    )
+    assert (
+        set(gray)
+        == set(rgb)
+        == {
+            "swd",
+            "swd_16",
+            "precision_pixels",
+            "recall_pixels",
+            "judge_fd",
+            "judge_kid",
+            "judge_kid_std",
+        }
+    )
+    for name in ("judge_fd", "judge_kid", "judge_kid_std", "precision_pixels", "recall_pixels"):
+        assert gray[name] == rgb[name], name
+    assert gray["judge_fd"] > 0 and 0 < gray["recall_pixels"] <= 1 and gray["swd"] > 0
+    assert gray["swd"] != rgb["swd"]  # 49-dimensional descriptors, not 147
+    with pytest.raises(ValueError, match=r"\(20, 1, 16, 16\) and reference \(30, 3, 16, 16\)"):
+        sample_metrics(samples, reference.repeat(1, 3, 1, 1), description="gray", cache_dir=tmp_path)

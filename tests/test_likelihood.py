@@ -197,3 +197,28 @@ def test_fixed_variance_decoder_uses_beta_tilde_of_step_1():
     assert torch.equal(new.kl, old.kl) and torch.equal(new.prior, old.prior)
     assert new.total.item() - old.total.item() == pytest.approx(decoder_new - decoder_old, rel=1e-4)
     assert new.total.item() < old.total.item()  # a narrower decoder around a mean one level off
+
+
+def test_oracle_bound_of_a_grayscale_image_averages_over_its_one_channel():
+    """Bits per dimension of a [1, 1, 4, 4] image: the prior and decoder terms written out by
+    hand over its 16 dimensions; the same image repeated to three channels has the same
+    bits per dimension (three copies of every term, three times the dimensions)."""
+    schedule = _linear(20, 1e-4, 0.2)
+    x0 = _image(6)[:, :1]
+    sample = SampleConfig(variance="beta_tilde", clip_x0=False)
+    gray = bits_per_dim(_denoiser(Oracle(x0, schedule), schedule), x0, sample, progress=False)
+
+    betas = torch.linspace(1e-4, 0.2, 20, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    values = x0.double().flatten().tolist()
+    assert len(values) == 16
+    prior = sum(0.5 * (-math.log(1 - ab[-1]) + (1 - ab[-1]) + ab[-1] * v**2 - 1) for v in values) / (16 * math.log(2))
+    std = math.sqrt(betas[1] * (1 - ab[0]) / (1 - ab[1]))
+    decoder = -sum(_log_bin_probability(v, v, std) for v in x0.flatten().tolist()) / (16 * math.log(2))
+    assert gray.kl.abs().item() < 1e-4
+    assert gray.prior.item() == pytest.approx(float(prior), rel=1e-4)
+    assert gray.decoder.item() == pytest.approx(decoder, rel=1e-4)
+
+    rgb_x0 = x0.repeat(1, 3, 1, 1)
+    rgb = bits_per_dim(_denoiser(Oracle(rgb_x0, schedule), schedule), rgb_x0, sample, progress=False)
+    assert rgb.total.item() == pytest.approx(gray.total.item(), rel=1e-4)

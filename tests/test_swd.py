@@ -235,9 +235,11 @@ def test_sliced_wasserstein_rejects_bad_shapes():
         (_uint8_images(2, 48), _uint8_images(2, 48), r"16 \* 2\*\*k"),
         (_uint8_images(2, 16).float(), _uint8_images(2, 16), "uint8"),
         (_uint8_images(2, 16), _uint8_images(2, 16).float(), "uint8"),
-        (_uint8_images(2, 16)[:, :1], _uint8_images(2, 16)[:, :1], r"\[N, 3, H, W\]"),
-        (torch.zeros(2, 4, 16, 16, dtype=torch.uint8), _uint8_images(2, 16), r"\[N, 3, H, W\]"),
-        (_uint8_images(2, 16)[0], _uint8_images(2, 16), r"\[N, 3, H, W\]"),
+        (_uint8_images(2, 16)[:, :1], _uint8_images(2, 16), "same channels"),
+        (_uint8_images(2, 16), _uint8_images(2, 16)[:, :1], "same channels"),
+        (_uint8_images(2, 16)[:, :2], _uint8_images(2, 16)[:, :2], r"\[N, C, H, W\], C = 1 \(grayscale\) or 3"),
+        (torch.zeros(2, 4, 16, 16, dtype=torch.uint8), _uint8_images(2, 16), r"\[N, C, H, W\], C = 1"),
+        (_uint8_images(2, 16)[0], _uint8_images(2, 16), r"\[N, C, H, W\], C = 1"),
         (_uint8_images(2, 32), _uint8_images(2, 16), "same image size"),
         (_uint8_images(2, 16)[:0], _uint8_images(2, 16), "at least one image"),
         (_uint8_images(2, 16), _uint8_images(2, 16)[:0], "at least one image"),
@@ -322,3 +324,70 @@ def test_noise_and_blur_are_farther_from_real_than_other_real_images(toy_cars):
     assert with_blur[32] - clean[32] > with_blur[16] - clean[16]
     assert sum(with_noise.values()) > 2 * sum(clean.values())
     assert sum(with_blur.values()) > 2 * sum(clean.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Grayscale: one channel, 7 x 7 x 1 descriptors
+# ---------------------------------------------------------------------------------------
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> [N, 1, S, S], the mean of the three channels."""
+    return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+
+
+def test_one_channel_swd_matches_a_numpy_transcription_of_the_metric():
+    """At 32 px: the reference's two-level pyramid in NumPy, 7 x 7 x 1 patches at the
+    positions the seeded generator draws (real rows, real columns, fake rows, fake columns),
+    each set normalised by its own mean and std, then 49-dimensional sliced W1 with the
+    directions that follow in the same generator; coarsest level last."""
+    real, fake = _uint8_images(3, 32, 0)[:, :1], _uint8_images(3, 32, 1)[:, 1:2] // 2
+    per_image, directions, repeats = 20, 8, 2
+    result = sliced_wasserstein_distance(
+        real, fake, seed=5, patches_per_image=per_image, directions=directions, repeats=repeats
+    )
+    assert list(result.levels) == [32, 16]
+
+    def bands(images: torch.Tensor) -> list[np.ndarray]:
+        x = images.double().numpy()
+        low = _np_filter(x)[..., ::2, ::2]
+        return [x - _np_pyr_up(low), low]
+
+    def descriptors(band: np.ndarray, top: torch.Tensor, left: torch.Tensor) -> np.ndarray:
+        image = np.repeat(np.arange(band.shape[0]), per_image)
+        patches = np.stack([band[i, 0, y : y + 7, x : x + 7] for i, y, x in zip(image, top.tolist(), left.tolist())])
+        return ((patches - patches.mean()) / patches.std()).reshape(len(patches), 49)
+
+    g = torch.Generator().manual_seed(5)
+    for resolution, real_band, fake_band in zip((32, 16), bands(real), bands(fake)):
+        sets = []
+        for band in (real_band, fake_band):
+            top = torch.randint(0, resolution - 6, (3 * per_image,), generator=g)
+            left = torch.randint(0, resolution - 6, (3 * per_image,), generator=g)
+            sets.append(descriptors(band, top, left))
+        units = [random_directions(49, directions, g).double().numpy() for _ in range(repeats)]
+        expected = 1e3 * _np_sliced_w1(*sets, units)
+        assert result.levels[resolution] == pytest.approx(expected, rel=1e-3), resolution
+
+
+def test_one_channel_swd_ranks_noise_far_and_ignores_the_contrast_of_a_set(toy_cars):
+    real, fake = (_gray(images) for images in toy_cars)
+    g = torch.Generator().manual_seed(0)
+    noisy = (fake.float() + 40 * torch.randn(fake.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+    clean = sliced_wasserstein_distance(real, fake).levels
+    with_noise = sliced_wasserstein_distance(real, noisy).levels
+    itself = sliced_wasserstein_distance(real, torch.cat([real, real])).levels
+    assert list(clean) == [32, 16] and all(v > 0 for v in clean.values())
+    assert with_noise[32] > 4 * clean[32]  # noise is a fine-scale change
+    assert itself[16] < 0.5 * clean[16] and itself[32] < clean[32]
+    # every band of 2x is exactly 2x the band, and each set is normalised by its own mean
+    # and std: doubling a set's contrast leaves the descriptors, hence the distance, alone
+    dim = fake // 2
+    assert sliced_wasserstein_distance(real, dim * 2).levels == pytest.approx(
+        sliced_wasserstein_distance(real, dim).levels, rel=1e-6
+    )
+
+
+def test_one_channel_against_three_channels_names_both_shapes():
+    with pytest.raises(ValueError, match=r"same channels, got \(2, 1, 16, 16\) and \(3, 3, 16, 16\)"):
+        sliced_wasserstein_distance(_uint8_images(2, 16)[:, :1], _uint8_images(3, 16))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_cars.data.dataset import to_model_range
+from ddpm_cars.data.dataset import IMAGE_CHANNELS, to_model_range
 
 MIN_SIZE = 16
 UPSAMPLE_BELOW = 32  # smaller inputs are enlarged to this first
@@ -35,21 +35,24 @@ def _stage(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class ImageClassifier(nn.Module):
-    """Three downsampling conv stages, global average pool, linear: images ``[B, 3, S, S]``
-    in [-1, 1] (any S >= 16) -> logits ``[B, num_classes]``.
+    """Three downsampling conv stages, global average pool, linear: images ``[B, C, S, S]``
+    in [-1, 1] (C = ``in_channels``, 1 for grayscale or 3 for RGB; any S >= 16) -> logits
+    ``[B, num_classes]``.
 
     Images under 32 px are first enlarged (nearest neighbour) to 32 px, so the first
     stride-2 stage does not throw away what little detail they have. In eval mode
     BatchNorm uses its running statistics: a prediction does not depend on the rest of its batch.
     """
 
-    def __init__(self, num_classes: int, channels: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(self, num_classes: int, channels: tuple[int, int, int] = (16, 32, 64), in_channels: int = 3) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        self.num_classes = num_classes
+        if in_channels not in IMAGE_CHANNELS:
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
+        self.num_classes, self.in_channels = num_classes, in_channels
         c1, c2, c3 = channels
-        self.features = nn.Sequential(_stage(3, c1), _stage(c1, c2), _stage(c2, c3))
+        self.features = nn.Sequential(_stage(in_channels, c1), _stage(c1, c2), _stage(c2, c3))
         self.head = nn.Linear(c3, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +66,9 @@ class ImageClassifier(nn.Module):
 
 
 def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or images.shape[2] < MIN_SIZE:
-        raise ValueError(f"expected square images [N, 3, S, S] with S >= {MIN_SIZE}, got {tuple(images.shape)}")
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1] not in IMAGE_CHANNELS or shape[2] != shape[3] or shape[2] < MIN_SIZE:
+        raise ValueError(f"expected square images [N, C, S, S] with C = 1 or 3 and S >= {MIN_SIZE}, got {shape}")
 
 
 def _check_labels(labels: torch.Tensor, count: int, num_classes: int, name: str) -> None:
@@ -94,8 +98,9 @@ def train_classifier(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ImageClassifier:
-    """Train an :class:`ImageClassifier` on uint8 ``images [N, 3, S, S]`` and ``labels [N]``
-    with AdamW, a cosine learning rate and random horizontal flips; returned in eval mode.
+    """Train an :class:`ImageClassifier` on uint8 ``images [N, C, S, S]`` (C = 1 or 3: the
+    classifier takes the images' channels) and ``labels [N]`` with AdamW, a cosine learning
+    rate and random horizontal flips; returned in eval mode.
 
     Deterministic given ``training.seed`` on the CPU (GPU convolutions may not be); the
     global RNG is left untouched.
@@ -109,7 +114,7 @@ def train_classifier(
         raise ValueError(f"need images, steps >= 1 and batch_size >= 1; got {images.shape[0]}, {steps}, {batch_size}")
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
-        model = ImageClassifier(num_classes).to(device)
+        model = ImageClassifier(num_classes, in_channels=images.shape[1]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = torch.Generator().manual_seed(seed)
@@ -136,7 +141,8 @@ def train_classifier(
 def predict(
     classifier: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """Predicted labels (int64 ``[N]``, on the CPU) of ``images [N, 3, S, S]``.
+    """Predicted labels (int64 ``[N]``, on the CPU) of ``images [N, C, S, S]``, C the
+    channels the classifier was trained on (1 or 3).
 
     The dtype decides the range: uint8 is read as [0, 255], a float dtype as already in
     [-1, 1] (the model's range, e.g. straight from a sampler).
@@ -144,6 +150,8 @@ def predict(
     _check_images(images)
     if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
         raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")
+    if isinstance(classifier, ImageClassifier) and images.shape[1] != classifier.in_channels:
+        raise ValueError(f"the classifier takes {classifier.in_channels}-channel images, got {tuple(images.shape)}")
     was_training = classifier.training
     classifier.eval()
     out = []

@@ -96,7 +96,7 @@ def _judge_samples(
 ) -> tuple[list[dict], dict[float, torch.Tensor]]:
     """One row per scale -- the share of samples judged to be the class asked for, overall and
     per class -- and the first :data:`SHOWN_PER_SCALE` samples of each class
-    (``[classes, shown, 3, S, S]``) per scale."""
+    (``[classes, shown, C, S, S]``, C = 1 or 3) per scale."""
     labels = torch.arange(len(names)).repeat_interleave(request.per_class)
     rows, shown = [], {}
     for scale in request.scales:

@@ -6,6 +6,10 @@ TF 1.x did it included). The weights file (``weights-inception-2015-12-05-672682
 a plain state dict) is found in this order: an explicit path, torch's hub cache (where
 the library's own download puts it), then a download. Offline and without the file,
 :class:`InceptionUnavailable` says which file to put where.
+
+The network takes RGB images; a grayscale image is repeated to three channels first
+(:func:`as_rgb`, as torch-fidelity's users do for FID on grayscale data), and so is one
+given to the toy-car judge (:mod:`ddpm_cars.evaluation.judge`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ddpm_cars.data.dataset import IMAGE_CHANNELS
 from ddpm_cars.errors import MissingFileError, UserError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -28,6 +33,14 @@ DOWNLOAD_TIMEOUT_S = 30
 
 class InceptionUnavailable(RuntimeError):
     """FID/KID cannot be computed here; the message says why and what to do."""
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` (C = 1 or 3) for a feature network trained on RGB:
+    ``[N, 3, H, W]``, a grayscale image repeated to the three channels; RGB ones as they are."""
+    if images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
+        raise ValueError(f"expected images [N, C, H, W] with C = 1 or 3, got {tuple(images.shape)}")
+    return images if images.shape[1] == 3 else images.repeat(1, 3, 1, 1)
 
 
 def hub_weights_path() -> Path:
@@ -78,7 +91,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class InceptionFeatures:
-    """``features(images)``: uint8 ``[N, 3, H, W]`` -> float64 ``[N, 2048]`` pool features."""
+    """``features(images)``: uint8 ``[N, C, H, W]`` (C = 1 or 3; grayscale repeated to RGB)
+    -> float64 ``[N, 2048]`` pool features."""
 
     name = "inception-v3-2015-12-05-pool3"
 
@@ -99,8 +113,8 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
+            raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
         chunks = []
         for start in tqdm(
             range(0, images.shape[0], batch_size),
@@ -109,6 +123,6 @@ class InceptionFeatures:
             disable=not progress,
             leave=False,
         ):
-            (pool,) = self.net(images[start : start + batch_size].to(self.device))
+            (pool,) = self.net(as_rgb(images[start : start + batch_size]).to(self.device))
             chunks.append(pool.double().cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM, dtype=torch.float64)

@@ -7,7 +7,9 @@ the images a model trains on), at the resolution of the images it scores. Its pe
 activations -- the last stage's output, average-pooled, ``[N, 64]`` -- are the features that
 ``judge_fd`` (the Frechet distance) and ``judge_kid`` (the kernel distance) compare, as FID
 and KID compare Inception's. Lower is better; the numbers are for comparing models scored
-at one resolution, not for comparing with FID/KID of other projects.
+at one resolution, not for comparing with FID/KID of other projects. The toy cars are RGB:
+a grayscale image is repeated to three channels before the judge sees it
+(:func:`~ddpm_cars.evaluation.inception.as_rgb`, as for Inception).
 
 The judge is trained at first use -- fixed seed, fp32, on one CPU thread, so that its weights,
 hence the numbers, do not depend on the device that scores or on its number of cores (another
@@ -32,11 +34,12 @@ import torch
 
 from ddpm_cars import caches
 from ddpm_cars.data import TOY_CARS_TEST_SEED, cache, toy_cars, toy_cars_dataset
-from ddpm_cars.data.dataset import to_model_range
+from ddpm_cars.data.dataset import IMAGE_CHANNELS, to_model_range
 from ddpm_cars.data.toy_cars import BODY_TYPES
 from ddpm_cars.evaluation import class_accuracy
 from ddpm_cars.evaluation.class_accuracy import ClassifierTraining, ImageClassifier, train_classifier
 from ddpm_cars.evaluation.feature_distances import FeatureStatistics, frechet_distance, kernel_inception_distance
+from ddpm_cars.evaluation.inception import as_rgb
 from ddpm_cars.evaluation.reference import load_entry, save_entry
 
 JUDGE_METRICS = ("judge_fd", "judge_kid", "judge_kid_std")
@@ -132,13 +135,14 @@ def load_judge(
 
 @torch.no_grad()
 def judge_features(judge: ImageClassifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The judge's features of uint8 ``images [N, 3, S, S]``: float32 ``[N, D]`` on the CPU."""
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
+    """The judge's features of uint8 ``images [N, C, S, S]`` (C = 1 or 3; the judge sees RGB
+    toy cars, so a grayscale image is repeated to three channels): float32 ``[N, D]`` on the CPU."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
+        raise ValueError(f"images must be uint8 [N, 1 or 3, S, S], got {images.dtype} {tuple(images.shape)}")
     judge.eval()
     with torch.autocast("cpu", enabled=False):
         parts = [
-            judge.embed(to_model_range(images[start : start + batch_size].cpu()))
+            judge.embed(to_model_range(as_rgb(images[start : start + batch_size].cpu())))
             for start in range(0, images.shape[0], batch_size)
         ]
     return torch.cat(parts) if parts else torch.empty(0, judge.head.in_features)

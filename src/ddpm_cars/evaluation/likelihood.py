@@ -3,9 +3,9 @@
 
     L = L_T (prior) + sum_{t=2..T} L_{t-1} (KL terms) + L_0 (discretised decoder),
 
-each term averaged over the 3 x H x W dimensions and converted to bits. Images are
-the 8-bit pixels mapped to [-1, 1], so the number is comparable with the bits/dim
-reported in the papers.
+each term averaged over the C x H x W dimensions (C = 3 for RGB, 1 for grayscale) and
+converted to bits. Images are the 8-bit pixels mapped to [-1, 1], so the number is
+comparable with the bits/dim reported in the papers.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def bits_per_dim(
     seed: int = 0,
     progress: bool = True,
 ) -> BitsPerDim:
-    """The bound on ``images`` (``[N, 3, S, S]`` in [-1, 1], on the denoiser's device).
+    """The bound on ``images`` (``[N, C, S, S]`` in [-1, 1], C = 1 or 3, on the denoiser's device).
 
     With ``timesteps=None`` every one of the T terms is computed (T network calls per
     batch). With ``timesteps=K`` the decoder term is exact and the KL sum is the unbiased
@@ -86,7 +86,7 @@ def _batch_bound(
     generator: torch.Generator,
     bar: tqdm,
 ) -> tuple[torch.Tensor, ...]:
-    """Bits/dim of the bound on one batch x0 ``[n, 3, S, S]`` and of its prior, decoder and
+    """Bits/dim of the bound on one batch x0 ``[n, C, S, S]`` and of its prior, decoder and
     KL parts, each ``[n]`` on the CPU (see :func:`bits_per_dim`)."""
     schedule, n, device = denoiser.schedule, x0.shape[0], x0.device
     T = schedule.timesteps

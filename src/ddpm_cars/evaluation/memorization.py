@@ -12,10 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_cars.data.dataset import IMAGE_CHANNELS
+
 
 def pixel_distance_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """RMS pixel difference in [0, 1] units between every image of ``a`` and of ``b``
-    (uint8 ``[N, 3, H, W]`` and ``[M, 3, H, W]``) -> ``[N, M]``."""
+    (uint8 ``[N, C, H, W]`` and ``[M, C, H, W]``, C = 1 or 3) -> ``[N, M]``."""
+    if a.ndim != 4 or a.shape[1] not in IMAGE_CHANNELS or a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"expected images [N, C, H, W] alike, C = 1 or 3, got {tuple(a.shape)} and {tuple(b.shape)}")
     fa = a.flatten(1).double() / 255
     fb = b.flatten(1).double() / 255
     return torch.cdist(fa, fb).div(fa.shape[1] ** 0.5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ddpm_cars.data.dataset import IMAGE_CHANNELS
 from ddpm_cars.evaluation.feature_distances import (
     FeatureStatistics,
     frechet_distance,
@@ -22,11 +23,13 @@ from ddpm_cars.evaluation.judge import judge_distances, judge_features, judge_ke
 from ddpm_cars.evaluation.reference import cached_features
 from ddpm_cars.evaluation.swd import sliced_wasserstein_distance
 
-PIXEL_FEATURE_SIZE = 16  # precision/recall without a feature network: 16 x 16 x 3 pixels
+PIXEL_FEATURE_SIZE = 16  # precision/recall without a feature network: 16 x 16 x C pixels
 
 
 def pixel_features(images: torch.Tensor, size: int = PIXEL_FEATURE_SIZE) -> torch.Tensor:
-    """uint8 ``[N, 3, H, W]`` -> ``[N, 3 * size * size]`` area-averaged pixels in [0, 1]."""
+    """uint8 ``[N, C, H, W]`` (C = 1 or 3) -> ``[N, C * size * size]`` area-averaged pixels in [0, 1]."""
+    if images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
+        raise ValueError(f"expected images [N, C, H, W] with C = 1 or 3, got {tuple(images.shape)}")
     return F.adaptive_avg_pool2d(images.float() / 255, size).flatten(1)
 
 
@@ -47,14 +50,17 @@ def sample_metrics(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics of ``samples`` against ``reference`` (uint8 images of one size), and the
-    Inception features computed on the way (``{"samples": ..., "reference": ...}``, empty
-    without a network) for reuse. Lower SWD/FD/KID is better, higher precision/recall.
+    """Metrics of ``samples`` against ``reference`` (uint8 ``[N, C, S, S]``, C = 1 or 3, the
+    same C and S in both), and the Inception features computed on the way (``{"samples": ...,
+    "reference": ...}``, empty without a network) for reuse. Lower SWD/FD/KID is better,
+    higher precision/recall. Grayscale images are repeated to RGB for Inception and the judge.
 
     SWD and precision/recall compare equal counts: a random subset of the reference the
     size of the sample set. FD/FID and KID use every reference image (the standard)."""
     if samples.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"samples are {tuple(samples.shape[1:])}, reference images {tuple(reference.shape[1:])}")
+        raise ValueError(
+            f"samples {tuple(samples.shape)} and reference {tuple(reference.shape)} differ in channels or size"
+        )
     matched = matched_subset(reference, samples.shape[0], seed)
     metrics = sliced_wasserstein_distance(matched, samples, seed=seed).summary()
     metrics["precision_pixels"], metrics["recall_pixels"] = precision_recall(

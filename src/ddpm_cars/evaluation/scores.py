@@ -52,11 +52,12 @@ def has_heldout(data: DataConfig) -> bool:
 
 def load_reference(data: DataConfig, heldout_count: int, progress: bool = True) -> ReferenceData:
     """The images of ``data`` and, when the source has a test split, ``heldout_count`` of
-    its test images (for toy cars: other images of the same generator)."""
+    its test images (for toy cars: other images of the same generator), with the same channels."""
     images = build_dataset(data, progress=progress).images
     heldout = None
     if has_heldout(data) and data.split != "test" and heldout_count > 0:
-        test = dataclasses.replace(data, split="test", toy_count=heldout_count)
+        channels = str(images.shape[1])  # "auto" has been decided by the training images
+        test = dataclasses.replace(data, split="test", toy_count=heldout_count, image_channels=channels)
         heldout = build_dataset(test, progress=progress).images[:heldout_count]
     return ReferenceData(images, describe(data), heldout)
 

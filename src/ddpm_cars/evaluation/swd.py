@@ -5,13 +5,14 @@ tkarras/progressive_growing_of_gans).
 
 What it measures: each image is split into a Laplacian pyramid (Burt & Adelson 1983),
 one frequency band per resolution from the image size down to 16 x 16. At every level,
-random 7 x 7 x 3 neighbourhoods ("descriptors") are cut out of the band, normalised per
-colour channel over the whole set, and the distribution of the real descriptors is
-compared with the distribution of the generated ones by the sliced Wasserstein distance
-(Rabin et al. 2011): the 1-D Wasserstein-1 distance of their projections on random unit
-directions, averaged over the directions. Coarse levels (16 x 16) judge colour and
-layout, fine levels (the full resolution) judge edges and texture. Lower is better; the
-numbers are reported x 1e3 per level, as in the paper, plus their mean.
+random 7 x 7 x C neighbourhoods ("descriptors"; C = 3 colour channels, or 1 for grayscale
+images) are cut out of the band, normalised per channel over the whole set, and the
+distribution of the real descriptors is compared with the distribution of the generated
+ones by the sliced Wasserstein distance (Rabin et al. 2011): the 1-D Wasserstein-1
+distance of their projections on random unit directions, averaged over the directions.
+Coarse levels (16 x 16) judge colour (or brightness) and layout, fine levels (the full
+resolution) judge edges and texture. Lower is better; the numbers are reported x 1e3 per
+level, as in the paper, plus their mean. Both sets must have the same channels.
 
 No network weights are needed, so the metric works offline. It is defined for square
 images of side 16 * 2**k pixels (16, 32, 64, 128, ...): the pyramid halves the side
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddpm_cars.data.dataset import IMAGE_CHANNELS
 from ddpm_cars.errors import UserError
 
 MIN_RESOLUTION = 16  # the coarsest pyramid level (Karras et al. 2018, Sec. 5)
-NHOOD_SIZE = 7  # descriptors are 7 x 7 neighbourhoods with 3 colour channels (Sec. 5)
+NHOOD_SIZE = 7  # descriptors are 7 x 7 x C neighbourhoods: C = 3 colour channels (Sec. 5), 1 for grayscale
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)  # 5-tap binomial filter; outer product / 256 (Burt & Adelson 1983)
 
 
@@ -217,11 +219,11 @@ def _sort_rows_(x: torch.Tensor) -> None:
 
 def _check_images(images: torch.Tensor, name: str) -> None:
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of uint8 images [N, 3, H, W], got {type(images).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor of uint8 images [N, C, H, W], got {type(images).__name__}")
     if images.dtype != torch.uint8:
         raise ValueError(f"{name} must be uint8 images in [0, 255], got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be [N, 3, H, W] (RGB), got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
+        raise ValueError(f"{name} must be [N, C, H, W], C = 1 (grayscale) or 3 (RGB), got shape {tuple(images.shape)}")
     if images.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one image, got an empty batch")
     if images.shape[2] != images.shape[3]:
@@ -238,8 +240,8 @@ def sliced_wasserstein_distance(
     directions: int = 128,
     repeats: int = 4,
 ) -> SWDResult:
-    """SWD x 1e3 between ``real`` and ``fake`` (uint8 ``[N, 3, S, S]``, S = 16 * 2**k; the
-    two N may differ) at every Laplacian-pyramid level from S down to 16
+    """SWD x 1e3 between ``real`` and ``fake`` (uint8 ``[N, C, S, S]``, C = 1 or 3 in both,
+    S = 16 * 2**k; the two N may differ) at every Laplacian-pyramid level from S down to 16
     (Karras et al. 2018, Sec. 5).
 
     The pixels are used as float32 in [0, 255], as in the reference (the per-set
@@ -251,6 +253,8 @@ def sliced_wasserstein_distance(
     """
     _check_images(real, "real")
     _check_images(fake, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake must have the same channels, got {tuple(real.shape)} and {tuple(fake.shape)}")
     if real.shape[2:] != fake.shape[2:]:
         raise ValueError(
             f"real and fake must have the same image size, got {tuple(real.shape[2:])} and {tuple(fake.shape[2:])}"
@@ -265,8 +269,8 @@ def sliced_wasserstein_distance(
     fake_pyramid = laplacian_pyramid(fake, len(resolutions))
     levels: dict[int, float] = {}
     for resolution, real_band, fake_band in zip(resolutions, real_pyramid, fake_pyramid):
-        a = normalize_descriptors(patch_descriptors(real_band, patches_per_image, generator))  # [Nr*P, 147]
-        b = normalize_descriptors(patch_descriptors(fake_band, patches_per_image, generator))  # [Nf*P, 147]
+        a = normalize_descriptors(patch_descriptors(real_band, patches_per_image, generator))  # [Nr*P, C*49]
+        b = normalize_descriptors(patch_descriptors(fake_band, patches_per_image, generator))  # [Nf*P, C*49]
         count = min(a.shape[0], b.shape[0])
         if a.shape[0] > count:
             a = a[torch.randperm(a.shape[0], generator=generator)[:count].to(a.device)]
