@@ -1,14 +1,19 @@
 """--log-with: TensorBoard event files and Weights & Biases runs, read back."""
 
+import io
 import re
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from ddpm_cars.denoiser import Denoiser
 from ddpm_cars.errors import UserError
 from ddpm_cars.training import train
 from ddpm_cars.training.logs import read_loss_log
+from ddpm_cars.training.trackers import TensorBoard, WandB
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -127,3 +132,55 @@ def test_wandb_offline_keeps_one_run_across_a_resume(tmp_path, tiny_config, monk
         re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", r.name) for r in runs
     )
     assert all(any(r.glob("*.wandb")) for r in runs)
+
+
+def _pictures() -> dict[str, torch.Tensor]:
+    """A grayscale ``[1, H, W]`` and an RGB ``[3, H, W]`` uint8 picture, every pixel its own value."""
+    gray = torch.arange(5 * 7, dtype=torch.uint8).view(1, 5, 7) * 7
+    return {"gray": gray, "rgb": torch.cat([gray, 255 - gray, gray // 2])}
+
+
+def test_tensorboard_takes_one_channel_grids_as_well_as_rgb(tmp_path):
+    """The grid TensorBoard keeps decodes to the picture logged (one channel: three equal ones)."""
+    tracker = TensorBoard(tmp_path, 0)
+    pictures = _pictures()
+    for step, (name, picture) in enumerate(pictures.items(), start=1):
+        tracker.image(f"samples/{name}", step, picture)
+    tracker.close()
+    acc = _events(tmp_path)
+    for name, picture in pictures.items():
+        (event,) = acc.Images(f"samples/{name}")
+        with Image.open(io.BytesIO(event.encoded_image_string)) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        expected = picture.expand(3, -1, -1).permute(1, 2, 0).numpy()
+        assert (event.width, event.height) == (7, 5) and np.array_equal(pixels, expected)
+
+
+def test_wandb_gets_a_mode_l_image_of_a_one_channel_grid_and_rgb_of_three(tmp_path, tiny_config, monkeypatch):
+    """Through the real wandb.Image, with the run faked (no W&B service started)."""
+    wandb = pytest.importorskip("wandb")
+    logged = []
+
+    class Run:
+        def log(self, values, step=None):
+            logged.append((step, values))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    tracker = WandB(tmp_path, tiny_config)
+    pictures = _pictures()
+    for step, picture in enumerate(pictures.values(), start=1):
+        tracker.image("samples", step, picture)
+    tracker.close()
+    assert [step for step, _ in logged] == [1, 2]
+    for (_, values), (name, picture) in zip(logged, pictures.items()):
+        image = values["samples"]
+        assert isinstance(image, wandb.Image)
+        with Image.open(image._path) as saved:  # the file W&B uploads
+            mode, pixels = saved.mode, np.asarray(saved)
+        if name == "gray":
+            assert mode == "L" and np.array_equal(pixels, picture[0].numpy())
+        else:
+            assert mode == "RGB" and np.array_equal(pixels, picture.permute(1, 2, 0).numpy())

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm_cars.data.dataset import to_uint8
+from ddpm_cars.data.dataset import IMAGE_CHANNELS, to_uint8
 
 
 def _figure():
@@ -22,19 +22,40 @@ def _figure():
     return plt
 
 
-def _hwc(image: torch.Tensor) -> np.ndarray:
-    return to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
+def _as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as uint8 on the CPU; uint8 images as they are."""
+    images = images.detach().cpu()
+    return images if images.dtype == torch.uint8 else to_uint8(images)
+
+
+def picture_array(picture: torch.Tensor) -> np.ndarray:
+    """A uint8 picture ``[C, H, W]`` as PIL and matplotlib take it: ``[H, W]`` for C = 1
+    (grayscale), ``[H, W, 3]`` for C = 3 (RGB)."""
+    if picture.dtype != torch.uint8 or picture.ndim != 3 or picture.shape[0] not in IMAGE_CHANNELS:
+        raise ValueError(f"a picture must be uint8 [1 or 3, H, W], got {picture.dtype} {tuple(picture.shape)}")
+    return picture[0].numpy() if picture.shape[0] == 1 else picture.permute(1, 2, 0).numpy()
+
+
+def picture_image(picture: torch.Tensor) -> Image.Image:
+    """A uint8 picture ``[C, H, W]`` as a PIL image: mode ``L`` for C = 1, ``RGB`` for C = 3."""
+    return Image.fromarray(picture_array(picture.detach().cpu()))
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """One image in [-1, 1] (or uint8) ``[C, H, W]`` as :func:`picture_array` gives it."""
+    return picture_array(_as_uint8(image))
 
 
 GRID_GAP = 2  # white pixels between and around the images of a grid
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """Images in [-1, 1] ``[N, 3, H, W]`` tiled ``nrow`` per row (default: square) with white
-    2-pixel gaps: uint8 ``[3, H', W']`` on the CPU; one image alone comes back as it is.
-    (The tiling of torchvision's ``make_grid``, without importing torchvision, which takes
-    seconds.)"""
-    tiles = to_uint8(images.detach().cpu())
+    """Images in [-1, 1] (or uint8) ``[N, C, H, W]``, C = 1 (grayscale) or 3 (RGB), tiled
+    ``nrow`` per row (default: square) with white 2-pixel gaps: uint8 ``[C, H', W']`` on the
+    CPU, the same C; one image alone comes back as it is. (The tiling of torchvision's
+    ``make_grid``, without importing torchvision, which takes seconds; unlike it, one
+    channel stays one.)"""
+    tiles = _as_uint8(images)
     if tiles.shape[0] == 1:
         return tiles[0]
     count, channels, height, width = tiles.shape
@@ -48,16 +69,17 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Images in [-1, 1] ``[N, 3, H, W]`` as one PNG grid, ``nrow`` per row (default: square)."""
+    """Images in [-1, 1] ``[N, C, H, W]`` as one PNG grid, ``nrow`` per row (default: square):
+    8-bit grayscale (mode L) for C = 1, RGB for C = 3."""
     return save_picture(grid_image(images, nrow), path, scale)
 
 
 def save_picture(picture: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
-    """A uint8 picture ``[3, H, W]`` (a :func:`grid_image`) as a PNG, each pixel ``scale`` x
-    ``scale``; the folder is made if needed."""
+    """A uint8 picture ``[C, H, W]`` (a :func:`grid_image`) as a PNG, mode L for C = 1 and RGB
+    for C = 3, each pixel ``scale`` x ``scale``; the folder is made if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    image = picture_image(picture)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     image.save(path)
@@ -65,14 +87,15 @@ def save_picture(picture: torch.Tensor, path: str | Path, scale: int = 1) -> Pat
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """One image in [-1, 1] ``[3, H, W]`` as a PNG."""
-    Image.fromarray(_hwc(image)).save(path)
+    """One image in [-1, 1] ``[C, H, W]`` as a PNG: mode L for C = 1, RGB for C = 3."""
+    Image.fromarray(_pixels(image)).save(path)
     return Path(path)
 
 
 def save_samples(images: torch.Tensor, out: str | Path, grid_count: int | None = None, nrow: int | None = None) -> None:
     """``out``/grid.png of the first ``grid_count`` images (all by default; ``nrow`` a row) and
-    ``out``/images/NNNN.png, one per image."""
+    ``out``/images/NNNN.png, one per image; images in [-1, 1] ``[N, C, H, W]``, mode-L PNGs
+    for C = 1, RGB for C = 3."""
     (Path(out) / "images").mkdir(parents=True, exist_ok=True)
     save_grid(images[:grid_count], Path(out) / "grid.png", nrow=nrow)
     for i, image in enumerate(images):
@@ -80,13 +103,15 @@ def save_samples(images: torch.Tensor, out: str | Path, grid_count: int | None =
 
 
 def save_strip(frames: Sequence[tuple[str, torch.Tensor]], path: str | Path, title: str) -> Path:
-    """A row of labelled images in [-1, 1] (each ``[3, H, W]``), e.g. one image across t."""
+    """A row of labelled images in [-1, 1] (each ``[C, H, W]``, C = 1 or 3), e.g. one image
+    across t."""
     return save_rows([("", frames)], path, title)
 
 
 def save_rows(rows: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], path: str | Path, title: str) -> Path:
-    """Rows of labelled images in [-1, 1]: ``[(row name, [(label, [3, H, W]), ...]), ...]``;
-    the labels of the first row title the columns."""
+    """Rows of labelled images in [-1, 1]: ``[(row name, [(label, [C, H, W]), ...]), ...]``,
+    C = 1 (drawn in gray, 0 black to 255 white) or 3 (RGB); the labels of the first row title
+    the columns."""
     plt = _figure()
     cols = max(len(frames) for _, frames in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.5 * cols, 0.4 + 1.6 * len(rows)), squeeze=False)
@@ -96,7 +121,9 @@ def save_rows(rows: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], pa
             if c >= len(frames):
                 continue
             label, image = frames[c]
-            ax.imshow(_hwc(image), interpolation="nearest")
+            pixels = _pixels(image)
+            gray = {"cmap": "gray", "vmin": 0, "vmax": 255} if pixels.ndim == 2 else {}  # not a colour map
+            ax.imshow(pixels, interpolation="nearest", **gray)
             if r == 0:
                 ax.set_title(label, fontsize=9)
         if name:

@@ -19,6 +19,7 @@ import torch
 
 from ddpm_cars.config import RunConfig
 from ddpm_cars.errors import UserError
+from ddpm_cars.viz import picture_image
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -31,7 +32,7 @@ class Tracker:
         """Each ``values[name]`` at ``step``."""
 
     def image(self, name: str, step: int, grid: torch.Tensor) -> None:
-        """A uint8 picture ``[3, H, W]`` at ``step``."""
+        """A uint8 picture ``[C, H, W]`` at ``step``, C = 1 (grayscale) or 3 (RGB)."""
 
     def flush(self) -> None:
         """Everything logged so far onto the disk (at every checkpoint)."""
@@ -58,6 +59,7 @@ class TensorBoard(Tracker):
             self.writer.add_scalar(name, value, step)
 
     def image(self, name: str, step: int, grid: torch.Tensor) -> None:
+        # one channel is fine: TensorBoard stores it as an RGB picture of equal channels
         self.writer.add_image(name, grid, step, dataformats="CHW")
 
     def flush(self) -> None:
@@ -90,7 +92,8 @@ class WandB(Tracker):
         self.run.log(values, step=step)
 
     def image(self, name: str, step: int, grid: torch.Tensor) -> None:
-        self.run.log({name: self.wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
+        # a PIL image (mode L or RGB), taken as it is: no guessing of the mode or range from an array
+        self.run.log({name: self.wandb.Image(picture_image(grid))}, step=step)
 
     def close(self) -> None:
         self.run.finish()
