@@ -1,12 +1,15 @@
 """The diffusers format: our network as UNet2DModel, a run as a DDPMPipeline, and back."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
 
 from ddpm_cars import run as ckpt
 from ddpm_cars.cli import main
+from ddpm_cars.data.dataset import ImageSet
 from ddpm_cars.errors import UserError
 from ddpm_cars.generation import QUIET, generate
 from ddpm_cars.models import build_model
@@ -29,6 +32,8 @@ VARIANTS = {
     "plain": {},
     "biggan resampling, v": {"model": {"resblock_updown": True}, "diffusion": {"prediction": "v"}},
     "class-conditional": {"model": {"class_conditional": True, "class_names": ("coupe", "sedan", "suv")}},
+    "grayscale": {"data": {"image_channels": "1"}},
+    "grayscale, fixed variance": {"data": {"image_channels": "1"}, "diffusion": {"learn_variance": False}},
 }
 
 
@@ -41,7 +46,7 @@ def test_the_unet2dmodel_twin_computes_what_ours_computes(variant):
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.05)
     unet = to_unet(ours, config)
-    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 41, 99])
+    x, t = torch.randn(3, config.image_channels, 16, 16), torch.tensor([0, 41, 99])
     y = torch.tensor([0, 2, 3]) if config.model.class_conditional else None  # 3: the null class
     expected = ours(x, t, y)
     got = unet(x, t, class_labels=y).sample
@@ -204,3 +209,115 @@ def test_a_diffusers_model_without_a_twin_is_refused_naming_the_setting(change, 
     }
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace("[", "\\[")):
         config_from_diffusers({**unet_config(TINY), **change}, scheduler)
+
+
+# A tiny grayscale run: random weights (from a large learning rate, no EMA) so that a wrong
+# mapping of the one-channel convolutions would show in the outputs.
+GRAY = {"data": {"image_channels": "1"}, "train": {"max_steps": 2, "lr": 0.05, "warmup_steps": 0, "ema_decay": None}}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["learned variance", "fixed variance"])
+def gray_run(request, tmp_path_factory):
+    """A tiny res_attn_unet run of 2 steps on 16 one-channel 16x16 images."""
+    run = tmp_path_factory.mktemp("gray") / "tiny"
+    config = TINY.replace(
+        data=GRAY["data"],
+        diffusion={"learn_variance": request.param},
+        train={**GRAY["train"], "batch_size": 8, "sample_every_epochs": 100},
+    )
+    images = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ImageSet(images, torch.zeros(16, dtype=torch.long), ["car"])
+    train(config, run, dataset=dataset, progress=False, final_grid=False)
+    return run
+
+
+def _same_outputs(a, b, config):
+    """Whether networks ``a`` and ``b`` (ours or a UNet2DModel) agree on a fixed input."""
+    x = torch.randn(2, config.image_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 77])
+    with torch.no_grad():
+        outputs = [net.eval()(x, t) for net in (a, b)]
+    outputs = [o if isinstance(o, torch.Tensor) else o.sample for o in outputs]
+    assert outputs[0].abs().max() > 1e-2  # not the zero-initialised output layer
+    return outputs[0].shape == outputs[1].shape and (outputs[0] - outputs[1]).abs().max() < 1e-5
+
+
+def test_a_grayscale_run_exports_to_a_one_channel_pipeline(gray_run, tmp_path):
+    run = Run.open(gray_run)
+    learned = run.config.diffusion.learn_variance
+    out = export_run(gray_run, tmp_path / "export")
+    written = json.loads((out / "unet" / "config.json").read_text())
+    assert (written["in_channels"], written["out_channels"]) == (1, 2 if learned else 1)
+    assert "16x16 grayscale images" in (out / "README.md").read_text()
+    pipeline = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert _same_outputs(pipeline.unet, run.network(), run.config)
+    arrays = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np")
+    assert arrays.images.shape == (2, 16, 16, 1)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3).images
+    assert [(im.mode, im.size) for im in images] == [("L", (16, 16))] * 2
+
+
+def test_an_import_of_a_grayscale_export_has_its_channels_and_weights(gray_run, tmp_path):
+    """Through ddpm_cars.json, and without it (the config read from diffusers' alone)."""
+    run = Run.open(gray_run)
+    out = export_run(gray_run, tmp_path / "export")
+    shutil.copytree(out, tmp_path / "bare")
+    (tmp_path / "bare" / "ddpm_cars.json").unlink()
+    for folder, name in [(out, "back"), (tmp_path / "bare", "bare-back")]:
+        back = Run.open(import_pipeline(folder, tmp_path / name))
+        assert back.config.data.image_channels == "1" and back.config.image_channels == 1
+        assert back.config.diffusion.learn_variance == run.config.diffusion.learn_variance
+        assert all(
+            torch.equal(a, b) for a, b in zip(run.network().state_dict().values(), back.network().state_dict().values())
+        )
+        assert _same_outputs(run.network(), back.network(), back.config)
+    assert Run.open(tmp_path / "back").config == run.config
+
+
+def test_an_export_whose_config_disagrees_with_its_unet_is_refused(gray_run, tmp_path):
+    out = export_run(gray_run, tmp_path / "export")
+    saved = json.loads((out / "ddpm_cars.json").read_text())
+    saved["config"]["data"]["image_channels"] = "3"
+    (out / "ddpm_cars.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="input and .* output channels, the unet has 1 and") as refused:
+        import_pipeline(out, tmp_path / "back")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_a_one_channel_diffusers_config_imports_as_grayscale(learned):
+    config = TINY.replace(data={"image_channels": "1"}, diffusion={"learn_variance": learned})
+    scheduler = {
+        "num_train_timesteps": 100,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "variance_type": "learned_range" if learned else "fixed_large",
+    }
+    back = config_from_diffusers(unet_config(config), scheduler)
+    assert back.data.image_channels == "1" and back.diffusion.learn_variance == learned
+    assert unet_config(back) == unet_config(config)
+
+
+@pytest.mark.parametrize(
+    "change, variance, message",
+    [
+        ({"in_channels": 2, "out_channels": 4}, "learned_range", "in_channels=2; ddpm-cars needs 3 (RGB) or 1"),
+        ({"in_channels": 4, "out_channels": 4}, "fixed_small", "in_channels=4"),
+        ({"in_channels": 1, "out_channels": 3}, "fixed_small", "out_channels=3; ddpm-cars needs 1 (its in_channels)"),
+        ({"in_channels": 1, "out_channels": 6}, "learned_range", "or 2 with variance_type 'learned_range'"),
+        ({"in_channels": 1, "out_channels": 2}, "fixed_small", "out_channels=2"),
+        ({"in_channels": 1, "out_channels": 1}, "learned_range", "out_channels=1"),
+        ({"in_channels": 3, "out_channels": 2}, "learned_range", "out_channels=2; ddpm-cars needs 3 (its in_channels)"),
+        ({"in_channels": 3, "out_channels": 3}, "learned_range", "or 6 with variance_type 'learned_range'"),
+    ],
+)
+def test_a_diffusers_config_of_other_channels_is_refused_in_one_line(change, variance, message):
+    scheduler = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "variance_type": variance,
+    }
+    with pytest.raises(UserError, match=re.escape(message)) as refused:
+        config_from_diffusers({**unet_config(TINY), **change}, scheduler)
+    assert "\n" not in str(refused.value)

@@ -5,11 +5,13 @@ A ``res_attn_unet`` is, layer for layer, diffusers' ``UNet2DModel`` with
 (``flip_sin_to_cos=False, freq_shift=1``), 32-group norms, attention heads of
 ``head_channels`` and BigGAN resampling as ResNet up/down blocks, so the weights map one
 to one: the only change is that a 1x1 convolution computing q, k and v together becomes
-three linear layers. The schedule, prediction and variance become a ``DDPMScheduler``
-(the run's own betas, ``variance_type="learned_range"`` for a learned variance), and the
-two a ``DDPMPipeline`` folder. The run's whole ``config.json`` travels along as
-``ddpm_cars.json``, so an export imports back exactly. diffusers is an optional
-dependency, imported here only.
+three linear layers. Its ``in_channels`` are the images' channels, 3 (RGB) or 1
+(grayscale), and its ``out_channels`` as many, or twice as many with a learned variance.
+The schedule, prediction and variance become a ``DDPMScheduler`` (the run's own betas,
+``variance_type="learned_range"`` for a learned variance), and the two a ``DDPMPipeline``
+folder, whose images have the run's channels (PIL mode ``L`` for grayscale). The run's
+whole ``config.json`` travels along as ``ddpm_cars.json``, so an export imports back
+exactly. diffusers is an optional dependency, imported here only.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def unet_config(config: RunConfig) -> dict[str, Any]:
     )
     return {
         "sample_size": size,
-        "in_channels": 3,
-        "out_channels": config.diffusion.out_channels,
+        "in_channels": config.image_channels,
+        "out_channels": config.diffusion.out_channels(config.image_channels),
         "block_out_channels": list(m.channels),
         "layers_per_block": m.num_res_blocks,
         "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attends],
@@ -240,7 +242,8 @@ def _write_card(run: Run, out: Path, ema: bool) -> None:
         "",
         f"# {run.dir.name}: a DDPM trained with ddpm-cars",
         "",
-        f"A denoising diffusion model of {c.data.image_size}x{c.data.image_size} images, trained with "
+        f"A denoising diffusion model of {c.data.image_size}x{c.data.image_size} "
+        f"{'grayscale ' if c.image_channels == 1 else ''}images, trained with "
         f"ddpm-cars on `{c.data.source}` for {_step(run.checkpoint)} steps "
         f"({'moving-average' if ema else 'raw'} weights).",
         "",
@@ -298,7 +301,13 @@ def import_pipeline(folder: Path, out: Path) -> Path:
     ours = folder / OUR_CONFIG
     if ours.is_file():
         saved = json.loads(ours.read_text())
-        config, step = RunConfig.from_dict(saved["config"]), int(saved.get("step", 0))
+        config, step = RunConfig.from_dict(saved["config"], saved_run=True), int(saved.get("step", 0))
+        wanted = config.image_channels, config.diffusion.out_channels(config.image_channels)
+        if _channels(dict(unet.config)) != wanted:
+            raise UserError(
+                f"cannot import: {ours} describes a network of {wanted[0]} input and {wanted[1]} output channels, "
+                f"the unet has {unet.config.in_channels} and {unet.config.out_channels}"
+            )
     else:
         config, step = config_from_diffusers(dict(unet.config), scheduler), 0
     model = from_unet(unet, config)
@@ -318,7 +327,6 @@ _REQUIRED = {
     "resnet_time_scale_shift": ("scale_shift", "adaptive group norm"),
     "norm_num_groups": (NORM_GROUPS, "32-group norms"),
     "attn_norm_num_groups": (NORM_GROUPS, "32-group norms in every attention block"),
-    "in_channels": (3, "RGB input"),
     "center_input_sample": (False, "inputs as they are"),
     "class_embed_type": (None, "no class embedding but a table"),
     "num_class_embeds": (None, "no classes (only exports of ddpm-cars carry class names and the null class)"),
@@ -332,11 +340,12 @@ _VARIANCES = {"learned_range": None, "fixed_small": "beta_tilde", "fixed_large":
 def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> RunConfig:
     """Our config for a UNet2DModel and DDPMScheduler configuration with an exact twin here."""
     _check_importable(unet, scheduler)
+    channels, out_channels = _channels(unet)
     config = RunConfig.from_dict(
         {
             "model": _model_section(unet),
-            "diffusion": _diffusion_section(scheduler, learned=unet["out_channels"] == 6),
-            "data": {"image_size": int(unet["sample_size"])},
+            "diffusion": _diffusion_section(scheduler, learned=out_channels == 2 * channels),
+            "data": {"image_size": int(unet["sample_size"]), "image_channels": str(channels)},
             "sample": {
                 "variance": _VARIANCES[scheduler["variance_type"]] or "beta",
                 "clip_x0": bool(scheduler.get("clip_sample", True)),
@@ -345,6 +354,11 @@ def config_from_diffusers(unet: dict[str, Any], scheduler: dict[str, Any]) -> Ru
     )
     _check_twin(config, unet, scheduler)
     return config
+
+
+def _channels(unet: dict[str, Any]) -> tuple[Any, Any]:
+    """A UNet2DModel config's ``in_channels`` and ``out_channels`` (diffusers' default: 3)."""
+    return unet.get("in_channels", 3), unet.get("out_channels", 3)
 
 
 def _refusal(name: str, value: Any, wanted: str) -> UserError:
@@ -360,9 +374,20 @@ def _check_importable(unet: dict[str, Any], scheduler: dict[str, Any]) -> None:
     plain = {"ResnetDownsampleBlock2D", "AttnDownBlock2D"} if updown else {"DownBlock2D", "AttnDownBlock2D"}
     if not set(unet["down_block_types"]) <= plain:
         raise _refusal("down_block_types", unet["down_block_types"], f"blocks of {sorted(plain)}")
-    learned = unet["out_channels"] == 6
-    if unet["out_channels"] not in (3, 6) or learned != (scheduler.get("variance_type") == "learned_range"):
-        raise _refusal("out_channels", unet["out_channels"], "3, or 6 with variance_type 'learned_range'")
+    channels, out_channels = _channels(unet)
+    if type(channels) is not int or channels not in (1, 3):
+        raise _refusal("in_channels", channels, "3 (RGB) or 1 (grayscale)")
+    learned = out_channels == 2 * channels
+    if (
+        type(out_channels) is not int
+        or out_channels not in (channels, 2 * channels)
+        or learned != (scheduler.get("variance_type") == "learned_range")
+    ):
+        raise _refusal(
+            "out_channels",
+            out_channels,
+            f"{channels} (its in_channels), or {2 * channels} with variance_type 'learned_range'",
+        )
     for name, table in [
         ("beta_schedule", _SCHEDULES),
         ("prediction_type", _PREDICTIONS),
