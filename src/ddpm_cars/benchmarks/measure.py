@@ -184,8 +184,7 @@ def measure(spec: dict) -> dict:
     dcfg = config.diffusion
     base_rss = None if cuda else _peak_rss_mib()  # Python and torch alone, before the model
     torch.manual_seed(0)
-    out_channels = dcfg.out_channels(config.image_channels)
-    model = (diffusers_unet(size, out_channels) if name == DIFFUSERS else build_model(config)).to(device)
+    model = (diffusers_unet(size, dcfg.out_channels(3)) if name == DIFFUSERS else build_model(config)).to(device)
     params = count_parameters(model)
     flops = forward_flops(model, size, device, config.image_channels)
     checkpointing = bool(spec.get("activation_checkpointing")) and hasattr(model, "set_activation_checkpointing")
