@@ -331,7 +331,7 @@ def grey_folder(root: Path, count: int = 6) -> Path:
     return root
 
 
-def test_an_entry_records_its_channel_count_and_each_choice_is_its_own_entry(tmp_path):
+def test_an_entry_records_its_channel_count_and_serves_the_count_auto_found(tmp_path):
     folder, cache_dir = grey_folder(tmp_path / "imgs"), tmp_path / "cache"
     config = DataConfig(source=str(folder), image_size=16, cache=str(cache_dir))
     grey = build_dataset(config, progress=False)
@@ -344,8 +344,10 @@ def test_an_entry_records_its_channel_count_and_each_choice_is_its_own_entry(tmp
     assert torch.equal(build_dataset(config, progress=False).images, expected)  # opened, not decoded again
     rgb = build_dataset(dataclasses.replace(config, image_channels="3"), progress=False)
     assert rgb.images.shape == (6, 3, 16, 16) and torch.equal(rgb.images, expected.expand(-1, 3, -1, -1))
-    assert torch.equal(build_dataset(dataclasses.replace(config, image_channels="1"), progress=False).images, expected)
-    assert len(entries(cache_dir)) == 3  # auto, 3 and 1: each names what it asked for
+    assert len(entries(cache_dir)) == 2  # auto found 1; 3 is another entry
+    grey = build_dataset(dataclasses.replace(config, image_channels="1"), progress=False)
+    assert torch.equal(grey.images, expected) and mapped_file(grey.images) == entry / cache.IMAGES
+    assert len(entries(cache_dir)) == 2  # a run trained with auto records 1 and opens the same entry
 
 
 def test_an_entry_from_before_the_channel_count_is_rebuilt_never_misread(tmp_path):

@@ -157,3 +157,14 @@ def test_fine_tuning_on_a_grey_folder_keeps_the_sources_channels_unless_told_oth
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["data"]["image_channels"] == "3"
     with pytest.raises(UserError, match="its data.image_channels is '3', this run's '1'"):
         train(recipe.replace(data={"image_channels": "1"}), tmp_path / "x", progress=False)
+
+
+def test_a_saved_config_reads_its_channels_from_the_new_data(tmp_path):
+    from ddpm_cars.commands.training import TrainRequest
+    from ddpm_cars.config import DataConfig, RunConfig
+
+    saved = tmp_path / "config.json"
+    RunConfig(data=DataConfig(image_channels="1")).save(saved)
+    assert TrainRequest(out=tmp_path / "r", config=saved).recipe().data.image_channels == "auto"
+    asked = TrainRequest(out=tmp_path / "r", config=saved, overrides={"data": {"image_channels": "1"}})
+    assert asked.recipe().data.image_channels == "1"  # given on the command line: kept

@@ -137,3 +137,14 @@ def test_guidance_report_and_forward_pictures_of_a_grey_run(grey_run, tmp_path):
     forward = tmp_path / "forward.png"
     assert main(["forward", "--data", str(folder), "--image-size", str(SIZE), "--out", str(forward)]) == 0
     assert forward.is_file()
+
+
+def test_the_forward_picture_of_grey_toy_cars_starts_from_their_one_channel(tmp_path, monkeypatch):
+    from ddpm_cars.commands import figures
+    from ddpm_cars.config import DataConfig
+
+    drawn = {}
+    monkeypatch.setattr(figures, "save_strip", lambda strip, out, title: drawn.update(strip=strip))
+    data = DataConfig(image_size=SIZE, image_channels="1")
+    figures.forward(figures.ForwardRequest(out=tmp_path / "f.png", data=data))
+    assert {tuple(frame.shape) for _, frame in drawn["strip"]} == {(1, SIZE, SIZE)}

@@ -192,7 +192,7 @@ def measure(spec: dict) -> dict:
         model.set_activation_checkpointing(True)  # recomputation is not counted in the FLOPs: the model's own
     net = prepare_model(model, channels_last=config.train.channels_last, compile=spec.get("compile", False))
 
-    denoiser = Denoiser(net, build_schedule(dcfg), dcfg, size, precision)
+    denoiser = Denoiser(net, build_schedule(dcfg), dcfg, size, precision, image_channels=config.image_channels)
     train_s, train_mem = _time_training(model, denoiser, config, spec, sync)
     step_s, sample_mem = _time_sampling(model, denoiser, config, spec, sync)
     train_img_s = batch / train_s

@@ -39,11 +39,17 @@ def forward(request: ForwardRequest) -> Path:
     """Draw the strip: x_0, then x_t at each chosen t (the paper's 1-indexed t)."""
     data, index = request.data, request.index
     if data.source == "toy-cars":  # drawn in a moment: no cache entry for the first index + 1 cars
-        data = DataConfig(source="toy-cars", image_size=data.image_size, toy_count=index + 1, cache="off")
+        data = DataConfig(
+            source="toy-cars",
+            image_size=data.image_size,
+            toy_count=index + 1,
+            cache="off",
+            image_channels=data.image_channels,
+        )
     dataset = build_dataset(data)
     if index >= len(dataset):
         raise UserError(f"--index {index} is out of range: the dataset has {len(dataset)} images")
-    x0 = dataset[index][0][None]  # [1, 3, S, S]
+    x0 = dataset[index][0][None]  # [1, C, S, S]
     schedule = build_schedule(request.diffusion)
     generator = torch.Generator().manual_seed(request.seed)
     strip = [("x_0 (data)", x0[0])]

@@ -42,13 +42,13 @@ class TrainRequest:
 
     def recipe(self) -> RunConfig:
         """The config to train: the run's own when resuming (only its resumable fields may be
-        overridden), else the saved recipe (its classes forgotten, to be read from the data
-        again) or the preset, with the overrides."""
+        overridden), else the saved recipe (its classes and channel count forgotten, to be
+        read from the data again) or the preset, with the overrides."""
         if self.resume:
             return saved_config(self.out).resumed_with(self.overrides)
         start = preset(self.preset) if self.config is None else RunConfig.load(self.config)
         if self.config is not None:
-            start = start.replace(model={"class_names": ()})
+            start = start.replace(model={"class_names": ()}, data={"image_channels": "auto"})
         return start.replace(**self.overrides)
 
 

@@ -10,6 +10,7 @@ cache from there on every later run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -64,7 +65,14 @@ def build_dataset(config: DataConfig, progress: bool = True) -> ImageSet:
         listing, counts = list_stanford_cars(root, config.split, size, crop, config.bbox_margin, channels)
     else:
         listing = list_image_folder(root, size, crop, channels)
-    key, fill = _listing_key(listing, root), _listing_fill(listing, progress)
+    key = _listing_key(listing, root)
+    if listing.image_channels != "auto" and cache_dir is not None:
+        # a run that trained with "auto" records the count it found: its entry serves that count
+        found_key = {**key, "channels": "auto"}
+        found = cache.open_entry(cache_dir / cache.entry_name(found_key))
+        if found is not None and found[1].channels == int(listing.image_channels):
+            listing, key = dataclasses.replace(listing, image_channels="auto"), found_key
+    fill = _listing_fill(listing, progress)
     data, decoded = cache.load(key, len(listing.paths), fill, cache_dir, progress=progress, source=str(root.resolve()))
     warn_skipped(decoded.skipped)
     if counts is not None and crop == "bbox":
