@@ -13,7 +13,10 @@ levels, between each channel and the sample's luma (colour where the data has no
 
 Usage (one JSON line a training into RECORD):
 
-    python -m studies.channels --root runs/channels --record docs/benchmarks/channels/record.jsonl --seeds 1,2
+    python -m studies.channels --root runs/channels --record docs/benchmarks/channels/record.jsonl --seeds 1,2,3
+
+It prints each arm's means and the difference one channel minus three with its 95% interval
+by Welch's t over the trainings.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ddpm_cars.presets import DEMO
 from ddpm_cars.run import Run
 from ddpm_cars.training import train
 from studies.provenance import provenance
+from studies.recipe import welch_interval
 
 ARMS = {"one": "auto", "three": "3"}  # arm -> --image-channels
 
@@ -110,11 +114,21 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(cell), flush=True)
             with open(args.record, "a") as handle:
                 handle.write(json.dumps(cell) + "\n")
-    cells = [json.loads(line) for line in args.record.read_text().splitlines()]
-    for arm in ARMS:
-        mine = [c for c in cells if c["arm"] == arm]
-        means = {k: np.mean([c[k] for c in mine]) for k in ("images_per_second", "swd", "judge_fd")}
-        print(f"{arm}: {len(mine)} trainings, " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    summarise([json.loads(line) for line in args.record.read_text().splitlines()])
+
+
+def summarise(cells: list[dict]) -> None:
+    """Each arm's means, and one channel minus three with its 95% interval (Welch's t over
+    the trainings) on each figure."""
+    figures = ("images_per_second", "swd", "judge_fd", "judge_kid")
+    arms = {arm: [c for c in cells if c["arm"] == arm] for arm in ARMS}
+    for arm, mine in arms.items():
+        means = ", ".join(f"{k} {np.mean([c[k] for c in mine]):.3f}" for k in figures)
+        print(f"{arm}: {len(mine)} trainings, {means}")
+    if min(map(len, arms.values())) >= 2:
+        for k in figures:
+            diff, low, high = welch_interval([c[k] for c in arms["one"]], [c[k] for c in arms["three"]])
+            print(f"one - three, {k}: {diff:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
 if __name__ == "__main__":
