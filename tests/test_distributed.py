@@ -315,3 +315,32 @@ def test_torchrun_samples_guided_images_like_one_process(tmp_path):
             for d in ("one", "two")
         )
         assert (one - two).abs().max() <= 1
+
+
+def _eval_folder_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    from ddpm_cars.commands import EvalRequest, evaluate
+
+    _join(rank, world, port)
+    try:
+        request = EvalRequest(images=Path(folder), data="toy-cars", image_size=16, fid=False, out=Path(out))
+        result = evaluate(request)
+        assert (result == {}) == (rank != 0), result
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_score_a_folder_on_rank_0(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(_toy_car_pixels(8)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    mp.spawn(_eval_folder_worker, args=(2, _free_port(), str(folder), str(tmp_path / "eval")), nprocs=2)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["swd"] > 0
+
+
+def _toy_car_pixels(count: int) -> list[np.ndarray]:
+    """``count`` toy cars of 16 px as HWC arrays, as PIL saves them."""
+    from ddpm_cars.data.toy_cars import generate_toy_cars
+
+    images, _ = generate_toy_cars(count, 16, seed=4)
+    return [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in images]

@@ -131,6 +131,8 @@ def sample_scores(
             "steps": config.sample.steps,
             "seed": request.seed,
         }
+    elif not world.is_main:  # a folder is scored by rank 0 alone
+        return {}
     else:
         channels = str(reference.images.shape[1])  # the folder is compared with the reference, in its channels
         samples = load_image_folder(request.images, size, image_channels=channels).images
