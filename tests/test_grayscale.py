@@ -17,15 +17,12 @@ from ddpm_cars.cli import main
 from ddpm_cars.data.toy_cars import generate_toy_cars
 
 SIZE = 16
+# the tiny preset (the improved recipe shrunk), at the test folder's size, drawing small grids
 TINY = [
+    "--preset",
+    "tiny",
     "--image-size",
     str(SIZE),
-    "--channels",
-    "8,16",
-    "--num-res-blocks",
-    "1",
-    "--timesteps",
-    "20",
     "--batch-size",
     "8",
     "--num-sample-images",

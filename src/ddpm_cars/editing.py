@@ -6,9 +6,9 @@ the way down, from the image noised with q(x_t | x_0); RePaint (Lugmayr et al. 2
 the sampler's steps one at a time and puts the known pixels back after each, noised to the
 new step's level, going back up now and then (resampling) so the fill and the known part
 agree; DDIM inversion (Song et al. 2021, Sec. 4.3; Dhariwal & Nichol 2021, App. F) runs the
-deterministic ODE from the image up to x_T. Images are ``[B, C, S, S]`` in [-1, 1] (C: 1 or 3); masks are
-``[B, 1, S, S]`` with 1 where the model draws and 0 where the image is kept. Like the
-samplers, nothing here reads files or draws from a global generator.
+deterministic ODE from the image up to x_T. Images are ``[B, C, S, S]`` in [-1, 1] (C: 1 or
+3); masks are ``[B, 1, S, S]`` with 1 where the model draws and 0 where the image is kept.
+Like the samplers, nothing here reads files or draws from a global generator.
 """
 
 from __future__ import annotations

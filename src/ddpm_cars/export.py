@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ddpm_cars.config import RunConfig
+from ddpm_cars.data.dataset import IMAGE_CHANNELS
 from ddpm_cars.errors import UserError
 from ddpm_cars.files import atomic_write_text
 from ddpm_cars.models import build_model
@@ -375,7 +376,7 @@ def _check_importable(unet: dict[str, Any], scheduler: dict[str, Any]) -> None:
     if not set(unet["down_block_types"]) <= plain:
         raise _refusal("down_block_types", unet["down_block_types"], f"blocks of {sorted(plain)}")
     channels, out_channels = _channels(unet)
-    if type(channels) is not int or channels not in (1, 3):
+    if type(channels) is not int or channels not in IMAGE_CHANNELS:
         raise _refusal("in_channels", channels, "3 (RGB) or 1 (grayscale)")
     learned = out_channels == 2 * channels
     if (

@@ -88,7 +88,7 @@ def save_picture(picture: torch.Tensor, path: str | Path, scale: int = 1) -> Pat
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
     """One image in [-1, 1] ``[C, H, W]`` as a PNG: mode L for C = 1, RGB for C = 3."""
-    Image.fromarray(_pixels(image)).save(path)
+    picture_image(_as_uint8(image)).save(path)
     return Path(path)
 
 

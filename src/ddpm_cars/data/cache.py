@@ -11,12 +11,13 @@ An entry is a folder ``<cache dir>/<key>/`` holding
 The key hashes everything the images depend on: the source's files with their sizes and
 modification times (or the toy-car generator's arguments), the image size, the crop and
 box margin, the channels asked for, and the code and library versions that decode. An
-entry of an older format (one without its channel count) is never read: it is rebuilt. An entry is written in a
-``<key>.partial-<pid>`` folder and renamed into place once complete, under a lock file: a
-build killed halfway leaves nothing a later run reads as complete, and processes that want
-the same entry at once (torchrun's ranks on one machine, two runs) build it once -- the
-first takes the lock, the others wait for it and open what it built. An entry that does
-not open cleanly (a truncated file, a missing part) is rebuilt, never read.
+entry of an older format (one without its channel count) is never read: it is rebuilt.
+An entry is written in a ``<key>.partial-<pid>`` folder and renamed into place once
+complete, under a lock file: a build killed halfway leaves nothing a later run reads as
+complete, and processes that want the same entry at once (torchrun's ranks on one
+machine, two runs) build it once -- the first takes the lock, the others wait for it and
+open what it built. An entry that does not open cleanly (a truncated file, a missing part)
+is rebuilt, never read.
 
 Listing, removing and bounding the entries (``ddpm-cars cache``, ``$DDPM_CARS_CACHE_MAX_GB``)
 is :mod:`ddpm_cars.caches`.

@@ -17,8 +17,8 @@ class DataError(UserError):
 class ImageSet(Dataset):
     """Images decoded once and held as uint8, resized to the training size.
 
-    ``images`` is ``[N, C, H, W]`` uint8 with C = 1 (grayscale) or 3 (RGB), ``labels`` is ``[N]`` int64 indexing
-    ``class_names``. Items are ``(image in [-1, 1] float32, label)``; random
+    ``images`` is ``[N, C, H, W]`` uint8 with C = 1 (grayscale) or 3 (RGB), ``labels`` is
+    ``[N]`` int64 indexing ``class_names``. Items are ``(image in [-1, 1] float32, label)``; random
     flipping happens per batch in the training loop, with an explicit generator.
     """
 

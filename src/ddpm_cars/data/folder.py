@@ -242,8 +242,8 @@ def _try_load(
 @dataclass(frozen=True)
 class ImageListing:
     """What a data source decodes: its image files with their labels, and how each one
-    becomes ``S x S`` (see :func:`load_image`) of ``image_channels``. ``crop="bbox"`` needs ``boxes``, one per
-    path (None: that image stays uncropped). ``also_read`` names the other files the
+    becomes ``S x S`` of ``image_channels`` (see :func:`load_image`). ``crop="bbox"`` needs
+    ``boxes``, one per path (None: that image stays uncropped). ``also_read`` names the other files the
     result depends on (box annotations), so a cache of it can tell when they change."""
 
     paths: list[Path] | list[str]

@@ -36,8 +36,8 @@ class Block(nn.Module):
 
 
 class SimpleUnet(nn.Module):
-    """``model(x_t [B, image_channels, H, W], t [B], y [B] | None) -> [B, out_channels, H, W]``; H, W divisible
-    by 2^(levels-1). With ``num_classes`` a label embedding is added to the time embedding
+    """``model(x_t [B, image_channels, H, W], t [B], y [B] | None) -> [B, out_channels, H, W]``;
+    H, W divisible by 2^(levels-1). With ``num_classes`` a label embedding is added to the time embedding
     (label ``num_classes``, or ``y=None``, is the null class)."""
 
     def __init__(
