@@ -20,7 +20,7 @@ LAYERS = [
     {"schedule", "runtime", "conditioning"},
     {"diffusion", "models"},
     {"denoiser"},
-    {"samplers"},
+    {"samplers", "distillation"},
     {"editing", "generation"},
     {"data", "viz"},
     {"run", "parallel"},

@@ -23,6 +23,7 @@ from ddpm_cars.config import (
     Crop,
     DataConfig,
     DiffusionConfig,
+    DistillConfig,
     RunConfig,
     Schedule,
     Split,
@@ -764,6 +765,77 @@ def _exchange_parsers(sub: Any) -> None:
     )
 
 
+def _distill_parser(sub: Any) -> None:
+    distill = sub.add_parser(
+        "distill",
+        help="make a trained run into a student that samples in 1-8 network calls",
+        description=(
+            "Progressive distillation (Salimans & Ho 2022): the student starts as the run's network and learns, "
+            "round by round, to make in one deterministic DDIM step the two its teacher makes, halving the calls "
+            "from --teacher-calls down to --calls. The student directory is a run: sample, eval and report take it, "
+            "and it samples on its own calls by default. Checkpoints every --checkpoint-every steps and at every "
+            "round's end; --resume continues."
+        ),
+    )
+    distill.set_defaults(func=_command("distill_run", _plain("DistillRequest")))
+    distill.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="the trained run to distil (required unless --resume)",
+    )
+    distill.add_argument(
+        "--out", required=True, type=Path, metavar="STUDENT_DIR", help="student run directory (required)"
+    )
+    distill.add_argument(
+        "--resume", action="store_true", help="continue the distillation in --out with its saved settings"
+    )
+    _distill_settings(distill)
+    _device_option(distill)
+
+
+def _distill_settings(distill: argparse.ArgumentParser) -> None:
+    """The settings of a new distillation (--resume takes the saved ones): unset, each keeps its default."""
+    positive = value_type(int, POSITIVE)
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    for flag, kind, metavar, text in [
+        ("--calls", positive, "N", "network calls of the final student: 1, 2, 4, 8, ..."),
+        (
+            "--teacher-calls",
+            positive,
+            "N",
+            "DDIM steps of the run that the first round distils: --calls times a power of two",
+        ),
+        ("--round-steps", positive, "N", "optimizer steps per round (one halving)"),
+        (
+            "--lr",
+            value_type(float, Limits(low=0, low_open=True)),
+            "LR",
+            "each round's learning rate, falling linearly to 0 within it",
+        ),
+        ("--batch-size", positive, "N", "images per step (default: the run's)"),
+        ("--seed", int, "S", "seed of the images, steps and noise drawn"),
+        ("--checkpoint-every", positive, "N", "steps between checkpoints"),
+    ]:
+        name = flag[2:].replace("-", "_")
+        default = defaults[name]
+        shown = f" (default: {default})" if default is not None else ""
+        distill.add_argument(flag, type=kind, default=None, metavar=metavar, help=text + shown)
+    distill.add_argument(
+        "--ema",
+        default=None,
+        action=Switch,
+        help="distil the run's moving-average weights when it kept them (default: on)",
+    )
+    distill.add_argument(
+        "--log-with",
+        choices=["none", "tensorboard", "wandb"],
+        default=None,
+        help="also log to TensorBoard (STUDENT_DIR/tensorboard) or Weights & Biases (default: none)",
+    )
+
+
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
         "bench",
@@ -927,6 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     _guidance_parser(sub)
     _report_and_demo_parsers(sub)
     _exchange_parsers(sub)
+    _distill_parser(sub)
     _bench_parser(sub)
     _cache_parser(sub)
     return parser

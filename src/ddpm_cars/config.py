@@ -29,7 +29,7 @@ LrSchedule = Literal["constant", "cosine"]
 Variance = Literal["beta", "beta_tilde"]
 BatchNormMode = Literal["eval", "batch"]
 Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++3m", "dpm++sde", "heun"]
-Spacing = Literal["uniform", "quadratic", "karras", "logsnr"]
+Spacing = Literal["uniform", "quadratic", "trailing", "karras", "logsnr"]
 NOISE_LEVEL_SPACINGS = ("karras", "logsnr")  # placed by sigma, from --sigma-max down
 DdimSigma = Literal["song", "learned"]
 Tracking = Literal["none", "tensorboard", "wandb"]
@@ -296,8 +296,9 @@ class SampleConfig:
     )
     spacing: Spacing = option(
         "uniform",
-        "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), or by noise "
-        "level from --sigma-max down (karras: rho 7; logsnr: even in log SNR)",
+        "where fewer steps go among the T: evenly in t, denser near t = 0 (quadratic), evenly from T - 1 "
+        "down to T/N - 1 (trailing: each halving of N keeps every other step; distilled runs use it), or by "
+        "noise level from --sigma-max down (karras: rho 7; logsnr: even in log SNR)",
         role="resumable",
     )
     sigma_max: float = option(
@@ -470,6 +471,47 @@ class TrainConfig:
 def _swd_size(size: int) -> bool:
     """Whether the Laplacian pyramid of SWD halves ``size`` exactly down to 16."""
     return size >= 16 and size % 16 == 0 and ((size // 16) & (size // 16 - 1)) == 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What ``ddpm-cars distill`` does (:mod:`ddpm_cars.training.distill`); written to the
+    student's distill.json, read back by ``--resume``."""
+
+    teacher: str  # the teacher's checkpoint directory
+    calls: int = 4  # network calls of the final student
+    teacher_calls: int = 64  # DDIM steps of the teacher the first round distils
+    round_steps: int = 400  # optimizer steps per round
+    lr: float = 2e-4  # each round's starting learning rate, falling linearly to 0
+    batch_size: int | None = None  # None: the teacher's
+    seed: int = 0
+    checkpoint_every: int = 100
+    ema: bool = True  # distil the teacher's moving average when it kept one
+    log_with: Tracking = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("calls", "teacher_calls", "round_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        ratio, rest = divmod(self.teacher_calls, self.calls)
+        if rest or ratio < 2 or ratio & (ratio - 1):
+            raise UserError(
+                f"--teacher-calls must be --calls times a power of two (2, 4, 8, ...): each round halves the "
+                f"steps; got {self.teacher_calls} and {self.calls}"
+            )
+
+    @property
+    def rounds(self) -> int:
+        """Halvings from the teacher's calls to the student's."""
+        return (self.teacher_calls // self.calls).bit_length() - 1
+
+    def calls_in_round(self, r: int) -> int:
+        """The student's calls in round ``r`` (from 0): half of its teacher's."""
+        return self.teacher_calls // 2 ** (r + 1)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.json"
+DISTILL_FILE = "distill.json"  # in a distilled student's directory: how it was distilled
 CLASS_EMBEDDING = "label_embed."  # the class embedding's weights, in either network
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -281,6 +282,19 @@ class Run:
     def open(cls, path: str | Path) -> Run:
         run_dir, checkpoint = resolve_checkpoint(path)
         return cls(run_dir, checkpoint, RunConfig.load(run_dir / CONFIG_FILE, saved_run=True))
+
+    @property
+    def distilled(self) -> bool:
+        """A student of ``ddpm-cars distill``: it samples on its own few steps only."""
+        return (self.dir / DISTILL_FILE).is_file()
+
+    def refuse_if_distilled(self, what: str) -> None:
+        """A one-line error for ``what`` on a distilled student."""
+        if self.distilled:
+            raise UserError(
+                f"{self.dir} is a distilled student, which samples from pure noise on its own "
+                f"{self.config.sample.steps} steps only: {what} needs the run it was distilled from"
+            )
 
     def with_sampling(self, sample: dict[str, Any]) -> Run:
         """This run with its config's sampling settings overridden (``{"steps": 50}``)."""

@@ -160,7 +160,10 @@ def sampling_timesteps(
     step down to 0.
 
     ``uniform`` spaces them evenly in t (rounded) and ``quadratic`` packs them towards
-    t = 0, t_i = round((i / (steps - 1))^2 (T - 1)); both start at t = T - 1. ``karras``
+    t = 0, t_i = round((i / (steps - 1))^2 (T - 1)); both start at t = T - 1. ``trailing``
+    takes t = round(T - i T / N) - 1 for i < N (diffusers' "trailing" spacing, Lin et al.
+    2024, Table 2): it starts at T - 1, ends at T/N - 1, and the steps for N are every
+    other step for 2N, which progressive distillation needs. ``karras``
     (rho = 7, Karras et al. 2022) and ``logsnr`` (even in log sigma) place them by noise
     level over the schedule's own steps (``alphas_cumprod`` ``[T]``, required for these),
     from sigma_0 up to the trained sigma nearest ``sigma_max`` (T - 1 when the schedule
@@ -174,6 +177,8 @@ def sampling_timesteps(
     if spacing in NOISE_LEVEL_SPACINGS:
         assert alphas_cumprod is not None and len(alphas_cumprod) == timesteps, "noise-level spacing needs the schedule"
         return _noise_level_timesteps(sigmas(alphas_cumprod), steps, spacing, sigma_max)
+    if spacing == "trailing":
+        return trailing_timesteps(timesteps, steps)
     if steps == 1:
         return torch.tensor([timesteps - 1])
     frac = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -181,6 +186,16 @@ def sampling_timesteps(
         return (frac * (timesteps - 1)).round().long()
     assert spacing == "quadratic", spacing
     return _strictly_increasing((frac**2 * (timesteps - 1)).round().long(), timesteps - 1)
+
+
+def trailing_timesteps(timesteps: int, steps: int) -> torch.Tensor:
+    """``steps`` training steps evenly spaced from T - 1 down, increasing: round(T - i T / N) - 1
+    for i = N - 1, ..., 0 (float64, ties to even as NumPy rounds), strictly increasing while
+    N <= T / 2."""
+    assert 1 <= steps <= timesteps, (steps, timesteps)
+    ratio = timesteps / steps
+    ts = (timesteps - torch.arange(steps, dtype=torch.float64) * ratio).round().long() - 1
+    return _strictly_increasing(ts.flip(0), timesteps - 1)
 
 
 def visited_timesteps(schedule: NoiseSchedule, sample: SampleConfig) -> torch.Tensor:

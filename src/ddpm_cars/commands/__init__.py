@@ -7,6 +7,7 @@ then generates or measures, and writes; the closing lines it prints say what wen
 """
 
 from ddpm_cars.commands.bench import BenchRequest, bench
+from ddpm_cars.commands.distilling import DistillRequest, distill_run
 from ddpm_cars.commands.edits import ImageEdit, Interpolation
 from ddpm_cars.commands.exchange import ExportRequest, ImportRequest, export, import_run
 from ddpm_cars.commands.figures import ForwardRequest, ReportRequest, forward, report
@@ -18,6 +19,7 @@ __all__ = [
     "BenchRequest",
     "ClassesRequest",
     "DemoRequest",
+    "DistillRequest",
     "EvalRequest",
     "ExportRequest",
     "ForwardRequest",
@@ -31,6 +33,7 @@ __all__ = [
     "bench",
     "classes",
     "demo",
+    "distill_run",
     "evaluate",
     "export",
     "forward",

@@ -20,7 +20,9 @@ class ExportRequest:
 
 def export(request: ExportRequest) -> Path:
     from ddpm_cars.export import export_run
+    from ddpm_cars.run import Run
 
+    Run.open(request.run).refuse_if_distilled("export (a DDPMScheduler samples on all T steps)")
     out = export_run(request.run, request.out, ema=request.ema)
     print(
         f"Wrote {out}: load it with diffusers.DDPMPipeline.from_pretrained({str(out)!r}); "

@@ -84,6 +84,10 @@ def open_for_sampling(request: SampleRequest) -> tuple[Run, str]:
     """The run, opened once, with the sampling settings the request asks for (and those an
     inpainting needs); a note on what was chosen for the user."""
     trained = Run.open(request.checkpoint)
+    if request.edit is not None:
+        trained.refuse_if_distilled("--init-image (variations and inpainting)")
+    if request.interpolation is not None and request.interpolation.images:
+        trained.refuse_if_distilled("--interpolate-images (it inverts images to noise)")
     asked, note = request.sampling, ""
     if request.edit is not None:
         asked, note = request.edit.sampling(asked, trained.config.sample, trained.config.diffusion.timesteps)

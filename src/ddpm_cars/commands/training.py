@@ -45,6 +45,10 @@ class TrainRequest:
         overridden), else the saved recipe (its classes and channel count forgotten, to be
         read from the data again) or the preset, with the overrides."""
         if self.resume:
+            if (self.out / ckpt.DISTILL_FILE).is_file():
+                raise UserError(
+                    f"{self.out} is a distilled student; continue it with ddpm-cars distill --resume --out {self.out}"
+                )
             return saved_config(self.out).resumed_with(self.overrides)
         start = preset(self.preset) if self.config is None else RunConfig.load(self.config)
         if self.config is not None:

@@ -79,16 +79,24 @@ def loss_and_gradients(trainee: Trainee, batch: Batch, tcfg: TrainConfig, world:
 
 
 def guarded_update(
-    trainee: Trainee, loss: torch.Tensor, tcfg: TrainConfig, step: int, total_steps: int | None = None
+    trainee: Trainee,
+    loss: torch.Tensor,
+    tcfg: TrainConfig,
+    step: int,
+    total_steps: int | None = None,
+    lr: float | None = None,
 ) -> torch.Tensor:
-    """Clip, then step the optimizer (at the schedule's learning rate for ``step`` of ``total_steps``) and the
-    EMA, unless the loss or the gradient is not finite: then the weights stay. Decided on
-    the device; returns whether the update was applied, as a boolean tensor there."""
+    """Clip, then step the optimizer (at ``lr``, by default the schedule's learning rate for
+    ``step`` of ``total_steps``) and the EMA, unless the loss or the gradient is not finite:
+    then the weights stay. Decided on the device; returns whether the update was applied, as
+    a boolean tensor there."""
     scaler = trainee.scaler
     if scaler is not None:
         scaler.unscale_(trainee.optimizer)  # the true gradients, before clipping
     applied = gradients_usable(trainee.model, loss, tcfg.grad_clip, check_gradients=scaler is not None)
-    set_lr(trainee.optimizer, tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_schedule, total_steps))
+    if lr is None:
+        lr = tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_schedule, total_steps)
+    set_lr(trainee.optimizer, lr)
     step_unless(trainee.optimizer, applied)
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, grows it after a long good run
