@@ -222,3 +222,29 @@ def test_editing_and_export_refuse_a_student_in_one_line(teacher, tmp_path, caps
         assert "is a distilled student" in err and len(err.strip().splitlines()) == 1, err
     assert cli.main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "seeds"), "--interpolate", "0", "1",
                      "--frames", "3"]) == 0  # fmt: skip
+
+
+def test_a_class_conditional_run_distils_both_of_its_models(teacher, tmp_path, capsys, monkeypatch):
+    conditional = Run.open(teacher).config.replace(
+        model={"class_conditional": True}, train={"label_dropout": 0.5, "max_steps": 4, "ema_decay": None}
+    )
+    run_dir = tmp_path / "conditional"
+    train(conditional, run_dir, progress=False, final_grid=False)
+    seen = []
+    original = distill_module.teacher_target
+
+    def spy(teacher, z_t, steps, k, y=None):
+        seen.append(y.clone())
+        return original(teacher, z_t, steps, k, y)
+
+    monkeypatch.setattr(distill_module, "teacher_target", spy)
+    out = tmp_path / "student"
+    distill(out, _settings(run_dir, calls=2, teacher_calls=4, round_steps=4), progress=False)
+    labels = torch.cat(seen)
+    null = len(Run.open(run_dir).config.model.class_names)
+    assert (labels == null).any() and (labels < null).any()  # the unconditional model is taught too
+    assert Run.open(out).config.model.class_names == Run.open(run_dir).config.model.class_names
+    code = cli.main(
+        ["sample", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--class", "sedan", "--num", "2"]
+    )
+    assert code == 0 and "guidance" in capsys.readouterr().out
