@@ -54,6 +54,7 @@ def distill_run(request: DistillRequest) -> DistillResult:
     settings = request.settings()
     tic = time.perf_counter()
     result = distill(request.out, settings, device=request.device)
-    print(f"Distilled to {result.calls} network calls (step {result.step}) in {time.perf_counter() - tic:.0f} s")
+    calls = "1 network call" if result.calls == 1 else f"{result.calls} network calls"
+    print(f"Distilled to {calls} (step {result.step}) in {time.perf_counter() - tic:.0f} s")
     print(f"Student: {result.run_dir}  (sample with: ddpm-cars sample --checkpoint {result.run_dir} --out DIR)")
     return result

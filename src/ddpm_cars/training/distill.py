@@ -54,7 +54,7 @@ SETTINGS_FILE = ckpt.DISTILL_FILE
 STUDENTS_DIR = "students"
 PICTURE_SEED = 0  # the student-against-teacher pictures all start from the same noise
 PICTURE_IMAGES = 8
-LOSS_LABEL = "max(SNR, 1) x squared error of x_0 against the teacher's"
+LOSS_LABEL = "x_0 error against the teacher, x max(SNR, 1)"
 
 
 def save_settings(settings: DistillConfig, path: Path) -> None:
@@ -161,9 +161,13 @@ def _pictures(teachers: list[tuple[str, Denoiser, int]], student: Denoiser, call
     rows = []
     for name, den, steps in [*teachers, ("student", student, calls)]:
         images = generate(den, PICTURE_IMAGES, student_sampling(steps), seed=PICTURE_SEED, watch=QUIET)
-        rows.append((f"{name}\n{steps} calls", [("", image) for image in images]))
-    save_rows(rows, path, f"From the same noise: the student of {calls} calls and its teachers")
+        rows.append((f"{name}\n{_calls(steps)}", [("", image) for image in images]))
+    save_rows(rows, path, f"From the same noise: the student of {_calls(calls)} and its teachers")
     return grid_image(images)
+
+
+def _calls(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"
 
 
 def distill(
