@@ -96,7 +96,7 @@ def test_one_round_lowers_the_students_error_against_the_teachers_two_steps(teac
         out,
         "cpu",
         "fp32",
-    ).first_teacher()
+    ).first
     start = Denoiser.for_run(
         build_model(Run.open(out).config).eval(), Run.open(out).config
     )  # the student before the round: the teacher's weights

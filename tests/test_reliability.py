@@ -74,7 +74,7 @@ def test_a_first_signal_asks_to_stop_and_a_second_acts_at_once(ctrl_c_interrupts
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real, calls = ckpt._save_weights, []
+    real, calls = ckpt.save_weights, []
 
     def disk_fills_up(model, path):
         calls.append(path)
@@ -82,14 +82,14 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(model, path)
 
-    monkeypatch.setattr(ckpt, "_save_weights", disk_fills_up)
+    monkeypatch.setattr(ckpt, "save_weights", disk_fills_up)
     assert main(["train", "--out", str(run), "--steps", "6", *TINY]) == 1
     line = _one_error_line(capsys)
     assert "cannot write the checkpoint of step 4" in line and "No space left on device" in line
     assert "step_00000002, is intact" in line and "--resume" in line
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # no half-written directory
     assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == 2
-    monkeypatch.setattr(ckpt, "_save_weights", real)  # space made: the run goes on from step 2
+    monkeypatch.setattr(ckpt, "save_weights", real)  # space made: the run goes on from step 2
     assert main(["train", "--out", str(run), "--steps", "6", "--resume", *TINY]) == 0
     assert ckpt.load_train_state(ckpt.latest_checkpoint(run)).step == 6
     assert [s for s, _ in read_loss_log(run / "loss.csv", 10**9)] == [1, 2, 3, 4, 5, 6]

@@ -796,44 +796,20 @@ def _distill_parser(sub: Any) -> None:
 
 
 def _distill_settings(distill: argparse.ArgumentParser) -> None:
-    """The settings of a new distillation (--resume takes the saved ones): unset, each keeps its default."""
-    positive = value_type(int, POSITIVE)
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
-    for flag, kind, metavar, text in [
-        ("--calls", positive, "N", "network calls of the final student: 1, 2, 4, 8, ..."),
-        (
-            "--teacher-calls",
-            positive,
-            "N",
-            "DDIM steps of the run that the first round distils: --calls times a power of two",
-        ),
-        ("--round-steps", positive, "N", "optimizer steps per round (one halving)"),
-        (
-            "--lr",
-            value_type(float, Limits(low=0, low_open=True)),
-            "LR",
-            "each round's learning rate, falling linearly to 0 within it",
-        ),
-        ("--batch-size", positive, "N", "images per step (default: the run's)"),
-        ("--seed", int, "S", "seed of the images, steps and noise drawn"),
-        ("--checkpoint-every", positive, "N", "steps between checkpoints"),
-    ]:
-        name = flag[2:].replace("-", "_")
-        default = defaults[name]
-        shown = f" (default: {default})" if default is not None else ""
-        distill.add_argument(flag, type=kind, default=None, metavar=metavar, help=text + shown)
-    distill.add_argument(
-        "--ema",
-        default=None,
-        action=Switch,
-        help="distil the run's moving-average weights when it kept them (default: on)",
-    )
-    distill.add_argument(
-        "--log-with",
-        choices=["none", "tensorboard", "wandb"],
-        default=None,
-        help="also log to TensorBoard (STUDENT_DIR/tensorboard) or Weights & Biases (default: none)",
-    )
+    """The fields of DistillConfig as flags, unset by default (--resume takes the saved ones)."""
+    for field in dataclasses.fields(DistillConfig):
+        if not field.metadata:  # the teacher: --checkpoint
+            continue
+        kind, meta = field_types(DistillConfig)[field.name], field.metadata
+        if kind is bool:
+            kwargs: dict[str, Any] = {"action": Switch}
+        elif get_origin(kind) is Literal:
+            kwargs = {"choices": get_args(kind)}
+        else:
+            kwargs = {"metavar": meta["metavar"] or field.name.upper(), "type": value_type(kind, meta["limits"])}
+        shown = ("on" if field.default else "off") if kind is bool else _default(field.default)
+        help = meta["help"] + ("" if field.default is None else f" (default: {shown})")
+        distill.add_argument("--" + field.name.replace("_", "-"), default=None, help=help, **kwargs)
 
 
 def _bench_parser(sub: Any) -> None:

@@ -476,27 +476,29 @@ def _swd_size(size: int) -> bool:
 @dataclass(frozen=True)
 class DistillConfig:
     """What ``ddpm-cars distill`` does (:mod:`ddpm_cars.training.distill`); written to the
-    student's distill.json, read back by ``--resume``."""
+    student's distill.json, read back by ``--resume``. Every field but ``teacher`` is a flag
+    of ``distill``."""
 
-    teacher: str  # the teacher's checkpoint directory
-    calls: int = 4  # network calls of the final student
-    teacher_calls: int = 64  # DDIM steps of the teacher the first round distils
-    round_steps: int = 400  # optimizer steps per round
-    lr: float = 2e-4  # each round's starting learning rate, falling linearly to 0
-    batch_size: int | None = None  # None: the teacher's
-    seed: int = 0
-    checkpoint_every: int = 100
-    ema: bool = True  # distil the teacher's moving average when it kept one
-    log_with: Tracking = "none"
+    teacher: str  # the teacher's checkpoint directory (--checkpoint)
+    calls: int = option(4, "network calls of the final student: 1, 2, 4, 8, ...", metavar="N", limits=POSITIVE)
+    teacher_calls: int = option(
+        64,
+        "DDIM steps of the run that the first round distils: --calls times a power of two",
+        metavar="N",
+        limits=POSITIVE,
+    )
+    round_steps: int = option(400, "optimizer steps per round (one halving)", metavar="N", limits=POSITIVE)
+    lr: float = option(
+        2e-4, "each round's learning rate, falling linearly to 0 within it", limits=Limits(low=0, low_open=True)
+    )
+    batch_size: int | None = option(None, "images per step (default: the run's)", metavar="N", limits=POSITIVE)
+    seed: int = option(0, "seed of the images, steps and noise drawn", metavar="S")
+    checkpoint_every: int = option(100, "steps between checkpoints", metavar="N", limits=POSITIVE)
+    ema: bool = option(True, "distil the run's moving-average weights when it kept them")
+    log_with: Tracking = option("none", "also log to TensorBoard (STUDENT_DIR/tensorboard) or Weights & Biases (wandb)")
 
     def __post_init__(self) -> None:
-        for name in ("calls", "teacher_calls", "round_steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        check_fields(self, "distill")
         ratio, rest = divmod(self.teacher_calls, self.calls)
         if rest or ratio < 2 or ratio & (ratio - 1):
             raise UserError(

@@ -59,7 +59,8 @@ class TrainState:
     scaler: dict[str, Any] | None = None  # fp16's gradient scaler: its scale and growth tracker
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``model``'s weights as a safetensors file at ``path``."""
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
 
 
@@ -72,9 +73,9 @@ def save_checkpoint(
     final = root / f"step_{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        _save_weights(model, tmp / MODEL_FILE)
+        save_weights(model, tmp / MODEL_FILE)
         if ema is not None:
-            _save_weights(ema, tmp / EMA_FILE)
+            save_weights(ema, tmp / EMA_FILE)
         torch.save(
             {
                 "step": state.step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from ddpm_cars.errors import UserError
 from ddpm_cars.training.distill import DistillResult, distill
 
 # the settings a new distillation takes; --resume reads them from the student's distill.json
-SETTINGS = ("calls", "teacher_calls", "round_steps", "lr", "batch_size", "seed", "checkpoint_every", "ema", "log_with")
+SETTINGS = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name != "teacher")
 
 
 @dataclass(frozen=True)

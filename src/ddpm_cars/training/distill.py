@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -133,14 +134,21 @@ class Rounds:
     def student_file(self, calls: int) -> Path:
         return self.out / STUDENTS_DIR / f"calls_{calls:04d}.safetensors"
 
-    def first_teacher(self) -> Denoiser:
+    @functools.cached_property
+    def first(self) -> Denoiser:
+        """The first round's teacher, the run's network: read once."""
         net = Run.open(self.settings.teacher).network(ema=self.settings.ema, device=self.device)
         return _frozen(dataclasses.replace(Denoiser.for_run(net, self.teacher_config), precision=self.precision))
+
+    @functools.cached_property
+    def first_images(self) -> torch.Tensor:
+        """The first teacher's picture row, the same for every round: drawn once."""
+        return _draw(self.first, self.settings.teacher_calls)
 
     def teacher(self, r: int) -> Denoiser:
         """The teacher of round ``r``: the run's network for the first, else round r-1's student."""
         if r == 0:
-            return self.first_teacher()
+            return self.first
         path = self.student_file(self.settings.calls_in_round(r - 1))
         if not path.is_file():
             raise MissingFileError(f"{path} is missing: the teacher of round {r + 1} cannot be read back")
@@ -152,18 +160,19 @@ class Rounds:
         path = self.student_file(calls)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+        ckpt.save_weights(model, tmp)
         tmp.replace(path)
 
 
-def _pictures(teachers: list[tuple[str, Denoiser, int]], student: Denoiser, calls: int, path: Path):
-    """Rows of the same noise: each teacher on its steps, then the student on ``calls``."""
-    rows = []
-    for name, den, steps in [*teachers, ("student", student, calls)]:
-        images = generate(den, PICTURE_IMAGES, student_sampling(steps), seed=PICTURE_SEED, watch=QUIET)
-        rows.append((f"{name}\n{_calls(steps)}", [("", image) for image in images]))
-    save_rows(rows, path, f"From the same noise: the student of {_calls(calls)} and its teachers")
-    return grid_image(images)
+def _draw(denoiser: Denoiser, calls: int) -> torch.Tensor:
+    """The picture row of ``denoiser`` with DDIM on ``calls`` trailing steps, from the pictures' noise."""
+    return generate(denoiser, PICTURE_IMAGES, student_sampling(calls), seed=PICTURE_SEED, watch=QUIET)
+
+
+def _save_pictures(rows: list[tuple[str, int, torch.Tensor]], calls: int, path: Path) -> None:
+    """Rows ``(name, calls, images)`` drawn from the same noise, the student's last."""
+    labelled = [(f"{name}\n{_calls(steps)}", [("", image) for image in images]) for name, steps, images in rows]
+    save_rows(labelled, path, f"From the same noise: the student of {_calls(calls)} and its teachers")
 
 
 def _calls(n: int) -> str:
@@ -231,7 +240,7 @@ def _start(out: Path, settings: DistillConfig | None, device: str, progress: boo
     if resume:
         position = trainee.restore(latest, rng, dev)
     else:
-        first = rounds.first_teacher().network
+        first = rounds.first.network
         trainee.model.load_state_dict(student_weights(first.state_dict(), trainee.model))
         position = Position()
         out.mkdir(parents=True, exist_ok=True)
@@ -326,12 +335,13 @@ class _Loop:
         moves past it, and draw it beside its teachers."""
         calls = self.settings.calls_in_round(r)
         self.rounds.save_student(self.trainee.model, calls)
-        teachers = [("teacher", self.rounds.first_teacher(), self.settings.teacher_calls)]
+        rows = [("teacher", self.settings.teacher_calls, self.rounds.first_images)]
         if r > 0:
-            teachers.append(("its teacher", teacher, 2 * calls))
+            rows.append(("its teacher", 2 * calls, _draw(teacher, 2 * calls)))
+        rows.append(("student", calls, _draw(self.trainee.denoiser, calls)))
         picture = self.rounds.out / "samples" / f"calls_{calls:04d}.png"
         picture.parent.mkdir(parents=True, exist_ok=True)
-        grid = _pictures(teachers, self.trainee.denoiser, calls, picture)
-        self.tracker.image("distill/student", self.position.step, grid)
+        _save_pictures(rows, calls, picture)
+        self.tracker.image("distill/student", self.position.step, grid_image(rows[-1][2]))
         self.checkpoints.save(self.position)
         self.pending.restart_clock()
